@@ -1,0 +1,431 @@
+"""Frozen configuration dataclasses, their validation, YAML presets and `key=value` overrides.
+
+`MoEConfig` field names follow Megatron-Core's `--moe-*` flags without the prefix. Every invalid value
+fails at construction with a `ValueError` naming the field, the value and what would be valid.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+DROP_POLICIES = ("probs", "position")
+DISPATCHER_TYPES = ("alltoall", "alltoall_ragged", "allgather")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "squared_relu")
+NORMS = ("rmsnorm", "layernorm")
+DTYPES = ("float32", "bfloat16", "float16")
+ROUTER_DTYPES = ("float32", "float64")
+GEMM_BACKENDS = ("auto", "pallas", "xla", "reference")
+
+
+def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"{cls}.{field}={value!r} is invalid: {allowed}")
+
+
+def _choice(cls: str, field: str, value: Any, options: Sequence[str]) -> None:
+    if value not in options:
+        _fail(cls, field, value, f"must be one of {list(options)}")
+
+
+def _positive(cls: str, obj: Any, *fields: str) -> None:
+    for f in fields:
+        v = getattr(obj, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            _fail(cls, f, v, "must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-Experts settings (Megatron `--moe-*` flag names without the prefix)."""
+
+    num_experts: int = 8
+    router_topk: int = 2
+    ffn_hidden_size: int = 1024
+    router_score_function: str = "softmax"
+    router_pre_softmax: bool = False
+    router_topk_scaling_factor: float | None = None
+    router_num_groups: int | None = None
+    router_group_topk: int | None = None
+    router_enable_expert_bias: bool = False
+    router_bias_update_rate: float = 1e-3
+    router_load_balancing_type: str = "aux_loss"
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float | None = None
+    input_jitter_eps: float | None = None
+    router_dtype: str = "float32"
+    expert_capacity_factor: float | None = None
+    token_drop_policy: str = "probs"
+    pad_expert_input_to_capacity: bool = False
+    shared_expert_intermediate_size: int | None = None
+    shared_expert_gate: bool = False
+    layer_freq: int | tuple[int, ...] = 1
+    token_dispatcher_type: str = "alltoall"
+    router_force_load_balancing: bool = False
+    # Not Megatron flags, but MoE-layer choices Megatron exposes elsewhere.
+    activation: str = "swiglu"
+    apply_probs_on_input: bool = False
+    grouped_gemm_backend: str = "auto"
+
+    def __post_init__(self):
+        c = "MoEConfig"
+        if isinstance(self.layer_freq, list):
+            object.__setattr__(self, "layer_freq", tuple(self.layer_freq))
+        _positive(c, self, "num_experts", "router_topk", "ffn_hidden_size")
+        if self.router_topk > self.num_experts:
+            _fail(c, "router_topk", self.router_topk,
+                  f"must be <= num_experts ({self.num_experts})")
+        _choice(c, "router_score_function", self.router_score_function, SCORE_FUNCTIONS)
+        _choice(c, "router_load_balancing_type", self.router_load_balancing_type, LOAD_BALANCING_TYPES)
+        _choice(c, "token_drop_policy", self.token_drop_policy, DROP_POLICIES)
+        _choice(c, "token_dispatcher_type", self.token_dispatcher_type, DISPATCHER_TYPES)
+        _choice(c, "router_dtype", self.router_dtype, ROUTER_DTYPES)
+        _choice(c, "activation", self.activation, ACTIVATIONS)
+        _choice(c, "grouped_gemm_backend", self.grouped_gemm_backend, GEMM_BACKENDS)
+        if self.router_pre_softmax and self.router_score_function != "softmax":
+            _fail(c, "router_pre_softmax", True,
+                  f"only applies to router_score_function='softmax' (got {self.router_score_function!r})")
+        if (self.router_num_groups is None) != (self.router_group_topk is None):
+            _fail(c, "router_group_topk", self.router_group_topk,
+                  "router_num_groups and router_group_topk must be set together (or both None)")
+        if self.router_num_groups is not None:
+            _positive(c, self, "router_num_groups", "router_group_topk")
+            if self.num_experts % self.router_num_groups:
+                _fail(c, "router_num_groups", self.router_num_groups,
+                      f"must divide num_experts ({self.num_experts})")
+            if self.router_group_topk > self.router_num_groups:
+                _fail(c, "router_group_topk", self.router_group_topk,
+                      f"must be <= router_num_groups ({self.router_num_groups})")
+            if self.router_topk % self.router_group_topk:
+                _fail(c, "router_group_topk", self.router_group_topk,
+                      f"must divide router_topk ({self.router_topk})")
+            per_group = self.num_experts // self.router_num_groups
+            if self.router_topk > self.router_group_topk * per_group:
+                _fail(c, "router_topk", self.router_topk,
+                      f"must be <= router_group_topk*experts_per_group "
+                      f"({self.router_group_topk}*{per_group})")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            _fail(c, "expert_capacity_factor", self.expert_capacity_factor,
+                  "must be > 0, or None for dropless")
+        if self.pad_expert_input_to_capacity and self.expert_capacity_factor is None:
+            _fail(c, "pad_expert_input_to_capacity", True, "needs expert_capacity_factor to be set")
+        for f in ("aux_loss_coeff", "router_bias_update_rate"):
+            if getattr(self, f) < 0:
+                _fail(c, f, getattr(self, f), "must be >= 0")
+        for f in ("z_loss_coeff", "input_jitter_eps", "router_topk_scaling_factor"):
+            v = getattr(self, f)
+            if v is not None and not v > 0:
+                _fail(c, f, v, "must be > 0, or None to disable")
+        if self.shared_expert_intermediate_size is not None:
+            _positive(c, self, "shared_expert_intermediate_size")
+        elif self.shared_expert_gate:
+            _fail(c, "shared_expert_gate", True, "needs shared_expert_intermediate_size to be set")
+        if self.apply_probs_on_input and self.router_topk != 1:
+            _fail(c, "apply_probs_on_input", True,
+                  f"requires router_topk == 1 (got {self.router_topk})")
+        lf = self.layer_freq
+        if isinstance(lf, tuple):
+            if not lf or any(v not in (0, 1) for v in lf):
+                _fail(c, "layer_freq", lf, "a pattern must be a non-empty list of 0 (dense) / 1 (MoE)")
+        elif not isinstance(lf, int) or isinstance(lf, bool) or lf <= 0:
+            _fail(c, "layer_freq", lf, "must be a positive int or a list of 0/1")
+
+    @property
+    def shared_size(self) -> int:
+        return self.shared_expert_intermediate_size or 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """GPT architecture. `moe=None` gives a dense model."""
+
+    vocab_size: int = 512
+    d_model: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    head_dim: int | None = None
+    ffn_hidden_size: int = 1024
+    max_seq_len: int = 2048
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    activation: str = "swiglu"
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    remat: bool = False
+    attention_impl: str | None = None  # None = jax.nn.dot_product_attention picks; "cudnn" / "xla"
+    moe: MoEConfig | None = None
+
+    def __post_init__(self):
+        c = "ModelConfig"
+        if isinstance(self.moe, dict):
+            object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        _positive(c, self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                  "ffn_hidden_size", "max_seq_len")
+        if self.head_dim is not None:
+            _positive(c, self, "head_dim")
+        elif self.d_model % self.num_heads:
+            _fail(c, "num_heads", self.num_heads,
+                  f"must divide d_model ({self.d_model}) unless head_dim is set")
+        if self.num_heads % self.num_kv_heads:
+            _fail(c, "num_kv_heads", self.num_kv_heads,
+                  f"must divide num_heads ({self.num_heads})")
+        if self.head_dim_ % 2:
+            _fail(c, "head_dim", self.head_dim_, "must be even for RoPE")
+        _choice(c, "norm", self.norm, NORMS)
+        _choice(c, "activation", self.activation, ACTIVATIONS)
+        _choice(c, "dtype", self.dtype, DTYPES)
+        _choice(c, "param_dtype", self.param_dtype, DTYPES)
+        _choice(c, "attention_impl", self.attention_impl, (None, "cudnn", "xla"))
+        if not self.norm_eps > 0:
+            _fail(c, "norm_eps", self.norm_eps, "must be > 0")
+        if not self.init_std > 0:
+            _fail(c, "init_std", self.init_std, "must be > 0")
+        if self.moe is not None and isinstance(self.moe.layer_freq, tuple):
+            if len(self.moe.layer_freq) != self.num_layers:
+                _fail("MoEConfig", "layer_freq", list(self.moe.layer_freq),
+                      f"a pattern needs one entry per layer (num_layers={self.num_layers})")
+
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Whether layer i is an MoE layer (Megatron's `--moe-layer-freq` semantics)."""
+        if self.moe is None:
+            return False
+        lf = self.moe.layer_freq
+        return bool(lf[i]) if isinstance(lf, tuple) else i % lf == 0
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, data and logging for one run."""
+
+    steps: int = 200
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    data: str = "embedded"  # "embedded" | "synthetic" | path to a prepared token file (.bin)
+    log_every: int = 10
+    out_dir: str = "runs/default"
+    tensorboard: bool = True
+    heatmap: bool = True
+    peak_tflops: float | None = None  # None: look up the device's bf16 dense peak
+    checkpoint_every: int = 0  # 0 = only at the end of the run (when checkpointing is on)
+    keep_checkpoints: int = 3
+    checkpoint: bool = False
+
+    def __post_init__(self):
+        c = "TrainConfig"
+        _positive(c, self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
+                  "keep_checkpoints")
+        if self.warmup_steps < 0:
+            _fail(c, "warmup_steps", self.warmup_steps, "must be >= 0")
+        if self.checkpoint_every < 0:
+            _fail(c, "checkpoint_every", self.checkpoint_every, "must be >= 0")
+        if not self.lr > 0:
+            _fail(c, "lr", self.lr, "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(c, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            _fail(c, "grad_clip", self.grad_clip, "must be > 0, or None to disable")
+        if self.batch_size % self.grad_accum:
+            _fail(c, "grad_accum", self.grad_accum, f"must divide batch_size ({self.batch_size})")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Device-mesh axis sizes; -1 fills with the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+    def __post_init__(self):
+        for f in ("data", "fsdp", "tensor", "expert"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or (v <= 0 and v != -1):
+                _fail("ParallelConfig", f, v, "must be a positive integer or -1 (fill)")
+        if sum(getattr(self, f) == -1 for f in ("data", "fsdp", "tensor", "expert")) > 1:
+            raise ValueError("ParallelConfig: at most one axis may be -1 (fill)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything one run needs."""
+
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
+
+    def __post_init__(self):
+        if self.train.seq_len > self.model.max_seq_len:
+            _fail("TrainConfig", "seq_len", self.train.seq_len,
+                  f"must be <= model.max_seq_len ({self.model.max_seq_len})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: YAML presets and key=value overrides.
+
+SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "train": TrainConfig, "parallel": ParallelConfig}
+
+
+def _field_names(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown(section: str, key: str, known: Sequence[str]) -> ValueError:
+    hint = difflib.get_close_matches(key, known, n=1)
+    dym = f"; did you mean {hint[0]!r}?" if hint else f"; known keys: {sorted(known)}"
+    return ValueError(f"unknown key {section}.{key!s}{dym}")
+
+
+def _check_keys(section: str, values: dict) -> None:
+    known = [k for k in _field_names(SECTIONS[section]) if k != "moe"]
+    for k in values:
+        if k not in known:
+            raise _unknown(section, k, known)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value: YAML scalars/lists (`true`, `null`, `1e-3`, `[0,1,1]`) or Python
+    expressions of literals, e.g. Megatron's `([0]*3+[1]*5)`."""
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        pass
+    try:
+        node = ast.parse(text, mode="eval")
+        allowed = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.List, ast.Tuple, ast.Constant,
+                   ast.Load, ast.UnaryOp, ast.USub)
+        if all(isinstance(n, allowed) for n in ast.walk(node)):
+            return eval(compile(node, "<override>", "eval"), {"__builtins__": {}})  # literals only
+    except SyntaxError:
+        pass
+    return text
+
+
+def _coerce_layer_freq(v: Any) -> Any:
+    if isinstance(v, str):
+        v = _parse_value(v)
+    return tuple(v) if isinstance(v, list) else v
+
+
+def apply_overrides(raw: dict[str, dict], overrides: Sequence[str]) -> dict[str, dict]:
+    """Apply `section.key=value` (or unambiguous bare `key=value`) strings to a raw section dict."""
+    raw = {s: dict(raw.get(s) or {}) for s in SECTIONS}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. moe.router_topk=4)")
+        key, text = item.split("=", 1)
+        if "." in key:
+            section, name = key.split(".", 1)
+            if section not in SECTIONS:
+                raise _unknown("<section>", section, list(SECTIONS))
+        else:
+            owners = [s for s, cls in SECTIONS.items() if key in _field_names(cls) and key != "moe"]
+            if not owners:
+                all_keys = sorted({k for cls in SECTIONS.values() for k in _field_names(cls)})
+                raise _unknown("<any>", key, all_keys)
+            if len(owners) > 1:
+                raise ValueError(f"override key {key!r} is ambiguous; write one of "
+                                 f"{[o + '.' + key for o in owners]}")
+            section, name = owners[0], key
+        _check_keys(section, {name: None})
+        raw[section][name] = _parse_value(text)
+    return raw
+
+
+def build_config(raw: dict[str, dict]) -> Config:
+    """Build a validated `Config` from section dicts (`model`, `moe`, `train`, `parallel`)."""
+    for s in raw:
+        if s not in SECTIONS:
+            raise _unknown("<section>", s, list(SECTIONS))
+    for s, values in raw.items():
+        _check_keys(s, values or {})
+    moe_raw = raw.get("moe")
+    moe = None
+    if moe_raw is not None and moe_raw.get("num_experts", 1) is not None:
+        moe_raw = dict(moe_raw)
+        if "layer_freq" in moe_raw:
+            moe_raw["layer_freq"] = _coerce_layer_freq(moe_raw["layer_freq"])
+        moe = MoEConfig(**moe_raw)
+    model = ModelConfig(**(raw.get("model") or {}), moe=moe)
+    return Config(model=model, train=TrainConfig(**(raw.get("train") or {})),
+                  parallel=ParallelConfig(**(raw.get("parallel") or {})))
+
+
+def preset_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    p = PRESET_DIR / f"{name}.yaml"
+    if not p.exists():
+        names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        hint = difflib.get_close_matches(name, names, n=1)
+        raise ValueError(f"unknown preset {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                         + f"; available: {names}")
+    return p
+
+
+def load_raw(name: str) -> dict[str, dict]:
+    with open(preset_path(name)) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"preset {name!r} must be a mapping of sections {list(SECTIONS)}")
+    return raw
+
+
+def load_config(name: str = "tiny_moe", overrides: Sequence[str] = ()) -> Config:
+    """Load a preset (name under experiments/configs/ or a .yaml path) and apply overrides."""
+    raw = load_raw(name)
+    for s in raw:
+        if s not in SECTIONS:
+            raise _unknown("<section>", s, list(SECTIONS))
+    return build_config(apply_overrides(raw, overrides))
+
+
+def to_dict(cfg: Config) -> dict[str, dict]:
+    """Inverse of `build_config` (for saving a run's config next to its outputs)."""
+    model = dataclasses.asdict(cfg.model)
+    moe = model.pop("moe")
+    if moe is not None and isinstance(moe.get("layer_freq"), tuple):
+        moe["layer_freq"] = list(moe["layer_freq"])
+    out = {"model": model, "train": dataclasses.asdict(cfg.train),
+           "parallel": dataclasses.asdict(cfg.parallel)}
+    if moe is not None:
+        out["moe"] = moe
+    return out
+
+
+def capacity(num_tokens: int, cfg: MoEConfig) -> int | None:
+    """Per-expert capacity ceil(T*k/E*factor), or None when dropless."""
+    if cfg.expert_capacity_factor is None:
+        return None
+    return max(1, math.ceil(num_tokens * cfg.router_topk / cfg.num_experts * cfg.expert_capacity_factor))
