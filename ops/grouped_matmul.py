@@ -1,0 +1,173 @@
+"""Grouped (ragged) matmul: rows of lhs in contiguous groups, group g multiplied by rhs[g].
+
+`grouped_matmul(lhs[M,K], rhs[G,K,N], group_sizes[G])` -> [M,N]. Rows past sum(group_sizes) are zero.
+Backends: "reference" (plain JAX, autodiff), "xla" (lax.ragged_dot), "pallas" (Mosaic GPU, Hopper),
+"auto" (pallas on Hopper, xla elsewhere). "xla" and "pallas" share one custom_vjp:
+  dgrad: dlhs = grouped_matmul(dy, rhs, transposed)       wgrad: drhs[g] = lhs_g^T dy_g -> [G,K,N]
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+BACKENDS = ("auto", "reference", "xla", "pallas")
+
+
+# ----------------------------------------------------------------------------- reference
+def reference_grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, out_dtype=None):
+    """Plain-JAX grouped matmul (one-hot row->group mask; G times the dense FLOPs). Differentiable."""
+    out_dtype = out_dtype or lhs.dtype
+    onehot = group_onehot(group_sizes, lhs.shape[0])  # [G,M] f32
+    spec = "gnk" if transpose_rhs else "gkn"
+    y = jnp.einsum(f"gm,mk,{spec}->mn", onehot, lhs.astype(jnp.float32), rhs.astype(jnp.float32),
+                   precision=lax.Precision.HIGHEST)
+    return y.astype(out_dtype)
+
+
+def group_onehot(group_sizes, m):
+    """[G,M] float32: 1 where row m belongs to group g (rows past sum(group_sizes) in none)."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    starts = ends - group_sizes.astype(jnp.int32)
+    rows = jnp.arange(m, dtype=jnp.int32)
+    return ((rows[None] >= starts[:, None]) & (rows[None] < ends[:, None])).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- xla
+def _xla_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype):
+    contract_rhs = 2 if transpose_rhs else 1
+    dn = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([1], [contract_rhs]), ([], [])),
+        lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+    y = lax.ragged_dot_general(lhs, rhs, group_sizes, dn, preferred_element_type=jnp.float32)
+    # ragged_dot leaves rows past sum(group_sizes) unspecified on some platforms: zero them.
+    return _mask_tail(y, group_sizes).astype(out_dtype)
+
+
+def _xla_wgrad(a, b, group_sizes, out_dtype):
+    """[G,A,B] with out[g] = a_g^T b_g (a[M,A], b[M,B]); ragged contraction over rows."""
+    dn = lax.RaggedDotDimensionNumbers(
+        dot_dimension_numbers=(([0], [0]), ([], [])),
+        lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
+    a = _mask_tail(a, group_sizes)
+    return lax.ragged_dot_general(a, b, group_sizes, dn,
+                                  preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _mask_tail(x, group_sizes):
+    total = jnp.sum(group_sizes.astype(jnp.int32))
+    keep = jnp.arange(x.shape[0], dtype=jnp.int32) < total
+    return jnp.where(keep[:, None], x, jnp.zeros((), x.dtype))
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+def _impl(backend, interpret):
+    """(fwd, wgrad) functions of a kernel backend."""
+    if backend == "xla":
+        return _xla_fwd, _xla_wgrad
+    from ops import gmm_pallas  # imported lazily: needs Mosaic GPU modules
+    return (functools.partial(gmm_pallas.gmm_fwd, interpret=interpret),
+            functools.partial(gmm_pallas.gmm_wgrad, interpret=interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
+    fwd, _ = _impl(backend, interpret)
+    return fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
+    out = _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret)
+    return out, (lhs, rhs, group_sizes)
+
+
+def _gmm_bwd(transpose_rhs, backend, out_dtype, interpret, res, dy):
+    lhs, rhs, group_sizes = res
+    fwd, wgrad = _impl(backend, interpret)
+    dy = dy.astype(lhs.dtype)  # kernels take one operand dtype; accumulation stays fp32
+    dlhs = fwd(dy, rhs, group_sizes, not transpose_rhs, lhs.dtype)
+    if transpose_rhs:  # rhs[g] is [N,K]: drhs[g] = dy_g^T lhs_g
+        drhs = wgrad(dy, lhs, group_sizes, rhs.dtype)
+    else:              # rhs[g] is [K,N]: drhs[g] = lhs_g^T dy_g
+        drhs = wgrad(lhs, dy, group_sizes, rhs.dtype)
+    return dlhs, drhs, None
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+# ----------------------------------------------------------------------------- public
+def is_hopper(device=None) -> bool:
+    """True on an H100/H200-class GPU (compute capability 9.x)."""
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return False
+    cc = getattr(device, "compute_capability", None)
+    if cc is not None and str(cc).startswith("9"):
+        return True
+    kind = device.device_kind.upper()
+    return "H100" in kind or "H200" in kind or "H800" in kind or "H20" in kind
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"grouped_matmul: unknown backend {backend!r}; valid: {BACKENDS}")
+    if backend == "auto":
+        return "pallas" if is_hopper() else "xla"
+    return backend
+
+
+def _check(lhs, rhs, group_sizes, transpose_rhs):
+    if lhs.ndim != 2:
+        raise ValueError(f"grouped_matmul: lhs must be rank 2 [M,K], got shape {lhs.shape}")
+    if rhs.ndim != 3:
+        raise ValueError(f"grouped_matmul: rhs must be rank 3 [G,K,N] (or [G,N,K] with "
+                         f"transpose_rhs=True), got shape {rhs.shape}")
+    if group_sizes.ndim != 1:
+        raise ValueError(f"grouped_matmul: group_sizes must be rank 1 [G], got shape "
+                         f"{group_sizes.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"grouped_matmul: group_sizes must be integer (int32), got "
+                         f"{group_sizes.dtype}")
+    k_rhs = rhs.shape[2] if transpose_rhs else rhs.shape[1]
+    if lhs.shape[1] != k_rhs:
+        layout = "[G,N,K]" if transpose_rhs else "[G,K,N]"
+        raise ValueError(f"grouped_matmul: K mismatch: lhs {lhs.shape} has K={lhs.shape[1]} but "
+                         f"rhs {rhs.shape} ({layout}, transpose_rhs={transpose_rhs}) has K={k_rhs}")
+    if rhs.shape[0] != group_sizes.shape[0]:
+        raise ValueError(f"grouped_matmul: G mismatch: rhs has {rhs.shape[0]} groups but "
+                         f"group_sizes has {group_sizes.shape[0]}")
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"grouped_matmul: {name} must be floating point, got {x.dtype}")
+    if lhs.dtype != rhs.dtype:
+        raise ValueError(f"grouped_matmul: lhs and rhs must share a dtype, got {lhs.dtype} and "
+                         f"{rhs.dtype}")
+
+
+def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto",
+                   preferred_element_type=None, interpret=False):
+    """out[off_g:off_g+size_g] = lhs[off_g:off_g+size_g] @ rhs[g]  (rhs[g].T if transpose_rhs).
+
+    lhs [M,K]; rhs [G,K,N] ([G,N,K] if transpose_rhs); group_sizes [G] int32, rows grouped
+    contiguously; rows past sum(group_sizes) give zeros. Output dtype = preferred_element_type or
+    lhs.dtype; accumulation in float32. `interpret=True` runs the Pallas kernels in Mosaic-GPU
+    interpret mode (CPU tests).
+    """
+    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
+    _check(lhs, rhs, group_sizes, transpose_rhs)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    group_sizes = group_sizes.astype(jnp.int32)
+    backend = "pallas" if (interpret and backend == "auto") else resolve_backend(backend)
+    if backend == "reference":
+        return reference_grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
+                                        out_dtype=out_dtype)
+    if backend == "pallas" and not interpret:
+        dev = jax.devices()[0]
+        if not is_hopper(dev):
+            raise ValueError(
+                "grouped_matmul: backend='pallas' needs a Hopper GPU (H100/H200, compute "
+                f"capability 9.0); found {dev.platform}:{dev.device_kind}. Use backend='xla'.")
+    return _gmm(lhs, rhs, group_sizes, bool(transpose_rhs), backend, out_dtype, bool(interpret))

@@ -1,0 +1,135 @@
+"""ops.grouped_matmul: every backend against the plain-JAX reference, forward and both gradients."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from ops import grouped_matmul
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "non-finite values"
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _inputs(seed, m, k, n, group_sizes, dtype, transpose_rhs):
+    g = len(group_sizes)
+    kx, kw, kd = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (g, n, k) if transpose_rhs else (g, k, n), jnp.float32)
+         / np.sqrt(k)).astype(dtype)
+    dy = jax.random.normal(kd, (m, n), jnp.float32).astype(dtype)
+    return x, w, jnp.asarray(group_sizes, jnp.int32), dy
+
+
+def _vjp(backend, x, w, gs, dy, transpose_rhs, **kw):
+    f = lambda x, w: grouped_matmul(x, w, gs, transpose_rhs=transpose_rhs, backend=backend, **kw)
+    y, vjp = jax.vjp(f, x, w)
+    return (y, *vjp(dy))
+
+
+def check_against_reference(backend, m, k, n, group_sizes, dtype, transpose_rhs, seed=0, **kw):
+    x, w, gs, dy = _inputs(seed, m, k, n, group_sizes, dtype, transpose_rhs)
+    ref = _vjp("reference", x.astype(jnp.float32), w.astype(jnp.float32), gs,
+               dy.astype(jnp.float32), transpose_rhs)
+    got = _vjp(backend, x, w, gs, dy, transpose_rhs, **kw)
+    tol = TOL[dtype]
+    for name, a, b in zip(("out", "dlhs", "drhs"), got, ref):
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        err = _rel(a, b)
+        assert err < tol, f"{backend} {name}: rel err {err:.2e} >= {tol:.0e}"
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
+    total = int(np.sum(group_sizes))
+    # rows past sum(group_sizes): zero output and zero lhs-gradient; empty groups: zero wgrad
+    assert not np.any(np.asarray(got[0][total:], np.float32))
+    assert not np.any(np.asarray(got[1][total:], np.float32))
+    for gi, size in enumerate(group_sizes):
+        if size == 0:
+            assert not np.any(np.asarray(got[2][gi], np.float32))
+
+
+GROUPS = {  # M=64 patterns
+    "uneven_with_zero": [10, 0, 30, 24],
+    "one_takes_all": [0, 64, 0],
+    "sum_lt_m": [5, 17, 0, 20],
+    "single": [64],
+    "all_zero_but_last": [0, 0, 0, 0, 0, 64],
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(GROUPS))
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_xla_matches_reference(pattern, transpose_rhs, dtype):
+    check_against_reference("xla", 64, 32, 48, GROUPS[pattern], dtype, transpose_rhs)
+
+
+@pytest.mark.parametrize("m,k,n,groups", [(33, 17, 9, [7, 0, 20]), (128, 64, 96, [1, 2, 3, 100])])
+def test_xla_odd_shapes(m, k, n, groups):
+    check_against_reference("xla", m, k, n, groups, jnp.float32, False, seed=3)
+
+
+def test_reference_against_numpy_loop():
+    x, w, gs, _ = _inputs(1, 40, 16, 24, [12, 0, 20], jnp.float32, False)
+    y = np.asarray(grouped_matmul(x, w, gs, backend="reference"))
+    want = np.zeros((40, 24))
+    xn, wn = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    off = 0
+    for g, s in enumerate([12, 0, 20]):
+        want[off:off + s] = xn[off:off + s] @ wn[g]
+        off += s
+    assert _rel(y, want) < 1e-6
+
+
+def test_preferred_element_type_and_jit():
+    x, w, gs, _ = _inputs(2, 64, 32, 48, [10, 0, 30, 24], jnp.bfloat16, False)
+    f = jax.jit(lambda x, w, gs: grouped_matmul(x, w, gs, backend="xla",
+                                                preferred_element_type=jnp.float32))
+    y = f(x, w, gs)
+    assert y.dtype == jnp.float32
+    ref = grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), gs, backend="reference")
+    assert _rel(y, ref) < 1e-2
+
+
+def test_auto_is_xla_on_cpu():
+    x, w, gs, _ = _inputs(4, 64, 32, 48, [10, 0, 30, 24], jnp.float32, False)
+    np.testing.assert_array_equal(grouped_matmul(x, w, gs), grouped_matmul(x, w, gs, backend="xla"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (((8, 4), (2, 4, 3), (2,)), None),  # valid, sanity
+    (((8, 4, 1), (2, 4, 3), (2,)), "lhs must be rank 2"),
+    (((8, 4), (4, 3), (2,)), "rhs must be rank 3"),
+    (((8, 5), (2, 4, 3), (2,)), "K mismatch"),
+    (((8, 4), (3, 4, 3), (2,)), "G mismatch"),
+    (((8, 4), (2, 4, 3), (2, 1)), "group_sizes must be rank 1"),
+])
+def test_shape_errors(args, match):
+    (ms, rs, gss) = args
+    x, w, gs = jnp.ones(ms), jnp.ones(rs), jnp.ones(gss, jnp.int32)
+    if match is None:
+        grouped_matmul(x, w, gs, backend="xla")
+        return
+    with pytest.raises(ValueError, match=match):
+        grouped_matmul(x, w, gs, backend="xla")
+
+
+def test_dtype_errors():
+    x, w = jnp.ones((8, 4)), jnp.ones((2, 4, 3))
+    with pytest.raises(ValueError, match="group_sizes must be integer"):
+        grouped_matmul(x, w, jnp.ones((2,)), backend="xla")
+    with pytest.raises(ValueError, match="share a dtype"):
+        grouped_matmul(x, w.astype(jnp.bfloat16), jnp.ones((2,), jnp.int32), backend="xla")
+
+
+def test_backend_errors():
+    x, w, gs = jnp.ones((8, 4)), jnp.ones((2, 4, 3)), jnp.array([4, 4], jnp.int32)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        grouped_matmul(x, w, gs, backend="cuda")
+    if jax.devices()[0].platform != "gpu":
+        with pytest.raises(ValueError, match="needs a Hopper GPU"):
+            grouped_matmul(x, w, gs, backend="pallas")
