@@ -317,7 +317,9 @@ def _parse_value(text: str) -> Any:
     """Parse an override value: YAML scalars/lists (`true`, `null`, `1e-3`, `[0,1,1]`) or Python
     expressions of literals, e.g. Megatron's `([0]*3+[1]*5)`."""
     try:
-        return yaml.safe_load(text) if text.strip() else text
+        value = yaml.safe_load(text) if text.strip() else text
+        if not isinstance(value, str):
+            return value
     except yaml.YAMLError:
         pass
     try:
@@ -339,7 +341,7 @@ def _coerce_layer_freq(v: Any) -> Any:
 
 def apply_overrides(raw: dict[str, dict], overrides: Sequence[str]) -> dict[str, dict]:
     """Apply `section.key=value` (or unambiguous bare `key=value`) strings to a raw section dict."""
-    raw = {s: dict(raw.get(s) or {}) for s in SECTIONS}
+    raw = {s: dict(v or {}) for s, v in raw.items()}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. moe.router_topk=4)")
@@ -358,7 +360,7 @@ def apply_overrides(raw: dict[str, dict], overrides: Sequence[str]) -> dict[str,
                                  f"{[o + '.' + key for o in owners]}")
             section, name = owners[0], key
         _check_keys(section, {name: None})
-        raw[section][name] = _parse_value(text)
+        raw.setdefault(section, {})[name] = _parse_value(text)
     return raw
 
 
@@ -371,7 +373,7 @@ def build_config(raw: dict[str, dict]) -> Config:
         _check_keys(s, values or {})
     moe_raw = raw.get("moe")
     moe = None
-    if moe_raw is not None and moe_raw.get("num_experts", 1) is not None:
+    if moe_raw is not None:
         moe_raw = dict(moe_raw)
         if "layer_freq" in moe_raw:
             moe_raw["layer_freq"] = _coerce_layer_freq(moe_raw["layer_freq"])
