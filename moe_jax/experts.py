@@ -1,0 +1,53 @@
+"""Routed experts over expert-sorted rows: `GroupedExperts` (grouped GEMM) and `SequentialExperts`
+(a per-expert loop, the reference). Both hold the same parameters, so one can be checked against the
+other on the same weights."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import ops
+from moe_jax.config import ModelConfig
+from moe_jax.layers import activate, n_in, param
+
+
+class GroupedExperts(nnx.Module):
+    """E SwiGLU/GeLU/... MLPs applied to contiguous row groups: fc1 [E, D, n_in, F], fc2 [E, F, D]."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        m = cfg.moe
+        self.activation, self.backend = m.activation, m.grouped_gemm_backend
+        self.dtype = jnp.dtype(cfg.dtype)
+        e, d, f = m.num_experts, cfg.d_model, m.ffn_hidden_size
+        self.w1_EDnF = param(rngs, (e, d, n_in(m.activation), f), ("exp", "embed_moe", None, "mlp_moe"),
+                             cfg.init_std, cfg.param_dtype)
+        self.w2_EFD = param(rngs, (e, f, d), ("exp", "mlp_moe", "embed_moe"), cfg.init_std,
+                            cfg.param_dtype)
+
+    def weights(self) -> tuple[jax.Array, jax.Array]:
+        return self.w1_EDnF[...].astype(self.dtype), self.w2_EFD[...].astype(self.dtype)
+
+    def __call__(self, x_ND: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+        w1, w2 = self.weights()
+        e, d, n, f = w1.shape
+        x = x_ND.astype(self.dtype)
+        h = ops.grouped_matmul(x, w1.reshape(e, d, n * f), group_sizes_E, backend=self.backend)
+        h = activate(h.reshape(-1, n, f), self.activation)
+        return ops.grouped_matmul(h, w2, group_sizes_E, backend=self.backend)
+
+
+class SequentialExperts(GroupedExperts):
+    """Reference: each expert as a plain dense MLP on its rows (masked), one after another."""
+
+    def __call__(self, x_ND: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+        w1, w2 = self.weights()
+        x = x_ND.astype(self.dtype)
+        ends = jnp.cumsum(group_sizes_E)
+        row = jnp.arange(x.shape[0])
+        expert_of_row = jnp.searchsorted(ends, row, side="right")  # == E past the last group
+        y = jnp.zeros(x.shape[:1] + (w2.shape[-1],), self.dtype)
+        for i in range(w1.shape[0]):
+            h = activate(jnp.einsum("nd,dkf->nkf", x, w1[i]), self.activation)
+            y = y + jnp.where((expert_of_row == i)[:, None], h @ w2[i], 0)
+        return y

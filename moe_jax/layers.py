@@ -1,0 +1,73 @@
+"""Small building blocks shared by the dense and MoE parts: parameters, norms, activations, MLP."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.config import ModelConfig
+
+GATED = ("swiglu", "geglu")
+
+
+def param(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    """A normal(0, std) parameter tagged with logical axis names (mapped to mesh axes in parallel.py)."""
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.dtype(dtype)),
+                     logical_axes=tuple(axes))
+
+
+def n_in(activation: str) -> int:
+    """Number of fc1 projections: 2 (gate, up) for gated activations, else 1."""
+    return 2 if activation in GATED else 1
+
+
+def activate(h_xnF: jax.Array, activation: str) -> jax.Array:
+    """Apply the activation to fc1 output shaped [..., n_in, F] (gate first for gated units)."""
+    if activation == "swiglu":
+        return jax.nn.silu(h_xnF[..., 0, :]) * h_xnF[..., 1, :]
+    if activation == "geglu":
+        return jax.nn.gelu(h_xnF[..., 0, :], approximate=True) * h_xnF[..., 1, :]
+    if activation == "gelu":
+        return jax.nn.gelu(h_xnF[..., 0, :], approximate=True)
+    if activation == "squared_relu":
+        return jnp.square(jax.nn.relu(h_xnF[..., 0, :]))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm (cfg.norm) over the last axis, computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, dim: int):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), logical_axes=("norm",))
+        if cfg.norm == "layernorm":
+            self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            xf = xf - xf.mean(-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.kind == "layernorm":
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """Dense feed-forward: fc1 [D, n_in, F] → activation → fc2 [F, D]."""
+
+    def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs, activation: str | None = None,
+                 axes=("embed", "mlp")):
+        self.activation = activation or cfg.activation
+        self.dtype = jnp.dtype(cfg.dtype)
+        d, f = cfg.d_model, hidden
+        self.w1_DnF = param(rngs, (d, n_in(self.activation), f), (axes[0], None, axes[1]),
+                            cfg.init_std, cfg.param_dtype)
+        self.w2_FD = param(rngs, (f, d), (axes[1], axes[0]), cfg.init_std, cfg.param_dtype)
+
+    def __call__(self, x_xD: jax.Array) -> jax.Array:
+        x = x_xD.astype(self.dtype)
+        h = jnp.einsum("...d,dnf->...nf", x, self.w1_DnF[...].astype(self.dtype))
+        return activate(h, self.activation) @ self.w2_FD[...].astype(self.dtype)

@@ -1,0 +1,122 @@
+"""Train state, optimizer, loss and the jitted train step (gradient accumulation, expert-bias update)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe_jax.config import TrainConfig
+from moe_jax.model import GPT
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes. `model_state` holds non-parameter state (expert biases)."""
+
+    step: jax.Array
+    data_pos: jax.Array   # index of the next batch to read: resuming continues the data exactly
+    params: Any
+    opt_state: Any
+    model_state: Any
+    rng: jax.Array
+
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup to `lr`, cosine decay to `lr * min_lr_ratio` at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+        decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only) after global-norm clipping."""
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    chain = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
+    chain.append(optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
+                             weight_decay=tc.weight_decay, mask=decay_mask))
+    return optax.chain(*chain)
+
+
+def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
+    """Mean token cross-entropy, computed in float32."""
+    logits = logits_BSV.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets_BS[..., None], axis=-1)[..., 0]
+    return jnp.mean(lse - gold)
+
+
+def split_model(model: GPT):
+    """graphdef, trainable params, the rest (expert biases and other non-Param state)."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(model: GPT, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None):
+    """Build (graphdef, TrainState) for `model`."""
+    graphdef, params, rest = split_model(model)
+    optimizer = optimizer or make_optimizer(tc)
+    state = TrainState(step=jnp.zeros((), jnp.int32), data_pos=jnp.zeros((), jnp.int32),
+                       params=params, opt_state=optimizer.init(params), model_state=rest,
+                       rng=jax.random.key(tc.seed + 1))
+    return graphdef, state
+
+
+def _update_expert_biases(model: GPT, routed_counts_LE: jax.Array) -> None:
+    """One aux-loss-free bias step per MoE layer from the step's routed counts."""
+    for j, block in enumerate(b for b in model.blocks if b.is_moe):
+        block.mlp.router.update_bias(routed_counts_LE[j])
+
+
+def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
+                    *, jit: bool = True):
+    """Return `step(state, batch) -> (state, metrics)`; `batch` = {"inputs", "targets"} int32 [B,S]."""
+    optimizer = optimizer or make_optimizer(tc)
+    schedule = lr_schedule(tc)
+    accum = tc.grad_accum
+
+    def loss_fn(params, rest, inputs, targets, rng):
+        model = nnx.merge(graphdef, params, rest)
+        logits, aux = model(inputs, rng=rng)
+        ce = cross_entropy(logits, targets)
+        total = ce + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+        return total, (ce, aux)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
+        micro = jax.tree.map(split, batch)
+
+        def micro_step(carry, xs):
+            grads_acc, i = carry
+            (total, (ce, aux)), grads = grad_fn(state.params, state.model_state, xs["inputs"],
+                                                xs["targets"], jax.random.fold_in(step_rng, i))
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / accum, grads_acc, grads)
+            return (grads_acc, i + 1), (total, ce, aux)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, _), (total, ce, aux) = jax.lax.scan(micro_step, (zeros, 0), micro)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        model_state = state.model_state
+        metrics = {"loss": total.mean(), "ce": ce.mean(), "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step)}
+        metrics.update({k: v.mean() for k, v in aux["losses"].items()})
+        if "routed_counts" in aux:
+            routed = aux["routed_counts"].sum(0)
+            model = nnx.merge(graphdef, params, model_state)
+            _update_expert_biases(model, routed)
+            model_state = nnx.split(model, nnx.Param, ...)[2]
+            metrics.update(tokens_per_expert=aux["tokens_per_expert"].sum(0), routed_counts=routed,
+                           dropped=aux["dropped"].sum(0))
+        new = state.replace(step=state.step + 1, data_pos=state.data_pos + 1, params=params,
+                            opt_state=opt_state, model_state=model_state, rng=rng)
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=0) if jit else step
