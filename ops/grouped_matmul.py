@@ -41,7 +41,8 @@ def _xla_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype):
     dn = lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(([1], [contract_rhs]), ([], [])),
         lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
-    y = lax.ragged_dot_general(lhs, rhs, group_sizes, dn, preferred_element_type=jnp.float32)
+    y = lax.ragged_dot_general(lhs, rhs, group_sizes, dn, preferred_element_type=jnp.float32,
+                               out_sharding=_explicit_out_spec(lhs, 2, keep_rows=True))
     # ragged_dot leaves rows past sum(group_sizes) unspecified on some platforms: zero them.
     return _mask_tail(y, group_sizes).astype(out_dtype)
 
@@ -52,8 +53,19 @@ def _xla_wgrad(a, b, group_sizes, out_dtype):
         dot_dimension_numbers=(([0], [0]), ([], [])),
         lhs_ragged_dimensions=[0], rhs_group_dimensions=[])
     a = _mask_tail(a, group_sizes)
-    return lax.ragged_dot_general(a, b, group_sizes, dn,
-                                  preferred_element_type=jnp.float32).astype(out_dtype)
+    return lax.ragged_dot_general(a, b, group_sizes, dn, preferred_element_type=jnp.float32,
+                                  out_sharding=_explicit_out_spec(a, 3, keep_rows=False)).astype(out_dtype)
+
+
+def _explicit_out_spec(ref, ndim, keep_rows):
+    """Arrays on a mesh with Explicit axes need ragged_dot's out_sharding: rows keep `ref`'s row
+    sharding (when keep_rows), other dims replicated. None (inferred) otherwise."""
+    sharding = jax.typeof(ref).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return None
+    rows = (tuple(sharding.spec) + (None,))[0] if keep_rows else None
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(rows, *([None] * (ndim - 1))))
 
 
 def _mask_tail(x, group_sizes):

@@ -1,0 +1,125 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax import metrics
+from moe_jax.config import ModelConfig, MoEConfig, load_config
+from moe_jax.model import GPT, apply_rope, rope_tables
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, ffn_hidden_size=48,
+                max_seq_len=32, moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=16,
+                                              layer_freq=(0, 1, 1), z_loss_coeff=1e-3))
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def tokens(b=2, s=16, v=64, seed=0):
+    return jax.random.randint(jax.random.key(seed), (b, s), 0, v)
+
+
+def test_forward_shapes_and_aux():
+    cfg = small_cfg()
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    logits, aux = model(tokens())
+    assert logits.shape == (2, 16, 64) and bool(jnp.all(jnp.isfinite(logits)))
+    assert [b.is_moe for b in model.blocks] == [False, True, True]
+    assert aux["tokens_per_expert"].shape == (2, 4)
+    assert set(aux["losses"]) == {"aux_loss", "z_loss"}
+    # summed over the MoE layers: recompute layer by layer
+    x = jnp.take(model.embed_VD[...], tokens(), axis=0)
+    cos, sin = rope_tables(16, cfg.head_dim_, cfg.rope_theta)
+    total = 0.0
+    for block in model.blocks:
+        x, a = block(x, cos, sin)
+        if a is not None:
+            total += a["losses"]["aux_loss"]
+    np.testing.assert_allclose(aux["losses"]["aux_loss"], total, rtol=1e-6)
+    np.testing.assert_array_equal(aux["tokens_per_expert"].sum(-1), 2 * 16 * 2)
+
+
+def test_causal():
+    """Changing tokens at positions >= p leaves the logits before p unchanged (dropless routing)."""
+    model = GPT(small_cfg(), rngs=nnx.Rngs(0))
+    a = tokens(seed=1)
+    p = 9
+    b = a.at[:, p:].set((a[:, p:] + 7) % 64)
+    la, _ = model(a)
+    lb, _ = model(b)
+    np.testing.assert_allclose(la[:, :p], lb[:, :p], atol=1e-6)
+    assert not np.allclose(la[:, p:], lb[:, p:])
+
+
+def test_rope_is_relative():
+    """q·k after RoPE depends only on the position difference."""
+    h = 8
+    cos, sin = rope_tables(20, h, 10000.0)
+    q = jax.random.normal(jax.random.key(0), (1, 1, 1, h))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 1, h))
+    dot = lambda i, j: float(jnp.sum(apply_rope(q, cos[i:i + 1], sin[i:i + 1])  # noqa: E731
+                                     * apply_rope(k, cos[j:j + 1], sin[j:j + 1])))
+    assert abs(dot(3, 1) - dot(15, 13)) < 1e-5 and abs(dot(3, 1) - dot(3, 2)) > 1e-4
+
+
+def test_every_param_has_logical_axes():
+    model = GPT(small_cfg(moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=16,
+                                        shared_expert_intermediate_size=24, shared_expert_gate=True)),
+                rngs=nnx.Rngs(0))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == var.value.ndim, path
+
+
+def test_tied_embeddings_dense_and_layernorm():
+    cfg = small_cfg(tie_embeddings=True, moe=None, norm="layernorm")
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    assert model.head_DV is None
+    logits, aux = model(tokens())
+    assert aux == {"losses": {}}
+    x = jnp.take(model.embed_VD[...], tokens(), axis=0)
+    cos, sin = rope_tables(16, cfg.head_dim_, cfg.rope_theta)
+    for block in model.blocks:
+        x, _ = block(x, cos, sin)
+    np.testing.assert_allclose(logits, model.final_norm(x) @ model.embed_VD[...].T, rtol=1e-5, atol=1e-5)
+
+
+def test_remat_same_loss_and_grads():
+    cfg = small_cfg()
+    graphdef, params, rest = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    graphdef_r, _, _ = nnx.split(GPT(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0)), nnx.Param, ...)
+
+    def loss(p, g):
+        return jnp.mean(nnx.merge(g, p, rest)(tokens())[0] ** 2)
+
+    l1, g1 = jax.value_and_grad(loss)(params, graphdef)
+    l2, g2 = jax.value_and_grad(loss)(params, graphdef_r)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_jit_under_one_device_mesh():
+    model = GPT(small_cfg(), rngs=nnx.Rngs(0))
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    with jax.set_mesh(mesh):
+        logits, _ = nnx.jit(lambda m, t: m(t))(model, tokens())
+    eager, _ = model(tokens())
+    np.testing.assert_allclose(logits, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,total,active", [("mixtral_small", 2.67e9, 0.80e9),
+                                                 ("deepseek_small", 4.78e9, 0.70e9)])
+def test_param_counts_match_benchmark_models(preset, total, active):
+    cfg = load_config(preset, ["moe.router_score_function=softmax"]).model
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    counts = metrics.param_counts(abstract)
+    assert abs(counts["total"] - total) / total < 0.01, counts
+    assert abs(counts["active"] - active) / active < 0.02, counts
+    # 6·N_active + 6·L·d·S
+    f = metrics.flops_per_token(cfg, counts["active"], 2048)
+    assert f == 6 * counts["active"] + 6 * cfg.num_layers * cfg.d_model * 2048
