@@ -266,12 +266,15 @@ class ParallelConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    expert_tensor: int = 1     # ETP: the expert hidden dim split over this many devices (MoE mesh)
+    moe_overlap_chunks: int = 1  # EP: split local tokens so chunk i+1's all-to-all overlaps chunk i
 
     def __post_init__(self):
         for f in ("data", "fsdp", "tensor", "expert"):
             v = getattr(self, f)
             if not isinstance(v, int) or (v <= 0 and v != -1):
                 _fail("ParallelConfig", f, v, "must be a positive integer or -1 (fill)")
+        _positive("ParallelConfig", self, "expert_tensor", "moe_overlap_chunks")
         if sum(getattr(self, f) == -1 for f in ("data", "fsdp", "tensor", "expert")) > 1:
             raise ValueError("ParallelConfig: at most one axis may be -1 (fill)")
 

@@ -22,7 +22,7 @@ def param_counts(model: nnx.Module) -> dict[str, int]:
     total = active = 0.0
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     for path, var in flat:
-        n = math.prod(var.value.shape)
+        n = math.prod(var.get_value().shape)
         total += n
         if path[0] == "embed_VD" and not cfg.tie_embeddings:
             continue

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import dispatch
+from moe_jax import dispatch, ep_dispatch, parallel
 from moe_jax.config import ModelConfig, capacity
 from moe_jax.experts import GroupedExperts
 from moe_jax.layers import MLP, param
@@ -47,16 +47,24 @@ class MoELayer(nnx.Module):
         b, s, d = x_BSD.shape
         x_TD = x_BSD.reshape(b * s, d).astype(self.dtype)
         routing = self.router(x_TD, seq_len=s, rng=rng)
+        dropped = routing.dropped
 
-        cap = capacity(b * s, self.cfg) if self.cfg.pad_expert_input_to_capacity else None
-        x_ND, perm = dispatch.permute(x_TD, routing, capacity=cap)
-        if self.cfg.apply_probs_on_input:
-            x_ND = (x_ND * dispatch.sorted_weights(routing, perm)[:, None]).astype(self.dtype)
-        y_ND = self.experts(x_ND, perm.group_sizes)
-        y_TD = dispatch.unpermute(y_ND, perm, routing, apply_weights=not self.cfg.apply_probs_on_input)
+        layout = parallel.current_layout()
+        if layout is None or layout.num_devices == 1:  # one device: local permute
+            cap = capacity(b * s, self.cfg) if self.cfg.pad_expert_input_to_capacity else None
+            x_ND, perm = dispatch.permute(x_TD, routing, capacity=cap)
+            if self.cfg.apply_probs_on_input:
+                x_ND = (x_ND * dispatch.sorted_weights(routing, perm)[:, None]).astype(self.dtype)
+            y_ND = self.experts(x_ND, perm.group_sizes)
+            y_TD = dispatch.unpermute(y_ND, perm, routing,
+                                      apply_weights=not self.cfg.apply_probs_on_input)
+        else:  # the same steps per shard, tokens exchanged across the `expert` mesh axis
+            y_TD, ep_dropped = ep_dispatch.moe_ffn(x_TD, routing, *self.experts.weights(), layout,
+                                                   self.cfg)
+            dropped = dropped + ep_dropped
 
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         aux = {"losses": routing.losses, "tokens_per_expert": routing.tokens_per_expert,
-               "routed_counts": routing.routed_counts, "dropped": routing.dropped}
+               "routed_counts": routing.routed_counts, "dropped": dropped}
         return y_TD.reshape(b, s, d), aux

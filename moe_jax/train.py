@@ -105,7 +105,7 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
         params = optax.apply_updates(state.params, updates)
 
         model_state = state.model_state
-        metrics = {"loss": total.mean(), "ce": ce.mean(), "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": total.mean(), "ce": ce.mean(), "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         metrics.update({k: v.mean() for k, v in aux["losses"].items()})
         if "routed_counts" in aux:

@@ -72,7 +72,7 @@ def test_every_param_has_logical_axes():
                 rngs=nnx.Rngs(0))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata().get("logical_axes")
-        assert axes is not None and len(axes) == var.value.ndim, path
+        assert axes is not None and len(axes) == var.get_value().ndim, path
 
 
 def test_tied_embeddings_dense_and_layernorm():
