@@ -1,0 +1,255 @@
+"""Expert-parallel dispatch → experts → combine, inside `jax.shard_map` over the MoE mesh.
+
+Tokens are split over (`edata`, `expert`); expert weights over `expert` (EP) and their hidden dim over
+`etensor` (ETP). Routing is decided before (on the global batch, so results equal one device's); each
+shard then sorts its assignments with `dispatch.permute`, exchanges rows with the shards that own the
+experts, runs the grouped-GEMM experts, sends results back and combines with `dispatch.unpermute`.
+
+Dispatchers (`MoEConfig.token_dispatcher_type`):
+- `alltoall`: fixed [EP, C, D] buffers per (source, destination) and `jax.lax.all_to_all`. Dropless:
+  C = T·min(k, E/EP) (the worst case; `dropped` stays 0). With `expert_capacity_factor`:
+  C = ceil(T·k/EP·factor) and overflow rows are dropped (by position) and counted.
+- `alltoall_ragged`: dropless, counts exchanged then `jax.lax.ragged_all_to_all` there and back
+  (GPU only; `ragged_impl="emulate"` runs the same plan through all_gather, for CPU tests).
+- `allgather`: all-gather the tokens over `expert`, compute the local experts, reduce-scatter back.
+`chunks > 1` splits the local tokens so that chunk i+1's exchange can overlap chunk i's experts.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+import ops
+from moe_jax import dispatch
+from moe_jax.config import MoEConfig
+from moe_jax.layers import activate
+from moe_jax.routing import Routing, expert_counts
+
+TOKENS = ("edata", "expert")
+MESH_AXES = ("edata", "expert", "etensor")
+DISPATCHERS = ("alltoall", "alltoall_ragged", "allgather")
+
+
+def expert_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation: str, backend: str):
+    """Local experts on expert-sorted rows; ETP partial sums reduced over `etensor`."""
+    e, d, n, f = w1_EDnF.shape
+    # one varying type for the kernels' custom_vjp; its transpose sums dx over etensor, dw over edata
+    x_ND, w1_EDnF, w2_EFD = (_vary(a, MESH_AXES) for a in (x_ND, w1_EDnF, w2_EFD))
+    h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes, backend=backend)
+    h = activate(h.reshape(-1, n, f), activation)
+    y = ops.grouped_matmul(h, w2_EFD, group_sizes, backend=backend)
+    return jax.lax.psum(y, "etensor")
+
+
+def _vary(x, axes):
+    """Mark x as varying over `axes` inside shard_map (no data movement)."""
+    t = jax.typeof(x)
+    have = getattr(t, "vma", None)
+    if have is None:  # JAX 0.10: the varying set lives on the manual axis type
+        have = getattr(getattr(t, "manual_axis_type", None), "varying", frozenset(axes))
+    missing = tuple(a for a in axes if a not in have)
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _excl_cumsum(x, axis=-1):
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def _local_routing(w_Tk, e_Tk, kept_Tk, num_experts: int) -> Routing:
+    counts = expert_counts(e_Tk, num_experts, kept_Tk)
+    zero = jnp.zeros((), jnp.int32)
+    return Routing(weights=w_Tk, experts=e_Tk, kept=kept_Tk, tokens_per_expert=counts, dropped=zero,
+                   losses={}, routed_counts=counts)
+
+
+def _sorted_rows(x_TD, routing: Routing, probs_on_input: bool):
+    """Source side: rows sorted by global expert (dropped last), optionally pre-weighted."""
+    x_SD, perm = dispatch.permute(x_TD, routing)
+    if probs_on_input:
+        x_SD = (x_SD * dispatch.sorted_weights(routing, perm)[:, None]).astype(x_SD.dtype)
+    return x_SD, perm
+
+
+def _resort_by_local_expert(rows_RD, counts_SL, row_start_S):
+    """Received rows (per-source chunks, each sorted by local expert) -> grouped by local expert.
+
+    counts_SL[s, l]: rows from source s for local expert l, starting at row_start_S[s].
+    Returns (x sorted by local expert with padding last, inverse order, group sizes [L]).
+    """
+    n, L = counts_SL.shape
+    ends = (row_start_S[:, None] + jnp.cumsum(counts_SL, axis=1)).reshape(-1)     # [n*L]
+    starts = ends - counts_SL.reshape(-1)
+    p = jnp.arange(rows_RD.shape[0], dtype=jnp.int32)
+    inside = (p[:, None] >= starts[None]) & (p[:, None] < ends[None])            # [R, n*L]
+    seg = jnp.argmax(inside, axis=1)
+    local = jnp.where(inside.any(1), seg % L, L)                                 # L = padding
+    order = jnp.argsort(local, stable=True)
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    return jnp.take(rows_RD, order, axis=0), inv, counts_SL.sum(0)
+
+
+# ------------------------------------------------------------------ alltoall (fixed capacity)
+def _alltoall(x_TD, routing, w1, w2, *, m: MoEConfig, cap: int):
+    n = jax.lax.axis_size("expert")
+    E, L = m.num_experts, w1.shape[0]
+    t, k = routing.experts.shape
+    d = x_TD.shape[1]
+    x_SD, perm = _sorted_rows(x_TD, routing, m.apply_probs_on_input)
+    dev_E = jnp.arange(E) // L
+    sent_e = jnp.sort(jnp.where(routing.kept, routing.experts, E).reshape(-1))   # expert of each row
+    dev_r = sent_e // L                                                            # n if dropped
+    dev_counts = jnp.zeros((n,), jnp.int32).at[dev_E].add(routing.tokens_per_expert)
+    pos = jnp.arange(t * k, dtype=jnp.int32) - _excl_cumsum(dev_counts)[jnp.minimum(dev_r, n - 1)]
+    ok = (dev_r < n) & (pos < cap)
+    slot = jnp.where(ok, dev_r * cap + pos, n * cap)
+    dropped = jnp.sum((dev_r < n) & ~ok).astype(jnp.int32)
+    counts_E = expert_counts(jnp.where(ok, sent_e, 0)[:, None], E, ok[:, None])
+    send = jnp.zeros((n * cap, d), x_SD.dtype).at[slot].set(x_SD, mode="drop")
+    recv = jax.lax.all_to_all(send.reshape(n, cap, d), "expert", 0, 0)            # [src, C, D]
+    rc_SL = jax.lax.all_to_all(counts_E.reshape(n, L), "expert", 0, 0)            # [src, L]
+    x_RD, inv, gs = _resort_by_local_expert(recv.reshape(n * cap, d), rc_SL,
+                                            jnp.arange(n, dtype=jnp.int32) * cap)
+    y_RD = jnp.take(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, axis=0)
+    back = jax.lax.all_to_all(y_RD.reshape(n, cap, d), "expert", 0, 0)           # [dst, C, D]
+    y_SD = jnp.take(back.reshape(n * cap, d), slot, axis=0, mode="fill", fill_value=0)
+    y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
+    return y_TD, dropped
+
+
+def fixed_capacity(tokens: int, m: MoEConfig, ep: int) -> int:
+    """Rows per (source, destination) buffer for `tokens` local tokens."""
+    worst = tokens * min(m.router_topk, m.num_experts // ep)
+    if m.expert_capacity_factor is None:
+        return worst
+    return max(1, min(worst, -(-int(tokens * m.router_topk * m.expert_capacity_factor) // ep)))
+
+
+# ------------------------------------------------------------------ alltoall_ragged
+def _ragged_raw(x, out_rows, in_off, send_sizes, out_off, recv_sizes, impl):
+    out = jnp.zeros((out_rows,) + x.shape[1:], x.dtype)
+    if impl == "xla":
+        return jax.lax.ragged_all_to_all(x, out, in_off, send_sizes, out_off, recv_sizes,
+                                         axis_name="expert")
+    # "emulate": the same plan through all_gather (XLA:CPU has no ragged_all_to_all) — tests only
+    me = jax.lax.axis_index("expert")
+    xs = jax.lax.all_gather(x, "expert")
+    in_all, out_all, send_all = (jax.lax.all_gather(a, "expert") for a in (in_off, out_off, send_sizes))
+    lo, sz = out_all[:, me], send_all[:, me]
+    p = jnp.arange(out_rows, dtype=jnp.int32)[:, None]
+    hit = (p >= lo[None]) & (p < (lo + sz)[None])
+    j = jnp.argmax(hit, axis=1)
+    row = in_all[j, me] + p[:, 0] - lo[j]
+    got = xs[j, jnp.clip(row, 0, x.shape[0] - 1)]
+    return jnp.where(hit.any(1)[:, None], got, jnp.zeros((), x.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 3))
+def _exchange(x, out_rows, plan, impl):
+    in_off, send_sizes, out_off, recv_sizes, _, _ = plan
+    return _ragged_raw(x, out_rows, in_off, send_sizes, out_off, recv_sizes, impl)
+
+
+def _exchange_fwd(x, out_rows, plan, impl):
+    return _exchange(x, out_rows, plan, impl), (plan, x.shape[0])
+
+
+def _exchange_bwd(out_rows, impl, res, dy):
+    (in_off, send_sizes, _, recv_sizes, recv_off, src_off), rows = res
+    return _ragged_raw(dy, rows, recv_off, recv_sizes, src_off, send_sizes, impl), None
+
+
+_exchange.defvjp(_exchange_fwd, _exchange_bwd)
+
+
+def _reverse(plan):
+    in_off, send_sizes, out_off, recv_sizes, recv_off, src_off = plan
+    return (recv_off, recv_sizes, src_off, send_sizes, in_off, out_off)
+
+
+def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str):
+    n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
+    E, L = m.num_experts, w1.shape[0]
+    t, k = routing.experts.shape
+    x_SD, perm = _sorted_rows(x_TD, routing, m.apply_probs_on_input)
+    counts_nE = jax.lax.all_gather(routing.tokens_per_expert, "expert")          # [src, E]
+    M = counts_nE.reshape(n, n, L).sum(-1)                                         # [src, dst]
+    send_sizes, recv_sizes = M[me], M[:, me]
+    in_off, recv_off = _excl_cumsum(send_sizes), _excl_cumsum(recv_sizes)
+    out_off = _excl_cumsum(M, axis=0)[me]          # where my rows land in each destination
+    src_off = _excl_cumsum(M, axis=1)[:, me]       # where each source's rows for me start there
+    plan = (in_off, send_sizes, out_off, recv_sizes, recv_off, src_off)
+    rows = n * t * min(k, L)                                                       # worst case
+    recv = _exchange(x_SD, rows, plan, impl)
+    rc_SL = jax.lax.dynamic_slice_in_dim(counts_nE.reshape(n, n, L), me, 1, axis=1)[:, 0]
+    x_RD, inv, gs = _resort_by_local_expert(recv, rc_SL, recv_off)
+    y_RD = jnp.take(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, axis=0)
+    y_SD = _exchange(y_RD, t * k, _reverse(plan), impl)
+    y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
+    return y_TD, jnp.zeros((), jnp.int32)
+
+
+# ------------------------------------------------------------------ allgather
+def _allgather(x_TD, routing, w1, w2, *, m: MoEConfig):
+    me, L = jax.lax.axis_index("expert"), w1.shape[0]
+    gather = functools.partial(jax.lax.all_gather, axis_name="expert", tiled=True)
+    x_gD, w_gk, e_gk, kept_gk = gather(x_TD), gather(routing.weights), gather(routing.experts), \
+        gather(routing.kept)
+    local_e = e_gk - me * L
+    mine = kept_gk & (local_e >= 0) & (local_e < L)
+    local = _local_routing(w_gk, jnp.clip(local_e, 0, L - 1), mine, L)
+    x_SD, perm = _sorted_rows(x_gD, local, m.apply_probs_on_input)
+    y_SD = expert_ffn(x_SD, local.tokens_per_expert, w1, w2, m.activation, m.grouped_gemm_backend)
+    y_gD = dispatch.unpermute(y_SD, perm, local, apply_weights=not m.apply_probs_on_input)
+    y_TD = jax.lax.psum_scatter(y_gD, "expert", scatter_dimension=0, tiled=True)
+    return y_TD, jnp.zeros((), jnp.int32)
+
+
+# ------------------------------------------------------------------ entry point
+def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl):
+    t = x_TD.shape[0]
+    tc = t // chunks
+    outs, dropped = [], jnp.zeros((), jnp.int32)
+    for c in range(chunks):  # independent chains: XLA overlaps chunk c+1's exchange with chunk c
+        sl = slice(c * tc, (c + 1) * tc)
+        routing = _local_routing(w_Tk[sl], e_Tk[sl], kept_Tk[sl], m.num_experts)
+        if dispatcher == "alltoall":
+            cap = fixed_capacity(tc, m, jax.lax.axis_size("expert"))
+            y, dr = _alltoall(x_TD[sl], routing, w1, w2, m=m, cap=cap)
+        elif dispatcher == "alltoall_ragged":
+            y, dr = _alltoall_ragged(x_TD[sl], routing, w1, w2, m=m, impl=ragged_impl)
+        else:
+            y, dr = _allgather(x_TD[sl], routing, w1, w2, m=m)
+        outs.append(y)
+        dropped = dropped + dr
+    y_TD = outs[0] if chunks == 1 else jnp.concatenate(outs, axis=0)
+    return y_TD, jax.lax.psum(dropped, TOKENS)
+
+
+def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
+            dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto"):
+    """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch)."""
+    dispatcher = dispatcher or m.token_dispatcher_type
+    if dispatcher not in DISPATCHERS:
+        raise ValueError(f"MoEConfig.token_dispatcher_type={dispatcher!r} is invalid: must be one of "
+                         f"{list(DISPATCHERS)}")
+    chunks = chunks or layout.overlap_chunks
+    if ragged_impl == "auto":
+        ragged_impl = "xla"
+    if dispatcher == "alltoall_ragged" and ragged_impl == "xla" and layout.moe_mesh.shape["expert"] > 1 \
+            and jax.devices()[0].platform == "cpu":
+        raise ValueError("token_dispatcher_type='alltoall_ragged' needs GPUs: XLA:CPU does not "
+                         "implement ragged_all_to_all; use 'alltoall' or 'allgather'")
+    shards = layout.token_shards * chunks
+    if x_TD.shape[0] % shards:
+        raise ValueError(f"MoE layer: {x_TD.shape[0]} tokens are not divisible by "
+                         f"edata*expert*overlap_chunks = {shards}")
+    tok = P(TOKENS)
+    body = functools.partial(_body, m=m, dispatcher=dispatcher, chunks=chunks, ragged_impl=ragged_impl)
+    fn = jax.shard_map(body, mesh=layout.moe_mesh,
+                       in_specs=(tok, tok, tok, tok, P("expert", None, None, "etensor"),
+                                 P("expert", "etensor", None)),
+                       out_specs=(tok, P()))
+    return fn(x_TD, routing.weights, routing.experts, routing.kept, w1_EDnF, w2_EFD)

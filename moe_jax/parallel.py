@@ -1,0 +1,242 @@
+"""Device mesh, logical-axis rules, MoE parallel folding and sharding helpers.
+
+One set of devices, two views of it (Megatron's *MoE parallel folding*):
+
+- the dense mesh `(data, fsdp, tensor)` for embedding, attention, dense MLPs and the LM head;
+- the MoE mesh `(edata, expert, etensor)` for the routed experts: the same devices in the same order,
+  reshaped. `expert * etensor` need not divide `fsdp * tensor`, so EP can span devices that the dense
+  layers use for TP or DP (e.g. 8 GPUs as TP=8 for attention and EP=8 for the experts).
+
+Parameters carry logical axis names (`nnx.Param(..., logical_axes=(...))`); `RULES` maps each name to
+mesh axes, and the name set decides the mesh (`exp`, `embed_moe`, `mlp_moe` → MoE mesh).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moe_jax.config import ModelConfig, ParallelConfig
+
+DENSE_AXES = ("data", "fsdp", "tensor")
+MOE_AXES = ("edata", "expert", "etensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated). Parameters and activations.
+RULES: dict[str, Any] = {
+    # dense parameters (dense mesh): FSDP over the model dim, TP over heads / hidden / vocab
+    "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+    "norm": None,
+    # routed-expert parameters (MoE mesh): EP over experts, ETP over the expert hidden dim
+    "exp": "expert", "embed_moe": None, "mlp_moe": "etensor",
+    # activations
+    "act_batch": ("data", "fsdp"),          # [B, ...] on the dense mesh
+    "act_tokens_moe": ("edata", "expert"),  # [T, ...] tokens inside the MoE layer
+}
+MOE_NAMES = frozenset({"exp", "embed_moe", "mlp_moe", "act_tokens_moe"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Resolved axis sizes and the two meshes over the same devices."""
+
+    mesh: Mesh       # (data, fsdp, tensor)
+    moe_mesh: Mesh   # (edata, expert, etensor)
+    overlap_chunks: int = 1
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {**dict(self.mesh.shape), **dict(self.moe_mesh.shape)}
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    @property
+    def batch_shards(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    @property
+    def token_shards(self) -> int:
+        return self.moe_mesh.shape["edata"] * self.moe_mesh.shape["expert"]
+
+    def describe(self) -> str:
+        s = self.sizes
+        return (f"{self.num_devices} devices | dense data={s['data']} fsdp={s['fsdp']} "
+                f"tensor={s['tensor']} | MoE edata={s['edata']} expert={s['expert']} "
+                f"etensor={s['etensor']}")
+
+
+def _err(field: str, value, why: str) -> ValueError:
+    return ValueError(f"ParallelConfig.{field}={value!r} is invalid: {why}")
+
+
+def resolve_sizes(pc: ParallelConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with the -1 axis filled; checks the products against the device count."""
+    dense = {"data": pc.data, "fsdp": pc.fsdp, "tensor": pc.tensor}
+    fixed = math.prod(v for v in dense.values() if v != -1)
+    for name, v in dense.items():
+        if v == -1:
+            if num_devices % fixed:
+                raise _err(name, -1, f"cannot fill: {num_devices} devices are not divisible by the "
+                           f"other dense axes' product {fixed}")
+            dense[name] = num_devices // fixed
+    if math.prod(dense.values()) != num_devices:
+        raise ValueError(f"ParallelConfig: data*fsdp*tensor = {dense['data']}*{dense['fsdp']}*"
+                         f"{dense['tensor']} = {math.prod(dense.values())} must equal the device "
+                         f"count {num_devices} (use -1 on one axis to fill)")
+    ep, etp = pc.expert, pc.expert_tensor
+    if ep == -1:  # fill: every device not used for ETP is an expert shard
+        if num_devices % etp:
+            raise _err("expert", -1, f"cannot fill: {num_devices} devices not divisible by "
+                       f"expert_tensor={etp}")
+        ep = num_devices // etp
+    if num_devices % (ep * etp):
+        raise ValueError(f"ParallelConfig: expert*expert_tensor = {ep}*{etp} must divide the device "
+                         f"count {num_devices} (MoE layers fold the same devices as "
+                         f"expert-data x expert x expert-tensor)")
+    return {**dense, "edata": num_devices // (ep * etp), "expert": ep, "etensor": etp}
+
+
+def check_layout(sizes: dict[str, int], model: ModelConfig | None = None,
+                 batch_size: int | None = None, seq_len: int | None = None,
+                 overlap_chunks: int = 1) -> None:
+    """Fail with a clear ValueError on a layout the model or batch cannot use (before any compile)."""
+    tp, fsdp, ep, etp = sizes["tensor"], sizes["fsdp"], sizes["expert"], sizes["etensor"]
+    if model is not None:
+        if model.num_heads % tp:
+            raise _err("tensor", tp, f"must divide num_heads ({model.num_heads})")
+        if model.num_kv_heads % tp:
+            raise _err("tensor", tp, f"must divide num_kv_heads ({model.num_kv_heads})")
+        if model.ffn_hidden_size % tp and any(not model.is_moe_layer(i)
+                                              for i in range(model.num_layers)):
+            raise _err("tensor", tp, f"must divide ffn_hidden_size ({model.ffn_hidden_size})")
+        if model.vocab_size % tp:
+            raise _err("tensor", tp, f"must divide vocab_size ({model.vocab_size})")
+        if model.d_model % fsdp:
+            raise _err("fsdp", fsdp, f"must divide d_model ({model.d_model})")
+        m = model.moe
+        if m is not None:
+            if m.num_experts % ep:
+                raise _err("expert", ep, f"must divide num_experts ({m.num_experts})")
+            if m.ffn_hidden_size % etp:
+                raise _err("expert_tensor", etp, f"must divide moe.ffn_hidden_size ({m.ffn_hidden_size})")
+            if m.shared_size and m.shared_size % tp:
+                raise _err("tensor", tp, f"must divide shared_expert_intermediate_size ({m.shared_size})")
+            if m.token_dispatcher_type == "alltoall_ragged" and ep > 1 \
+                    and jax.devices()[0].platform == "cpu":
+                raise ValueError("MoEConfig.token_dispatcher_type='alltoall_ragged' needs GPUs: XLA:CPU "
+                                 "does not implement ragged_all_to_all; use 'alltoall' or 'allgather'")
+    if batch_size is not None:
+        shards = sizes["data"] * sizes["fsdp"]
+        if batch_size % shards:
+            raise ValueError(f"TrainConfig.batch_size={batch_size} is invalid: must be divisible by "
+                             f"data*fsdp = {shards}")
+        if seq_len is not None:
+            tok = sizes["edata"] * sizes["expert"] * overlap_chunks
+            if (batch_size * seq_len) % tok:
+                raise ValueError(f"tokens per step {batch_size}*{seq_len} must be divisible by "
+                                 f"edata*expert*overlap_chunks = {tok}")
+
+
+def make_layout(pc: ParallelConfig = ParallelConfig(), model: ModelConfig | None = None, *,
+                devices: Sequence | None = None, batch_size: int | None = None,
+                seq_len: int | None = None) -> Layout:
+    """Build (and validate) both meshes over `devices` (default: all devices of all hosts)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_sizes(pc, len(devices))
+    chunks = pc.moe_overlap_chunks
+    check_layout(sizes, model, batch_size, seq_len, chunks)
+    arr = np.asarray(devices, dtype=object)
+    mesh = Mesh(arr.reshape([sizes[a] for a in DENSE_AXES]), DENSE_AXES)
+    moe_mesh = Mesh(arr.reshape([sizes[a] for a in MOE_AXES]), MOE_AXES)
+    return Layout(mesh=mesh, moe_mesh=moe_mesh, overlap_chunks=chunks)
+
+
+# ------------------------------------------------------------------ the active layout (trace time)
+_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("moe_jax_layout", default=None)
+
+
+@contextlib.contextmanager
+def use_layout(layout: Layout | None):
+    """Make `layout` the one that modules (MoELayer) shard across while traced inside this block."""
+    token = _ACTIVE.set(layout)
+    try:
+        yield layout
+    finally:
+        _ACTIVE.reset(token)
+
+
+def current_layout() -> Layout | None:
+    return _ACTIVE.get()
+
+
+# ------------------------------------------------------------------ logical names -> shardings
+def spec(names: Sequence[str | None], rules: dict = RULES) -> P:
+    """PartitionSpec for a tuple of logical names (a mesh axis is used at most once)."""
+    used, out = set(), []
+    for n in names:
+        ax = rules.get(n) if n is not None else None
+        axes = (ax,) if isinstance(ax, str) else tuple(ax or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*out)
+
+
+def sharding(names: Sequence[str | None], layout: Layout, shape: Sequence[int] | None = None
+             ) -> NamedSharding:
+    """NamedSharding of logical names on the mesh they belong to (replicate dims that don't divide)."""
+    is_moe = any(n in MOE_NAMES for n in names if n)
+    mesh = layout.moe_mesh if is_moe else layout.mesh
+    p = spec(names)
+    if shape is not None:  # e.g. a kv_heads dim smaller than tensor: keep it whole rather than fail
+        p = P(*[ax if ax is None or dim % _size(mesh, ax) == 0 else None
+                for ax, dim in zip(tuple(p) + (None,) * (len(shape) - len(p)), shape)])
+    return NamedSharding(mesh, p)
+
+
+def _size(mesh: Mesh, ax) -> int:
+    return math.prod(mesh.shape[a] for a in ((ax,) if isinstance(ax, str) else ax))
+
+
+def replicated(layout: Layout) -> NamedSharding:
+    return NamedSharding(layout.mesh, P())
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def tree_shardings(tree: Any, layout: Layout) -> Any:
+    """Shardings for a pytree of nnx Variables / arrays (params, optimizer state, TrainState).
+
+    A Variable with `logical_axes` metadata is sharded by the rules (optimizer moments inherit the
+    metadata of their parameter, so they shard like it); everything else is replicated.
+    """
+    def one(x):
+        axes = x.get_metadata().get("logical_axes") if _is_var(x) else None
+        if axes is None:
+            return replicated(layout)
+        shape = x.shape if hasattr(x, "shape") else None
+        return sharding(axes, layout, shape)
+    return jax.tree.map(one, tree, is_leaf=_is_var)
+
+
+def batch_sharding(layout: Layout) -> NamedSharding:
+    """[B, S] batches: the batch dim over (data, fsdp)."""
+    return NamedSharding(layout.mesh, spec(("act_batch", None)))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], layout: Layout | None = None) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op without an active layout."""
+    layout = layout or current_layout()
+    if layout is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, sharding(names, layout, x.shape))
