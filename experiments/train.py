@@ -49,6 +49,7 @@ def main(argv=None) -> int:
                 f"train_{Path(args.config).stem}_{stamp:%Y-%m-%d}_{dev}.json")
         summary.update(date=stamp.isoformat(timespec="seconds"), config=args.config,
                        command="python experiments/train.py " + " ".join(sys.argv[1:]))
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2))
         mfu = summary.get("mfu")
         print(f"benchmark: {summary['step_time_s'] * 1e3:.1f} ms/step | {summary['tokens_per_s']:.0f} tok/s | "
