@@ -1,0 +1,318 @@
+"""Orbax checkpoints of the whole `TrainState` (params, optimizer state, step, data position, RNG,
+expert-bias state).
+
+- `Checkpointer`: an `ocp.CheckpointManager` with async saves, keep-last-K plus keep-every-M, atomic
+  commits (Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so a process
+  killed mid-save leaves the previous checkpoint the latest restorable one) and `restore(target)`.
+- Reshard on restore: `target` is a state (or an abstract one, `abstract_state`) whose leaves carry
+  the *new* shardings; every leaf, optimizer moments included, is read straight into that layout, so
+  EP/TP/FSDP may differ from the run that saved it (`state_shardings` builds such a layout from the
+  params' logical axes).
+- Loud failures, never a partial load: each checkpoint carries a manifest (every leaf's path, shape,
+  dtype and a layout-independent fingerprint of its bits). Restore compares the manifest with the
+  target (naming every differing path) and the restored bits with the fingerprints.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, from a different model, or unreadable."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The state as a flat {path: array} dict (typed PRNG keys as their uint32 key data).
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(path) -> str:
+    return "/".join(_key_name(k) for k in path)
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def flatten(tree) -> dict[str, Any]:
+    """{"params/blocks/0/attn/wq_DNH/value": leaf, ...}; PRNG keys become their key data."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if _is_key(leaf) and isinstance(leaf, jax.ShapeDtypeStruct):
+            data = jax.eval_shape(jax.random.key_data, leaf)
+            sh = leaf.sharding
+            if isinstance(sh, NamedSharding):
+                sh = NamedSharding(sh.mesh, P())
+            leaf = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sh)
+        elif _is_key(leaf):
+            leaf = jax.random.key_data(leaf)
+        out[path_str(path)] = leaf
+    return out
+
+
+def unflatten(flat: dict[str, Any], like):
+    """Inverse of `flatten` onto the structure of `like` (re-wrapping PRNG keys like its leaves)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    vals = []
+    for path, ref in leaves:
+        v = flat[path_str(path)]
+        if _is_key(ref):
+            impl = ref.dtype._impl.name if isinstance(ref, jax.ShapeDtypeStruct) else jax.random.key_impl(ref)
+            v = jax.random.wrap_key_data(v, impl=impl)
+        vals.append(v)
+    return jax.tree_util.tree_unflatten(treedef, vals)
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        d = out
+        *parents, last = k.split("/")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = v
+    return out
+
+
+def _unnest(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        out.update(_unnest(v, name) if isinstance(v, dict) else {name: v})
+    return out
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+    """The raw bits of x as uint32 (same shape; 8-byte types get a trailing axis of 2 words)."""
+    size = jnp.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    if size in (1, 2):
+        return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per leaf: sum_i bits_i * (2i+1) mod 2^32 over row-major index i: position-aware and
+    independent of the sharding (no reshapes, so it runs on any layout)."""
+    def fp(x):
+        b = _bits_u32(x)
+        idx, stride = jnp.zeros(b.shape, jnp.uint32), 1
+        for d in reversed(range(b.ndim)):
+            idx = idx + jax.lax.broadcasted_iota(jnp.uint32, b.shape, d) * jnp.uint32(stride % 2**32)
+            stride *= b.shape[d]
+        return jnp.sum(b * (idx * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+    return {k: fp(v) for k, v in flat.items()}
+
+
+def fingerprints(flat: dict[str, jax.Array]) -> dict[str, int]:
+    return {k: int(v) for k, v in jax.device_get(_fingerprints(flat)).items()}
+
+
+def manifest(flat: dict[str, Any], *, with_fingerprints: bool = True) -> dict[str, dict]:
+    fps = fingerprints(flat) if with_fingerprints else {}
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype), **({"fp": fps[k]} if fps else {})}
+            for k, v in flat.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts: abstract targets and shardings from the params' logical axes.
+
+def abstract_state(state, shardings=None):
+    """`state` as ShapeDtypeStructs; with the leaves' own shardings, or `shardings` (same tree)."""
+    if shardings is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=getattr(x, "sharding", None)), state)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def logical_spec(axes, shape, mesh, rules: dict[str, Any]) -> P:
+    """PartitionSpec for one array from its logical axes; a mesh axis is used once, and only where it
+    divides the dimension."""
+    used, spec = set(), []
+    for name, dim in zip(axes, shape):
+        mesh_axes = rules.get(name) if name is not None else None
+        if isinstance(mesh_axes, str):
+            mesh_axes = (mesh_axes,)
+        keep = []
+        for a in mesh_axes or ():
+            size = int(np.prod([mesh.shape[x] for x in keep + [a]]))
+            if a in mesh.shape and a not in used and mesh.shape[a] > 1 and dim % size == 0:
+                keep.append(a)
+        used.update(keep)
+        spec.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
+    return P(*spec)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def logical_axes(tree) -> dict[str, tuple]:
+    """{path (as in `flatten`): logical axes} for every Variable leaf carrying `logical_axes`
+    metadata (parameters, and the optimizer moments that inherit their parameter's metadata)."""
+    out = {}
+    for path, var in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)[0]:
+        axes = var.get_metadata().get("logical_axes") if _is_var(var) else None
+        if axes is not None:
+            out[path_str(path) + "/value"] = tuple(axes)
+    return out
+
+
+def state_shardings(state, mesh, rules: dict[str, Any]):
+    """NamedShardings (same tree as `state`) on one mesh: leaves with logical axes by `rules`
+    (logical name -> mesh axis / axes / None), everything else replicated."""
+    axes = logical_axes(state)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    out = []
+    for path, leaf in leaves:
+        ax = axes.get(path_str(path))
+        ok = ax is not None and len(ax) == np.ndim(leaf)
+        out.append(NamedSharding(mesh, logical_spec(ax, leaf.shape, mesh, rules) if ok else P()))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def reshard(state, shardings):
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# The manager.
+
+class Checkpointer:
+    """Train-state checkpoints under `directory` (one sub-directory per step).
+
+    keep: the last `keep` checkpoints are kept; keep_every: also every step divisible by it.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int = 3, keep_every: int | None = None,
+                 async_save: bool = True):
+        self.directory = Path(directory).resolve()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
+                                            enable_async_checkpointing=async_save, create=True)
+        self._mgr = ocp.CheckpointManager(
+            self.directory, options=opts,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+    # -- queries
+    def all_steps(self) -> list[int]:
+        self._mgr.reload()
+        return sorted(self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    # -- save
+    def save(self, state, *, config: dict | None = None, force: bool = True) -> bool:
+        """Start an (async) save of `state` at its step; returns when the arrays are safe to donate."""
+        step = int(jax.device_get(state.step))
+        flat = flatten(state)
+        meta = {"format": FORMAT, "step": step, "config": config, "leaves": manifest(flat)}
+        return self._mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_nest(flat)), meta=ocp.args.JsonSave(meta)), force=force)
+
+    def wait(self) -> None:
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    # -- restore
+    def _resolve(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                                  f"available steps: {steps}")
+        return step
+
+    def metadata(self, step: int | None = None) -> dict:
+        step = self._resolve(step)
+        path = self.directory / str(step) / "meta" / "metadata"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has no readable manifest "
+                                  f"({path}): {e}") from e
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has format "
+                                  f"{meta.get('format')!r}, expected {FORMAT}")
+        return meta
+
+    def restore(self, target, step: int | None = None, *, verify: bool = True):
+        """Restore step (default: latest) into the structure, shapes and shardings of `target`
+        (arrays or ShapeDtypeStructs with `.sharding`)."""
+        step = self._resolve(step)
+        meta = self.metadata(step)
+        flat_t = flatten(abstract_state(target))
+        check_compatible(meta["leaves"], flat_t, where=str(self.directory / str(step)))
+        abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                    for k, v in flat_t.items()}
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_nest(abstract))))
+        except Exception as e:  # noqa: BLE001 — any reader failure means the checkpoint is unusable
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be read "
+                                  f"(truncated or corrupted?): {type(e).__name__}: {e}") from e
+        flat = _unnest(dict(out["state"]))
+        missing = sorted(set(abstract) - set(flat))
+        if missing:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} lacks {len(missing)} "
+                                  f"arrays: {missing[:8]}")
+        if verify:
+            fps = fingerprints(flat)
+            bad = [k for k, v in meta["leaves"].items() if "fp" in v and fps[k] != v["fp"]]
+            if bad:
+                raise CheckpointError(f"checkpoint {self.directory / str(step)} is corrupted: "
+                                      f"{len(bad)} arrays differ from their saved fingerprints, "
+                                      f"e.g. {bad[:5]}")
+        return unflatten(flat, target)
+
+
+def check_compatible(saved: dict[str, dict], flat_target: dict[str, Any], *, where: str) -> None:
+    """Raise CheckpointError naming every path that is missing, unexpected, or of another shape/dtype."""
+    problems = []
+    for k in sorted(set(flat_target) - set(saved)):
+        problems.append(f"  {k}: expected by the model, not in the checkpoint")
+    for k in sorted(set(saved) - set(flat_target)):
+        problems.append(f"  {k}: in the checkpoint {tuple(saved[k]['shape'])}, not in the model")
+    for k in sorted(set(saved) & set(flat_target)):
+        s, t = saved[k], flat_target[k]
+        if tuple(s["shape"]) != tuple(t.shape) or s["dtype"] != str(t.dtype):
+            problems.append(f"  {k}: checkpoint {tuple(s['shape'])} {s['dtype']} vs model "
+                            f"{tuple(t.shape)} {t.dtype}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(f"checkpoint {where} does not match the model/optimizer being restored "
+                              f"(different config?); {len(problems)} differences:\n"
+                              + "\n".join(problems[:20]) + more)
+
+
+def restore_or_init(ckpt: Checkpointer, init: Callable[[], Any], step: int | None = None):
+    """The latest (or given) checkpoint restored into `init()`'s layout, or `init()` if there is none."""
+    state = init()
+    if step is None and ckpt.latest_step() is None:
+        return state
+    return ckpt.restore(state, step)

@@ -1,0 +1,213 @@
+"""Checkpoints: retention, bit-exact resume, reshard-on-restore across meshes (params and optimizer
+state), and loud errors (other config, missing step, corrupted/truncated files, interrupted save)."""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import AxisType
+
+from moe_jax import checkpoint as C
+from moe_jax.config import load_config
+from moe_jax.data import make_dataset
+from moe_jax.model import GPT
+from moe_jax.train import init_state, make_train_step
+
+RULES = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "kv_heads": "tensor", "vocab": "tensor",
+         "exp": "expert", "embed_moe": "fsdp", "mlp_moe": "tensor"}
+TINY = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
+        "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.max_seq_len=16",
+        "moe.num_experts=4", "moe.ffn_hidden_size=16", "moe.layer_freq=[1,0]",
+        "moe.router_enable_expert_bias=true", "moe.input_jitter_eps=0.01",
+        "train.batch_size=8", "train.seq_len=16", "train.steps=6", "train.warmup_steps=2",
+        "train.data=synthetic"]
+
+
+def tiny(*extra):
+    return load_config("tiny_moe", TINY + list(extra))
+
+
+def fresh(cfg, seed=0):
+    return init_state(GPT(cfg.model, rngs=nnx.Rngs(seed)), cfg.train)
+
+
+_STEP_FNS = {}
+
+
+def step_fn_for(cfg, graphdef):
+    """One jitted step per config, so tests share compilations."""
+    if cfg not in _STEP_FNS:
+        _STEP_FNS[cfg] = make_train_step(graphdef, cfg.train)
+    return _STEP_FNS[cfg]
+
+
+def on_one_device(state):
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return C.reshard(state, jax.tree.map(lambda _: one, state))
+
+
+def mesh(data, fsdp, tensor, expert):
+    devs = np.asarray(jax.devices()[: data * fsdp * tensor * expert])
+    return jax.sharding.Mesh(devs.reshape(data, fsdp, tensor, expert), ("data", "fsdp", "tensor", "expert"),
+                             axis_types=(AxisType.Auto,) * 4)
+
+
+def run(step_fn, state, data, n):
+    losses = []
+    for _ in range(n):
+        state, m = step_fn(state, data.batch(int(state.data_pos)))
+        losses.append(float(m["loss"]))
+    return state, losses
+
+
+def leaves_equal(a, b):
+    fa, fb = C.flatten(a), C.flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def test_retention_async_and_roundtrip(tmp_path):
+    cfg = tiny()
+    _, state = fresh(cfg)
+    ck = C.Checkpointer(tmp_path, keep=2, keep_every=3)
+    for s in range(2, 6):
+        state = state.replace(step=state.step * 0 + s)
+        ck.save(state)
+    ck.wait()
+    assert ck.all_steps() == [3, 4, 5]  # the last two, plus every multiple of 3
+    leaves_equal(ck.restore(fresh(cfg, seed=1)[1]), state)
+    ck.close()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    cfg = tiny()
+    data = make_dataset(cfg.train, cfg.model.vocab_size)
+    graphdef, state = fresh(cfg)
+    step_fn = step_fn_for(cfg, graphdef)
+    _, full = run(step_fn, on_one_device(state), data, 4)
+
+    graphdef, state = fresh(cfg)
+    state, first = run(step_fn, on_one_device(state), data, 2)
+    ck = C.Checkpointer(tmp_path)
+    ck.save(state, config={"note": "test"})
+    ck.close()
+    del state
+    ck = C.Checkpointer(tmp_path)  # as a new process would
+    assert ck.latest_step() == 2 and ck.metadata()["config"] == {"note": "test"}
+    state = ck.restore(on_one_device(fresh(cfg, seed=123)[1]))  # all must come from disk
+    _, rest = run(step_fn, state, data, 2)
+    assert first + rest == full  # bit-for-bit
+
+
+def test_reshard_on_restore_ep4_ep2_ep1(tmp_path):
+    """Save under (fsdp2, ep4), restore under (data2, tp2, ep2), then one device; losses match an
+    uninterrupted run. Optimizer moments are resharded like their parameters."""
+    cfg = tiny()
+    data = make_dataset(cfg.train, cfg.model.vocab_size)
+    graphdef, init = fresh(cfg)
+    step_fn = step_fn_for(cfg, graphdef)
+    mesh_a, mesh_b = mesh(1, 2, 1, 4), mesh(2, 1, 2, 2)
+    _, full = run(step_fn, C.reshard(init, C.state_shardings(init, mesh_a, RULES)), data, 4)
+
+    state = C.reshard(fresh(cfg)[1], C.state_shardings(init, mesh_a, RULES))
+    state, l1 = run(step_fn, state, data, 2)
+    ck = C.Checkpointer(tmp_path)
+    ck.save(state)
+    ck.wait()
+
+    target = C.abstract_state(init, C.state_shardings(init, mesh_b, RULES))
+    state = ck.restore(target)
+    w1 = state.params["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    assert w1.sharding.spec == mu.sharding.spec == jax.sharding.PartitionSpec("expert", None, None, "tensor")
+    assert w1.sharding.mesh.shape["expert"] == 2
+    state, l2 = run(step_fn, state, data, 1)
+    ck.save(state)
+    ck.wait()
+
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = ck.restore(C.abstract_state(init, jax.tree.map(lambda _: one, init)))
+    assert len(state.params["embed_VD"][...].sharding.device_set) == 1
+    _, l3 = run(step_fn, state, data, 1)
+    ck.close()
+    np.testing.assert_allclose(l1 + l2 + l3, full, rtol=2e-5)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One saved tiny checkpoint (step 0) per module; tests that damage it work on a copy."""
+    path = tmp_path_factory.mktemp("ckpt")
+    cfg = tiny()
+    _, state = fresh(cfg)
+    ck = C.Checkpointer(path, async_save=False)
+    ck.save(state)
+    ck.close()
+    return path, cfg, state
+
+
+def copy(saved, tmp_path):
+    shutil.copytree(saved[0], tmp_path / "c")
+    return C.Checkpointer(tmp_path / "c")
+
+
+def test_config_mismatch_names_the_shapes(saved):
+    path, cfg, _ = saved
+    other = dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, ffn_hidden_size=24))
+    _, target = init_state(GPT(other, rngs=nnx.Rngs(0)), cfg.train)
+    with pytest.raises(C.CheckpointError) as e:
+        C.Checkpointer(path).restore(target)
+    msg = str(e.value)
+    assert "params/blocks/0/mlp/experts/w1_EDnF/value: checkpoint (4, 32, 2, 16) float32 vs model " \
+           "(4, 32, 2, 24) float32" in msg
+    assert "opt_state" in msg and "different config" in msg
+
+
+def test_missing_step_and_empty_dir(saved, tmp_path):
+    path, _, state = saved
+    with pytest.raises(C.CheckpointError, match=r"no checkpoint for step 7 .* available steps: \[0\]"):
+        C.Checkpointer(path).restore(state, step=7)
+    with pytest.raises(C.CheckpointError, match="no checkpoint found"):
+        C.Checkpointer(tmp_path / "empty").restore(state)
+
+
+def _data_files(root: Path):
+    return sorted(p for p in (root / "0" / "state").rglob("*") if p.is_file() and p.stat().st_size > 64
+                  and "manifest" not in p.name and p.parent.name == "d")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupted_checkpoint_fails_loudly(saved, tmp_path, damage):
+    ck = copy(saved, tmp_path)
+    files = _data_files(tmp_path / "c")
+    assert files, "no array data files found"
+    for f in files:
+        raw = bytearray(f.read_bytes())
+        if damage == "truncate":
+            raw = raw[: len(raw) // 2]
+        else:
+            for i in range(len(raw) // 3, len(raw), 97):
+                raw[i] ^= 0x5A
+        f.write_bytes(bytes(raw))
+    with pytest.raises(C.CheckpointError, match="corrupted"):
+        ck.restore(saved[2])
+
+
+def test_missing_manifest_fails_loudly(saved, tmp_path):
+    ck = copy(saved, tmp_path)
+    shutil.rmtree(tmp_path / "c" / "0" / "meta")
+    with pytest.raises(C.CheckpointError, match="manifest"):
+        ck.restore(saved[2])
+
+
+def test_interrupted_save_leaves_previous_restorable(saved, tmp_path):
+    """A save killed before its commit leaves only an `*.orbax-checkpoint-tmp-*` directory."""
+    path = tmp_path / "c"
+    shutil.copytree(saved[0], path)
+    shutil.copytree(path / "0", path / "5.orbax-checkpoint-tmp-1234")
+    ck = C.Checkpointer(path)
+    assert ck.all_steps() == [0]
+    leaves_equal(ck.restore(saved[2]), saved[2])
