@@ -4,6 +4,7 @@ Examples:
   python experiments/train.py                                   # tiny MoE on Python's stdlib sources
   python experiments/train.py --config mixtral_small train.steps=50 --benchmark
   python experiments/train.py moe.router_topk=1 moe.expert_capacity_factor=1.25 train.lr=1e-3
+  python experiments/train.py train.checkpoint=true train.checkpoint_every=50 --resume  # continue a run
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moe_jax.checkpoint import CheckpointError  # noqa: E402
 from moe_jax.config import load_config  # noqa: E402
 from moe_jax.runner import NonFiniteLossError, train  # noqa: E402
 
@@ -24,6 +26,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="tiny_moe", help="preset name under experiments/configs/ or a .yaml path")
     ap.add_argument("--benchmark", action="store_true",
                     help="synthetic data, time each step, save a JSON under experiments/results/")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint in <train.out_dir>/checkpoints (any mesh)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. moe.router_topk=4 train.steps=100")
     args = ap.parse_args(argv)
@@ -36,8 +40,9 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     try:
-        summary = train(cfg, benchmark=args.benchmark, progress=not args.no_progress)
-    except NonFiniteLossError as e:
+        summary = train(cfg, benchmark=args.benchmark, progress=not args.no_progress,
+                        resume=args.resume)
+    except (NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over {summary['steps']} steps; "

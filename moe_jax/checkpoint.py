@@ -140,7 +140,10 @@ def abstract_state(state, shardings=None):
     if shardings is None:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
                                                            sharding=getattr(x, "sharding", None)), state)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    # `shardings` may be a prefix of `state` (e.g. one sharding per nnx Variable)
+    is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    return jax.tree.map(lambda s, sub: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub), shardings, state, is_leaf=is_sh)
 
 
 def logical_spec(axes, shape, mesh, rules: dict[str, Any]) -> P:

@@ -238,6 +238,7 @@ class TrainConfig:
     peak_tflops: float | None = None  # None: look up the device's bf16 dense peak
     checkpoint_every: int = 0  # 0 = only at the end of the run (when checkpointing is on)
     keep_checkpoints: int = 3
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = off)
     checkpoint: bool = False
 
     def __post_init__(self):
@@ -248,6 +249,8 @@ class TrainConfig:
             _fail(c, "warmup_steps", self.warmup_steps, "must be >= 0")
         if self.checkpoint_every < 0:
             _fail(c, "checkpoint_every", self.checkpoint_every, "must be >= 0")
+        if not isinstance(self.keep_every, int) or self.keep_every < 0:
+            _fail(c, "keep_every", self.keep_every, "must be an integer >= 0 (0 = off)")
         if not self.lr > 0:
             _fail(c, "lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -12,6 +12,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from moe_jax import metrics as M
+from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import Config, to_dict
 from moe_jax.data import make_dataset
 from moe_jax.model import GPT
@@ -26,8 +27,14 @@ def _fmt_rate(x: float) -> str:
     return f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
-def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=print) -> dict:
-    """Train `cfg` for `cfg.train.steps` steps; return a summary dict (also saved as summary.json)."""
+def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=print,
+          resume: bool = False) -> dict:
+    """Train `cfg` for `cfg.train.steps` steps; return a summary dict (also saved as summary.json).
+
+    With `train.checkpoint`, the state is saved (async) every `train.checkpoint_every` steps and at the
+    end under `<out_dir>/checkpoints`; `resume` continues from the latest checkpoint there (restored
+    into this run's layout, whatever the layout that saved it).
+    """
     tc, mc = cfg.train, cfg.model
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -37,6 +44,14 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     counts = M.param_counts(model)
     graphdef, state = init_state(model, tc)
     del model
+    ckpt = None
+    if tc.checkpoint or resume:
+        ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
+        if resume and ckpt.latest_step() is None:
+            log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
+        elif resume:
+            state = ckpt.restore(state)
+            log(f"resumed from {ckpt.directory / str(int(state.step))}")
     step_fn = make_train_step(graphdef, tc)
     data = make_dataset(tc, mc.vocab_size)
     tokens_per_step = tc.batch_size * tc.seq_len
@@ -89,7 +104,7 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
             writer.scalars(step + 1, sc)
             t_last, tok_since = now, 0
 
-    start = int(state.step)
+    start, saved_at = int(state.step), int(state.step)
     for step in range(start, tc.steps):
         batch = data.batch(int(state.data_pos))
         t0 = time.perf_counter()
@@ -105,8 +120,15 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
             t_last, tok_since = time.perf_counter(), 0
         prev = (step, m)
         bar.update(1)
+        if ckpt is not None and tc.checkpoint and tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
+            ckpt.save(state, config=to_dict(cfg))  # async: returns once the arrays are on the host
+            saved_at = step + 1
     if prev is not None:
         consume(*prev)
+    if ckpt is not None:
+        if tc.checkpoint and saved_at != int(state.step):
+            ckpt.save(state, config=to_dict(cfg))
+        ckpt.close()
     bar.close()
     writer.close()
 

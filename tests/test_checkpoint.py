@@ -211,3 +211,23 @@ def test_interrupted_save_leaves_previous_restorable(saved, tmp_path):
     ck = C.Checkpointer(path)
     assert ck.all_steps() == [0]
     leaves_equal(ck.restore(saved[2]), saved[2])
+
+
+def test_runner_periodic_saves_and_resume(tmp_path):
+    """experiments/train.py flow: checkpoint every 2 steps (async, while training continues), drop the
+    last checkpoint as if the run died after step 2, `--resume`: same losses as the full run."""
+    from moe_jax.runner import train
+    dense = [o for o in TINY if not o.startswith("moe.")] + ["model.num_layers=1"]
+    cfg = load_config("dense_small", dense + [
+        f"train.out_dir={tmp_path}", "train.checkpoint=true", "train.checkpoint_every=2",
+        "train.steps=4", "train.tensorboard=false", "train.heatmap=false", "train.log_every=4"])
+    train(cfg, progress=False, log=lambda *a: None)
+    full = [h["loss"] for h in __import__("json").loads((tmp_path / "history.json").read_text())]
+    ck = C.Checkpointer(tmp_path / "checkpoints")
+    assert ck.all_steps() == [2, 4] and ck.metadata()["config"]["model"]["d_model"] == 32
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    logs = []
+    train(cfg, progress=False, log=logs.append, resume=True)
+    assert any("resumed from" in line for line in logs)
+    rest = [h["loss"] for h in __import__("json").loads((tmp_path / "history.json").read_text())]
+    assert rest == full[2:]
