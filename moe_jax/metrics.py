@@ -73,7 +73,8 @@ def save_load_heatmap(load_LE: np.ndarray, moe_layers, path: str | Path, title: 
     share = load / np.maximum(load.sum(-1, keepdims=True), 1)
     n_layers, n_exp = share.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * n_exp + 2), max(2.5, 0.4 * n_layers + 1.5)))
-    im = ax.imshow(share * n_exp, aspect="auto", cmap="viridis", vmin=0)
+    rel = share * n_exp  # 1.0 = uniform load; diverging colours centred there
+    im = ax.imshow(rel, aspect="auto", cmap="coolwarm", vmin=0, vmax=max(2.0, float(rel.max())))
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     ax.set_yticks(range(n_layers), [str(i) for i in moe_layers])

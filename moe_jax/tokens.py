@@ -1,0 +1,294 @@
+"""Token files: a memmapped token-file format, a byte-level tokenizer, `prepare` for local text, and
+an embedded default corpus (Python's own stdlib sources, no network). Batches live in `data.py`.
+
+Token file `<name>.bin` + `<name>.json`: the .bin holds raw little-endian tokens (uint16 when
+vocab_size <= 65536, else uint32); the .json header is
+`{"format": "moe_jax.tokens", "version": 1, "dtype": "uint16", "num_tokens": N, "vocab_size": V,
+"tokenizer": "bytes", "sources": [...]}`. Both are written to temporary names and renamed into place.
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+import json
+import os
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+FORMAT = "moe_jax.tokens"
+VERSION = 1
+
+# ---------------------------------------------------------------------------------------------
+# Byte-level tokenizer: token = byte value (0..255); EOS (256) ends every document.
+
+EOS = 256
+BYTE_VOCAB = 257
+EOS_TEXT = "\n<|eos|>\n"
+
+
+def encode(text: str | bytes) -> np.ndarray:
+    """UTF-8 bytes of `text` as uint16 tokens (no EOS appended)."""
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+
+def decode(tokens: Any, eos: str = EOS_TEXT) -> str:
+    """Tokens back to text: bytes decoded as UTF-8 with errors="replace"; EOS rendered as `eos`
+    (pass eos="" to skip it); ids outside the byte vocabulary (a larger model vocab) become U+FFFD."""
+    t = np.asarray(tokens).reshape(-1).astype(np.int64)
+    out, start = [], 0
+    for j in np.flatnonzero((t < 0) | (t > 255)):
+        out.append(t[start:j].astype(np.uint8).tobytes().decode("utf-8", errors="replace"))
+        out.append(eos if t[j] == EOS else "\ufffd")
+        start = j + 1
+    out.append(t[start:].astype(np.uint8).tobytes().decode("utf-8", errors="replace"))
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token file format.
+
+def token_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """`x`, `x.bin` or `x.json` -> (x.bin, x.json)."""
+    p = Path(path)
+    if p.suffix in (".bin", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".bin"), p.with_name(p.name + ".json")
+
+
+def _dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+class TokenWriter:
+    """Streams tokens into `<name>.bin`, then writes `<name>.json`; both land atomically on close.
+
+    with TokenWriter("data.bin", vocab_size=257) as w:
+        w.write(tokens, source="a.txt")
+    """
+
+    def __init__(self, path: str | os.PathLike, vocab_size: int, tokenizer: str = "bytes"):
+        if not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0 or vocab_size > 1 << 32:
+            raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an int in [1, 2**32]")
+        self.bin_path, self.json_path = token_paths(path)
+        self.vocab_size, self.tokenizer = int(vocab_size), tokenizer
+        self.dtype = _dtype_for(self.vocab_size)
+        self.num_tokens, self.sources = 0, []
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.bin_path.parent, prefix=f".{self.bin_path.name}.",
+                                         suffix=".tmp")
+        self._f = os.fdopen(fd, "wb")
+
+    def write(self, tokens: Any, source: str | None = None) -> None:
+        t = np.asarray(tokens).reshape(-1)
+        if t.size:
+            if not np.issubdtype(t.dtype, np.integer):
+                raise ValueError(f"tokens must be integers, got dtype {t.dtype}")
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token {hi if hi >= self.vocab_size else lo} is out of range for "
+                                 f"vocab_size={self.vocab_size} (tokens must be in [0, vocab_size))")
+            self._f.write(t.astype(self.dtype).tobytes())
+            self.num_tokens += t.size
+        if source is not None:
+            self.sources.append(str(source))
+
+    def close(self) -> Path:
+        """Finish: rename the .bin into place, then write the header. Returns the .bin path."""
+        self._f.close()
+        header = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
+                  "num_tokens": self.num_tokens, "vocab_size": self.vocab_size,
+                  "tokenizer": self.tokenizer, "sources": self.sources}
+        fd, tmp_json = tempfile.mkstemp(dir=self.json_path.parent,
+                                        prefix=f".{self.json_path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(header, f, indent=1)
+        # Remove a stale header first: a reader never pairs an old header with a new .bin.
+        self.json_path.unlink(missing_ok=True)
+        os.replace(self._tmp, self.bin_path)
+        os.replace(tmp_json, self.json_path)
+        return self.bin_path
+
+    def abort(self) -> None:
+        self._f.close()
+        Path(self._tmp).unlink(missing_ok=True)
+
+    def __enter__(self) -> "TokenWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_tokens(path: str | os.PathLike, tokens: Any, vocab_size: int, tokenizer: str = "bytes",
+                 sources: Sequence[str] = ()) -> Path:
+    """Write a token file (`<name>.bin` + `<name>.json`); returns the .bin path."""
+    with TokenWriter(path, vocab_size, tokenizer) as w:
+        w.write(tokens)
+        w.sources.extend(str(s) for s in sources)
+    return w.bin_path
+
+
+class TokenFile:
+    """A token file opened read-only: `.tokens` is a 1-D `np.memmap`; `.header` the parsed .json."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.bin_path, self.json_path = token_paths(path)
+        if not self.json_path.exists():
+            raise ValueError(f"token file header {self.json_path} not found (write token files with "
+                             f"moe_jax.data.write_tokens or experiments/prepare_data.py)")
+        try:
+            h = json.loads(self.json_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"token file header {self.json_path} is not valid JSON: {e}") from None
+        if not isinstance(h, dict) or h.get("format") != FORMAT:
+            got = h.get("format") if isinstance(h, dict) else type(h).__name__
+            raise ValueError(f"{self.json_path}: format={got!r}, expected {FORMAT!r}")
+        if h.get("version") != VERSION:
+            raise ValueError(f"{self.json_path}: version={h.get('version')!r}, this code reads "
+                             f"version {VERSION}")
+        for k in ("num_tokens", "vocab_size"):
+            if not isinstance(h.get(k), int) or h[k] < 0:
+                raise ValueError(f"{self.json_path}: {k}={h.get(k)!r} must be a non-negative int")
+        if h.get("dtype") not in ("uint16", "uint32"):
+            raise ValueError(f"{self.json_path}: dtype={h.get('dtype')!r}, expected 'uint16' or "
+                             f"'uint32'")
+        if h["dtype"] == "uint16" and h["vocab_size"] > 1 << 16:
+            raise ValueError(f"{self.json_path}: vocab_size={h['vocab_size']} does not fit uint16")
+        self.header = h
+        dtype = np.dtype("<u2" if h["dtype"] == "uint16" else "<u4")
+        if not self.bin_path.exists():
+            raise ValueError(f"token data {self.bin_path} not found (header {self.json_path} exists)")
+        size, want = self.bin_path.stat().st_size, h["num_tokens"] * dtype.itemsize
+        if size != want:
+            raise ValueError(f"{self.bin_path} is {size} bytes, but the header says "
+                             f"{h['num_tokens']} tokens x {dtype.itemsize} bytes = {want} bytes "
+                             f"(truncated or corrupt)")
+        self.tokens = (np.memmap(self.bin_path, dtype=dtype, mode="r") if want
+                       else np.zeros(0, dtype))
+
+    vocab_size = property(lambda self: self.header["vocab_size"])
+    num_tokens = property(lambda self: self.header["num_tokens"])
+    tokenizer = property(lambda self: self.header.get("tokenizer"))
+    sources = property(lambda self: self.header.get("sources", []))
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def __repr__(self) -> str:
+        return (f"TokenFile({str(self.bin_path)!r}, num_tokens={self.num_tokens}, "
+                f"vocab_size={self.vocab_size}, tokenizer={self.tokenizer!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# prepare: local text files -> token file.
+
+DEFAULT_GLOB = "*.py,*.txt,*.md"
+DEFAULT_SKIP_DIRS = ("__pycache__", "node_modules")  # plus every hidden dir (.git, .venv, ...)
+
+
+def _walk(root: Path, patterns: Sequence[str], skip_dirs: Sequence[str]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
+        found += [Path(dirpath) / f for f in sorted(filenames)
+                  if any(fnmatch.fnmatch(f, p) for p in patterns)]
+    return found
+
+
+def collect_files(inputs: Sequence[str | os.PathLike], glob: str = DEFAULT_GLOB,
+                  skip_dirs: Sequence[str] = DEFAULT_SKIP_DIRS) -> list[Path]:
+    """Expand files, directories (walked in sorted order, files matching `glob`, a comma-separated
+    list of name patterns) and glob patterns, in input order, without duplicates."""
+    patterns = [p.strip() for p in glob.split(",") if p.strip()]
+    out: list[Path] = []
+    for item in inputs:
+        s = str(item)
+        if any(c in s for c in "*?["):
+            matches = [Path(m) for m in sorted(globlib.glob(s, recursive=True))]
+            if not matches:
+                raise ValueError(f"input pattern {s!r} matched nothing")
+        elif Path(s).exists():
+            matches = [Path(s)]
+        else:
+            raise ValueError(f"input {s!r} does not exist")
+        for m in matches:
+            out += _walk(m, patterns, skip_dirs) if m.is_dir() else [m] if m.is_file() else []
+    seen: set[Path] = set()
+    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def prepare(inputs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
+            glob: str = DEFAULT_GLOB, max_bytes: int | None = None,
+            skip_dirs: Sequence[str] = DEFAULT_SKIP_DIRS, progress: bool = True,
+            verbose: bool = True) -> Path:
+    """Tokenize local text files (byte tokenizer, EOS after each file) into a token file.
+
+    `max_bytes` caps the text taken: the corpus is the first `max_bytes` bytes of the files in
+    order (the last file may be cut). Returns the .bin path.
+    """
+    from tqdm.auto import tqdm
+
+    files = collect_files(inputs, glob, skip_dirs)
+    if not files:
+        raise ValueError(f"no input files matched {glob!r} under {[str(i) for i in inputs]}")
+    sizes = [f.stat().st_size for f in files]
+    total = sum(sizes) if max_bytes is None else min(sum(sizes), max_bytes)
+    taken = 0
+    with TokenWriter(out_path, BYTE_VOCAB, "bytes") as w, \
+            tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
+                 disable=not progress) as bar:
+        for f, size in zip(files, sizes):
+            if max_bytes is not None and taken >= max_bytes:
+                break
+            data = f.read_bytes()
+            if max_bytes is not None:
+                data = data[:max_bytes - taken]
+            w.write(np.append(encode(data), np.uint16(EOS)), source=str(f))
+            taken += len(data)
+            bar.update(len(data))
+    if verbose:
+        mb = w.num_tokens * w.dtype.itemsize / 1e6
+        print(f"prepared {w.bin_path}: {len(w.sources)} files, {w.num_tokens:,} tokens, "
+              f"{mb:.1f} MB", file=sys.stderr)
+    return w.bin_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded default corpus: the Python standard library's own sources.
+
+EMBEDDED_MAX_BYTES = 8 * 1024 * 1024
+STDLIB_SKIP_DIRS = ("site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__")
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir`, else $MOE_JAX_CACHE, else ~/.cache/moe_jax."""
+    return Path(cache_dir or os.environ.get("MOE_JAX_CACHE") or Path.home() / ".cache" / "moe_jax")
+
+
+def embedded_corpus(cache_dir: str | os.PathLike | None = None, *,
+                    max_bytes: int = EMBEDDED_MAX_BYTES, progress: bool = False) -> Path:
+    """Path of a token file built (once, then cached) from this Python's stdlib *.py sources."""
+    v = sys.version_info
+    key = f"stdlib_{sys.implementation.name}{v.major}.{v.minor}.{v.micro}_{max_bytes}B"
+    out = resolve_cache_dir(cache_dir) / f"{key}.bin"
+    try:
+        TokenFile(out)
+        return out
+    except ValueError:
+        pass  # missing or incomplete: (re)build; the rename makes concurrent builds safe
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    if not stdlib.is_dir():
+        raise ValueError(f"no Python standard library sources at {stdlib} for the embedded corpus; "
+                         f"use data='synthetic' or a token file from experiments/prepare_data.py")
+    print(f"moe_jax: building the embedded corpus from {stdlib} into {out} (once)", file=sys.stderr)
+    return prepare([stdlib], out, glob="*.py", max_bytes=max_bytes, skip_dirs=STDLIB_SKIP_DIRS,
+                   progress=progress, verbose=True)
