@@ -165,6 +165,8 @@ class ModelConfig:
     init_std: float = 0.02
     remat: bool = False
     attention_impl: str | None = None  # None = jax.nn.dot_product_attention picks; "cudnn" / "xla"
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
+    qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)
     moe: MoEConfig | None = None
 
     def __post_init__(self):

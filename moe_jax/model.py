@@ -38,13 +38,25 @@ class Attention(nnx.Module):
         self.wv_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", None), std, pd)
         self.wo_NHD = param(rngs, (n, h, d), ("heads", None, "embed"), std, pd)
         self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.attention_impl
+        zeros = lambda *shape, axes: nnx.Param(jnp.zeros(shape, pd), logical_axes=axes)  # noqa: E731
+        self.bq_NH = zeros(n, h, axes=("heads", None)) if cfg.attention_bias else None
+        self.bk_KH = zeros(kv, h, axes=("kv_heads", None)) if cfg.attention_bias else None
+        self.bv_KH = zeros(kv, h, axes=("kv_heads", None)) if cfg.attention_bias else None
+        self.q_norm = Norm(cfg, h) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, h) if cfg.qk_norm else None
+
+    def _proj(self, x, w, b, norm):
+        y = jnp.einsum("bsd,dnh->bsnh", x, w[...].astype(self.dtype))
+        if b is not None:
+            y = y + b[...].astype(self.dtype)
+        return y if norm is None else norm(y)
 
     def __call__(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
         dt = self.dtype
         x = x_BSD.astype(dt)
-        q = apply_rope(jnp.einsum("bsd,dnh->bsnh", x, self.wq_DNH[...].astype(dt)), cos_SH, sin_SH)
-        k = apply_rope(jnp.einsum("bsd,dkh->bskh", x, self.wk_DKH[...].astype(dt)), cos_SH, sin_SH)
-        v = jnp.einsum("bsd,dkh->bskh", x, self.wv_DKH[...].astype(dt))
+        q = apply_rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH)
+        k = apply_rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH)
+        v = self._proj(x, self.wv_DKH, self.bv_KH, None)
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
         return jnp.einsum("bsnh,nhd->bsd", o, self.wo_NHD[...].astype(dt))
 

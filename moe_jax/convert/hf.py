@@ -1,0 +1,421 @@
+"""Hugging Face import/export: `load_hf(path) -> (ModelConfig, GPT)` and `save_hf(model, cfg, path)`.
+
+Local directories only (`config.json` + `model.safetensors`, or sharded with
+`model.safetensors.index.json`), read and written with the `safetensors` library; no torch needed.
+Architectures: Llama, Mistral, Qwen2, Qwen3 (dense); Mixtral; Qwen2-MoE (shared expert + sigmoid
+gate); Qwen3-MoE. Anything else — another `model_type`, RoPE scaling, sliding windows that bind,
+biases we do not have, unknown tensors — fails with a ValueError that names the field or tensor.
+
+Layouts: HF `nn.Linear` weights are [out, in]; ours are [in, ...out] with heads split out
+(`wq_DNH`), gate/up stacked as `w1_DnF[:, 0] = gate, [:, 1] = up`. RoPE is rotate-half on both sides,
+so q/k need no permutation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.flax import save_file
+
+from moe_jax.config import MoEConfig, ModelConfig
+from moe_jax.model import GPT
+
+DENSE = ("llama", "mistral", "qwen2", "qwen3")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED = DENSE + MOE
+ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu_new": "geglu"}
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _bad(field: str, value, why: str) -> ValueError:
+    return ValueError(f"Hugging Face config field {field}={value!r} is not supported: {why}")
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+def _rope_theta(hf: dict) -> float:
+    rp = hf.get("rope_parameters")
+    if rp is not None:  # transformers >= 5
+        if rp.get("rope_type", "default") != "default":
+            raise _bad("rope_parameters.rope_type", rp.get("rope_type"), "only 'default' RoPE is implemented")
+        if rp.get("partial_rotary_factor", 1.0) != 1.0:
+            raise _bad("rope_parameters.partial_rotary_factor", rp["partial_rotary_factor"], "must be 1.0")
+        return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rs = hf.get("rope_scaling")
+    if rs is not None and rs.get("rope_type", rs.get("type", "default")) != "default":
+        raise _bad("rope_scaling", rs, "RoPE scaling is not implemented")
+    return float(hf.get("rope_theta", 10000.0))
+
+
+def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
+    """ModelConfig for a Hugging Face config dict (raises ValueError naming any unsupported field)."""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise _bad("model_type", mt, f"supported: {list(SUPPORTED)}")
+    act = hf.get("hidden_act", "silu")
+    if act not in ACTS:
+        raise _bad("hidden_act", act, f"supported: {sorted(ACTS)}")
+    for f in ("mlp_bias",):
+        if hf.get(f):
+            raise _bad(f, hf[f], "MLP biases are not implemented")
+    if mt in ("llama", "mistral", "mixtral", "qwen3", "qwen3_moe") and hf.get("attention_bias"):
+        raise _bad("attention_bias", True, f"{mt} puts a bias on o_proj too, which is not implemented")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _bad("partial_rotary_factor", hf["partial_rotary_factor"], "must be 1.0")
+    n_layers, max_len = hf["num_hidden_layers"], hf.get("max_position_embeddings", 2048)
+    sw = hf.get("sliding_window")
+    uses_sw = hf.get("use_sliding_window", mt in ("mistral", "mixtral"))
+    if uses_sw and sw and sw < max_len:
+        raise _bad("sliding_window", sw, f"sliding-window attention is not implemented (it binds below "
+                   f"max_position_embeddings={max_len})")
+    lt = hf.get("layer_types")
+    if lt and any(t != "full_attention" for t in lt) and uses_sw:
+        raise _bad("layer_types", sorted(set(lt)), "only 'full_attention' layers are implemented")
+
+    moe = None
+    if mt in MOE:
+        n_exp = hf.get("num_local_experts", hf.get("num_experts"))
+        if mt == "mixtral":
+            pattern, ffn, pre_softmax, shared = 1, hf["intermediate_size"], False, None
+        else:
+            step, only = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
+            pattern = tuple(int(i not in only and n_exp > 0 and (i + 1) % step == 0)
+                            for i in range(n_layers))
+            pattern = 1 if all(pattern) else pattern
+            ffn, pre_softmax = hf["moe_intermediate_size"], not hf.get("norm_topk_prob", False)
+            shared = hf.get("shared_expert_intermediate_size") if mt == "qwen2_moe" else None
+        k = hf["num_experts_per_tok"]
+        jitter = hf.get("router_jitter_noise") or None
+        moe = MoEConfig(num_experts=n_exp, router_topk=k, ffn_hidden_size=ffn,
+                        router_score_function="softmax", router_pre_softmax=pre_softmax and k > 1,
+                        router_load_balancing_type="aux_loss",
+                        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
+                        input_jitter_eps=jitter, shared_expert_intermediate_size=shared or None,
+                        shared_expert_gate=bool(shared), layer_freq=pattern, activation=ACTS[act])
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], num_layers=n_layers, num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or None, ffn_hidden_size=hf["intermediate_size"],
+        max_seq_len=max_len, norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(hf), activation=ACTS[act],
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype, param_dtype=dtype,
+        attention_bias=(mt == "qwen2") or (mt == "qwen2_moe" and hf.get("qkv_bias", True)),
+        qk_norm=mt in ("qwen3", "qwen3_moe"), moe=moe)
+
+
+def _unsupported(field: str, value, why: str) -> ValueError:
+    return ValueError(f"cannot export to Hugging Face: {field}={value!r} {why}")
+
+
+def pick_arch(cfg: ModelConfig) -> str:
+    """The Hugging Face model_type that represents `cfg` exactly."""
+    if cfg.norm != "rmsnorm":
+        raise _unsupported("ModelConfig.norm", cfg.norm, "(HF Llama-family models use RMSNorm)")
+    if cfg.activation not in ("swiglu", "geglu"):
+        raise _unsupported("ModelConfig.activation", cfg.activation, "(must be swiglu or geglu)")
+    m = cfg.moe
+    if m is None:
+        if cfg.attention_bias and cfg.qk_norm:
+            raise _unsupported("ModelConfig.attention_bias", True, "together with qk_norm has no HF model")
+        return "qwen2" if cfg.attention_bias else "qwen3" if cfg.qk_norm else "llama"
+    checks = {"router_score_function": (m.router_score_function, "softmax"),
+              "router_num_groups": (m.router_num_groups, None),
+              "router_enable_expert_bias": (m.router_enable_expert_bias, False),
+              "router_topk_scaling_factor": (m.router_topk_scaling_factor, None),
+              "expert_capacity_factor": (m.expert_capacity_factor, None),
+              "apply_probs_on_input": (m.apply_probs_on_input, False),
+              "activation": (m.activation, cfg.activation)}
+    for f, (v, want) in checks.items():
+        if v != want:
+            raise _unsupported(f"MoEConfig.{f}", v, f"has no Hugging Face equivalent (needs {want!r})")
+    if m.shared_expert_intermediate_size:
+        if not m.shared_expert_gate:
+            raise _unsupported("MoEConfig.shared_expert_gate", False, "(Qwen2-MoE gates its shared expert)")
+        if cfg.qk_norm:
+            raise _unsupported("ModelConfig.qk_norm", True, "with a shared expert has no HF model")
+        return "qwen2_moe"
+    if cfg.qk_norm:
+        return "qwen3_moe"
+    if cfg.attention_bias:
+        raise _unsupported("ModelConfig.attention_bias", True, "without a shared expert has no HF MoE model")
+    if all(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) and not m.router_pre_softmax \
+            and m.ffn_hidden_size == cfg.ffn_hidden_size:
+        return "mixtral"
+    raise _unsupported("MoEConfig", "(layer pattern / router_pre_softmax / ffn sizes)",
+                       "fits Mixtral only with every layer MoE, post-softmax routing and "
+                       "moe.ffn_hidden_size == ffn_hidden_size; add qk_norm to export as Qwen3-MoE")
+
+
+def config_to_hf(cfg: ModelConfig, arch: str | None = None) -> dict:
+    arch = arch or pick_arch(cfg)
+    act = {"swiglu": "silu", "geglu": "gelu_pytorch_tanh"}[cfg.activation]
+    names = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+             "qwen3_moe": "Qwen3MoeForCausalLM", "mistral": "MistralForCausalLM"}
+    hf: dict[str, Any] = {
+        "architectures": [names[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim_, "hidden_act": act,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "sliding_window": None,
+        "use_sliding_window": False, "torch_dtype": "float32", "dtype": "float32",
+    }
+    if arch in ("qwen2", "qwen2_moe"):
+        hf["qkv_bias"] = cfg.attention_bias
+    m = cfg.moe
+    if m is not None:
+        hf.update(num_experts_per_tok=m.router_topk, router_aux_loss_coef=m.aux_loss_coeff,
+                  output_router_logits=False)
+        if arch == "mixtral":
+            hf.update(num_local_experts=m.num_experts, router_jitter_noise=m.input_jitter_eps or 0.0)
+        else:
+            hf.update(num_experts=m.num_experts, num_local_experts=m.num_experts,
+                      moe_intermediate_size=m.ffn_hidden_size, norm_topk_prob=not m.router_pre_softmax,
+                      decoder_sparse_step=1,
+                      mlp_only_layers=[i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)])
+            if arch == "qwen2_moe":
+                hf["shared_expert_intermediate_size"] = m.shared_expert_intermediate_size
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors: HF name -> (our path, to_ours, to_hf)
+
+def _lin(shape_ours):
+    """HF Linear [out, in] <-> ours [in, *out_split] (e.g. q_proj [N*H, D] <-> wq_DNH [D, N, H])."""
+    return (lambda w: w.T.reshape(shape_ours), lambda w: w.reshape(w.shape[0], -1).T)
+
+
+def _lin_in_split(shape_ours):
+    """HF Linear [out, in] <-> ours [*in_split, out] (o_proj [D, N*H] <-> wo_NHD [N, H, D])."""
+    return (lambda w: w.T.reshape(shape_ours), lambda w: w.reshape(-1, w.shape[-1]).T)
+
+
+def _same(shape):
+    return (lambda w: w.reshape(shape), lambda w: w)
+
+
+def _flat(shape):
+    """HF bias [N*H] <-> ours [N, H]."""
+    return (lambda w: w.reshape(shape), lambda w: w.reshape(-1))
+
+
+def _mlp_names(hf_prefix: str, arch: str, expert: int | None = None) -> dict:
+    """Our (gate, up, down) slots -> HF names for one MLP."""
+    if arch == "mixtral" and expert is not None:
+        g, u, d = "w1", "w3", "w2"
+    else:
+        g, u, d = "gate_proj", "up_proj", "down_proj"
+    return {"gate": f"{hf_prefix}.{g}.weight", "up": f"{hf_prefix}.{u}.weight", "down": f"{hf_prefix}.{d}.weight"}
+
+
+def tensor_map(cfg: ModelConfig, arch: str) -> list[tuple[str, tuple, Any]]:
+    """[(hf_name, our path tuple, (to_ours, to_hf) or a special tag)] for every tensor."""
+    d, n, kv, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
+    out = [("model.embed_tokens.weight", ("embed_VD",), _same((cfg.vocab_size, d))),
+           ("model.norm.weight", ("final_norm", "scale"), _same((d,)))]
+    if not cfg.tie_embeddings:
+        out.append(("lm_head.weight", ("head_DV",), (lambda w: w.T, lambda w: w.T)))
+    for i in range(cfg.num_layers):
+        p, b = f"model.layers.{i}", ("blocks", i)
+        a = f"{p}.self_attn"
+        out += [(f"{p}.input_layernorm.weight", b + ("attn_norm", "scale"), _same((d,))),
+                (f"{p}.post_attention_layernorm.weight", b + ("mlp_norm", "scale"), _same((d,))),
+                (f"{a}.q_proj.weight", b + ("attn", "wq_DNH"), _lin((d, n, h))),
+                (f"{a}.k_proj.weight", b + ("attn", "wk_DKH"), _lin((d, kv, h))),
+                (f"{a}.v_proj.weight", b + ("attn", "wv_DKH"), _lin((d, kv, h))),
+                (f"{a}.o_proj.weight", b + ("attn", "wo_NHD"), _lin_in_split((n, h, d)))]
+        if cfg.attention_bias:
+            out += [(f"{a}.q_proj.bias", b + ("attn", "bq_NH"), _flat((n, h))),
+                    (f"{a}.k_proj.bias", b + ("attn", "bk_KH"), _flat((kv, h))),
+                    (f"{a}.v_proj.bias", b + ("attn", "bv_KH"), _flat((kv, h)))]
+        if cfg.qk_norm:
+            out += [(f"{a}.q_norm.weight", b + ("attn", "q_norm", "scale"), _same((h,))),
+                    (f"{a}.k_norm.weight", b + ("attn", "k_norm", "scale"), _same((h,)))]
+        if not cfg.is_moe_layer(i):
+            out.append((_mlp_names(f"{p}.mlp", arch), b + ("mlp",), "mlp"))
+            continue
+        m = cfg.moe
+        moe_p = f"{p}.block_sparse_moe" if arch == "mixtral" else f"{p}.mlp"
+        out.append((f"{moe_p}.gate.weight", b + ("mlp", "router", "w_DE"), (lambda w: w.T, lambda w: w.T)))
+        out.append(([_mlp_names(f"{moe_p}.experts.{e}", arch, e) for e in range(m.num_experts)],
+                     b + ("mlp", "experts"), "experts"))
+        if m.shared_expert_intermediate_size:
+            out.append((_mlp_names(f"{moe_p}.shared_expert", arch), b + ("mlp", "shared", "mlp"), "mlp"))
+            out.append((f"{moe_p}.shared_expert_gate.weight", b + ("mlp", "shared", "gate_D"),
+                        (lambda w: w.reshape(-1), lambda w: w.reshape(1, -1))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# reading / writing safetensors
+
+class _Reader:
+    """Tensors of a (possibly sharded) safetensors checkpoint, tracking which were used."""
+
+    def __init__(self, path: Path):
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            wm = json.loads(index.read_text())["weight_map"]
+            self.where = {k: path / f for k, f in wm.items()}
+        else:
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors (or model.safetensors.index.json) in {path}")
+            self.where = {}
+            for f in files:
+                with safe_open(f, "flax") as fh:
+                    self.where.update({k: f for k in fh.keys()})
+        self.used: set[str] = set()
+        self._open: dict[Path, Any] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.where:
+            raise ValueError(f"tensor {name!r} is missing from the checkpoint")
+        f = self.where[name]
+        if f not in self._open:
+            self._open[f] = safe_open(f, "flax")
+        self.used.add(name)
+        return self._open[f].get_tensor(name)
+
+    def unused(self) -> list[str]:
+        return sorted(k for k in self.where if k not in self.used and not k.endswith(IGNORED_SUFFIXES))
+
+
+def _gate_up_down(r: _Reader, names: dict) -> tuple:
+    return r.get(names["gate"]), r.get(names["up"]), r.get(names["down"])
+
+
+def _read_experts(r: _Reader, names: list[dict], prefix: str):
+    fused = prefix.rsplit(".experts.", 1)[0] + ".experts"
+    if r.has(f"{fused}.gate_up_proj"):  # transformers >= 5 in-memory layout: [E, 2F, D], [E, D, F]
+        gu, down = r.get(f"{fused}.gate_up_proj"), r.get(f"{fused}.down_proj")
+        f = gu.shape[1] // 2
+        w1 = jnp.stack([gu[:, :f].transpose(0, 2, 1), gu[:, f:].transpose(0, 2, 1)], axis=2)
+        return w1, down.transpose(0, 2, 1)
+    gates, ups, downs = zip(*(_gate_up_down(r, n) for n in names))
+    w1 = jnp.stack([jnp.stack(gates).transpose(0, 2, 1), jnp.stack(ups).transpose(0, 2, 1)], axis=2)
+    return w1, jnp.stack(downs).transpose(0, 2, 1)
+
+
+def _set(tree: dict, path: tuple, value, dtype) -> None:
+    d = tree
+    for k in path[:-1]:
+        d = d[k]
+    old = d[path[-1]]
+    if tuple(old.shape) != tuple(value.shape):
+        raise ValueError(f"tensor for {'/'.join(map(str, path))} has shape {tuple(value.shape)}, "
+                         f"the config implies {tuple(old.shape)}")
+    d[path[-1]] = jnp.asarray(value, dtype)
+
+
+def _paths(tree: dict, prefix: tuple = ()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _paths(v, prefix + (k,))
+        else:
+            yield prefix + (k,)
+
+
+def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, GPT]:
+    """Load a local Hugging Face checkpoint directory into our GPT (weights cast to `dtype`)."""
+    path = Path(path)
+    hf = json.loads((path / "config.json").read_text())
+    cfg = config_from_hf(hf, dtype=dtype)
+    arch = hf["model_type"]
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    pure = state.to_pure_dict()
+    r = _Reader(path)
+    filled = set()
+    for name, ours, conv in tensor_map(cfg, arch):
+        if conv == "mlp":
+            g, u, dn = _gate_up_down(r, name)
+            _set(pure, ours + ("w1_DnF",), jnp.stack([g.T, u.T], axis=1), dtype)
+            _set(pure, ours + ("w2_FD",), dn.T, dtype)
+            filled.update({ours + ("w1_DnF",), ours + ("w2_FD",)})
+        elif conv == "experts":
+            w1, w2 = _read_experts(r, name, name[0]["gate"])
+            _set(pure, ours + ("w1_EDnF",), w1, dtype)
+            _set(pure, ours + ("w2_EFD",), w2, dtype)
+            filled.update({ours + ("w1_EDnF",), ours + ("w2_EFD",)})
+        else:
+            _set(pure, ours, conv[0](r.get(name)), dtype)
+            filled.add(ours)
+    if r.unused():
+        raise ValueError(f"{path}: {len(r.unused())} tensors have no place in a {arch} model as configured "
+                         f"(an unsupported feature?): {r.unused()[:10]}")
+    flat_paths = set(_paths(pure))
+    missing = sorted("/".join(map(str, p)) for p in flat_paths if p not in filled)
+    if missing:
+        raise ValueError(f"{path}: no tensors for {missing[:10]}")
+    state.replace_by_pure_dict(pure)
+    return cfg, nnx.merge(graphdef, state)
+
+
+def save_hf(model: GPT, cfg: ModelConfig, path: str | Path, *, arch: str | None = None,
+            max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` as a Hugging Face checkpoint (config.json + safetensors, sharded past
+    `max_shard_bytes`, per-expert tensor names that transformers 4 and 5 both load)."""
+    arch = arch or pick_arch(cfg)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pure = nnx.state(model).to_pure_dict()
+
+    def get(p):
+        d = pure
+        for k in p:
+            d = d[k]
+        return np.asarray(jax.device_get(d), np.float32)
+
+    tensors: dict[str, np.ndarray] = {}
+    for name, ours, conv in tensor_map(cfg, arch):
+        if conv == "mlp":
+            w1, w2 = get(ours + ("w1_DnF",)), get(ours + ("w2_FD",))
+            tensors.update({name["gate"]: w1[:, 0].T, name["up"]: w1[:, 1].T, name["down"]: w2.T})
+        elif conv == "experts":
+            w1, w2 = get(ours + ("w1_EDnF",)), get(ours + ("w2_EFD",))
+            for e, nm in enumerate(name):
+                tensors.update({nm["gate"]: w1[e, :, 0].T, nm["up"]: w1[e, :, 1].T, nm["down"]: w2[e].T})
+        else:
+            tensors[name] = conv[1](get(ours))
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    shards, cur, size = [], {}, 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].nbytes
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = tensors[k], size + nbytes
+    shards.append(cur)
+    for old in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        save_file({k: jnp.asarray(v) for k, v in shards[0].items()}, path / "model.safetensors",
+                  metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, sh in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file({k: jnp.asarray(v) for k, v in sh.items()}, path / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in sh})
+        total = int(sum(v.nbytes for v in tensors.values()))
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, arch), indent=2))
+    return path
+
