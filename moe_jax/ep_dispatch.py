@@ -7,8 +7,10 @@ experts, runs the grouped-GEMM experts, sends results back and combines with `di
 
 Dispatchers (`MoEConfig.token_dispatcher_type`):
 - `alltoall`: fixed [EP, C, D] buffers per (source, destination) and `jax.lax.all_to_all`. Dropless:
-  C = T·min(k, E/EP) (the worst case; `dropped` stays 0). With `expert_capacity_factor`:
-  C = ceil(T·k/EP·factor) and overflow rows are dropped (by position) and counted.
+  C = 2·T·k/EP (`buffer_factor`) while every (source, destination) count fits it — checked with one
+  pmax across devices — else (lax.cond) the worst case C = T·min(k, E/EP); `dropped` stays 0.
+  With `expert_capacity_factor`: C = ceil(T·k/EP·factor), overflow rows dropped (by position) and
+  counted.
 - `alltoall_ragged`: dropless, counts exchanged then `jax.lax.ragged_all_to_all` there and back
   (GPU only; `ragged_impl="emulate"` runs the same plan through all_gather, for CPU tests).
 - `allgather`: all-gather the tokens over `expert`, compute the local experts, reduce-scatter back.
@@ -30,6 +32,7 @@ from moe_jax.routing import Routing, expert_counts
 
 TOKENS = ("edata", "expert")
 MESH_AXES = ("edata", "expert", "etensor")
+DROPLESS_BUFFER_FACTOR = 2.0  # fast dropless all-to-all buffer: 2x the balanced (source, dest) share
 DISPATCHERS = ("alltoall", "alltoall_ragged", "allgather")
 
 
@@ -208,14 +211,35 @@ def _allgather(x_TD, routing, w1, w2, *, m: MoEConfig):
 
 
 # ------------------------------------------------------------------ entry point
-def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl):
+def _alltoall_dropless(x_TD, routing, w1, w2, *, m: MoEConfig, buffer_factor: float | None):
+    """Dropless fixed-size all-to-all: a buffer of `buffer_factor` x the balanced share when every
+    (source, destination) count fits it (checked across all devices), else the worst-case buffer."""
+    n = jax.lax.axis_size("expert")
+    t, k = routing.experts.shape
+    worst = fixed_capacity(t, m, n)
+    fast = worst if buffer_factor is None else min(worst, _round_up(t * k / n * buffer_factor, 8))
+    if fast >= worst:
+        return _alltoall(x_TD, routing, w1, w2, m=m, cap=worst)
+    need = routing.tokens_per_expert.reshape(n, -1).sum(1).max()
+    overflow = jax.lax.pmax(need, MESH_AXES) > fast
+    return jax.lax.cond(overflow, functools.partial(_alltoall, m=m, cap=worst),
+                        functools.partial(_alltoall, m=m, cap=fast), x_TD, routing, w1, w2)
+
+
+def _round_up(x: float, mult: int) -> int:
+    return int(-(-int(-(-x // 1)) // mult) * mult)
+
+
+def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor):
     t = x_TD.shape[0]
     tc = t // chunks
     outs, dropped = [], jnp.zeros((), jnp.int32)
     for c in range(chunks):  # independent chains: XLA overlaps chunk c+1's exchange with chunk c
         sl = slice(c * tc, (c + 1) * tc)
         routing = _local_routing(w_Tk[sl], e_Tk[sl], kept_Tk[sl], m.num_experts)
-        if dispatcher == "alltoall":
+        if dispatcher == "alltoall" and m.expert_capacity_factor is None:
+            y, dr = _alltoall_dropless(x_TD[sl], routing, w1, w2, m=m, buffer_factor=buffer_factor)
+        elif dispatcher == "alltoall":
             cap = fixed_capacity(tc, m, jax.lax.axis_size("expert"))
             y, dr = _alltoall(x_TD[sl], routing, w1, w2, m=m, cap=cap)
         elif dispatcher == "alltoall_ragged":
@@ -229,8 +253,12 @@ def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_im
 
 
 def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
-            dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto"):
-    """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch)."""
+            dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto",
+            buffer_factor: float | None = DROPLESS_BUFFER_FACTOR):
+    """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch).
+
+    `buffer_factor` (dropless `alltoall`): size of the fast buffer relative to a balanced share;
+    None always uses the worst-case buffer."""
     dispatcher = dispatcher or m.token_dispatcher_type
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"MoEConfig.token_dispatcher_type={dispatcher!r} is invalid: must be one of "
@@ -247,7 +275,8 @@ def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
         raise ValueError(f"MoE layer: {x_TD.shape[0]} tokens are not divisible by "
                          f"edata*expert*overlap_chunks = {shards}")
     tok = P(TOKENS)
-    body = functools.partial(_body, m=m, dispatcher=dispatcher, chunks=chunks, ragged_impl=ragged_impl)
+    body = functools.partial(_body, m=m, dispatcher=dispatcher, chunks=chunks, ragged_impl=ragged_impl,
+                             buffer_factor=buffer_factor)
     fn = jax.shard_map(body, mesh=layout.moe_mesh,
                        in_specs=(tok, tok, tok, tok, P("expert", None, None, "etensor"),
                                  P("expert", "etensor", None)),

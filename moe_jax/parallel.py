@@ -240,3 +240,23 @@ def constrain(x: jax.Array, names: Sequence[str | None], layout: Layout | None =
     if layout is None:
         return x
     return jax.lax.with_sharding_constraint(x, sharding(names, layout, x.shape))
+
+
+def layout_for(cfg) -> Layout | None:
+    """The layout a run uses: None on one device (plain jit). On CPU (fake test devices) only when
+    `parallel.*` is set explicitly; on GPUs always (data=-1 fills the devices of all hosts)."""
+    n = jax.device_count()
+    explicit = cfg.parallel != ParallelConfig()
+    if n == 1 or (not explicit and jax.devices()[0].platform == "cpu"):
+        return None
+    tc = cfg.train
+    return make_layout(cfg.parallel, cfg.model, batch_size=tc.batch_size // tc.grad_accum,
+                       seq_len=tc.seq_len)
+
+
+def put_batch(batch: dict, layout: Layout) -> dict:
+    """Place a host batch (the same global batch on every host) in its shards; one code path for 1 and
+    N hosts: each process only materialises the slices its devices hold."""
+    s = batch_sharding(layout)
+    return {k: jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}

@@ -12,11 +12,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from moe_jax import metrics as M
+from moe_jax import parallel
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.config import Config, to_dict
 from moe_jax.data import make_dataset
 from moe_jax.model import GPT
-from moe_jax.train import init_state, make_train_step
+from moe_jax.train import init_sharded_state, init_state, make_train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,10 +41,17 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    model = GPT(mc, rngs=nnx.Rngs(tc.seed))
-    counts = M.param_counts(model)
-    graphdef, state = init_state(model, tc)
-    del model
+    layout = parallel.layout_for(cfg)  # None on one device; else the mesh over all hosts' devices
+    if layout is None:
+        model = GPT(mc, rngs=nnx.Rngs(tc.seed))
+        counts = M.param_counts(model)
+        graphdef, state = init_state(model, tc)
+        shardings = None
+        del model
+    else:
+        counts = M.param_counts(nnx.eval_shape(lambda: GPT(mc, rngs=nnx.Rngs(tc.seed))))
+        graphdef, state, shardings = init_sharded_state(mc, tc, layout)
+        log(f"mesh: {layout.describe()}")
     ckpt = None
     if tc.checkpoint or resume:
         ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)
@@ -52,12 +60,12 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         elif resume:
             state = ckpt.restore(state)
             log(f"resumed from {ckpt.directory / str(int(state.step))}")
-    step_fn = make_train_step(graphdef, tc)
+    step_fn = make_train_step(graphdef, tc, layout=layout, shardings=shardings)
     data = make_dataset(tc, mc.vocab_size)
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_tok = M.flops_per_token(mc, counts["active"], tc.seq_len)
     peak = tc.peak_tflops or M.peak_tflops()
-    n_dev = 1  # one device until the parallel layer lands
+    n_dev = 1 if layout is None else layout.num_devices
     log(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active "
         f"({len(mc.moe_layers)} MoE layers) | {jax.devices()[0].device_kind} | "
         f"{tokens_per_step} tokens/step | {flops_tok / 1e9:.3f} GFLOP/token")
@@ -107,6 +115,8 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     start, saved_at = int(state.step), int(state.step)
     for step in range(start, tc.steps):
         batch = data.batch(int(state.data_pos))
+        if layout is not None:
+            batch = parallel.put_batch(batch, layout)
         t0 = time.perf_counter()
         state, m = step_fn(state, batch)
         if prev is not None:
@@ -138,8 +148,8 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
                "jax": jax.__version__}
     if benchmark and len(step_times) > 3:
         med = float(np.median(step_times[min(5, len(step_times) // 2):]))
-        tflops = tokens_per_step * flops_tok / med / 1e12
-        summary.update(step_time_s=med, tokens_per_s=tokens_per_step / med, tflops_per_device=tflops,
+        tflops = tokens_per_step * flops_tok / med / 1e12 / n_dev
+        summary.update(num_devices=n_dev, step_time_s=med, tokens_per_s=tokens_per_step / med, tflops_per_device=tflops,
                        mfu=tflops / peak if peak else None, peak_memory_gib=M.peak_memory_gib())
     if load_LE is not None and tc.heatmap and not benchmark:
         png = M.save_load_heatmap(load_LE, mc.moe_layers, out / "expert_load.png")

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax.config import TrainConfig
+from moe_jax import parallel
+from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.model import GPT
 
 
@@ -64,6 +65,17 @@ def init_state(model: GPT, tc: TrainConfig, optimizer: optax.GradientTransformat
     return graphdef, state
 
 
+def init_sharded_state(cfg: ModelConfig, tc: TrainConfig, layout: parallel.Layout,
+                       optimizer: optax.GradientTransformation | None = None):
+    """(graphdef, TrainState, state shardings): the state created directly in its shards (params and
+    optimizer moments by the logical-axis rules, the rest replicated) — never whole on one device."""
+    optimizer = optimizer or make_optimizer(tc)
+    create = lambda: init_state(GPT(cfg, rngs=nnx.Rngs(tc.seed)), tc, optimizer)[1]  # noqa: E731
+    graphdef = split_model(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(tc.seed))))[0]
+    shardings = parallel.tree_shardings(jax.eval_shape(create), layout)
+    return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
+
+
 def _update_expert_biases(model: GPT, routed_counts_LE: jax.Array) -> None:
     """One aux-loss-free bias step per MoE layer from the step's routed counts."""
     for j, block in enumerate(b for b in model.blocks if b.is_moe):
@@ -71,8 +83,12 @@ def _update_expert_biases(model: GPT, routed_counts_LE: jax.Array) -> None:
 
 
 def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
-                    *, jit: bool = True):
-    """Return `step(state, batch) -> (state, metrics)`; `batch` = {"inputs", "targets"} int32 [B,S]."""
+                    *, jit: bool = True, layout: parallel.Layout | None = None, shardings=None):
+    """Return `step(state, batch) -> (state, metrics)`; `batch` = {"inputs", "targets"} int32 [B,S].
+
+    With a `layout` (and the state `shardings` of `init_sharded_state`) the step is traced under it
+    (MoE layers dispatch across the `expert` axis) and jitted with explicit in/out shardings.
+    """
     optimizer = optimizer or make_optimizer(tc)
     schedule = lr_schedule(tc)
     accum = tc.grad_accum
@@ -90,6 +106,9 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
         rng, step_rng = jax.random.split(state.rng)
         split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
         micro = jax.tree.map(split, batch)
+        if layout is not None:  # keep each micro-batch split over (data, fsdp)
+            micro = jax.tree.map(lambda x: parallel.constrain(x, (None, "act_batch", None), layout),
+                                 micro)
 
         def micro_step(carry, xs):
             grads_acc, i = carry
@@ -119,4 +138,14 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
                             opt_state=opt_state, model_state=model_state, rng=rng)
         return new, metrics
 
+    if layout is not None:
+        traced = step
+
+        def step(state, batch):  # noqa: F811 — the same step, traced under the layout
+            with parallel.use_layout(layout):
+                return traced(state, batch)
+        if jit:
+            return jax.jit(step, donate_argnums=0,
+                           in_shardings=(shardings, parallel.batch_sharding(layout)),
+                           out_shardings=(shardings, parallel.replicated(layout)))
     return jax.jit(step, donate_argnums=0) if jit else step

@@ -117,3 +117,14 @@ def test_ragged_on_cpu_fails_clearly():
     cfg = _cfg(token_dispatcher_type="alltoall_ragged")
     with pytest.raises(ValueError, match="ragged_all_to_all"):
         parallel.make_layout(ParallelConfig(expert=2), cfg)
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.5])
+def test_alltoall_dropless_fast_buffer_and_fallback(factor):
+    """2.0: every (source, dest) count fits the fast buffer; 0.5: it overflows and the worst-case
+    branch runs. Both are exact and drop nothing."""
+    m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=8)
+    t = 256 // 8  # tokens per shard below (EP=4, edata=2)
+    assert ep_dispatch._round_up(t * 2 / 4 * factor, 8) < ep_dispatch.fixed_capacity(t, m, 4)
+    aux = _check(_cfg(), 4, tokens=(8, 32), dispatcher="alltoall", buffer_factor=factor)
+    assert int(aux["dropped"]) == 0

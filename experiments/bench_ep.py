@@ -1,0 +1,250 @@
+"""Expert-parallel benchmark (BENCHMARKS.md §4): the `mixtral_small` MoE layer, forward + backward, at
+the same per-GPU work on 1, 2, 4 GPUs (EP = number of GPUs), per dispatcher and overlap chunking;
+plus the all-to-all alone (time, bytes) and a correctness check of every dispatcher against the
+single-device layer.
+
+  PYTHONPATH=. python3 experiments/bench_ep.py --check --gpus 1,2,4 --out results.json
+
+tokens/s per GPU = per-GPU tokens / step time; weak scaling(n) = tokens/s/GPU(n) / tokens/s/GPU(1).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from moe_jax import ep_dispatch, parallel  # noqa: E402
+from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig, load_config  # noqa: E402
+from moe_jax.moe import MoELayer  # noqa: E402
+
+
+def _time(fn, *args, iters=10, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, **ep_kw):
+    """A jitted fwd+bwd of one MoE layer over n devices, its params and input."""
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
+    gd, params = nnx.split(layer)
+    b = n * tokens_per_gpu // seq
+    x = jax.random.normal(jax.random.key(1), (b, seq, cfg.d_model), jnp.dtype(cfg.dtype))
+    ct = jax.random.normal(jax.random.key(2), x.shape, x.dtype)  # random cotangent
+
+    def loss(params, x):
+        y, aux = nnx.merge(gd, params)(x)
+        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), aux["dropped"]
+
+    def step(params, x):
+        if layout is None:
+            return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        orig = ep_dispatch.moe_ffn
+        ep_dispatch.moe_ffn = functools.partial(orig, **ep_kw)
+        try:
+            with parallel.use_layout(layout):
+                return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        finally:
+            ep_dispatch.moe_ffn = orig
+
+    if layout is None:
+        dev = jax.devices()[0]
+        params, x = jax.device_put((params, x), dev)
+        return jax.jit(step), params, x
+    ps = parallel.tree_shardings(params, layout)
+    xs = NamedSharding(layout.mesh, P(("data", "fsdp")))
+    params, x = jax.device_put(params, ps), jax.device_put(x, xs)
+    return jax.jit(step, in_shardings=(ps, xs)), params, x
+
+
+def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
+    devices = jax.devices()[:n]
+    layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
+                                                      devices=devices)
+    step, params, x = _layer_step(cfg, layout, n, tokens_per_gpu, seq, **ep_kw)
+    t0 = time.perf_counter()
+    (_, dropped), _ = jax.block_until_ready(step(params, x))
+    compile_s = time.perf_counter() - t0
+    t = _time(step, params, x, iters=iters)
+    m = cfg.moe
+    flops = 6 * 3 * cfg.d_model * m.ffn_hidden_size * m.router_topk * tokens_per_gpu  # fc1(x2)+fc2, fwd+bwd
+    return {"gpus": n, "step_ms": 1e3 * t, "tokens_per_s_per_gpu": tokens_per_gpu / t,
+            "expert_tflops_per_gpu": flops / t / 1e12, "dropped": int(dropped),
+            "compile_s": compile_s, **{k: v for k, v in ep_kw.items()}}
+
+
+def bench_all_to_all(n, rows, d, dtype, iters):
+    """One `all_to_all` of [n, rows/n, d] per device over n GPUs: time and bytes leaving a device."""
+    mesh = parallel.make_layout(ParallelConfig(data=n, expert=n), devices=jax.devices()[:n]).moe_mesh
+    f = jax.jit(jax.shard_map(lambda a: jax.lax.all_to_all(a, "expert", 0, 0), mesh=mesh,
+                              in_specs=P(None, "expert"), out_specs=P(None, "expert")))
+    a = jax.device_put(jnp.ones((n, n * (rows // n), d), dtype), NamedSharding(mesh, P(None, "expert")))
+    t = _time(f, a, iters=iters)
+    nbytes = (n - 1) / n * rows * d * jnp.dtype(dtype).itemsize
+    return {"gpus": n, "rows_per_device": rows, "ms": 1e3 * t, "bytes_out_per_device": nbytes,
+            "GB_per_s": nbytes / t / 1e9}
+
+
+def check(dispatchers, eps):
+    """fp32: every dispatcher vs the single-device layer (outputs and all gradients)."""
+    jax.config.update("jax_default_matmul_precision", "highest")
+    m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=64, grouped_gemm_backend="xla")
+    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, moe=m)
+    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model), jnp.float32)
+
+    def run(layout, **kw):
+        def loss(params, x):
+            y, _ = nnx.merge(gd, params)(x)
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)), y
+
+        def f(params, x):
+            orig = ep_dispatch.moe_ffn
+            ep_dispatch.moe_ffn = functools.partial(orig, **kw)
+            try:
+                with parallel.use_layout(layout):
+                    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+            finally:
+                ep_dispatch.moe_ffn = orig
+        (_, y), g = jax.jit(f)(params, x)
+        return [y] + jax.tree.leaves(g)
+
+    ref = run(None)
+    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))  # noqa: E731
+    out = []
+    for disp in dispatchers:
+        for ep, etp in eps:
+            row = {"dispatcher": disp, "ep": ep, "etp": etp}
+            try:
+                layout = parallel.make_layout(ParallelConfig(data=-1, expert=ep, expert_tensor=etp), cfg,
+                                              devices=jax.devices()[:ep * etp])
+                kws = [dict(dispatcher=disp)]
+                if disp == "alltoall":  # both the fast buffer and the worst-case branch
+                    kws = [dict(dispatcher=disp, buffer_factor=2.0), dict(dispatcher=disp, buffer_factor=0.25)]
+                errs = [max(rel(a, b) for a, b in zip(run(layout, **kw), ref)) for kw in kws]
+                row.update(max_rel_err=max(errs), ok=max(errs) < 1e-5)
+            except Exception as e:  # record and go on: one failure must not lose the other numbers
+                row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
+            print("check", row, flush=True)
+            out.append(row)
+    jax.config.update("jax_default_matmul_precision", None)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="mixtral_small")
+    ap.add_argument("--gpus", default="1,2,4")
+    ap.add_argument("--tokens-per-gpu", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--variants", default="alltoall:1,alltoall:2,alltoall:4,alltoall_worst:1,"
+                    "alltoall_ragged:1,allgather:1", help="dispatcher:chunks,...")
+    ap.add_argument("--backend", default="auto", help="grouped GEMM backend (auto = pallas on Hopper)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--check", action="store_true", help="also check every dispatcher vs one device")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    gpus = [int(g) for g in args.gpus.split(",") if int(g) <= jax.device_count()]
+    base = load_config(args.config)
+    cfg = dataclasses.replace(base.model, num_layers=1,
+                              moe=dataclasses.replace(base.model.moe, grouped_gemm_backend=args.backend,
+                                                      layer_freq=1))
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+           "jax": jax.__version__, "command": "python " + " ".join(sys.argv), "config": args.config,
+           "tokens_per_gpu": args.tokens_per_gpu, "seq": args.seq, "dtype": cfg.dtype,
+           "d_model": cfg.d_model, "moe": dataclasses.asdict(cfg.moe), "layer": [], "all_to_all": []}
+    out = Path(args.out) if args.out else None
+
+    def save():
+        if out is not None:
+            out.write_text(json.dumps(res, indent=2))
+
+    if args.check:
+        multi = [n for n in gpus if n > 1]
+        eps = [(n, 1) for n in multi] + ([(2, 2)] if jax.device_count() >= 4 else [])
+        res["check"] = check(("alltoall", "alltoall_ragged", "allgather"), eps)
+        save()
+    for n in gpus:
+        variants = [("local", 1)] if n == 1 else [tuple(v.split(":")) for v in args.variants.split(",")]
+        for disp, chunks in variants:
+            kw = {} if n == 1 else dict(dispatcher=disp.replace("_worst", ""), chunks=int(chunks))
+            if disp == "alltoall_worst":
+                kw["buffer_factor"] = None
+            try:
+                row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, **kw)
+                row["variant"] = f"{disp}:{chunks}"
+            except Exception as e:
+                traceback.print_exc()
+                row = {"gpus": n, "variant": f"{disp}:{chunks}", "error": f"{type(e).__name__}: {e}"[:800]}
+            print("layer", row, flush=True)
+            res["layer"].append(row)
+            save()
+    # all-to-all alone: the fast dropless buffer (2x balanced share) and the worst-case one
+    m, t = cfg.moe, args.tokens_per_gpu
+    for n in [g for g in gpus if g > 1]:
+        for name, rows in (("fast", n * ep_dispatch._round_up(t * m.router_topk / n * 2.0, 8)),
+                           ("worst", n * ep_dispatch.fixed_capacity(t, m, n))):
+            try:
+                row = bench_all_to_all(n, rows, cfg.d_model, jnp.dtype(cfg.dtype), args.iters)
+                row["buffer"] = name
+            except Exception as e:
+                row = {"gpus": n, "buffer": name, "error": f"{type(e).__name__}: {e}"[:500]}
+            print("all_to_all", row, flush=True)
+            res["all_to_all"].append(row)
+            save()
+    summarize(res)
+    save()
+    return 0
+
+
+def summarize(res):
+    """Weak scaling per variant, exposed communication, overlap gain."""
+    layer = [r for r in res["layer"] if "error" not in r]
+    base = next((r for r in layer if r["gpus"] == 1), None)
+    summ = {}
+    for r in layer:
+        if base and r["gpus"] > 1:
+            r["weak_scaling"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+            r["exposed_ms_vs_1gpu"] = r["step_ms"] - base["step_ms"]
+    for n in sorted({r["gpus"] for r in layer if r["gpus"] > 1}):
+        rows = {r["variant"]: r for r in layer if r["gpus"] == n}
+        a2a = next((a for a in res["all_to_all"] if a["gpus"] == n and a.get("buffer") == "fast"
+                    and "error" not in a), None)
+        s = {}
+        if "alltoall:1" in rows:
+            c1 = rows["alltoall:1"]
+            best = min((r for k, r in rows.items() if k.startswith("alltoall:")), key=lambda r: r["step_ms"])
+            s.update(best_variant=best["variant"], best_weak_scaling=best.get("weak_scaling"),
+                     overlap_gain=c1["step_ms"] / best["step_ms"] - 1)
+            if a2a:  # a layer's fwd+bwd runs 4 all-to-alls of this size (dispatch, combine, 2 transposes)
+                comm = 4 * a2a["ms"]
+                s.update(a2a_ms_per_layer_step=comm,
+                         hidden_fraction_no_chunks=1 - c1.get("exposed_ms_vs_1gpu", comm) / comm,
+                         hidden_fraction_best=1 - best.get("exposed_ms_vs_1gpu", comm) / comm)
+        summ[str(n)] = s
+    res["summary"] = summ
+    print("summary", json.dumps(summ, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
