@@ -1,8 +1,8 @@
 """Grouped (ragged) matmul: rows of lhs in contiguous groups, group g multiplied by rhs[g].
 
 `grouped_matmul(lhs[M,K], rhs[G,K,N], group_sizes[G])` -> [M,N]. Rows past sum(group_sizes) are zero.
-Backends: "reference" (plain JAX, autodiff), "xla" (lax.ragged_dot), "pallas" (Mosaic GPU, Hopper),
-"auto" (pallas on Hopper, xla elsewhere). "xla" and "pallas" share one custom_vjp:
+Backends: "reference" (plain JAX, autodiff), "xla" (lax.ragged_dot), "pallas" (Mosaic GPU, Hopper;
+bf16/fp16 only), "auto" (pallas for bf16/fp16 on Hopper, xla elsewhere and for float32). "xla" and "pallas" share one custom_vjp:
   dgrad: dlhs = grouped_matmul(dy, rhs, transposed)       wgrad: drhs[g] = lhs_g^T dy_g -> [G,K,N]
 """
 from __future__ import annotations
@@ -123,11 +123,15 @@ def is_hopper(device=None) -> bool:
     return "H100" in kind or "H200" in kind or "H800" in kind or "H20" in kind
 
 
-def resolve_backend(backend: str) -> str:
+PALLAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
+    """"auto" -> "pallas" for bf16/fp16 on Hopper, else "xla" (float32 always goes to xla)."""
     if backend not in BACKENDS:
         raise ValueError(f"grouped_matmul: unknown backend {backend!r}; valid: {BACKENDS}")
     if backend == "auto":
-        return "pallas" if is_hopper() else "xla"
+        return "pallas" if (is_hopper() and jnp.dtype(dtype) in PALLAS_DTYPES) else "xla"
     return backend
 
 
@@ -172,10 +176,15 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto"
     _check(lhs, rhs, group_sizes, transpose_rhs)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     group_sizes = group_sizes.astype(jnp.int32)
-    backend = "pallas" if (interpret and backend == "auto") else resolve_backend(backend)
+    backend = "pallas" if (interpret and backend == "auto") else resolve_backend(backend,
+                                                                                 lhs.dtype)
     if backend == "reference":
         return reference_grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                                         out_dtype=out_dtype)
+    if backend == "pallas" and lhs.dtype not in PALLAS_DTYPES:
+        raise ValueError(f"grouped_matmul: backend='pallas' supports bfloat16/float16 operands, "
+                         f"got {lhs.dtype} (float32 would run as tf32 on wgmma); use "
+                         f"backend='xla' (backend='auto' does so for float32)")
     if backend == "pallas" and not interpret:
         dev = jax.devices()[0]
         if not is_hopper(dev):

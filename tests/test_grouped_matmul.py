@@ -132,4 +132,65 @@ def test_backend_errors():
         grouped_matmul(x, w, gs, backend="cuda")
     if jax.devices()[0].platform != "gpu":
         with pytest.raises(ValueError, match="needs a Hopper GPU"):
-            grouped_matmul(x, w, gs, backend="pallas")
+            grouped_matmul(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), gs, backend="pallas")
+
+
+# ----------------------------------------------------------------------------- pallas
+# GPU interpret mode (CPU): tiny shapes, 64-wide tiles; each case takes ~10-40 s on 2 cores, so
+# only a few. In interpret mode transposed rhs is swapped outside the kernel and wgrad takes a
+# pre-transposed lhs (JAX 0.10's interpreter has no transposed wgmma operand / layout_cast); the
+# on-device paths are covered by the gpu tests below.
+def test_pallas_interpret_forward_and_grads():
+    # M=200: not a multiple of the 64-row tile; sum < M; a zero-size group; groups cross tiles
+    check_against_reference("pallas", 200, 128, 128, [70, 0, 100, 20], jnp.bfloat16, False,
+                            interpret=True)
+
+
+def test_pallas_interpret_transposed_one_group_takes_all():
+    check_against_reference("pallas", 128, 64, 128, [0, 128, 0], jnp.bfloat16, True,
+                            seed=5, interpret=True)
+
+
+def test_pallas_rejects_float32():
+    x, w, gs, _ = _inputs(0, 64, 64, 128, [32, 32], jnp.float32, False)
+    with pytest.raises(ValueError, match="bfloat16/float16"):
+        grouped_matmul(x, w, gs, backend="pallas", interpret=True)
+
+
+GPU_CASES = [  # (M, K, N, group pattern)
+    (4096, 1024, 2048, "uneven"),
+    (4096, 1408, 1408, "uneven"),     # K, N not multiples of the default tiles: padded
+    (3000, 512, 768, "one_takes_all"),
+    (8192, 2048, 1024, "sum_lt_m"),
+]
+
+
+def _gpu_groups(m, pattern, g=8, seed=0):
+    rng = np.random.default_rng(seed)
+    if pattern == "one_takes_all":
+        sizes = np.zeros(g, np.int64)
+        sizes[3] = m
+        return sizes.tolist()
+    total = m if pattern == "uneven" else m - 777
+    p = rng.dirichlet(np.ones(g))
+    p[2] = 0
+    sizes = np.floor(p / p.sum() * total).astype(np.int64)
+    sizes[0] += total - sizes.sum()
+    return sizes.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("case", GPU_CASES)
+def test_pallas_gpu(case, transpose_rhs):
+    m, k, n, pattern = case
+    check_against_reference("pallas", m, k, n, _gpu_groups(m, pattern), jnp.bfloat16,
+                            transpose_rhs)
+
+
+@pytest.mark.gpu
+def test_auto_is_pallas_on_hopper_for_bf16():
+    from ops.grouped_matmul import is_hopper, resolve_backend
+    if is_hopper():
+        assert resolve_backend("auto", jnp.bfloat16) == "pallas"
+        assert resolve_backend("auto", jnp.float32) == "xla"

@@ -1,0 +1,182 @@
+"""Grouped GEMM benchmark (BENCHMARKS.md §1): dense x@w of the same FLOPs, XLA ragged_dot, ours.
+
+Forward, and forward+dgrad+wgrad through jax.vjp with a random cotangent; Dirichlet-uneven group
+sizes (one group forced to 0) and uniform ones; median of --reps timed calls after warm-up.
+Prints a table and writes experiments/results/grouped_matmul_<date>_<device>.json.
+
+  PYTHONPATH=. python3 experiments/bench_grouped_matmul.py [--rows 0,1,2,3,4] [--torch]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from ops import grouped_matmul
+
+ROWS = [  # (E, M, K, N, name)
+    (8, 32768, 4096, 14336, "Mixtral-8x7B fc1"),
+    (8, 32768, 14336, 4096, "Mixtral-8x7B fc2"),
+    (16, 32768, 2048, 4096, "mid-size"),
+    (64, 65536, 2048, 1408, "DeepSeek-MoE-16B-like fc1"),
+    (64, 65536, 1408, 2048, "DeepSeek-MoE-16B-like fc2"),
+]
+
+
+def group_sizes(e, m, pattern, seed=0):
+    """Dirichlet(1)-uneven sizes with group 1 forced to 0, or uniform; sum == m."""
+    if pattern == "uniform":
+        sizes = np.full(e, m // e)
+        sizes[-1] += m - sizes.sum()
+        return sizes.astype(np.int32)
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.ones(e))
+    p[1] = 0.0
+    p /= p.sum()
+    sizes = np.floor(p * m).astype(np.int64)
+    sizes[np.argmax(sizes)] += m - sizes.sum()
+    return sizes.astype(np.int32)
+
+
+def time_fn(fn, args, reps, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def make_fns(backend):
+    if backend == "dense":
+        fwd = lambda x, w, gs, dy: x @ w
+    else:
+        fwd = lambda x, w, gs, dy: grouped_matmul(x, w, gs, backend=backend)
+
+    def fwd_bwd(x, w, gs, dy):
+        y, vjp = jax.vjp(lambda x, w: fwd(x, w, gs, dy), x, w)
+        return (y, *vjp(dy))
+
+    return jax.jit(fwd), jax.jit(fwd_bwd)
+
+
+def bench_row(e, m, k, n, pattern, backends, reps, xla_reps):
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+    w = (jax.random.normal(keys[1], (e, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+    dy = jax.random.normal(keys[2], (m, n), jnp.float32).astype(jnp.bfloat16)
+    sizes = group_sizes(e, m, pattern)
+    gs = jnp.asarray(sizes)
+    flops = 2.0 * m * k * n
+    out = {"E": e, "M": m, "K": k, "N": n, "pattern": pattern, "group_sizes": sizes.tolist()}
+    ref_y = None
+    for b in ["dense", *backends]:
+        wb = w[0] if b == "dense" else w
+        f, fb = make_fns(b)
+        r = xla_reps if b == "xla" else reps
+        try:
+            y = f(x, wb, gs, dy)
+            if b != "dense":  # correctness against XLA's ragged_dot on the same inputs
+                if ref_y is None:
+                    ref_y = np.asarray(grouped_matmul(x, w, gs, backend="xla"), np.float32)
+                yn = np.asarray(y, np.float32)
+                out[f"{b}_rel_err"] = float(np.linalg.norm(yn - ref_y) / np.linalg.norm(ref_y))
+            t_f = time_fn(f, (x, wb, gs, dy), r)
+            t_fb = time_fn(fb, (x, wb, gs, dy), r)
+            out[b] = {"fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
+                      "fwd_tflops": flops / t_f / 1e12, "fwd_bwd_tflops": 3 * flops / t_fb / 1e12}
+        except Exception as ex:  # keep the other columns
+            out[b] = {"error": f"{type(ex).__name__}: {str(ex)[:300]}"}
+        print(f"  E={e} {k}->{n} {pattern:8s} {b:7s} {out[b]}", flush=True)
+    return out
+
+
+def torch_column(rows_out, reps):
+    """torch._grouped_mm in its own process (its own allocator): experiments/bench_grouped_matmul_torch.py."""
+    spec = [{k: r[k] for k in ("E", "M", "K", "N", "pattern", "group_sizes")} for r in rows_out]
+    path = pathlib.Path("/tmp/gmm_torch_in.json")
+    path.write_text(json.dumps({"rows": spec, "reps": reps}))
+    script = pathlib.Path(__file__).with_name("bench_grouped_matmul_torch.py")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    print(proc.stderr[-2000:], file=sys.stderr)
+    try:
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    except Exception:
+        print("torch column failed:", proc.stdout[-2000:])
+        return
+    for r, t in zip(rows_out, res):
+        r["torch"] = t
+
+
+def table(rows_out):
+    lines = ["| row | groups | dense fwd ms | ragged_dot fwd | ours fwd | torch fwd | "
+             "dense f+b ms | ragged_dot f+b | ours f+b | torch f+b |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def pct(r, b, key):
+        d = r.get("dense", {}).get(key)
+        v = r.get(b, {}).get(key)
+        return f"{100 * d / v:.0f}% ({v:.2f})" if d and v else "–"
+
+    for r in rows_out:
+        d = r.get("dense", {})
+        lines.append(
+            f"| E={r['E']} {r['K']}->{r['N']} | {r['pattern']} | {d.get('fwd_ms', 0):.2f} | "
+            f"{pct(r, 'xla', 'fwd_ms')} | {pct(r, 'pallas', 'fwd_ms')} | "
+            f"{pct(r, 'torch', 'fwd_ms')} | {d.get('fwd_bwd_ms', 0):.2f} | "
+            f"{pct(r, 'xla', 'fwd_bwd_ms')} | {pct(r, 'pallas', 'fwd_bwd_ms')} | "
+            f"{pct(r, 'torch', 'fwd_bwd_ms')} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", default="0,1,2,3,4")
+    ap.add_argument("--patterns", default="dirichlet,uniform")
+    ap.add_argument("--backends", default="xla,pallas")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--xla-reps", type=int, default=20)
+    ap.add_argument("--torch", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    rows_out = []
+    for i in map(int, args.rows.split(",")):
+        e, m, k, n, _ = ROWS[i]
+        for pattern in args.patterns.split(","):
+            rows_out.append(bench_row(e, m, k, n, pattern, args.backends.split(","), args.reps,
+                                      args.xla_reps))
+    if args.torch:
+        torch_column(rows_out, args.reps)
+    print(table(rows_out))
+    date = datetime.datetime.now(datetime.timezone.utc)
+    devname = dev.device_kind.replace(" ", "_")
+    result = {"date": date.isoformat(), "device": dev.device_kind, "jax": jax.__version__,
+              "command": " ".join(sys.argv), "rows": rows_out,
+              "note": "times in ms (median); % = dense time / this time, same FLOPs, same run"}
+    path = pathlib.Path(args.out or f"experiments/results/grouped_matmul_{date:%Y-%m-%d}_"
+                                    f"{devname}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    if os.environ.get("OUT"):
+        (pathlib.Path(os.environ["OUT"]) / path.name).write_text(json.dumps(result, indent=1))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
