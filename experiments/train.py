@@ -5,6 +5,8 @@ Examples:
   python experiments/train.py --config mixtral_small train.steps=50 --benchmark
   python experiments/train.py moe.router_topk=1 moe.expert_capacity_factor=1.25 train.lr=1e-3
   python experiments/train.py train.checkpoint=true train.checkpoint_every=50 --resume  # continue a run
+  python experiments/train.py --config mixtral_small parallel.expert=4 parallel.fsdp=4 parallel.data=1  # 4 GPUs
+  sbatch experiments/slurm_train.sh --config mixtral_small parallel.expert=8   # N hosts (SLURM)
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moe_jax import distributed, parallel  # noqa: E402
 from moe_jax.checkpoint import CheckpointError  # noqa: E402
 from moe_jax.config import load_config  # noqa: E402
 from moe_jax.runner import NonFiniteLossError, train  # noqa: E402
@@ -34,8 +37,10 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if args.benchmark:
         overrides = ["train.data=synthetic", "train.tensorboard=false", "train.heatmap=false"] + overrides
+    distributed.initialize()  # multi-host (SLURM or JAX_COORDINATOR_ADDRESS); nothing on one host
     try:
         cfg = load_config(args.config, overrides)
+        parallel.layout_for(cfg)  # an invalid mesh fails here, before any compile
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -71,3 +71,28 @@ def test_layout_for_stays_single_device_on_cpu_by_default():
     assert parallel.layout_for(Config()) is None
     cfg = Config(model=_model(), parallel=ParallelConfig(expert=2))
     assert parallel.layout_for(cfg).moe_mesh.shape["expert"] == 2
+
+
+def test_distributed_detects_the_environment():
+    from moe_jax import distributed
+    assert distributed.detect({}) is None
+    assert distributed.detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    assert distributed.detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == {}
+    env = {"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+           "JAX_LOCAL_DEVICE_IDS": "0,1"}
+    assert distributed.detect(env) == {"coordinator_address": "h0:1234", "num_processes": 2,
+                                       "process_id": 1, "local_device_ids": [0, 1]}
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID"):
+        distributed.detect({"JAX_COORDINATOR_ADDRESS": "h0:1", "JAX_NUM_PROCESSES": "2"})
+    assert distributed.initialize({}) is False
+
+
+def test_train_cli_rejects_an_invalid_mesh(capsys):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "experiments" / "train.py"
+    spec = importlib.util.spec_from_file_location("train_cli", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["parallel.expert=3"]) == 2
+    assert "expert" in capsys.readouterr().err
