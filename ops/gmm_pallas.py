@@ -42,6 +42,7 @@ class FwdConfig:
     grid_minor_dim: int = 1    # planar_snake minor dim over (segments, N tiles)
     grid_tile_width: int = 8
     delay_release: int = 1
+    epi_n: int = 64            # epilogue column chunk (SMEM staging: 2 WGs x tile_m x epi_n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
                          f"N={n}")
     grid_n = n // (2 * tn)
     k_iters = k // tk
+    epi_n = min(cfg.epi_n, tn)
     mcs = max(min(cfg.max_concurrent_steps, k_iters), cfg.delay_release + 1)
     table, count = segment_table(group_sizes, m, tm)
     in_tf = _transforms(lhs.dtype, tk)
@@ -162,7 +164,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
         allocs = make(mma0, specs0, mcs, ignore).get_allocations(lhs_gmem, rhs_gmem.at[0])
 
         @functools.partial(pl.run_scoped, allocs=allocs,
-                           out_smem=plgpu.SMEM((2, tm, tn), out_dtype), collective_axes="wg")
+                           out_smem=plgpu.SMEM((2, tm, epi_n), out_dtype), collective_axes="wg")
         def _scope(allocs, out_smem):
             @plgpu.nd_loop((num_segments * grid_n,), collective_axes="sm")
             def _loop(info):
@@ -180,11 +182,12 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
                     def _acc(acc_ref):
                         eval_pipeline(acc_ref)
                         acc = acc_ref[...].astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem[wg] = acc
-                        plgpu.commit_smem()
-                        _ladder_store(out_smem.at[wg], out_gmem, row0, start, rows,
-                                      ni * (2 * tn) + wg * tn, tn, min(tm, m))
+                        for c in range(tn // epi_n):  # column chunks: SMEM stays small
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                            out_smem[wg] = acc[:, c * epi_n:(c + 1) * epi_n]
+                            plgpu.commit_smem()
+                            _ladder_store(out_smem.at[wg], out_gmem, row0, start, rows,
+                                          ni * (2 * tn) + wg * tn + c * epi_n, epi_n, min(tm, m))
 
                 mma, specs = pipeline(steps, blk, ni)
                 make(mma, specs, steps, ctx)(lhs_gmem, rhs_gmem.at[grp], allocations=allocs)
@@ -331,7 +334,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
 
 # ----------------------------------------------------------------------------- entry points
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-INTERPRET_FWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2,
+INTERPRET_FWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                           grid_tile_width=2)
 INTERPRET_WGRAD = WgradConfig(tile_r=64, tile_a=64, tile_b=64, max_concurrent_steps=2,
                               grid_tile_width=2)

@@ -1,0 +1,131 @@
+"""Sweep Pallas grouped-matmul configs on the device; write ops/tuning/grouped_matmul.json.
+
+  PYTHONPATH=. python3 experiments/autotune_grouped_matmul.py [--quick] [--out PATH]
+One representative shape per shape class (ops.tuning.shape_class); each config is checked against
+XLA's ragged_dot before it is timed (median of --reps). Never runs at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from ops import gmm_pallas as P
+from ops import tuning
+from ops.grouped_matmul import _xla_fwd, _xla_wgrad
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from bench_grouped_matmul import group_sizes  # noqa: E402
+
+SHAPES = [  # (E, M, K, N): one per class
+    (8, 32768, 4096, 14336),
+    (64, 65536, 2048, 1408),
+    (64, 65536, 1408, 2048),
+]
+FWD = [dict(tile_m=tm, tile_n=tn, max_concurrent_steps=s, grid_tile_width=w)
+       for tm, tn, s in [(128, 128, 4), (128, 128, 3), (128, 64, 6), (64, 128, 6)]
+       for w in (4, 16)]
+WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w)
+         for ta, tb, s in [(128, 128, 3), (64, 128, 5), (64, 256, 3)] for w in (4, 16)]
+
+
+def timeit(f, args, reps):
+    for _ in range(2):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def sweep(kind, e, m, k, n, configs, reps, log):
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray(group_sizes(e, m, "dirichlet"))
+    if kind == "fwd":
+        w = (jax.random.normal(ks[1], (e, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+        args = (x, w, gs)
+        ref = jax.jit(lambda x, w, gs: _xla_fwd(x, w, gs, False, jnp.bfloat16))(*args)
+        make = lambda c: jax.jit(lambda x, w, gs: P.gmm_fwd(x, w, gs, False, jnp.bfloat16,
+                                                            cfg=c))
+        base = P.FwdConfig()
+    else:
+        dy = jax.random.normal(ks[2], (m, n), jnp.float32).astype(jnp.bfloat16)
+        args = (x, dy, gs)
+        ref = jax.jit(lambda a, b, gs: _xla_wgrad(a, b, gs, jnp.bfloat16))(*args)
+        make = lambda c: jax.jit(lambda a, b, gs: P.gmm_wgrad(a, b, gs, jnp.bfloat16, cfg=c))
+        base = P.WgradConfig()
+    dense = jax.jit(lambda a, b: a @ b)
+    t_dense = timeit(dense, (x, jax.random.normal(ks[1], (k, n), jnp.float32).astype(
+        jnp.bfloat16)), reps)
+    best = None
+    for c in configs:
+        cfg = dataclasses.replace(base, **c)
+        if kind == "fwd" and n % (2 * cfg.tile_n):
+            continue
+        if kind == "wgrad" and (k % (2 * cfg.tile_a) or n % cfg.tile_b):
+            continue
+        try:
+            f = make(cfg)
+            err = rel(f(*args), ref)
+            if not err < 2e-2:
+                raise AssertionError(f"rel err {err}")
+            t = timeit(f, args, reps)
+        except Exception as ex:
+            log.append({"kind": kind, "shape": [e, m, k, n], "cfg": c,
+                        "error": f"{type(ex).__name__}: {str(ex)[:200]}"})
+            print(kind, (e, k, n), c, "ERROR", str(ex)[:200], flush=True)
+            continue
+        log.append({"kind": kind, "shape": [e, m, k, n], "cfg": c, "ms": t * 1e3,
+                    "pct_dense": 100 * t_dense / t, "rel_err": err})
+        print(kind, (e, k, n), c, f"{t * 1e3:.3f} ms  {100 * t_dense / t:.1f}% of dense "
+              f"({t_dense * 1e3:.3f} ms) err {err:.1e}", flush=True)
+        if best is None or t < best[0]:
+            best = (t, c)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default="ops/tuning/grouped_matmul.json")
+    ap.add_argument("--kinds", default="fwd,wgrad")
+    args = ap.parse_args()
+    path = pathlib.Path(args.out)
+    table = json.loads(path.read_text()) if path.exists() else {}
+    dev = tuning.device_key()
+    entry = table.setdefault(dev, {"fwd": {}, "wgrad": {}})
+    log = []
+    for e, m, k, n in SHAPES:
+        for kind in args.kinds.split(","):
+            best = sweep(kind, e, m, k, n, FWD if kind == "fwd" else WGRAD, args.reps, log)
+            if best:
+                entry.setdefault(kind, {})[tuning.shape_class(m, k, n, e)] = best[1]
+    entry["_measured"] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                          "date": time.strftime("%Y-%m-%d"), "log": log}
+    path.write_text(json.dumps(table, indent=1))
+    if os.environ.get("OUT"):
+        (pathlib.Path(os.environ["OUT"]) / "grouped_matmul_tuning.json").write_text(
+            json.dumps(table, indent=1))
+    print(json.dumps({k: v for k, v in entry.items() if k != "_measured"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
