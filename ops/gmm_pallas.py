@@ -50,7 +50,7 @@ class WgradConfig:
     tile_r: int = 64           # rows (contraction) per pipeline step
     tile_a: int = 128          # output rows per compute WG (CTA covers 2*tile_a)
     tile_b: int = 128
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int = 3
     grid_minor_dim: int = 1
     grid_tile_width: int = 8
     delay_release: int = 1
