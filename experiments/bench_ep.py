@@ -156,8 +156,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", default="1,2,4")
     ap.add_argument("--tokens-per-gpu", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--variants", default="alltoall:1,alltoall:2,alltoall:4,alltoall_worst:1,"
-                    "alltoall_ragged:1,allgather:1", help="dispatcher:chunks,...")
+    ap.add_argument("--variants", default="alltoall:1,alltoall:2,alltoall:4,alltoall_nofallback:1,"
+                    "alltoall_nofallback:4,alltoall_worst:1,alltoall_ragged:1,allgather:1",
+                    help="dispatcher:chunks,... (alltoall_worst: always the worst-case buffer; "
+                    "alltoall_nofallback: the 2x buffer without the dropless fallback branch)")
     ap.add_argument("--backend", default="auto", help="grouped GEMM backend (auto = pallas on Hopper)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--check", action="store_true", help="also check every dispatcher vs one device")
@@ -187,9 +189,12 @@ def main(argv=None) -> int:
     for n in gpus:
         variants = [("local", 1)] if n == 1 else [tuple(v.split(":")) for v in args.variants.split(",")]
         for disp, chunks in variants:
-            kw = {} if n == 1 else dict(dispatcher=disp.replace("_worst", ""), chunks=int(chunks))
+            kw = {} if n == 1 else dict(dispatcher=disp.split("_")[0] if disp.startswith("alltoall_")
+                                        and disp != "alltoall_ragged" else disp, chunks=int(chunks))
             if disp == "alltoall_worst":
                 kw["buffer_factor"] = None
+            if disp == "alltoall_nofallback":
+                kw["fallback"] = False
             try:
                 row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, **kw)
                 row["variant"] = f"{disp}:{chunks}"

@@ -211,15 +211,17 @@ def _allgather(x_TD, routing, w1, w2, *, m: MoEConfig):
 
 
 # ------------------------------------------------------------------ entry point
-def _alltoall_dropless(x_TD, routing, w1, w2, *, m: MoEConfig, buffer_factor: float | None):
+def _alltoall_dropless(x_TD, routing, w1, w2, *, m: MoEConfig, buffer_factor: float | None,
+                       fallback: bool = True):
     """Dropless fixed-size all-to-all: a buffer of `buffer_factor` x the balanced share when every
-    (source, destination) count fits it (checked across all devices), else the worst-case buffer."""
+    (source, destination) count fits it (checked across all devices), else the worst-case buffer.
+    `fallback=False` (benchmarks) keeps the small buffer and drops (and counts) what overflows."""
     n = jax.lax.axis_size("expert")
     t, k = routing.experts.shape
     worst = fixed_capacity(t, m, n)
     fast = worst if buffer_factor is None else min(worst, _round_up(t * k / n * buffer_factor, 8))
-    if fast >= worst:
-        return _alltoall(x_TD, routing, w1, w2, m=m, cap=worst)
+    if fast >= worst or not fallback:
+        return _alltoall(x_TD, routing, w1, w2, m=m, cap=min(fast, worst))
     need = routing.tokens_per_expert.reshape(n, -1).sum(1).max()
     overflow = jax.lax.pmax(need, MESH_AXES) > fast
     return jax.lax.cond(overflow, functools.partial(_alltoall, m=m, cap=worst),
@@ -230,7 +232,8 @@ def _round_up(x: float, mult: int) -> int:
     return int(-(-int(-(-x // 1)) // mult) * mult)
 
 
-def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor):
+def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor,
+          fallback):
     t = x_TD.shape[0]
     tc = t // chunks
     outs, dropped = [], jnp.zeros((), jnp.int32)
@@ -238,7 +241,8 @@ def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_im
         sl = slice(c * tc, (c + 1) * tc)
         routing = _local_routing(w_Tk[sl], e_Tk[sl], kept_Tk[sl], m.num_experts)
         if dispatcher == "alltoall" and m.expert_capacity_factor is None:
-            y, dr = _alltoall_dropless(x_TD[sl], routing, w1, w2, m=m, buffer_factor=buffer_factor)
+            y, dr = _alltoall_dropless(x_TD[sl], routing, w1, w2, m=m, buffer_factor=buffer_factor,
+                                       fallback=fallback)
         elif dispatcher == "alltoall":
             cap = fixed_capacity(tc, m, jax.lax.axis_size("expert"))
             y, dr = _alltoall(x_TD[sl], routing, w1, w2, m=m, cap=cap)
@@ -254,7 +258,7 @@ def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_im
 
 def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
             dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto",
-            buffer_factor: float | None = DROPLESS_BUFFER_FACTOR):
+            buffer_factor: float | None = DROPLESS_BUFFER_FACTOR, fallback: bool = True):
     """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch).
 
     `buffer_factor` (dropless `alltoall`): size of the fast buffer relative to a balanced share;
@@ -276,7 +280,7 @@ def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
                          f"edata*expert*overlap_chunks = {shards}")
     tok = P(TOKENS)
     body = functools.partial(_body, m=m, dispatcher=dispatcher, chunks=chunks, ragged_impl=ragged_impl,
-                             buffer_factor=buffer_factor)
+                             buffer_factor=buffer_factor, fallback=fallback)
     fn = jax.shard_map(body, mesh=layout.moe_mesh,
                        in_specs=(tok, tok, tok, tok, P("expert", None, None, "etensor"),
                                  P("expert", "etensor", None)),
