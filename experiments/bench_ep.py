@@ -156,16 +156,22 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", default="1,2,4")
     ap.add_argument("--tokens-per-gpu", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--variants", default="alltoall:1,alltoall:2,alltoall:4,alltoall_nofallback:1,"
-                    "alltoall_nofallback:4,alltoall_worst:1,alltoall_ragged:1,allgather:1",
-                    help="dispatcher:chunks,... (alltoall_worst: always the worst-case buffer; "
-                    "alltoall_nofallback: the 2x buffer without the dropless fallback branch)")
+    ap.add_argument("--plan", default="1:local:1,4:alltoall:1,4:alltoall:4,2:alltoall:1,2:alltoall:4,"
+                    "4:alltoall_nofallback:1,4:alltoall_ragged:1,2:alltoall_ragged:1,4:allgather:1,"
+                    "4:alltoall_worst:1,4:alltoall:2,4:alltoall_nofallback:4,2:allgather:1",
+                    help="gpus:dispatcher:chunks,... in run order (alltoall_worst: always the worst-case "
+                    "buffer; alltoall_nofallback: the 2x buffer without the dropless fallback branch)")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new layer run after this")
     ap.add_argument("--backend", default="auto", help="grouped GEMM backend (auto = pallas on Hopper)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--check", action="store_true", help="also check every dispatcher vs one device")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    gpus = [int(g) for g in args.gpus.split(",") if int(g) <= jax.device_count()]
+    allowed = {int(g) for g in args.gpus.split(",")}
+    plan = [(int(g), d, int(c)) for g, d, c in (p.split(":") for p in args.plan.split(","))
+            if int(g) <= jax.device_count() and int(g) in allowed]
+    gpus = sorted({g for g, _, _ in plan})
+    t_start = time.perf_counter()
     base = load_config(args.config)
     cfg = dataclasses.replace(base.model, num_layers=1,
                               moe=dataclasses.replace(base.model.moe, grouped_gemm_backend=args.backend,
@@ -186,24 +192,6 @@ def main(argv=None) -> int:
         eps = [(n, 1) for n in multi] + ([(2, 2)] if jax.device_count() >= 4 else [])
         res["check"] = check(("alltoall", "alltoall_ragged", "allgather"), eps)
         save()
-    for n in gpus:
-        variants = [("local", 1)] if n == 1 else [tuple(v.split(":")) for v in args.variants.split(",")]
-        for disp, chunks in variants:
-            kw = {} if n == 1 else dict(dispatcher=disp.split("_")[0] if disp.startswith("alltoall_")
-                                        and disp != "alltoall_ragged" else disp, chunks=int(chunks))
-            if disp == "alltoall_worst":
-                kw["buffer_factor"] = None
-            if disp == "alltoall_nofallback":
-                kw["fallback"] = False
-            try:
-                row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, **kw)
-                row["variant"] = f"{disp}:{chunks}"
-            except Exception as e:
-                traceback.print_exc()
-                row = {"gpus": n, "variant": f"{disp}:{chunks}", "error": f"{type(e).__name__}: {e}"[:800]}
-            print("layer", row, flush=True)
-            res["layer"].append(row)
-            save()
     # all-to-all alone: the fast dropless buffer (2x balanced share) and the worst-case one
     m, t = cfg.moe, args.tokens_per_gpu
     for n in [g for g in gpus if g > 1]:
@@ -217,12 +205,32 @@ def main(argv=None) -> int:
             print("all_to_all", row, flush=True)
             res["all_to_all"].append(row)
             save()
+    for n, disp, chunks in plan:
+        if time.perf_counter() - t_start > args.budget_s:
+            print("budget reached: skipping", n, disp, chunks, flush=True)
+            continue
+        kw = {} if n == 1 else dict(dispatcher=disp.split("_")[0] if disp.startswith("alltoall_")
+                                    and disp != "alltoall_ragged" else disp, chunks=chunks)
+        if disp == "alltoall_worst":
+            kw["buffer_factor"] = None
+        if disp == "alltoall_nofallback":
+            kw["fallback"] = False
+        try:
+            row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, **kw)
+        except Exception as e:
+            traceback.print_exc()
+            row = {"gpus": n, "error": f"{type(e).__name__}: {e}"[:800]}
+        row["variant"] = f"{disp}:{chunks}"
+        print("layer", row, flush=True)
+        res["layer"].append(row)
+        summarize(res, quiet=True)
+        save()
     summarize(res)
     save()
     return 0
 
 
-def summarize(res):
+def summarize(res, quiet=False):
     """Weak scaling per variant, exposed communication, overlap gain."""
     layer = [r for r in res["layer"] if "error" not in r]
     base = next((r for r in layer if r["gpus"] == 1), None)
@@ -248,7 +256,8 @@ def summarize(res):
                          hidden_fraction_best=1 - best.get("exposed_ms_vs_1gpu", comm) / comm)
         summ[str(n)] = s
     res["summary"] = summ
-    print("summary", json.dumps(summ, indent=1), flush=True)
+    if not quiet:
+        print("summary", json.dumps(summ, indent=1), flush=True)
 
 
 if __name__ == "__main__":
