@@ -47,12 +47,18 @@ def expert_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation: str, backend: str
     return jax.lax.psum(y, "etensor")
 
 
-def _vary(x, axes):
-    """Mark x as varying over `axes` inside shard_map (no data movement)."""
+def _vma(x) -> frozenset:
+    """The mesh axes x varies over inside shard_map."""
     t = jax.typeof(x)
     have = getattr(t, "vma", None)
     if have is None:  # JAX 0.10: the varying set lives on the manual axis type
-        have = getattr(getattr(t, "manual_axis_type", None), "varying", frozenset(axes))
+        have = getattr(getattr(t, "manual_axis_type", None), "varying", None)
+    return frozenset(have or ())
+
+
+def _vary(x, axes):
+    """Mark x as varying over `axes` inside shard_map (no data movement)."""
+    have = _vma(x)
     missing = tuple(a for a in axes if a not in have)
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
@@ -132,7 +138,7 @@ def fixed_capacity(tokens: int, m: MoEConfig, ep: int) -> int:
 
 # ------------------------------------------------------------------ alltoall_ragged
 def _ragged_raw(x, out_rows, in_off, send_sizes, out_off, recv_sizes, impl):
-    out = jnp.zeros((out_rows,) + x.shape[1:], x.dtype)
+    out = _vary(jnp.zeros((out_rows,) + x.shape[1:], x.dtype), _vma(x))
     if impl == "xla":
         return jax.lax.ragged_all_to_all(x, out, in_off, send_sizes, out_off, recv_sizes,
                                          axis_name="expert")

@@ -104,10 +104,25 @@ def _gmm_bwd(transpose_rhs, backend, out_dtype, interpret, res, dy):
         drhs = wgrad(dy, lhs, group_sizes, rhs.dtype)
     else:              # rhs[g] is [K,N]: drhs[g] = lhs_g^T dy_g
         drhs = wgrad(lhs, dy, group_sizes, rhs.dtype)
-    return dlhs, drhs, None
+    return _match_vma(dlhs, lhs), _match_vma(drhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _vma(x) -> frozenset:
+    t = jax.typeof(x)
+    have = getattr(t, "vma", None)
+    if have is None:  # JAX 0.10 keeps it on the manual axis type
+        have = getattr(getattr(t, "manual_axis_type", None), "varying", None)
+    return frozenset(have or ())
+
+
+def _match_vma(x, *likes):
+    """Inside shard_map, Pallas outputs carry no varying-axes type: give x the union of `likes`'
+    (so custom_vjp and psum see the right type). A no-op outside shard_map and for XLA outputs."""
+    missing = tuple(sorted(frozenset().union(*map(_vma, likes)) - _vma(x)))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 # ----------------------------------------------------------------------------- public
@@ -191,4 +206,5 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto"
             raise ValueError(
                 "grouped_matmul: backend='pallas' needs a Hopper GPU (H100/H200, compute "
                 f"capability 9.0); found {dev.platform}:{dev.device_kind}. Use backend='xla'.")
-    return _gmm(lhs, rhs, group_sizes, bool(transpose_rhs), backend, out_dtype, bool(interpret))
+    return _match_vma(_gmm(lhs, rhs, group_sizes, bool(transpose_rhs), backend, out_dtype,
+                           bool(interpret)), lhs, rhs)
