@@ -104,6 +104,24 @@ def bench_all_to_all(n, rows, d, dtype, iters):
             "GB_per_s": nbytes / t / 1e9}
 
 
+def probe_backend(backend: str):
+    """The requested grouped-GEMM backend if its fwd+bwd runs here, else "xla" (and why)."""
+    if backend == "xla":
+        return backend, None
+    import ops
+    x = jnp.ones((512, 256), jnp.bfloat16)
+    w = jnp.ones((2, 256, 256), jnp.bfloat16)
+    gs = jnp.array([100, 300], jnp.int32)
+    f = lambda x, w: ops.grouped_matmul(x, w, gs, backend=backend).astype(jnp.float32).sum()  # noqa: E731
+    try:
+        jax.block_until_ready(jax.jit(jax.grad(f, argnums=(0, 1)))(x, w))
+        return backend, None
+    except Exception as e:
+        why = f"{backend} failed ({type(e).__name__}: {str(e)[:200]}); using xla"
+        print(why, flush=True)
+        return "xla", why
+
+
 def check(dispatchers, eps):
     """fp32: every dispatcher vs the single-device layer (outputs and all gradients)."""
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -173,14 +191,16 @@ def main(argv=None) -> int:
     gpus = sorted({g for g, _, _ in plan})
     t_start = time.perf_counter()
     base = load_config(args.config)
+    backend, why = probe_backend(args.backend)
     cfg = dataclasses.replace(base.model, num_layers=1,
-                              moe=dataclasses.replace(base.model.moe, grouped_gemm_backend=args.backend,
+                              moe=dataclasses.replace(base.model.moe, grouped_gemm_backend=backend,
                                                       layer_freq=1))
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
            "jax": jax.__version__, "command": "python " + " ".join(sys.argv), "config": args.config,
            "tokens_per_gpu": args.tokens_per_gpu, "seq": args.seq, "dtype": cfg.dtype,
-           "d_model": cfg.d_model, "moe": dataclasses.asdict(cfg.moe), "layer": [], "all_to_all": []}
+           "d_model": cfg.d_model, "moe": dataclasses.asdict(cfg.moe), "layer": [], "all_to_all": [],
+           "gemm_backend": backend, "gemm_backend_note": why}
     out = Path(args.out) if args.out else None
 
     def save():
