@@ -277,6 +277,8 @@ class Checkpointer:
             out = self._mgr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_nest(abstract))))
         except Exception as e:  # noqa: BLE001 — any reader failure means the checkpoint is unusable
+            if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+                raise  # out of (device) memory: not the checkpoint's fault
             raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be read "
                                   f"(truncated or corrupted?): {type(e).__name__}: {e}") from e
         flat = _unnest(dict(out["state"]))
