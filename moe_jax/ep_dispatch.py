@@ -217,48 +217,59 @@ def _allgather(x_TD, routing, w1, w2, *, m: MoEConfig):
 
 
 # ------------------------------------------------------------------ entry point
-def _alltoall_dropless(x_TD, routing, w1, w2, *, m: MoEConfig, buffer_factor: float | None,
-                       fallback: bool = True):
-    """Dropless fixed-size all-to-all: a buffer of `buffer_factor` x the balanced share when every
-    (source, destination) count fits it (checked across all devices), else the worst-case buffer.
-    `fallback=False` (benchmarks) keeps the small buffer and drops (and counts) what overflows."""
-    n = jax.lax.axis_size("expert")
-    t, k = routing.experts.shape
-    worst = fixed_capacity(t, m, n)
-    fast = worst if buffer_factor is None else min(worst, _round_up(t * k / n * buffer_factor, 8))
-    if fast >= worst or not fallback:
-        return _alltoall(x_TD, routing, w1, w2, m=m, cap=min(fast, worst))
-    need = routing.tokens_per_expert.reshape(n, -1).sum(1).max()
-    overflow = jax.lax.pmax(need, MESH_AXES) > fast
-    return jax.lax.cond(overflow, functools.partial(_alltoall, m=m, cap=worst),
-                        functools.partial(_alltoall, m=m, cap=fast), x_TD, routing, w1, w2)
-
-
 def _round_up(x: float, mult: int) -> int:
     return int(-(-int(-(-x // 1)) // mult) * mult)
 
 
-def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor,
-          fallback):
-    t = x_TD.shape[0]
-    tc = t // chunks
-    outs, dropped = [], jnp.zeros((), jnp.int32)
-    for c in range(chunks):  # independent chains: XLA overlaps chunk c+1's exchange with chunk c
+def _chunks(x_TD, w_Tk, e_Tk, kept_Tk, m, chunks):
+    tc = x_TD.shape[0] // chunks
+    for c in range(chunks):
         sl = slice(c * tc, (c + 1) * tc)
-        routing = _local_routing(w_Tk[sl], e_Tk[sl], kept_Tk[sl], m.num_experts)
-        if dispatcher == "alltoall" and m.expert_capacity_factor is None:
-            y, dr = _alltoall_dropless(x_TD[sl], routing, w1, w2, m=m, buffer_factor=buffer_factor,
-                                       fallback=fallback)
-        elif dispatcher == "alltoall":
-            cap = fixed_capacity(tc, m, jax.lax.axis_size("expert"))
-            y, dr = _alltoall(x_TD[sl], routing, w1, w2, m=m, cap=cap)
+        yield x_TD[sl], _local_routing(w_Tk[sl], e_Tk[sl], kept_Tk[sl], m.num_experts)
+
+
+def _pipeline(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, cap):
+    """The chunks as independent chains (XLA overlaps chunk c+1's exchange with chunk c's experts)."""
+    outs, dropped = [], jnp.zeros((), jnp.int32)
+    for x, routing in _chunks(x_TD, w_Tk, e_Tk, kept_Tk, m, chunks):
+        if dispatcher == "alltoall":
+            y, dr = _alltoall(x, routing, w1, w2, m=m, cap=cap)
         elif dispatcher == "alltoall_ragged":
-            y, dr = _alltoall_ragged(x_TD[sl], routing, w1, w2, m=m, impl=ragged_impl)
+            y, dr = _alltoall_ragged(x, routing, w1, w2, m=m, impl=ragged_impl)
         else:
-            y, dr = _allgather(x_TD[sl], routing, w1, w2, m=m)
+            y, dr = _allgather(x, routing, w1, w2, m=m)
         outs.append(y)
         dropped = dropped + dr
-    y_TD = outs[0] if chunks == 1 else jnp.concatenate(outs, axis=0)
+    return (outs[0] if chunks == 1 else jnp.concatenate(outs, axis=0)), dropped
+
+
+def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor,
+          fallback):
+    args = (x_TD, w_Tk, e_Tk, kept_Tk, w1, w2)
+    run = functools.partial(_pipeline, m=m, dispatcher=dispatcher, chunks=chunks,
+                            ragged_impl=ragged_impl, cap=None)
+    if dispatcher != "alltoall":
+        y_TD, dropped = run(*args)
+        return y_TD, jax.lax.psum(dropped, TOKENS)
+    n, tc, k = jax.lax.axis_size("expert"), x_TD.shape[0] // chunks, m.router_topk
+    worst = fixed_capacity(tc, m, n)
+    run_worst = functools.partial(run, cap=worst)
+    if m.expert_capacity_factor is not None or buffer_factor is None:
+        y_TD, dropped = run_worst(*args)  # capacity: C = factor x balanced share, drops counted
+    else:
+        fast = min(worst, _round_up(tc * k / n * buffer_factor, 8))
+        run_fast = functools.partial(run, cap=fast)
+        if fast >= worst or not fallback:
+            y_TD, dropped = run_fast(*args)
+        else:
+            # Dropless: the small buffer unless some (source, destination) count of some chunk on
+            # some device exceeds it (one scalar pmax). One cond around all chunks keeps them
+            # overlappable inside each branch; the rare worst-case branch is rematerialized in the
+            # backward pass so the common path does not carry its (large, zero) residuals.
+            need = jnp.max(jnp.stack([r.tokens_per_expert.reshape(n, -1).sum(1)
+                                      for _, r in _chunks(*args[:4], m, chunks)]))
+            overflow = jax.lax.pmax(need, MESH_AXES) > fast
+            y_TD, dropped = jax.lax.cond(overflow, jax.checkpoint(run_worst), run_fast, *args)
     return y_TD, jax.lax.psum(dropped, TOKENS)
 
 

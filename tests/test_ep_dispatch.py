@@ -124,7 +124,7 @@ def test_alltoall_dropless_fast_buffer_and_fallback(factor):
     """2.0: every (source, dest) count fits the fast buffer; 0.5: it overflows and the worst-case
     branch runs. Both are exact and drop nothing."""
     m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=8)
-    t = 256 // 8  # tokens per shard below (EP=4, edata=2)
+    t = 256 // 8 // 2  # tokens per shard and chunk below (EP=4, edata=2, 2 chunks)
     assert ep_dispatch._round_up(t * 2 / 4 * factor, 8) < ep_dispatch.fixed_capacity(t, m, 4)
-    aux = _check(_cfg(), 4, tokens=(8, 32), dispatcher="alltoall", buffer_factor=factor)
+    aux = _check(_cfg(), 4, chunks=2, tokens=(8, 32), dispatcher="alltoall", buffer_factor=factor)
     assert int(aux["dropped"]) == 0
