@@ -321,3 +321,29 @@ def restore_or_init(ckpt: Checkpointer, init: Callable[[], Any], step: int | Non
     if step is None and ckpt.latest_step() is None:
         return state
     return ckpt.restore(state, step)
+
+
+def load_model(directory: str | Path, step: int | None = None):
+    """(Config, GPT) from a run's checkpoint (the run config is read from the checkpoint itself);
+    `directory` is the checkpoints folder or the run's out_dir that holds `checkpoints/`."""
+    from moe_jax.config import build_config
+    from moe_jax.model import GPT
+    from moe_jax.train import init_state, split_model
+
+    directory = Path(directory)
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    ck = Checkpointer(directory)
+    step = ck._resolve(step)
+    raw = ck.metadata(step).get("config")
+    if not raw:
+        raise CheckpointError(f"checkpoint {directory / str(step)} carries no run config; "
+                              "it was not written by experiments/train.py")
+    cfg = build_config(raw)
+    make = lambda: GPT(cfg.model, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef = split_model(nnx.eval_shape(make))[0]
+    abstract = jax.eval_shape(lambda: init_state(make(), cfg.train)[1])
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = ck.restore(abstract_state(abstract, jax.tree.map(lambda _: one, abstract)), step)
+    ck.close()
+    return cfg, nnx.merge(graphdef, state.params, state.model_state)
