@@ -66,21 +66,29 @@ def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, **ep_kw):
         finally:
             ep_dispatch.moe_ffn = orig
 
+    def pair_counts(params, x):  # assignments per (source shard, destination GPU), to see the buffer fill
+        routing = nnx.merge(gd, params).router(x.reshape(-1, cfg.d_model))
+        dest = routing.experts.reshape(n * ep_kw.get("chunks", 1), -1) // (cfg.moe.num_experts // n)
+        return jax.vmap(lambda d: jnp.bincount(d, length=n))(dest).max()
+
     if layout is None:
         dev = jax.devices()[0]
         params, x = jax.device_put((params, x), dev)
-        return jax.jit(step), params, x
+        return jax.jit(step), params, x, jax.jit(pair_counts)
     ps = parallel.tree_shardings(params, layout)
     xs = NamedSharding(layout.mesh, P(("data", "fsdp")))
     params, x = jax.device_put(params, ps), jax.device_put(x, xs)
-    return jax.jit(step, in_shardings=(ps, xs)), params, x
+    return jax.jit(step, in_shardings=(ps, xs)), params, x, jax.jit(pair_counts)
 
 
 def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
     devices = jax.devices()[:n]
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
                                                       devices=devices)
-    step, params, x = _layer_step(cfg, layout, n, tokens_per_gpu, seq, **ep_kw)
+    step, params, x, pair_counts = _layer_step(cfg, layout, n, tokens_per_gpu, seq, **ep_kw)
+    chunk_tokens = tokens_per_gpu // ep_kw.get("chunks", 1)
+    bf = ep_kw.get("buffer_factor", ep_dispatch.DROPLESS_BUFFER_FACTOR)
+    fast = None if bf is None else ep_dispatch._round_up(chunk_tokens * cfg.moe.router_topk / n * bf, 8)
     t0 = time.perf_counter()
     (_, dropped), _ = jax.block_until_ready(step(params, x))
     compile_s = time.perf_counter() - t0
@@ -89,7 +97,9 @@ def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
     flops = 6 * 3 * cfg.d_model * m.ffn_hidden_size * m.router_topk * tokens_per_gpu  # fc1(x2)+fc2, fwd+bwd
     return {"gpus": n, "step_ms": 1e3 * t, "tokens_per_s_per_gpu": tokens_per_gpu / t,
             "expert_tflops_per_gpu": flops / t / 1e12, "dropped": int(dropped),
-            "compile_s": compile_s, **{k: v for k, v in ep_kw.items()}}
+            "compile_s": compile_s, "max_pair_count": int(pair_counts(params, x)), "fast_buffer_rows": fast,
+            "worst_buffer_rows": ep_dispatch.fixed_capacity(chunk_tokens, cfg.moe, n),
+            **{k: v for k, v in ep_kw.items()}}
 
 
 def bench_all_to_all(n, rows, d, dtype, iters):
@@ -174,11 +184,13 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", default="1,2,4")
     ap.add_argument("--tokens-per-gpu", type=int, default=8192)
     ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--plan", default="1:local:1,4:alltoall:1,4:alltoall:4,2:alltoall:1,2:alltoall:4,"
-                    "4:alltoall_nofallback:1,4:alltoall_ragged:1,2:alltoall_ragged:1,4:allgather:1,"
-                    "4:alltoall_worst:1,4:alltoall:2,4:alltoall_nofallback:4,2:allgather:1",
+    ap.add_argument("--plan", default="1:local:1,4:alltoall:1,2:alltoall:1,4:alltoall:4,"
+                    "4:alltoall_nofallback:1,4:alltoall_ragged:1,4:alltoall_tight:4,2:alltoall:4,"
+                    "4:alltoall:2,4:allgather:1,4:alltoall_worst:1,2:alltoall_ragged:1,"
+                    "4:alltoall_nofallback:4,2:allgather:1",
                     help="gpus:dispatcher:chunks,... in run order (alltoall_worst: always the worst-case "
-                    "buffer; alltoall_nofallback: the 2x buffer without the dropless fallback branch)")
+                    "buffer; alltoall_nofallback: the 2x buffer without the dropless fallback branch; "
+                    "alltoall_tight: a 1.25x buffer, still dropless)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new layer run after this")
     ap.add_argument("--backend", default="auto", help="grouped GEMM backend (auto = pallas on Hopper)")
     ap.add_argument("--iters", type=int, default=10)
@@ -235,6 +247,8 @@ def main(argv=None) -> int:
             kw["buffer_factor"] = None
         if disp == "alltoall_nofallback":
             kw["fallback"] = False
+        if disp == "alltoall_tight":
+            kw["buffer_factor"] = 1.25
         try:
             row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, **kw)
         except Exception as e:
