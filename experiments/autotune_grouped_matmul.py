@@ -33,10 +33,47 @@ SHAPES = [  # (E, M, K, N): one per class
     (64, 65536, 1408, 2048),
 ]
 FWD = [dict(tile_m=tm, tile_n=tn, max_concurrent_steps=s, grid_tile_width=w)
-       for tm, tn, s in [(128, 128, 4), (128, 128, 3), (128, 64, 6), (64, 128, 6)]
-       for w in (4, 16)]
-WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w)
-         for ta, tb, s in [(128, 128, 3), (64, 128, 5), (64, 256, 3)] for w in (4, 16)]
+       for tm, tn, s, w in [(128, 128, 4, 2), (128, 128, 4, 4), (128, 128, 4, 8), (64, 128, 5, 4),
+                            (128, 64, 6, 4), (128, 64, 6, 8), (64, 64, 8, 4)]]
+WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w,
+              split=sp)
+         for ta, tb, s, w, sp in [(128, 128, 3, 4, "b"), (128, 128, 3, 8, "b"), (128, 64, 5, 4, "b"),
+                                  (64, 128, 4, 4, "b"), (128, 128, 3, 4, "a")]]
+CHECKS = {  # name -> (kind, transpose_rhs, config overrides): run one per process (--check NAME)
+    "fwd": ("fwd", False, {}),
+    "fwd_t": ("fwd", True, {}),
+    "fwd_t_st": ("fwd", True, {"slice_then_transpose": True}),
+    "wgrad_b": ("wgrad", False, {"split": "b"}),
+    "wgrad_a": ("wgrad", False, {"split": "a"}),
+    "wgrad_a_st": ("wgrad", False, {"split": "a", "slice_then_transpose": True}),
+}
+
+
+def check(name):
+    """Small-shape correctness of one kernel variant against XLA (uneven, a 0 group, sum < M)."""
+    kind, tr, over = CHECKS[name]
+    m, k, n, e = 4096, 1024, 2048, 8
+    sizes = group_sizes(e, m - 333, "dirichlet", seed=3)
+    gs = jnp.asarray(sizes)
+    ks = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+    if kind == "fwd":
+        w = jax.random.normal(ks[1], (e, n, k) if tr else (e, k, n), jnp.float32).astype(
+            jnp.bfloat16)
+        cfg = dataclasses.replace(P.FwdConfig(), **over)
+        got = P.gmm_fwd(x, w, gs, tr, jnp.bfloat16, cfg=cfg)
+        want = _xla_fwd(x, w, gs, tr, jnp.float32)
+    else:
+        dy = jax.random.normal(ks[2], (m, n), jnp.float32).astype(jnp.bfloat16)
+        cfg = dataclasses.replace(P.WgradConfig(), **over)
+        got = P.gmm_wgrad(x, dy, gs, jnp.bfloat16, cfg=cfg)
+        want = _xla_wgrad(x, dy, gs, jnp.float32)
+    got = np.asarray(got, np.float32)
+    err = rel(got, want)
+    zeros_ok = (not np.any(got[1])) if kind == "wgrad" else (not np.any(got[int(sizes.sum()):]))
+    ok = err < 1e-2 and zeros_ok and np.all(np.isfinite(got))
+    print(f"CHECK {name}: {'OK' if ok else 'FAIL'} rel_err={err:.2e} zeros_ok={zeros_ok}",
+          flush=True)
 
 
 def timeit(f, args, reps):
@@ -80,7 +117,8 @@ def sweep(kind, e, m, k, n, configs, reps, log):
         cfg = dataclasses.replace(base, **c)
         if kind == "fwd" and n % (2 * cfg.tile_n):
             continue
-        if kind == "wgrad" and (k % (2 * cfg.tile_a) or n % cfg.tile_b):
+        fa, fb = (2, 1) if getattr(cfg, "split", "b") == "a" else (1, 2)
+        if kind == "wgrad" and (k % (fa * cfg.tile_a) or n % (fb * cfg.tile_b)):
             continue
         try:
             f = make(cfg)
@@ -107,13 +145,17 @@ def main():
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default="ops/tuning/grouped_matmul.json")
     ap.add_argument("--kinds", default="fwd,wgrad")
+    ap.add_argument("--shapes", default="0,1,2")
+    ap.add_argument("--check", default=None, help="run one correctness check: " + ",".join(CHECKS))
     args = ap.parse_args()
+    if args.check:
+        return check(args.check)
     path = pathlib.Path(args.out)
     table = json.loads(path.read_text()) if path.exists() else {}
     dev = tuning.device_key()
     entry = table.setdefault(dev, {"fwd": {}, "wgrad": {}})
     log = []
-    for e, m, k, n in SHAPES:
+    for e, m, k, n in [SHAPES[int(i)] for i in args.shapes.split(",")]:
         for kind in args.kinds.split(","):
             best = sweep(kind, e, m, k, n, FWD if kind == "fwd" else WGRAD, args.reps, log)
             if best:

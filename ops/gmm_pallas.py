@@ -12,10 +12,11 @@ fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] 
 wgrad out[G,A,B] = a_g^T @ b_g  over the rows of group g   (a[M,A], b[M,B])
      Work items are (g, A tile, B tile); the pipeline runs over the group's row blocks (a dynamic
      number of steps, zero for an empty group) and zeroes, in SMEM, the rows of the first and last
-     block that belong to neighbouring groups. The two compute WGs split A (each masks its own half).
+     block that belong to neighbouring groups. The two compute WGs split A or B (cfg.split; each
+     masks its own slice).
 
-Requirements (padded by the caller, ops.grouped_matmul, when not met): K % tile_k == 0 and
-N % (2*tile_n) == 0 for fwd; A % (2*tile_a) == 0, B % tile_b == 0 for wgrad. M is arbitrary.
+Requirements (padded by gmm_fwd/gmm_wgrad when not met): K % tile_k == 0 and N % (2*tile_n) == 0
+for fwd; A and B multiples of the CTA tile for wgrad. M and group sizes are arbitrary.
 Dtypes: bf16/fp16 operands (fp32 wgmma would be tf32: not offered; ops.grouped_matmul rejects it).
 """
 from __future__ import annotations
@@ -41,8 +42,9 @@ class FwdConfig:
     max_concurrent_steps: int = 4
     grid_minor_dim: int = 1    # planar_snake minor dim over (segments, N tiles)
     grid_tile_width: int = 8
-    delay_release: int = 1
+    delay_release: int = 0      # 0: each step released after its wgmma (see NOTES: >0 races)
     epi_n: int = 64            # epilogue column chunk (SMEM staging: 2 WGs x tile_m x epi_n)
+    slice_then_transpose: bool = False  # transpose_rhs: slice rhs SMEM tile before transposing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,9 @@ class WgradConfig:
     max_concurrent_steps: int = 3
     grid_minor_dim: int = 1
     grid_tile_width: int = 8
-    delay_release: int = 1
+    delay_release: int = 0      # 0: each step released after its wgmma (see NOTES: >0 races)
+    split: str = "b"           # which operand the 2 compute WGs split: "a" (A rows) or "b"
+    slice_then_transpose: bool = False  # split "a": slice a's SMEM tile before transposing
 
 
 def _transforms(dtype, minor_elems):
@@ -138,7 +142,9 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
         def pipeline(seg_k_steps, blk, ni):
             def mma(idx, a_smem, b_smem, acc_ref):
                 if transpose_rhs:
-                    b = plgpu.transpose_ref(b_smem, (1, 0)).at[:, pl.ds(wg * tn, tn)]
+                    b = (plgpu.transpose_ref(b_smem.at[pl.ds(wg * tn, tn), :], (1, 0))
+                         if cfg.slice_then_transpose else
+                         plgpu.transpose_ref(b_smem, (1, 0)).at[:, pl.ds(wg * tn, tn)])
                 else:
                     b = b_smem.at[:, pl.ds(wg * tn, tn)]
                 plgpu.wgmma(acc_ref, a_smem, b)
@@ -226,7 +232,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
 
     a_transposed=False feeds wgmma an M-major (transposed) A operand straight from the [M,A]
     tiles; GPU interpret mode (JAX 0.10) supports neither that nor layout_cast, so interpret runs
-    take a pre-transposed a (a copy outside the kernel) and mask along the minor dim instead.
+    take a pre-transposed a (a copy outside the kernel). cfg.split picks which operand the two
+    compute WGs split (each masks the boundary rows of its own slice of that operand).
     """
     if a_transposed:
         adim, m = a.shape
@@ -235,56 +242,64 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     bdim = b.shape[1]
     g = group_sizes.shape[0]
     tr, ta, tb = cfg.tile_r, cfg.tile_a, cfg.tile_b
-    if adim % (2 * ta) or bdim % tb:
-        raise ValueError(f"gmm_wgrad_kernel: needs A % {2 * ta} == 0 and B % {tb} == 0, got "
+    split_a = cfg.split == "a"
+    ca, cb = (2 * ta, tb) if split_a else (ta, 2 * tb)  # CTA tile
+    if adim % ca or bdim % cb:
+        raise ValueError(f"gmm_wgrad_kernel: needs A % {ca} == 0 and B % {cb} == 0, got "
                          f"A={adim} B={bdim}")
-    grid_a, grid_b = adim // (2 * ta), bdim // tb
+    grid_a, grid_b = adim // ca, bdim // cb
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
     first_blk = starts // tr
     nblk = jnp.where(sizes > 0, (ends - 1) // tr - first_blk + 1, 0)
     table = jnp.stack([starts, ends, first_blk, nblk]).astype(jnp.int32)
-    a_tf = _transforms(a.dtype, tr if a_transposed else 2 * ta)
-    b_tf = _transforms(b.dtype, tb)
+    a_tf = _transforms(a.dtype, tr if a_transposed else ca)
+    b_tf = _transforms(b.dtype, cb)
     o_tf = _transforms(out_dtype, tb)
-    row_axis = 1 if a_transposed else 0
-    half_shape = (ta, tr) if a_transposed else (tr, ta)
 
     def body(table_gmem, a_gmem, b_gmem, out_gmem):
         wg = lax.axis_index("wg")
 
         def make(steps, fblk, ai, bi, lo, hi, ctx):
             def mma(idx, a_smem, b_smem, acc_ref):
-                step = idx[0]
-                if a_transposed:
-                    a_half = a_smem.at[pl.ds(wg * ta, ta), :]
+                row_blk0 = (fblk + idx[0]) * tr
+                if split_a:
+                    own, shape, axis = ((a_smem.at[pl.ds(wg * ta, ta), :], (ta, tr), 1)
+                                        if a_transposed else
+                                        (a_smem.at[:, pl.ds(wg * ta, ta)], (tr, ta), 0))
                 else:
-                    a_half = a_smem.at[:, pl.ds(wg * ta, ta)]
-                row_blk0 = (fblk + step) * tr
+                    own, shape, axis = b_smem.at[:, pl.ds(wg * tb, tb)], (tr, tb), 0
 
                 @pl.when((row_blk0 < lo) | (row_blk0 + tr > hi))
                 def _mask():  # rows of neighbouring groups in a boundary block: zero them
-                    iota = lax.broadcasted_iota(jnp.int32, half_shape, row_axis)
+                    iota = lax.broadcasted_iota(jnp.int32, shape, axis)
                     if not interpret:
                         iota = plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
                     rows = row_blk0 + iota
-                    keep = ((rows >= lo) & (rows < hi)).astype(a_half.dtype)
-                    a_half[...] = a_half[...] * keep
+                    keep = ((rows >= lo) & (rows < hi)).astype(own.dtype)
+                    own[...] = own[...] * keep
                     plgpu.commit_smem()
 
-                a_op = a_half if a_transposed else plgpu.transpose_ref(a_smem, (1, 0)).at[
-                    pl.ds(wg * ta, ta), :]
-                plgpu.wgmma(acc_ref, a_op, b_smem)
+                if a_transposed:
+                    a_op = own if split_a else a_smem
+                elif not split_a:
+                    a_op = plgpu.transpose_ref(a_smem, (1, 0))
+                elif cfg.slice_then_transpose:
+                    a_op = plgpu.transpose_ref(own, (1, 0))
+                else:
+                    a_op = plgpu.transpose_ref(a_smem, (1, 0)).at[pl.ds(wg * ta, ta), :]
+                b_op = b_smem if split_a else own
+                plgpu.wgmma(acc_ref, a_op, b_op)
                 plgpu.wgmma_wait(cfg.delay_release)
                 return acc_ref
 
-            a_spec = (plgpu.BlockSpec((2 * ta, tr), lambda r: (ai, fblk + r), transforms=a_tf,
+            a_spec = (plgpu.BlockSpec((ca, tr), lambda r: (ai, fblk + r), transforms=a_tf,
                                       delay_release=cfg.delay_release) if a_transposed else
-                      plgpu.BlockSpec((tr, 2 * ta), lambda r: (fblk + r, ai), transforms=a_tf,
+                      plgpu.BlockSpec((tr, ca), lambda r: (fblk + r, ai), transforms=a_tf,
                                       delay_release=cfg.delay_release))
             specs = [a_spec,
-                     plgpu.BlockSpec((tr, tb), lambda r: (fblk + r, bi), transforms=b_tf,
+                     plgpu.BlockSpec((tr, cb), lambda r: (fblk + r, bi), transforms=b_tf,
                                      delay_release=cfg.delay_release)]
             return plgpu.emit_pipeline_warp_specialized(
                 mma, grid=(steps,), memory_registers=MEMORY_REGISTERS, in_specs=specs,
@@ -318,8 +333,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
                         plgpu.commit_smem()
                         plgpu.copy_smem_to_gmem(
                             out_smem.at[wg],
-                            out_gmem.at[gi, pl.ds(ai * (2 * ta) + wg * ta, ta),
-                                        pl.ds(bi * tb, tb)])
+                            out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
+                                        pl.ds(bi * cb + (0 if split_a else wg * tb), tb)])
 
                 make(steps, fblk, ai, bi, lo, hi, ctx)(a_gmem, b_gmem, allocations=allocs)
 
@@ -381,8 +396,9 @@ def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None):
     adim, bdim = a.shape[1], b.shape[1]
     cfg = cfg or (INTERPRET_WGRAD if interpret else wgrad_config(a.shape[0], adim, bdim,
                                                                  group_sizes.shape[0]))
-    a_p = _pad_to(a, 1, 2 * cfg.tile_a)
-    b_p = _pad_to(b, 1, cfg.tile_b)
+    two_a, two_b = (2, 1) if cfg.split == "a" else (1, 2)
+    a_p = _pad_to(a, 1, two_a * cfg.tile_a)
+    b_p = _pad_to(b, 1, two_b * cfg.tile_b)
     if interpret:  # see gmm_wgrad_kernel: interpret mode takes a pre-transposed a
         a_p = a_p.T
     out = gmm_wgrad_kernel(a_p, b_p, group_sizes, out_dtype=out_dtype, cfg=cfg,

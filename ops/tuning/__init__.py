@@ -50,8 +50,9 @@ def fwd_config(m, k, n, g):
 
 def wgrad_config(m, a, b, g):
     from ops.gmm_pallas import WgradConfig
-    cfg = _fit(WgradConfig(**_lookup("wgrad", m, a, b, g)), a, "tile_a", 2)
-    return _fit(cfg, b, "tile_b", 1)
+    cfg = WgradConfig(**_lookup("wgrad", m, a, b, g))
+    fa, fb = (2, 1) if cfg.split == "a" else (1, 2)
+    return _fit(_fit(cfg, a, "tile_a", fa), b, "tile_b", fb)
 
 
 def _fit(cfg, dim, field, factor):
