@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from moe_jax import metrics as M
 from moe_jax import parallel
-from moe_jax.checkpoint import Checkpointer
+from moe_jax.checkpoint import Checkpointer, abstract_state
 from moe_jax.config import Config, to_dict
 from moe_jax.data import make_dataset
 from moe_jax.model import GPT
@@ -58,7 +58,9 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         if resume and ckpt.latest_step() is None:
             log(f"--resume: no checkpoint in {ckpt.directory}; starting from step 0")
         elif resume:
-            state = ckpt.restore(state)
+            target = abstract_state(state)
+            del state  # free the fresh state before reading the checkpoint into its layout
+            state = ckpt.restore(target)
             log(f"resumed from {ckpt.directory / str(int(state.step))}")
     step_fn = make_train_step(graphdef, tc, layout=layout, shardings=shardings)
     data = make_dataset(tc, mc.vocab_size)

@@ -231,3 +231,18 @@ def test_runner_periodic_saves_and_resume(tmp_path):
     assert any("resumed from" in line for line in logs)
     rest = [h["loss"] for h in __import__("json").loads((tmp_path / "history.json").read_text())]
     assert rest == full[2:]
+
+
+def test_restore_into_parallel_layout(saved):
+    """The shardings of moe_jax.parallel (dense mesh + folded MoE mesh) work as restore targets."""
+    parallel = pytest.importorskip("moe_jax.parallel")
+    from moe_jax.config import ParallelConfig
+    path, cfg, state = saved
+    layout = parallel.make_layout(ParallelConfig(data=4, fsdp=1, tensor=2, expert=4), cfg.model)
+    restored = C.Checkpointer(path).restore(
+        C.abstract_state(state, parallel.tree_shardings(state, layout)))
+    w1 = restored.params["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    mu = restored.opt_state[1][0].mu["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    assert w1.sharding == mu.sharding and w1.sharding.mesh.shape["expert"] == 4
+    assert restored.params["embed_VD"][...].sharding.spec[0] == "tensor"
+    leaves_equal(restored, state)
