@@ -63,6 +63,31 @@ def _vary(x, axes):
     return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
+@jax.custom_vjp
+def move_rows(x, src, inv):
+    """out[i] = x[src[i]] (0 where src[i] is out of range), for an injective `src` whose inverse is
+    `inv` (inv[j] = i, or out of range where row j is unused). The backward is the gather by `inv` —
+    no scatter-add (atomics) for what is a row permutation."""
+    return jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+
+
+def _move_rows_fwd(x, src, inv):
+    return move_rows(x, src, inv), inv
+
+
+def _move_rows_bwd(inv, dy):
+    return jnp.take(dy, inv, axis=0, mode="fill", fill_value=0), None, None
+
+
+move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
+
+
+def _inverse(src, rows: int):
+    """inv[j] = i where src[i] == j, else len(src) (out of range)."""
+    n = src.shape[0]
+    return jnp.full((rows,), n, jnp.int32).at[src].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
 def _excl_cumsum(x, axis=-1):
     return jnp.cumsum(x, axis=axis) - x
 
@@ -95,9 +120,9 @@ def _resort_by_local_expert(rows_RD, counts_SL, row_start_S):
     inside = (p[:, None] >= starts[None]) & (p[:, None] < ends[None])            # [R, n*L]
     seg = jnp.argmax(inside, axis=1)
     local = jnp.where(inside.any(1), seg % L, L)                                 # L = padding
-    order = jnp.argsort(local, stable=True)
-    inv = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return jnp.take(rows_RD, order, axis=0), inv, counts_SL.sum(0)
+    order = jnp.argsort(local, stable=True).astype(jnp.int32)
+    inv = _inverse(order, order.shape[0])
+    return move_rows(rows_RD, order, inv), (inv, order), counts_SL.sum(0)
 
 
 # ------------------------------------------------------------------ alltoall (fixed capacity)
@@ -116,14 +141,16 @@ def _alltoall(x_TD, routing, w1, w2, *, m: MoEConfig, cap: int):
     slot = jnp.where(ok, dev_r * cap + pos, n * cap)
     dropped = jnp.sum((dev_r < n) & ~ok).astype(jnp.int32)
     counts_E = expert_counts(jnp.where(ok, sent_e, 0)[:, None], E, ok[:, None])
-    send = jnp.zeros((n * cap, d), x_SD.dtype).at[slot].set(x_SD, mode="drop")
+    slot = slot.astype(jnp.int32)
+    send_src = _inverse(slot, n * cap)                                             # buffer row -> row
+    send = move_rows(x_SD, send_src, slot)
     recv = jax.lax.all_to_all(send.reshape(n, cap, d), "expert", 0, 0)            # [src, C, D]
     rc_SL = jax.lax.all_to_all(counts_E.reshape(n, L), "expert", 0, 0)            # [src, L]
-    x_RD, inv, gs = _resort_by_local_expert(recv.reshape(n * cap, d), rc_SL,
-                                            jnp.arange(n, dtype=jnp.int32) * cap)
-    y_RD = jnp.take(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, axis=0)
+    x_RD, (inv, order), gs = _resort_by_local_expert(recv.reshape(n * cap, d), rc_SL,
+                                                     jnp.arange(n, dtype=jnp.int32) * cap)
+    y_RD = move_rows(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, order)
     back = jax.lax.all_to_all(y_RD.reshape(n, cap, d), "expert", 0, 0)           # [dst, C, D]
-    y_SD = jnp.take(back.reshape(n * cap, d), slot, axis=0, mode="fill", fill_value=0)
+    y_SD = move_rows(back.reshape(n * cap, d), slot, send_src)
     y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
     return y_TD, dropped
 
@@ -193,8 +220,8 @@ def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str):
     rows = n * t * min(k, L)                                                       # worst case
     recv = _exchange(x_SD, rows, plan, impl)
     rc_SL = jax.lax.dynamic_slice_in_dim(counts_nE.reshape(n, n, L), me, 1, axis=1)[:, 0]
-    x_RD, inv, gs = _resort_by_local_expert(recv, rc_SL, recv_off)
-    y_RD = jnp.take(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, axis=0)
+    x_RD, (inv, order), gs = _resort_by_local_expert(recv, rc_SL, recv_off)
+    y_RD = move_rows(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, order)
     y_SD = _exchange(y_RD, t * k, _reverse(plan), impl)
     y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
     return y_TD, jnp.zeros((), jnp.int32)
@@ -268,7 +295,8 @@ def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_im
             # backward pass so the common path does not carry its (large, zero) residuals.
             need = jnp.max(jnp.stack([r.tokens_per_expert.reshape(n, -1).sum(1)
                                       for _, r in _chunks(*args[:4], m, chunks)]))
-            overflow = jax.lax.pmax(need, MESH_AXES) > fast
+            axes = tuple(a for a in MESH_AXES if a in _vma(need))  # invariant axes agree already
+            overflow = (jax.lax.pmax(need, axes) if axes else need) > fast
             y_TD, dropped = jax.lax.cond(overflow, jax.checkpoint(run_worst), run_fast, *args)
     return y_TD, jax.lax.psum(dropped, TOKENS)
 

@@ -45,7 +45,7 @@ class MoELayer(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, *, rng: jax.Array | None = None):
         b, s, d = x_BSD.shape
-        x_BSD = parallel.constrain(x_BSD, ("act_batch", None, None))  # no-op without a mesh
+        x_BSD = parallel.pin_batch(x_BSD)  # no-op without a mesh
         x_TD = x_BSD.reshape(b * s, d).astype(self.dtype)
         routing = self.router(x_TD, seq_len=s, rng=rng)
         dropped = routing.dropped
@@ -68,4 +68,4 @@ class MoELayer(nnx.Module):
             y_TD = y_TD + self.shared(x_TD)
         aux = {"losses": routing.losses, "tokens_per_expert": routing.tokens_per_expert,
                "routed_counts": routing.routed_counts, "dropped": dropped}
-        return parallel.constrain(y_TD.reshape(b, s, d), ("act_batch", None, None)), aux
+        return parallel.pin_batch(y_TD.reshape(b, s, d)), aux

@@ -260,3 +260,13 @@ def put_batch(batch: dict, layout: Layout) -> dict:
     s = batch_sharding(layout)
     return {k: jax.make_array_from_callback(v.shape, s, lambda idx, v=v: v[idx])
             for k, v in batch.items()}
+
+
+def pin_batch(x: jax.Array) -> jax.Array:
+    """Pin an activation [B, ...] to the batch sharding when the dense mesh has TP: the MoE mesh
+    splits tokens over devices that TP replicates, and without the pin XLA may replicate whole
+    tensors to switch meshes. A no-op otherwise (where the two layouts already agree)."""
+    layout = current_layout()
+    if layout is None or layout.mesh.shape["tensor"] == 1:
+        return x
+    return constrain(x, ("act_batch",) + (None,) * (x.ndim - 1), layout)
