@@ -113,3 +113,25 @@ def test_export_rejects_what_hf_cannot_express():
     cfg = load_config("tiny_moe", ["moe.router_score_function=sigmoid"]).model
     with pytest.raises(ValueError, match="router_score_function"):
         save_hf(None, cfg, "/nonexistent/never-written")
+
+
+def test_upcycle_from_hf_llama(tmp_path, capsys):
+    """experiments/upcycle.py --hf: a HF Llama becomes an MoE checkpoint with the same step-0 logits."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "upcycle_cli", Path(__file__).parent.parent / "experiments" / "upcycle.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path / "hf")
+    rc = cli.main(["--hf", str(tmp_path / "hf"), "--config", "tiny_moe", "--out", str(tmp_path / "moe"),
+                   "moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=24",
+                   "moe.layer_freq=1", "train.seq_len=16"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "G=2 (48/24)" in printed, printed
+    assert float(printed.split("relative ")[1].split(")")[0]) < 1e-5
+    from moe_jax.checkpoint import load_model
+    cfg, model = load_model(tmp_path / "moe")
+    tokens = np.random.default_rng(0).integers(0, COMMON["vocab_size"], (2, 12))
+    assert rel_err(ours_logits(model, tokens), hf_logits(hf, tokens)) < 1e-4
