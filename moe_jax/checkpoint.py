@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -313,14 +313,6 @@ def check_compatible(saved: dict[str, dict], flat_target: dict[str, Any], *, whe
         raise CheckpointError(f"checkpoint {where} does not match the model/optimizer being restored "
                               f"(different config?); {len(problems)} differences:\n"
                               + "\n".join(problems[:20]) + more)
-
-
-def restore_or_init(ckpt: Checkpointer, init: Callable[[], Any], step: int | None = None):
-    """The latest (or given) checkpoint restored into `init()`'s layout, or `init()` if there is none."""
-    state = init()
-    if step is None and ckpt.latest_step() is None:
-        return state
-    return ckpt.restore(state, step)
 
 
 def load_model(directory: str | Path, step: int | None = None):

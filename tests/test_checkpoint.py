@@ -289,3 +289,15 @@ def test_process_killed_during_async_save(tmp_path):
     for step in steps:
         ck.restore(C.abstract_state(target, jax.tree.map(lambda _: one, target)), step)
     print("steps after kill:", steps, "leftovers:", sorted(p.name for p in tmp_path.iterdir()))
+
+
+def test_fingerprint_mismatch_is_reported(saved, tmp_path):
+    """Bits that read back fine but differ from what was saved are caught by the manifest check."""
+    import json
+    ck = copy(saved, tmp_path)
+    meta_file = tmp_path / "c" / "0" / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    meta["leaves"]["params/embed_VD/value"]["fp"] ^= 1
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(C.CheckpointError, match=r"corrupted: 1 arrays differ .*params/embed_VD/value"):
+        ck.restore(saved[2])
