@@ -301,3 +301,25 @@ def test_fingerprint_mismatch_is_reported(saved, tmp_path):
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(C.CheckpointError, match=r"corrupted: 1 arrays differ .*params/embed_VD/value"):
         ck.restore(saved[2])
+
+
+@pytest.mark.slow
+def test_runner_resume_under_another_ep_layout(tmp_path):
+    """The real EP path: train with parallel.expert=4 (all-to-all dispatch), resume the step-2
+    checkpoint with expert=2 x tensor=2, and on one device: losses match the uninterrupted run."""
+    import json
+    from moe_jax.runner import train
+    base = [f"train.out_dir={tmp_path}", "train.checkpoint=true", "train.checkpoint_every=2",
+            "train.steps=4", "train.tensorboard=false", "train.heatmap=false", "train.log_every=4",
+            "moe.input_jitter_eps=null"]
+    history = lambda: [h["loss"] for h in json.loads((tmp_path / "history.json").read_text())]  # noqa: E731
+    train(tiny(*base, "parallel.data=-1", "parallel.expert=4"), progress=False, log=lambda *a: None)
+    full = history()
+    keep = tmp_path / "keep"
+    shutil.copytree(tmp_path / "checkpoints", keep)
+    for par in (["parallel.data=-1", "parallel.tensor=2", "parallel.expert=2"], []):
+        shutil.rmtree(tmp_path / "checkpoints")
+        shutil.copytree(keep, tmp_path / "checkpoints")
+        shutil.rmtree(tmp_path / "checkpoints" / "4")
+        train(tiny(*base, *par), progress=False, log=lambda *a: None, resume=True)
+        np.testing.assert_allclose(history(), full[2:], rtol=2e-5, err_msg=str(par))
