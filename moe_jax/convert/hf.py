@@ -94,7 +94,7 @@ def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
         k = hf["num_experts_per_tok"]
         jitter = hf.get("router_jitter_noise") or None
         moe = MoEConfig(num_experts=n_exp, router_topk=k, ffn_hidden_size=ffn,
-                        router_score_function="softmax", router_pre_softmax=pre_softmax and k > 1,
+                        router_score_function="softmax", router_pre_softmax=pre_softmax,
                         router_load_balancing_type="aux_loss",
                         aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.0)),
                         input_jitter_eps=jitter, shared_expert_intermediate_size=shared or None,
