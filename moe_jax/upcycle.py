@@ -22,9 +22,11 @@ every slice's chosen weights add up to the same 1/c for every token:
   `E₀·G²/k`. For a sigmoid score with k = 1: c = 1/sigmoid(0) = 2.
 
 Where c goes: `scale="exact"` (default) multiplies fc2 by c — exact for every activation.
-`scale="megatron"` follows Megatron / the paper: each of the 3 matrices of a gated MLP (gate, up,
-fc2) × c^(1/3), or fc1, fc2 × c^(1/2) — exact only for positively homogeneous activations, so for
-SwiGLU/GeLU the step-0 output is close, not equal (silu(c·z) ≠ c·silu(z)).
+`scale="megatron"` follows Megatron-Core's `upcycling_utils`: gate, up and fc2 of a gated MLP each ×
+c^(1/3); fc1 and fc2 × c^(1/3) for squared ReLU (degree-2 homogeneous, so exact), × c^(1/2) otherwise —
+for SwiGLU/GeLU the step-0 output is then close, not equal (silu(c·z) ≠ c·silu(z)).
+Router rows are shared within a virtual group as in Megatron (which keeps random rows with
+pre-softmax too, so its pre-softmax upcycling is not exact at step 0; here the router is zero then).
 Exactness also needs k % G == 0, dropless routing (no capacity) and no group-limited routing;
 `plan()` reports whether the configuration is exact.
 """
@@ -98,9 +100,9 @@ def plan(dense: ModelConfig, moe: ModelConfig, scale_mode: str = "exact") -> Pla
         why.append("group-limited routing (router_num_groups)")
     if m.router_force_load_balancing:
         why.append("router_force_load_balancing routes randomly")
-    if scale_mode == "megatron":
-        why.append("scale='megatron' spreads the scale over fc1 and fc2 (exact only for homogeneous "
-                   "activations)")
+    if scale_mode == "megatron" and m.activation != "squared_relu":
+        why.append(f"scale='megatron' spreads c over fc1 and fc2, exact only for a positively "
+                   f"homogeneous activation (squared_relu), not {m.activation}")
     return Plan(G, c, router_init, not why, "; ".join(why))
 
 
@@ -133,7 +135,7 @@ def upcycle_params(dense_params: dict, dense: ModelConfig, moe: ModelConfig, moe
             w1, w2 = _slices(src["mlp"]["w1_DnF"], src["mlp"]["w2_FD"], G, m.num_experts)
             if scale_mode == "exact":
                 w2 = w2 * c
-            elif gated:
+            elif gated or m.activation == "squared_relu":  # 3 factors of c^(1/3) (relu² is degree 2)
                 w1, w2 = w1 * c ** (1 / 3), w2 * c ** (1 / 3)
             else:
                 w1, w2 = w1 * c ** 0.5, w2 * c ** 0.5

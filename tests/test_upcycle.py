@@ -48,6 +48,15 @@ def test_step0_logits_match_dense(dense, kw):
     assert max_rel(upcycle(model, cfg)(TOKENS)[0], ref) < 1e-5
 
 
+def test_megatron_scale_is_exact_for_squared_relu():
+    dense_cfg = dataclasses.replace(DENSE, activation="squared_relu")
+    model = GPT(dense_cfg, rngs=nnx.Rngs(0))
+    cfg = dataclasses.replace(dense_cfg, moe=MoEConfig(num_experts=8, router_topk=4, ffn_hidden_size=32,
+                                                       activation="squared_relu"))
+    assert plan(dense_cfg, cfg, "megatron").exact
+    assert max_rel(upcycle(model, cfg, scale_mode="megatron")(TOKENS)[0], model(TOKENS)[0]) < 1e-5
+
+
 def test_scale_rule():
     # post-softmax / normalised: each virtual group carries weight 1, slices 1/G -> c = G
     assert plan(DENSE, moe(num_experts=8, router_topk=4, ffn_hidden_size=16)).scale == 4
