@@ -104,9 +104,9 @@ def bench_row(e, m, k, n, pattern, backends, reps, xla_reps):
     return out
 
 
-def torch_column(rows_out, reps):
-    """torch._grouped_mm in its own process (its own allocator): experiments/bench_grouped_matmul_torch.py."""
-    spec = [{k: r[k] for k in ("E", "M", "K", "N", "pattern", "group_sizes")} for r in rows_out]
+def torch_column(spec, reps):
+    """torch._grouped_mm in its own process, run before JAX touches the GPU (its own allocator):
+    experiments/bench_grouped_matmul_torch.py. Returns one dict per spec row."""
     path = pathlib.Path("/tmp/gmm_torch_in.json")
     path.write_text(json.dumps({"rows": spec, "reps": reps}))
     script = pathlib.Path(__file__).with_name("bench_grouped_matmul_torch.py")
@@ -115,12 +115,10 @@ def torch_column(rows_out, reps):
                           text=True, env=env, timeout=900)
     print(proc.stderr[-2000:], file=sys.stderr)
     try:
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
     except Exception:
         print("torch column failed:", proc.stdout[-2000:])
-        return
-    for r, t in zip(rows_out, res):
-        r["torch"] = t
+        return [{"error": "torch subprocess failed"}] * len(spec)
 
 
 def table(rows_out):
@@ -154,27 +152,33 @@ def main():
     ap.add_argument("--torch", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    cases = [(ROWS[i], p) for i in map(int, args.rows.split(","))
+             for p in args.patterns.split(",")]
+    torch_res = None
+    if args.torch:  # before JAX initialises the GPU
+        spec = [{"E": e, "M": m, "K": k, "N": n, "pattern": p,
+                 "group_sizes": group_sizes(e, m, p).tolist()} for (e, m, k, n, _), p in cases]
+        torch_res = torch_column(spec, args.reps)
     dev = jax.devices()[0]
-    rows_out = []
-    for i in map(int, args.rows.split(",")):
-        e, m, k, n, _ = ROWS[i]
-        for pattern in args.patterns.split(","):
-            rows_out.append(bench_row(e, m, k, n, pattern, args.backends.split(","), args.reps,
-                                      args.xla_reps))
-    if args.torch:
-        torch_column(rows_out, args.reps)
-    print(table(rows_out))
     date = datetime.datetime.now(datetime.timezone.utc)
     devname = dev.device_kind.replace(" ", "_")
-    result = {"date": date.isoformat(), "device": dev.device_kind, "jax": jax.__version__,
-              "command": " ".join(sys.argv), "rows": rows_out,
-              "note": "times in ms (median); % = dense time / this time, same FLOPs, same run"}
     path = pathlib.Path(args.out or f"experiments/results/grouped_matmul_{date:%Y-%m-%d}_"
                                     f"{devname}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    if os.environ.get("OUT"):
-        (pathlib.Path(os.environ["OUT"]) / path.name).write_text(json.dumps(result, indent=1))
+    rows_out = []
+    for j, ((e, m, k, n, _), pattern) in enumerate(cases):
+        rows_out.append(bench_row(e, m, k, n, pattern, args.backends.split(","), args.reps,
+                                  args.xla_reps))
+        if torch_res:
+            rows_out[-1]["torch"] = torch_res[j]
+        result = {"date": date.isoformat(), "device": dev.device_kind, "jax": jax.__version__,
+                  "command": " ".join(sys.argv), "rows": rows_out,
+                  "note": "times in ms (median); % = dense time / this time, same FLOPs, "
+                          "same run; torch in its own process before JAX, same group sizes"}
+        path.write_text(json.dumps(result, indent=1))  # after every row: partial runs count
+        if os.environ.get("OUT"):
+            (pathlib.Path(os.environ["OUT"]) / path.name).write_text(json.dumps(result, indent=1))
+    print(table(rows_out))
     print("wrote", path)
 
 

@@ -85,9 +85,9 @@ def _interpret_params(interpret):
 
 # ----------------------------------------------------------------------------- schedule
 def segment_table(group_sizes, m, tile_m):
-    """int32 [5, S]: per segment (group or -1 for tail, row0 of block, first row within block,
-    rows, k-steps flag), S = cdiv(m, tile_m) + G; segments past the count have rows == 0.
-    Returns (table, count)."""
+    """int32 [2, S], S = cdiv(m, tile_m) + G: per segment its block's first row, and packed
+    (rows, first row within the block, compute flag (0 for the tail past sum(group_sizes)), group);
+    segments past the count have rows == 0. Returns (table, count[1])."""
     g = group_sizes.shape[0]
     sizes = jnp.concatenate([group_sizes.astype(jnp.int32),
                              (m - jnp.sum(group_sizes)).astype(jnp.int32)[None]])  # tail = G
@@ -111,8 +111,10 @@ def segment_table(group_sizes, m, tile_m):
     rows = jnp.where(valid, hi - lo, 0)
     compute = (valid & (gid_c < g)).astype(jnp.int32)
     group = jnp.where(gid_c < g, gid_c, 0)  # tail segments read rhs[0] but run zero steps
-    table = jnp.stack([group, jnp.where(valid, row0, 0), jnp.where(valid, lo - row0, 0), rows,
-                       compute]).astype(jnp.int32)
+    start = jnp.where(valid, lo - row0, 0)
+    # one int32 per segment besides row0: rows (8 bits) | start (8) | compute (1) | group (15)
+    packed = rows | (start << 8) | (compute << 16) | (group << 17)
+    table = jnp.stack([jnp.where(valid, row0, 0), packed]).astype(jnp.int32)
     return table, count.astype(jnp.int32)[None]
 
 
@@ -126,6 +128,9 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
     if k % tk or n % (2 * tn):
         raise ValueError(f"gmm_fwd_kernel: needs K % {tk} == 0 and N % {2 * tn} == 0, got K={k} "
                          f"N={n}")
+    if tm > 128 or g >= 1 << 14:
+        raise ValueError(f"gmm_fwd_kernel: needs tile_m <= 128 and G < 16384 (packed segment "
+                         f"table), got tile_m={tm} G={g}")
     grid_n = n // (2 * tn)
     k_iters = k // tk
     epi_n = min(cfg.epi_n, tn)
@@ -172,15 +177,28 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
         @functools.partial(pl.run_scoped, allocs=allocs,
                            out_smem=plgpu.SMEM((2, tm, epi_n), out_dtype), collective_axes="wg")
         def _scope(allocs, out_smem):
-            @plgpu.nd_loop((num_segments * grid_n,), collective_axes="sm")
-            def _loop(info):
-                si, ni = plgpu.planar_snake(info.index[0], (num_segments, grid_n),
-                                            cfg.grid_minor_dim, cfg.grid_tile_width)
-                grp = table_gmem[0, si]
-                row0 = table_gmem[1, si]
-                start = table_gmem[2, si]
-                rows = table_gmem[3, si]
-                steps = table_gmem[4, si] * k_iters  # 0 for tail segments: zeros out
+            total = num_segments * grid_n
+            sms = lax.axis_size("sm")
+
+            def coords(lin):
+                return plgpu.planar_snake(lin, (num_segments, grid_n), cfg.grid_minor_dim,
+                                          cfg.grid_tile_width)
+
+            def fetch(lin):  # this SM's next work item's table entry (clamped at the end)
+                si, _ = coords(jnp.maximum(jnp.minimum(lin, total - 1), 0))
+                return table_gmem[0, si], table_gmem[1, si]
+
+            # The table loads for item i+1 are issued while item i runs (nd_loop carry): a
+            # dependent GMEM load at each item's start would stall both TMA and wgmma WGs.
+            @plgpu.nd_loop((total,), collective_axes="sm", init_carry=fetch(lax.axis_index("sm")))
+            def _loop(info, carry):
+                row0, packed = carry
+                _, ni = coords(info.index[0])
+                nxt = fetch(info.index[0] + sms)
+                rows = packed & 0xFF
+                start = (packed >> 8) & 0xFF
+                steps = ((packed >> 16) & 1) * k_iters  # 0 for tail segments: zeros out
+                grp = packed >> 17
                 blk = lax.div(row0, jnp.int32(tm))
 
                 def ctx(eval_pipeline):
@@ -197,6 +215,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
 
                 mma, specs = pipeline(steps, blk, ni)
                 make(mma, specs, steps, ctx)(lhs_gmem, rhs_gmem.at[grp], allocations=allocs)
+                return nxt
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
