@@ -286,9 +286,11 @@ def summarize(res, quiet=False):
                      overlap_gain=c1["step_ms"] / best["step_ms"] - 1)
             if a2a:  # a layer's fwd+bwd runs 4 all-to-alls of this size (dispatch, combine, 2 transposes)
                 comm = 4 * a2a["ms"]
-                s.update(a2a_ms_per_layer_step=comm,
-                         hidden_fraction_no_chunks=1 - c1.get("exposed_ms_vs_1gpu", comm) / comm,
-                         hidden_fraction_best=1 - best.get("exposed_ms_vs_1gpu", comm) / comm)
+                exposed = best.get("exposed_ms_vs_1gpu")
+                s.update(a2a_ms_per_layer_step=comm, exposed_ms_best=exposed,
+                         # > 0: part of the all-to-all time is hidden; < 0: more than it is exposed
+                         # (the dispatch's own sorting/gathers add to it)
+                         hidden_ms_best=None if exposed is None else comm - exposed)
         summ[str(n)] = s
     res["summary"] = summ
     if not quiet:
