@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PRESET ?= tiny_moe
+# Hugging Face interop test deps (CPU torch). `make test HF_DEPS=` skips them (tests marked hf then skip).
+HF_DEPS ?= torch==2.13.0 transformers
 
 .PHONY: train test test-all install clean
 
@@ -11,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(if $(strip $(HF_DEPS)),$(BIN)/python -m pip install -q $(HF_DEPS) || echo "note: HF extras not installed: tests marked hf will skip")
 	touch $(STAMP)
 
 install: $(STAMP)
