@@ -194,3 +194,29 @@ def test_auto_is_pallas_on_hopper_for_bf16():
     if is_hopper():
         assert resolve_backend("auto", jnp.bfloat16) == "pallas"
         assert resolve_backend("auto", jnp.float32) == "xla"
+
+
+@pytest.mark.parametrize("sizes,m", [([70, 0, 100, 20], 200), ([0, 256, 0], 256), ([5, 3], 300),
+                                     ([128, 128], 256)])
+def test_segment_table_covers_every_row_once(sizes, m):
+    from ops.gmm_pallas_fwd import segment_table
+    tm = 64
+    table, count = segment_table(jnp.asarray(sizes, jnp.int32), m, tm)
+    table, count = np.asarray(table), int(count[0])
+    owner = np.full(m, -2)
+    ends = np.cumsum(sizes)
+    for s in range(table.shape[1]):
+        row0, packed = table[:, s]
+        rows, start = packed & 0xFF, (packed >> 8) & 0xFF
+        compute, grp = (packed >> 16) & 1, packed >> 17
+        if s >= count:
+            assert rows == 0
+            continue
+        assert row0 % tm == 0 and 0 < rows <= tm and start + rows <= tm
+        seg = np.arange(row0 + start, row0 + start + rows)
+        assert np.all(owner[seg] == -2), "row covered twice"
+        owner[seg] = grp if compute else -1
+    assert np.all(owner != -2), "row not covered"
+    want = np.searchsorted(ends, np.arange(m), side="right")
+    want[np.arange(m) >= ends[-1]] = -1
+    np.testing.assert_array_equal(owner, want)

@@ -1,0 +1,59 @@
+"""Shared pieces of the Mosaic-GPU grouped-matmul kernels: tile configs and small helpers."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+MEMORY_REGISTERS = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class FwdConfig:
+    tile_m: int = 128          # rows per segment (both WGs)
+    tile_n: int = 128          # columns per compute WG (CTA covers 2*tile_n)
+    tile_k: int = 64
+    max_concurrent_steps: int = 4
+    grid_minor_dim: int = 1    # planar_snake minor dim over (segments, N tiles)
+    grid_tile_width: int = 8
+    delay_release: int = 0      # 0: each step released after its wgmma (see NOTES: >0 races)
+    epi_n: int = 64            # epilogue column chunk (SMEM staging: 2 WGs x tile_m x epi_n)
+    slice_then_transpose: bool = False  # transpose_rhs: slice rhs SMEM tile before transposing
+
+
+@dataclasses.dataclass(frozen=True)
+class WgradConfig:
+    tile_r: int = 64           # rows (contraction) per pipeline step
+    tile_a: int = 128          # output rows per compute WG (CTA covers 2*tile_a)
+    tile_b: int = 128
+    max_concurrent_steps: int = 3
+    grid_minor_dim: int = 1
+    grid_tile_width: int = 8
+    delay_release: int = 0      # 0: each step released after its wgmma (see NOTES: >0 races)
+    split: str = "b"           # which operand the 2 compute WGs split: "a" (A rows) or "b"
+    slice_then_transpose: bool = False  # split "a": slice a's SMEM tile before transposing
+
+
+def _transforms(dtype, minor_elems):
+    swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
+
+
+def _num_sms(interpret):
+    if interpret:
+        return 2
+    return jax.devices()[0].core_count
+
+
+def _compiler_params():
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def _interpret_params(interpret):
+    if not interpret:
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    return InterpretGPUParams()

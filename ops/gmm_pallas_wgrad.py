@@ -1,0 +1,138 @@
+"""Weight-gradient grouped-matmul kernel (Mosaic GPU, Hopper): out[g] = a_g^T b_g -> [G,A,B].
+
+See ops/gmm_pallas.py for the design.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ops.gmm_pallas_common import (MEMORY_REGISTERS, WgradConfig, _compiler_params,
+                                   _interpret_params, _num_sms, _transforms)
+
+
+# ----------------------------------------------------------------------------- wgrad
+def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpret=False,
+                     a_transposed=False):
+    """out[g] = a_g^T b_g : a[M,A] (or a^T [A,M] if a_transposed), b[M,B] -> [G,A,B].
+
+    a_transposed=False feeds wgmma an M-major (transposed) A operand straight from the [M,A]
+    tiles; GPU interpret mode (JAX 0.10) supports neither that nor layout_cast, so interpret runs
+    take a pre-transposed a (a copy outside the kernel). cfg.split picks which operand the two
+    compute WGs split (each masks the boundary rows of its own slice of that operand).
+    """
+    if a_transposed:
+        adim, m = a.shape
+    else:
+        m, adim = a.shape
+    bdim = b.shape[1]
+    g = group_sizes.shape[0]
+    tr, ta, tb = cfg.tile_r, cfg.tile_a, cfg.tile_b
+    split_a = cfg.split == "a"
+    ca, cb = (2 * ta, tb) if split_a else (ta, 2 * tb)  # CTA tile
+    if adim % ca or bdim % cb:
+        raise ValueError(f"gmm_wgrad_kernel: needs A % {ca} == 0 and B % {cb} == 0, got "
+                         f"A={adim} B={bdim}")
+    grid_a, grid_b = adim // ca, bdim // cb
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first_blk = starts // tr
+    nblk = jnp.where(sizes > 0, (ends - 1) // tr - first_blk + 1, 0)
+    table = jnp.stack([starts, ends, first_blk, nblk]).astype(jnp.int32)
+    a_tf = _transforms(a.dtype, tr if a_transposed else ca)
+    b_tf = _transforms(b.dtype, cb)
+    o_tf = _transforms(out_dtype, tb)
+
+    def body(table_gmem, a_gmem, b_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+
+        def make(steps, fblk, ai, bi, lo, hi, ctx):
+            def mma(idx, a_smem, b_smem, acc_ref):
+                row_blk0 = (fblk + idx[0]) * tr
+                if split_a:
+                    own, shape, axis = ((a_smem.at[pl.ds(wg * ta, ta), :], (ta, tr), 1)
+                                        if a_transposed else
+                                        (a_smem.at[:, pl.ds(wg * ta, ta)], (tr, ta), 0))
+                else:
+                    own, shape, axis = b_smem.at[:, pl.ds(wg * tb, tb)], (tr, tb), 0
+
+                @pl.when((row_blk0 < lo) | (row_blk0 + tr > hi))
+                def _mask():  # rows of neighbouring groups in a boundary block: zero them
+                    iota = lax.broadcasted_iota(jnp.int32, shape, axis)
+                    if not interpret:
+                        iota = plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
+                    rows = row_blk0 + iota
+                    keep = ((rows >= lo) & (rows < hi)).astype(own.dtype)
+                    own[...] = own[...] * keep
+                    plgpu.commit_smem()
+
+                if a_transposed:
+                    a_op = own if split_a else a_smem
+                elif not split_a:
+                    a_op = plgpu.transpose_ref(a_smem, (1, 0))
+                elif cfg.slice_then_transpose:
+                    a_op = plgpu.transpose_ref(own, (1, 0))
+                else:
+                    a_op = plgpu.transpose_ref(a_smem, (1, 0)).at[pl.ds(wg * ta, ta), :]
+                b_op = b_smem if split_a else own
+                plgpu.wgmma(acc_ref, a_op, b_op)
+                plgpu.wgmma_wait(cfg.delay_release)
+                return acc_ref
+
+            a_spec = (plgpu.BlockSpec((ca, tr), lambda r: (ai, fblk + r), transforms=a_tf,
+                                      delay_release=cfg.delay_release) if a_transposed else
+                      plgpu.BlockSpec((tr, ca), lambda r: (fblk + r, ai), transforms=a_tf,
+                                      delay_release=cfg.delay_release))
+            specs = [a_spec,
+                     plgpu.BlockSpec((tr, cb), lambda r: (fblk + r, bi), transforms=b_tf,
+                                     delay_release=cfg.delay_release)]
+            return plgpu.emit_pipeline_warp_specialized(
+                mma, grid=(steps,), memory_registers=MEMORY_REGISTERS, in_specs=specs,
+                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
+                compute_context=ctx)
+
+        ignore = lambda *_, **__: None
+        # a static grid of max_concurrent_steps steps: allocations for that many slots
+        allocs = make(cfg.max_concurrent_steps, 0, 0, 0, 0, 0, ignore).get_allocations(a_gmem,
+                                                                                       b_gmem)
+
+        @functools.partial(pl.run_scoped, allocs=allocs,
+                           out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
+                           collective_axes="wg")
+        def _scope(allocs, out_smem):
+            @plgpu.nd_loop((g, grid_a * grid_b), collective_axes="sm")
+            def _loop(info):
+                gi = info.index[0]
+                ai, bi = plgpu.planar_snake(info.index[1], (grid_a, grid_b),
+                                            cfg.grid_minor_dim, cfg.grid_tile_width)
+                lo, hi = table_gmem[0, gi], table_gmem[1, gi]
+                fblk, steps = table_gmem[2, gi], table_gmem[3, gi]
+
+                def ctx(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ta, tb), jnp.float32))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...].astype(out_dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem[wg] = acc
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg],
+                            out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
+                                        pl.ds(bi * cb + (0 if split_a else wg * tb), tb)])
+
+                make(steps, fblk, ai, bi, lo, hi, ctx)(a_gmem, b_gmem, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((g, adim, bdim), out_dtype),
+        grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        compiler_params=_compiler_params(), interpret=_interpret_params(interpret))
+    return kernel(table, a, b)
