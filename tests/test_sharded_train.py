@@ -1,7 +1,6 @@
 """A few train steps with a sharded state (8 fake CPU devices) give the unsharded run's losses."""
 import dataclasses
 
-import jax
 import numpy as np
 import pytest
 
