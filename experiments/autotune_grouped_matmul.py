@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import statistics
 import sys
 import time
 
@@ -26,6 +25,7 @@ from ops.grouped_matmul import _xla_fwd, _xla_wgrad
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_grouped_matmul import group_sizes  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 SHAPES = [  # (E, M, K, N): one per class
     (8, 32768, 4096, 14336),
@@ -76,17 +76,6 @@ def check(name):
           flush=True)
 
 
-def timeit(f, args, reps):
-    for _ in range(2):
-        jax.block_until_ready(f(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 def rel(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -110,8 +99,8 @@ def sweep(kind, e, m, k, n, configs, reps, log):
         make = lambda c: jax.jit(lambda a, b, gs: P.gmm_wgrad(a, b, gs, jnp.bfloat16, cfg=c))
         base = P.WgradConfig()
     dense = jax.jit(lambda a, b: a @ b)
-    t_dense = timeit(dense, (x, jax.random.normal(ks[1], (k, n), jnp.float32).astype(
-        jnp.bfloat16)), reps)
+    t_dense = median_seconds(dense, x, jax.random.normal(ks[1], (k, n), jnp.float32).astype(
+        jnp.bfloat16), iters=reps)
     best = None
     for c in configs:
         cfg = dataclasses.replace(base, **c)
@@ -125,7 +114,7 @@ def sweep(kind, e, m, k, n, configs, reps, log):
             err = rel(f(*args), ref)
             if not err < 2e-2:
                 raise AssertionError(f"rel err {err}")
-            t = timeit(f, args, reps)
+            t = median_seconds(f, *args, iters=reps)
         except Exception as ex:
             log.append({"kind": kind, "shape": [e, m, k, n], "cfg": c,
                         "error": f"{type(ex).__name__}: {str(ex)[:200]}"})

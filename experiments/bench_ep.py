@@ -10,6 +10,7 @@ tokens/s per GPU = per-GPU tokens / step time; weak scaling(n) = tokens/s/GPU(n)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -23,24 +24,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from moe_jax import ep_dispatch, parallel  # noqa: E402
 from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig, load_config  # noqa: E402
 from moe_jax.moe import MoELayer  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 
-def _time(fn, *args, iters=10, warmup=2):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+@contextlib.contextmanager
+def ep_options(layout, **kw):
+    """Trace under `layout` with extra keyword options for `ep_dispatch.moe_ffn` (benchmark variants:
+    buffer factor, chunks, fallback off) without adding them to the model config."""
+    orig = ep_dispatch.moe_ffn
+    ep_dispatch.moe_ffn = functools.partial(orig, **kw)
+    try:
+        with parallel.use_layout(layout):
+            yield
+    finally:
+        ep_dispatch.moe_ffn = orig
 
 
 def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, **ep_kw):
@@ -58,13 +61,8 @@ def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, **ep_kw):
     def step(params, x):
         if layout is None:
             return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-        orig = ep_dispatch.moe_ffn
-        ep_dispatch.moe_ffn = functools.partial(orig, **ep_kw)
-        try:
-            with parallel.use_layout(layout):
-                return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-        finally:
-            ep_dispatch.moe_ffn = orig
+        with ep_options(layout, **ep_kw):
+            return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
     def pair_counts(params, x):  # assignments per (source shard, destination GPU), to see the buffer fill
         routing = nnx.merge(gd, params).router(x.reshape(-1, cfg.d_model))
@@ -92,7 +90,7 @@ def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
     t0 = time.perf_counter()
     (_, dropped), _ = jax.block_until_ready(step(params, x))
     compile_s = time.perf_counter() - t0
-    t = _time(step, params, x, iters=iters)
+    t = median_seconds(step, params, x, iters=iters)
     m = cfg.moe
     flops = 6 * 3 * cfg.d_model * m.ffn_hidden_size * m.router_topk * tokens_per_gpu  # fc1(x2)+fc2, fwd+bwd
     return {"gpus": n, "step_ms": 1e3 * t, "tokens_per_s_per_gpu": tokens_per_gpu / t,
@@ -108,7 +106,7 @@ def bench_all_to_all(n, rows, d, dtype, iters):
     f = jax.jit(jax.shard_map(lambda a: jax.lax.all_to_all(a, "expert", 0, 0), mesh=mesh,
                               in_specs=P(None, "expert"), out_specs=P(None, "expert")))
     a = jax.device_put(jnp.ones((n, n * (rows // n), d), dtype), NamedSharding(mesh, P(None, "expert")))
-    t = _time(f, a, iters=iters)
+    t = median_seconds(f, a, iters=iters)
     nbytes = (n - 1) / n * rows * d * jnp.dtype(dtype).itemsize
     return {"gpus": n, "rows_per_device": rows, "ms": 1e3 * t, "bytes_out_per_device": nbytes,
             "GB_per_s": nbytes / t / 1e9}
@@ -146,13 +144,8 @@ def check(dispatchers, eps):
             return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)), y
 
         def f(params, x):
-            orig = ep_dispatch.moe_ffn
-            ep_dispatch.moe_ffn = functools.partial(orig, **kw)
-            try:
-                with parallel.use_layout(layout):
-                    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-            finally:
-                ep_dispatch.moe_ffn = orig
+            with ep_options(layout, **kw):
+                return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
         (_, y), g = jax.jit(f)(params, x)
         return [y] + jax.tree.leaves(g)
 

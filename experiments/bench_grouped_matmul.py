@@ -13,10 +13,8 @@ import datetime
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -24,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ops import grouped_matmul
+from timing import median_seconds  # noqa: E402
 
 ROWS = [  # (E, M, K, N, name)
     (8, 32768, 4096, 14336, "Mixtral-8x7B fc1"),
@@ -47,17 +46,6 @@ def group_sizes(e, m, pattern, seed=0):
     sizes = np.floor(p * m).astype(np.int64)
     sizes[np.argmax(sizes)] += m - sizes.sum()
     return sizes.astype(np.int32)
-
-
-def time_fn(fn, args, reps, warmup=3):
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_fns(backend):
@@ -96,8 +84,8 @@ def bench_row(e, m, k, n, pattern, backends, reps, xla_reps):
                     ref_y = np.asarray(grouped_matmul(x, w, gs, backend="xla"), np.float32)
                 yn = np.asarray(y, np.float32)
                 out[f"{b}_rel_err"] = float(np.linalg.norm(yn - ref_y) / np.linalg.norm(ref_y))
-            t_f = time_fn(f, (x, wb, gs, dy), r)
-            t_fb = time_fn(fb, (x, wb, gs, dy), r)
+            t_f = median_seconds(f, x, wb, gs, dy, iters=r, warmup=3)
+            t_fb = median_seconds(fb, x, wb, gs, dy, iters=r, warmup=3)
             out[b] = {"fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
                       "fwd_tflops": flops / t_f / 1e12, "fwd_bwd_tflops": 3 * flops / t_fb / 1e12}
         except Exception as ex:  # keep the other columns

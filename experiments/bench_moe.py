@@ -14,35 +14,23 @@ import dataclasses
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moe_jax.config import load_config  # noqa: E402
 from moe_jax.layers import MLP  # noqa: E402
 from moe_jax.moe import MoELayer  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 MODELS = {"bench_mixtral": ("mixtral_small", []),
           "bench_deepseek": ("deepseek_small", ["moe.router_score_function=softmax",
                                                 "moe.router_num_groups=null", "moe.router_group_topk=null",
                                                 "moe.router_enable_expert_bias=false"])}
-
-
-def time_fn(fn, args_list, iters):
-    """Median seconds of fn over rotating argument sets (after a warm-up/compile)."""
-    jax.block_until_ready(fn(*args_list[0]))
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def fwd_bwd(module, tokens, d):
@@ -82,7 +70,7 @@ def main(argv=None):
         hidden = m.router_topk * m.ffn_hidden_size + m.shared_size
         flops = 3 * 2 * tokens * 3 * d * hidden  # fwd + bwd (2x), three matmuls of SwiGLU
         dense = MLP(base, hidden, rngs=nnx.Rngs(0))
-        t_dense = time_fn(fwd_bwd(dense, tokens, d), args_list, args.iters)
+        t_dense = median_seconds(fwd_bwd(dense, tokens, d), iters=args.iters, rotate=args_list)
         row = {"model": name, "tokens": tokens, "dense_ms": t_dense * 1e3,
                "dense_tflops": flops / t_dense / 1e12}
         for backend in args.backends.split(","):
@@ -92,7 +80,7 @@ def main(argv=None):
                 layer = MoELayer(cfg, rngs=nnx.Rngs(0))
                 key = f"{backend}{'_balanced' if balanced else ''}"
                 try:
-                    t = time_fn(fwd_bwd(layer, tokens, d), args_list, args.iters)
+                    t = median_seconds(fwd_bwd(layer, tokens, d), iters=args.iters, rotate=args_list)
                     row[f"{key}_ms"] = t * 1e3
                     row[f"{key}_vs_dense"] = t_dense / t
                 except Exception as e:  # noqa: BLE001 — report and continue with the other variants

@@ -207,7 +207,7 @@ def _reverse(plan):
 
 def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str):
     n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
-    E, L = m.num_experts, w1.shape[0]
+    L = w1.shape[0]  # experts per device
     t, k = routing.experts.shape
     x_SD, perm = _sorted_rows(x_TD, routing, m.apply_probs_on_input)
     counts_nE = jax.lax.all_gather(routing.tokens_per_expert, "expert")          # [src, E]
