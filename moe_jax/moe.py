@@ -48,24 +48,25 @@ class MoELayer(nnx.Module):
         x_BSD = parallel.pin_batch(x_BSD)  # no-op without a mesh
         x_TD = x_BSD.reshape(b * s, d).astype(self.dtype)
         routing = self.router(x_TD, seq_len=s, rng=rng)
-        dropped = routing.dropped
-
-        layout = parallel.current_layout()
-        if layout is None or layout.num_devices == 1:  # one device: local permute
-            cap = capacity(b * s, self.cfg) if self.cfg.pad_expert_input_to_capacity else None
-            x_ND, perm = dispatch.permute(x_TD, routing, capacity=cap)
-            if self.cfg.apply_probs_on_input:
-                x_ND = (x_ND * dispatch.sorted_weights(routing, perm)[:, None]).astype(self.dtype)
-            y_ND = self.experts(x_ND, perm.group_sizes)
-            y_TD = dispatch.unpermute(y_ND, perm, routing,
-                                      apply_weights=not self.cfg.apply_probs_on_input)
-        else:  # the same steps per shard, tokens exchanged across the `expert` mesh axis
-            y_TD, ep_dropped = ep_dispatch.moe_ffn(x_TD, routing, *self.experts.weights(), layout,
-                                                   self.cfg)
-            dropped = dropped + ep_dropped
+        y_TD, ep_dropped = self.routed_experts(x_TD, routing)  # dispatch → experts → combine
 
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         aux = {"losses": routing.losses, "tokens_per_expert": routing.tokens_per_expert,
-               "routed_counts": routing.routed_counts, "dropped": dropped}
+               "routed_counts": routing.routed_counts, "dropped": routing.dropped + ep_dropped}
         return parallel.pin_batch(y_TD.reshape(b, s, d)), aux
+
+    def routed_experts(self, x_TD: jax.Array, routing) -> tuple[jax.Array, jax.Array]:
+        """Weighted sum of the chosen experts' outputs per token, and the assignments dropped on the
+        way (beyond the router's own): a local permute on one device, else the EP dispatcher
+        (`token_dispatcher_type`) over the `expert` mesh axis."""
+        layout = parallel.current_layout()
+        if layout is not None and layout.num_devices > 1:
+            return ep_dispatch.moe_ffn(x_TD, routing, *self.experts.weights(), layout, self.cfg)
+        cap = capacity(x_TD.shape[0], self.cfg) if self.cfg.pad_expert_input_to_capacity else None
+        x_ND, perm = dispatch.permute(x_TD, routing, capacity=cap)
+        if self.cfg.apply_probs_on_input:
+            x_ND = (x_ND * dispatch.sorted_weights(routing, perm)[:, None]).astype(self.dtype)
+        y_ND = self.experts(x_ND, perm.group_sizes)
+        y_TD = dispatch.unpermute(y_ND, perm, routing, apply_weights=not self.cfg.apply_probs_on_input)
+        return y_TD, jnp.zeros((), jnp.int32)
