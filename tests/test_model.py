@@ -123,3 +123,21 @@ def test_param_counts_match_benchmark_models(preset, total, active):
     # 6·N_active + 6·L·d·S
     f = metrics.flops_per_token(cfg, counts["active"], 2048)
     assert f == 6 * counts["active"] + 6 * cfg.num_layers * cfg.d_model * 2048
+
+
+def test_dropped_token_passes_through_the_block_residual():
+    """A token every slot of which is dropped leaves the MoE block with only the attention residual."""
+    cfg = small_cfg(moe=MoEConfig(num_experts=4, router_topk=1, ffn_hidden_size=16, layer_freq=(1, 1, 1),
+                                  expert_capacity_factor=0.25, token_drop_policy="position"))
+    block = GPT(cfg, rngs=nnx.Rngs(0)).blocks[0]
+    x = jax.random.normal(jax.random.key(3), (2, 16, cfg.d_model))
+    cos, sin = rope_tables(16, cfg.head_dim_, cfg.rope_theta)
+    out, aux = block(x, cos, sin)
+    after_attn = x + block.attn(block.attn_norm(x), cos, sin)
+    routing = block.mlp.router(block.mlp_norm(after_attn).reshape(-1, cfg.d_model), seq_len=16)
+    dropped = ~np.asarray(routing.kept[:, 0])
+    assert dropped.sum() == int(aux["dropped"]) > 0
+    np.testing.assert_array_equal(np.asarray(out).reshape(-1, cfg.d_model)[dropped],
+                                  np.asarray(after_attn).reshape(-1, cfg.d_model)[dropped])
+    assert not np.allclose(np.asarray(out).reshape(-1, cfg.d_model)[~dropped],
+                           np.asarray(after_attn).reshape(-1, cfg.d_model)[~dropped])
