@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call per part, each well inside the 10-minute limit; results land in experiments/results/
+# and are copied to $OUT so they come back. Usage (device tool): bash experiments/gpu_session.sh PART
+#   tests  — every @pytest.mark.gpu test (Pallas kernels, MoE layer through Pallas)
+#   model  — mixtral_small and deepseek_small train benchmarks (Pallas experts; remat off, then on)
+#   layer  — bench_moe.py: MoE layer fwd+bwd vs a dense MLP of the same FLOPs
+#   gmm    — bench_grouped_matmul.py with the torch column
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+case "${1:-}" in
+  tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+  model)
+    for preset in mixtral_small deepseek_small; do
+      for extra in "" "model.remat=true"; do
+        echo "== $preset $extra"
+        timeout 280 python3 experiments/train.py --config "$preset" --benchmark --no-progress \
+          train.steps=30 train.log_every=10 $extra 2>&1 | grep -v "^[WI][0-9]" | tail -6 && break
+      done
+    done ;;
+  layer) timeout 560 python3 experiments/bench_moe.py --iters 20 ;;
+  gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
+  *) echo "usage: $0 tests|model|layer|gmm"; exit 2 ;;
+esac
+cp experiments/results/*.json "$OUT/" 2>/dev/null
+exit 0
