@@ -8,6 +8,7 @@
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
+stamp=$(mktemp); sleep 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "${1:-}" in
   tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
@@ -23,5 +24,5 @@ case "${1:-}" in
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   *) echo "usage: $0 tests|model|layer|gmm"; exit 2 ;;
 esac
-cp experiments/results/*.json "$OUT/" 2>/dev/null
+find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0
