@@ -25,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from moe_jax import checkpoint as C  # noqa: E402
-from moe_jax.config import load_config  # noqa: E402
+from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.model import GPT  # noqa: E402
 from moe_jax.train import init_state  # noqa: E402
 

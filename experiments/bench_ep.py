@@ -28,7 +28,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from moe_jax import ep_dispatch, parallel  # noqa: E402
-from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig, load_config  # noqa: E402
+from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig  # noqa: E402
+from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.moe import MoELayer  # noqa: E402
 from timing import median_seconds  # noqa: E402
 

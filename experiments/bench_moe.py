@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from moe_jax.config import load_config  # noqa: E402
+from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.layers import MLP  # noqa: E402
 from moe_jax.moe import MoELayer  # noqa: E402
 from timing import median_seconds  # noqa: E402

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moe_jax import distributed, parallel  # noqa: E402
 from moe_jax.checkpoint import CheckpointError  # noqa: E402
-from moe_jax.config import load_config  # noqa: E402
+from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.runner import NonFiniteLossError, train  # noqa: E402
 
 

@@ -318,7 +318,7 @@ def check_compatible(saved: dict[str, dict], flat_target: dict[str, Any], *, whe
 def load_model(directory: str | Path, step: int | None = None):
     """(Config, GPT) from a run's checkpoint (the run config is read from the checkpoint itself);
     `directory` is the checkpoints folder or the run's out_dir that holds `checkpoints/`."""
-    from moe_jax.config import build_config
+    from moe_jax.presets import build_config
     from moe_jax.model import GPT
     from moe_jax.train import init_state, split_model
 

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from moe_jax import metrics as M
 from moe_jax import parallel
 from moe_jax.checkpoint import Checkpointer, abstract_state
-from moe_jax.config import Config, to_dict
+from moe_jax.config import Config
+from moe_jax.presets import to_dict
 from moe_jax.data import make_dataset
 from moe_jax.model import GPT
 from moe_jax.train import init_sharded_state, init_state, make_train_step

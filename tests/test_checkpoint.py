@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from moe_jax import checkpoint as C
-from moe_jax.config import load_config
+from moe_jax.presets import load_config
 from moe_jax.data import make_dataset
 from moe_jax.model import GPT
 from moe_jax.train import init_state, make_train_step

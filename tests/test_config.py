@@ -2,8 +2,8 @@ import dataclasses
 
 import pytest
 
-from moe_jax.config import (Config, ModelConfig, MoEConfig, TrainConfig, apply_overrides, build_config,
-                            capacity, load_config, load_raw, to_dict)
+from moe_jax.config import Config, ModelConfig, MoEConfig, TrainConfig, capacity
+from moe_jax.presets import apply_overrides, build_config, load_config, load_raw, to_dict
 
 PRESETS = ["tiny_moe", "mixtral_small", "deepseek_small", "dense_small"]
 

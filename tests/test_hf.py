@@ -114,7 +114,7 @@ def test_unknown_tensor_is_named(tmp_path):
 
 
 def test_export_rejects_what_hf_cannot_express():
-    from moe_jax.config import load_config
+    from moe_jax.presets import load_config
     cfg = load_config("tiny_moe", ["moe.router_score_function=sigmoid"]).model
     with pytest.raises(ValueError, match="router_score_function"):
         save_hf(None, cfg, "/nonexistent/never-written")

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from moe_jax import metrics
-from moe_jax.config import ModelConfig, MoEConfig, load_config
+from moe_jax.config import ModelConfig, MoEConfig
+from moe_jax.presets import load_config
 from moe_jax.model import GPT, apply_rope, rope_tables
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from moe_jax import parallel
-from moe_jax.config import ParallelConfig, load_config
+from moe_jax.config import ParallelConfig
+from moe_jax.presets import load_config
 from moe_jax.data import make_dataset
 from moe_jax.model import GPT
 from moe_jax.train import init_sharded_state, init_state, make_train_step

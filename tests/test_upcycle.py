@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from moe_jax import checkpoint as C
-from moe_jax.config import Config, MoEConfig, ModelConfig, TrainConfig, to_dict
+from moe_jax.config import Config, MoEConfig, ModelConfig, TrainConfig
+from moe_jax.presets import to_dict
 from moe_jax.model import GPT
 from moe_jax.train import init_state
 from moe_jax.upcycle import plan, upcycle
