@@ -50,8 +50,12 @@ def main(argv=None) -> int:
     except (NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over {summary['steps']} steps; "
-          f"outputs in {cfg.train.out_dir}")
+    if summary["first_loss"] is None:
+        print(f"nothing to do: the checkpoint is already at train.steps={summary['steps']}; "
+              f"raise train.steps to continue")
+    else:
+        print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over {summary['steps']} "
+              f"steps; outputs in {cfg.train.out_dir}")
     if args.benchmark:
         stamp = datetime.datetime.now(datetime.timezone.utc)
         dev = summary["device"].replace(" ", "_")
