@@ -6,8 +6,8 @@ expert-bias state).
   killed mid-save leaves the previous checkpoint the latest restorable one) and `restore(target)`.
 - Reshard on restore: `target` is a state (or an abstract one, `abstract_state`) whose leaves carry
   the *new* shardings; every leaf, optimizer moments included, is read straight into that layout, so
-  EP/TP/FSDP may differ from the run that saved it (`state_shardings` builds such a layout from the
-  params' logical axes).
+  EP/TP/FSDP may differ from the run that saved it (`parallel.tree_shardings` gives such a layout
+  from the params' logical axes).
 - Loud failures, never a partial load: each checkpoint carries a manifest (every leaf's path, shape,
   dtype and a layout-independent fingerprint of its bits). Restore compares the manifest with the
   target (naming every differing path) and the restored bits with the fingerprints.
@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -146,54 +145,10 @@ def abstract_state(state, shardings=None):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), sub), shardings, state, is_leaf=is_sh)
 
 
-def logical_spec(axes, shape, mesh, rules: dict[str, Any]) -> P:
-    """PartitionSpec for one array from its logical axes; a mesh axis is used once, and only where it
-    divides the dimension."""
-    used, spec = set(), []
-    for name, dim in zip(axes, shape):
-        mesh_axes = rules.get(name) if name is not None else None
-        if isinstance(mesh_axes, str):
-            mesh_axes = (mesh_axes,)
-        keep = []
-        for a in mesh_axes or ():
-            size = int(np.prod([mesh.shape[x] for x in keep + [a]]))
-            if a in mesh.shape and a not in used and mesh.shape[a] > 1 and dim % size == 0:
-                keep.append(a)
-        used.update(keep)
-        spec.append(tuple(keep) if len(keep) > 1 else (keep[0] if keep else None))
-    return P(*spec)
-
-
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def logical_axes(tree) -> dict[str, tuple]:
-    """{path (as in `flatten`): logical axes} for every Variable leaf carrying `logical_axes`
-    metadata (parameters, and the optimizer moments that inherit their parameter's metadata)."""
-    out = {}
-    for path, var in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)[0]:
-        axes = var.get_metadata().get("logical_axes") if _is_var(var) else None
-        if axes is not None:
-            out[path_str(path) + "/value"] = tuple(axes)
-    return out
-
-
-def state_shardings(state, mesh, rules: dict[str, Any]):
-    """NamedShardings (same tree as `state`) on one mesh: leaves with logical axes by `rules`
-    (logical name -> mesh axis / axes / None), everything else replicated."""
-    axes = logical_axes(state)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    out = []
-    for path, leaf in leaves:
-        ax = axes.get(path_str(path))
-        ok = ax is not None and len(ax) == np.ndim(leaf)
-        out.append(NamedSharding(mesh, logical_spec(ax, leaf.shape, mesh, rules) if ok else P()))
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 def reshard(state, shardings):
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
+    """`state` placed in `shardings` (the same tree, or a prefix: one sharding per nnx Variable)."""
+    is_sh = lambda x: isinstance(x, jax.sharding.Sharding)  # noqa: E731
+    return jax.tree.map(lambda s, sub: jax.device_put(sub, s), shardings, state, is_leaf=is_sh)
 
 
 # ---------------------------------------------------------------------------------------------
