@@ -24,10 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-import ops
 from moe_jax import dispatch
 from moe_jax.config import MoEConfig
-from moe_jax.layers import activate
+from moe_jax.experts import grouped_ffn
 from moe_jax.routing import Routing, expert_counts
 
 TOKENS = ("edata", "expert")
@@ -38,12 +37,9 @@ DISPATCHERS = ("alltoall", "alltoall_ragged", "allgather")
 
 def expert_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation: str, backend: str):
     """Local experts on expert-sorted rows; ETP partial sums reduced over `etensor`."""
-    e, d, n, f = w1_EDnF.shape
     # one varying type for the kernels' custom_vjp; its transpose sums dx over etensor, dw over edata
     x_ND, w1_EDnF, w2_EFD = (_vary(a, MESH_AXES) for a in (x_ND, w1_EDnF, w2_EFD))
-    h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes, backend=backend)
-    h = activate(h.reshape(-1, n, f), activation)
-    y = ops.grouped_matmul(h, w2_EFD, group_sizes, backend=backend)
+    y = grouped_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation, backend)
     return jax.lax.psum(y, "etensor")
 
 

@@ -12,6 +12,14 @@ from moe_jax.config import ModelConfig
 from moe_jax.layers import activate, n_in, param
 
 
+def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: str) -> jax.Array:
+    """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs."""
+    e, d, n, f = w1_EDnF.shape
+    h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend)
+    h = activate(h.reshape(-1, n, f), activation)
+    return ops.grouped_matmul(h, w2_EFD, group_sizes_E, backend=backend)
+
+
 class GroupedExperts(nnx.Module):
     """E SwiGLU/GeLU/... MLPs applied to contiguous row groups: fc1 [E, D, n_in, F], fc2 [E, F, D]."""
 
@@ -30,11 +38,7 @@ class GroupedExperts(nnx.Module):
 
     def __call__(self, x_ND: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         w1, w2 = self.weights()
-        e, d, n, f = w1.shape
-        x = x_ND.astype(self.dtype)
-        h = ops.grouped_matmul(x, w1.reshape(e, d, n * f), group_sizes_E, backend=self.backend)
-        h = activate(h.reshape(-1, n, f), self.activation)
-        return ops.grouped_matmul(h, w2, group_sizes_E, backend=self.backend)
+        return grouped_ffn(x_ND.astype(self.dtype), group_sizes_E, w1, w2, self.activation, self.backend)
 
 
 class SequentialExperts(GroupedExperts):

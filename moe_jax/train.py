@@ -131,7 +131,7 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
             routed = aux["routed_counts"].sum(0)
             model = nnx.merge(graphdef, params, model_state)
             _update_expert_biases(model, routed)
-            model_state = nnx.split(model, nnx.Param, ...)[2]
+            model_state = split_model(model)[2]
             metrics.update(tokens_per_expert=aux["tokens_per_expert"].sum(0), routed_counts=routed,
                            dropped=aux["dropped"].sum(0))
         new = state.replace(step=state.step + 1, data_pos=state.data_pos + 1, params=params,
