@@ -80,14 +80,30 @@ def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, **ep_kw):
     return jax.jit(step, in_shardings=(ps, xs)), params, x, jax.jit(pair_counts)
 
 
+# benchmark variants: name -> moe_ffn keyword options (buffers are per (source, dest) pair for
+# alltoall, received rows per device for the ragged dispatcher)
+VARIANTS = {
+    "local": {},
+    "alltoall": dict(dispatcher="alltoall"),                                  # 2x buffer, fallback
+    "alltoall_worst": dict(dispatcher="alltoall", buffer_factor=None),        # always worst case
+    "alltoall_nofallback": dict(dispatcher="alltoall", fallback=False),
+    "alltoall_tight": dict(dispatcher="alltoall", buffer_factor=1.25),
+    "alltoall_ragged": dict(dispatcher="alltoall_ragged"),                    # auto: pallas on Hopper
+    "ragged_tight": dict(dispatcher="alltoall_ragged", buffer_factor=1.25),
+    "ragged_xla": dict(dispatcher="alltoall_ragged", ragged_impl="xla"),
+    "allgather": dict(dispatcher="allgather"),
+}
+
+
 def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
     devices = jax.devices()[:n]
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
                                                       devices=devices)
     step, params, x, pair_counts = _layer_step(cfg, layout, n, tokens_per_gpu, seq, **ep_kw)
     chunk_tokens = tokens_per_gpu // ep_kw.get("chunks", 1)
-    bf = ep_kw.get("buffer_factor", ep_dispatch.DROPLESS_BUFFER_FACTOR)
-    fast = None if bf is None else ep_dispatch._round_up(chunk_tokens * cfg.moe.router_topk / n * bf, 8)
+    disp = ep_kw.get("dispatcher", "alltoall")
+    fast, worst = ep_dispatch._buffer_rows(disp, chunk_tokens, cfg.moe, n, cfg.moe.num_experts // n,
+                                           ep_kw.get("buffer_factor", ep_dispatch.DROPLESS_BUFFER_FACTOR))
     t0 = time.perf_counter()
     (_, dropped), _ = jax.block_until_ready(step(params, x))
     compile_s = time.perf_counter() - t0
@@ -97,7 +113,7 @@ def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
     return {"gpus": n, "step_ms": 1e3 * t, "tokens_per_s_per_gpu": tokens_per_gpu / t,
             "expert_tflops_per_gpu": flops / t / 1e12, "dropped": int(dropped),
             "compile_s": compile_s, "max_pair_count": int(pair_counts(params, x)), "fast_buffer_rows": fast,
-            "worst_buffer_rows": ep_dispatch.fixed_capacity(chunk_tokens, cfg.moe, n),
+            "worst_buffer_rows": worst,
             **{k: v for k, v in ep_kw.items()}}
 
 
@@ -111,6 +127,27 @@ def bench_all_to_all(n, rows, d, dtype, iters):
     nbytes = (n - 1) / n * rows * d * jnp.dtype(dtype).itemsize
     return {"gpus": n, "rows_per_device": rows, "ms": 1e3 * t, "bytes_out_per_device": nbytes,
             "GB_per_s": nbytes / t / 1e9}
+
+
+def bench_ragged(n, rows, d, dtype, iters, backend):
+    """One `ops.all_to_all.ragged_all_to_all` per device over n GPUs, rows/n to each device (packed):
+    time and bytes leaving a device."""
+    from ops import all_to_all
+    mesh = parallel.make_layout(ParallelConfig(data=n, expert=n), devices=jax.devices()[:n]).moe_mesh
+    per = jnp.full((n,), rows // n, jnp.int32)
+    off = jnp.arange(n, dtype=jnp.int32) * (rows // n)
+    me_off = lambda: jax.lax.axis_index("expert") * (rows // n)  # noqa: E731  where mine land
+
+    def f(a):
+        return all_to_all.ragged_all_to_all(a, rows, off, per, jnp.full((n,), me_off(), jnp.int32), per,
+                                            axis_name="expert", backend=backend, packed=True)
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P("expert")))
+    a = jax.device_put(jax.random.normal(jax.random.key(0), (n * rows, d), dtype),
+                       NamedSharding(mesh, P("expert")))
+    t = median_seconds(g, a, iters=iters)
+    nbytes = (n - 1) / n * rows * d * jnp.dtype(dtype).itemsize
+    return {"gpus": n, "rows_per_device": rows, "ms": 1e3 * t, "bytes_out_per_device": nbytes,
+            "GB_per_s": nbytes / t / 1e9, "impl": f"ragged_{backend}"}
 
 
 def probe_backend(backend: str):
@@ -184,7 +221,9 @@ def main(argv=None) -> int:
                     "4:alltoall_nofallback:4,2:allgather:1",
                     help="gpus:dispatcher:chunks,... in run order (alltoall_worst: always the worst-case "
                     "buffer; alltoall_nofallback: the 2x buffer without the dropless fallback branch; "
-                    "alltoall_tight: a 1.25x buffer, still dropless)")
+                    "alltoall_tight: a 1.25x buffer, still dropless; see VARIANTS)")
+    ap.add_argument("--ragged", type=lambda v: [b for b in v.split(",") if b], default=["pallas"],
+                    help="ragged exchange backends to time alone (comma list of pallas, xla; '' none)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new layer run after this")
     ap.add_argument("--backend", default="auto", help="grouped GEMM backend (auto = pallas on Hopper)")
     ap.add_argument("--iters", type=int, default=10)
@@ -232,18 +271,22 @@ def main(argv=None) -> int:
             print("all_to_all", row, flush=True)
             res["all_to_all"].append(row)
             save()
+        for backend in args.ragged:  # the ragged exchange of the dispatcher's real rows (T·k)
+            try:
+                row = bench_ragged(n, t * m.router_topk, cfg.d_model, jnp.dtype(cfg.dtype), args.iters,
+                                   backend)
+            except Exception as e:
+                row = {"gpus": n, "impl": f"ragged_{backend}", "error": f"{type(e).__name__}: {e}"[:500]}
+            print("all_to_all", row, flush=True)
+            res["all_to_all"].append(row)
+            save()
     for n, disp, chunks in plan:
         if time.perf_counter() - t_start > args.budget_s:
             print("budget reached: skipping", n, disp, chunks, flush=True)
             continue
-        kw = {} if n == 1 else dict(dispatcher=disp.split("_")[0] if disp.startswith("alltoall_")
-                                    and disp != "alltoall_ragged" else disp, chunks=chunks)
-        if disp == "alltoall_worst":
-            kw["buffer_factor"] = None
-        if disp == "alltoall_nofallback":
-            kw["fallback"] = False
-        if disp == "alltoall_tight":
-            kw["buffer_factor"] = 1.25
+        if disp not in VARIANTS:
+            raise SystemExit(f"unknown variant {disp!r}: one of {list(VARIANTS)}")
+        kw = {} if n == 1 else dict(VARIANTS[disp], chunks=chunks)
         try:
             row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, **kw)
         except Exception as e:
@@ -270,21 +313,26 @@ def summarize(res, quiet=False):
             r["exposed_ms_vs_1gpu"] = r["step_ms"] - base["step_ms"]
     for n in sorted({r["gpus"] for r in layer if r["gpus"] > 1}):
         rows = {r["variant"]: r for r in layer if r["gpus"] == n}
-        a2a = next((a for a in res["all_to_all"] if a["gpus"] == n and a.get("buffer") == "fast"
-                    and "error" not in a), None)
-        s = {}
-        if "alltoall:1" in rows:
-            c1 = rows["alltoall:1"]
-            best = min((r for k, r in rows.items() if k.startswith("alltoall:")), key=lambda r: r["step_ms"])
-            s.update(best_variant=best["variant"], best_weak_scaling=best.get("weak_scaling"),
-                     overlap_gain=c1["step_ms"] / best["step_ms"] - 1)
-            if a2a:  # a layer's fwd+bwd runs 4 all-to-alls of this size (dispatch, combine, 2 transposes)
-                comm = 4 * a2a["ms"]
-                exposed = best.get("exposed_ms_vs_1gpu")
-                s.update(a2a_ms_per_layer_step=comm, exposed_ms_best=exposed,
-                         # > 0: part of the all-to-all time is hidden; < 0: more than it is exposed
-                         # (the dispatch's own sorting/gathers add to it)
-                         hidden_ms_best=None if exposed is None else comm - exposed)
+        best = min(rows.values(), key=lambda r: r["step_ms"])
+        s = {"best_variant": best["variant"], "best_weak_scaling": best.get("weak_scaling")}
+        # overlap gain per dispatcher: its best chunked run against its 1-chunk run
+        for name in {v.split(":")[0] for v in rows}:
+            runs = [r for k, r in rows.items() if k.split(":")[0] == name]
+            one = rows.get(f"{name}:1")
+            if one and len(runs) > 1:
+                s[f"overlap_gain_{name}"] = one["step_ms"] / min(r["step_ms"] for r in runs) - 1
+        # the exchange the best variant uses, timed alone: a layer's fwd+bwd runs 4 of them
+        # (dispatch, combine and their transposes)
+        ragged = best["variant"].split(":")[0] in ("alltoall_ragged", "ragged_tight")
+        a2a = next((a for a in res["all_to_all"] if a["gpus"] == n and "error" not in a and
+                    (a.get("impl") == "ragged_pallas" if ragged else a.get("buffer") == "fast")), None)
+        if a2a:
+            comm = 4 * a2a["ms"]
+            exposed = best.get("exposed_ms_vs_1gpu")
+            s.update(a2a_ms_per_layer_step=comm, exposed_ms_best=exposed,
+                     # > 0: part of the exchange time is hidden; < 0: more than it is exposed
+                     # (the dispatch's own sorting/gathers add to it)
+                     hidden_ms_best=None if exposed is None else comm - exposed)
         summ[str(n)] = s
     res["summary"] = summ
     if not quiet:

@@ -5,6 +5,8 @@
 #   model  — mixtral_small and deepseek_small train benchmarks (Pallas experts; remat off, then on)
 #   layer  — bench_moe.py: MoE layer fwd+bwd vs a dense MLP of the same FLOPs
 #   gmm    — bench_grouped_matmul.py with the torch column
+#   ep     — (2-4 GPUs) the peer-memory all-to-all GPU tests, then bench_ep.py --check over the GPUs there
+#            (EP_PLAN overrides the variant plan)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
@@ -21,6 +23,14 @@ case "${1:-}" in
       done
     done ;;
   layer) timeout 560 python3 experiments/bench_moe.py --iters 20 ;;
+  ep)
+    ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1"
+    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:ragged_tight:1,$g:alltoall_ragged:1,$g:alltoall:1"; done
+    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_all_to_all.py 2>&1 \
+      | tee "$OUT/ep_tests.log" | tail -15
+    timeout 380 python3 experiments/bench_ep.py --check --gpus 1,2,4,8 --ragged pallas,xla --budget-s 280 \
+      --plan "${EP_PLAN:-$plan,$ngpu:ragged_tight:2}" \
+      --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" 2>&1 | grep -v "^[WI][0-9]" ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   *) echo "usage: $0 tests|model|layer|gmm"; exit 2 ;;
 esac

@@ -11,8 +11,11 @@ Dispatchers (`MoEConfig.token_dispatcher_type`):
   pmax across devices — else (lax.cond) the worst case C = T·min(k, E/EP); `dropped` stays 0.
   With `expert_capacity_factor`: C = ceil(T·k/EP·factor), overflow rows dropped (by position) and
   counted.
-- `alltoall_ragged`: dropless, counts exchanged then `jax.lax.ragged_all_to_all` there and back
-  (GPU only; `ragged_impl="emulate"` runs the same plan through all_gather, for CPU tests).
+- `alltoall_ragged`: dropless, counts exchanged, then only the routed rows move there and back
+  (`ops.all_to_all.ragged_all_to_all`): on Hopper with one process per host a peer-memory Pallas
+  kernel (`ragged_impl="pallas"`), else `jax.lax.ragged_all_to_all` ("xla": GPU only; "emulate" runs
+  the same plan through all_gather, for CPU tests). Rows arrive packed into a buffer of
+  `buffer_factor` x T·k rows per device (same pmax/cond fallback to the worst case as above).
 - `allgather`: all-gather the tokens over `expert`, compute the local experts, reduce-scatter back.
 `chunks > 1` splits the local tokens so that chunk i+1's exchange can overlap chunk i's experts.
 """
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import dispatch
+from ops import all_to_all
 from moe_jax.config import MoEConfig
 from moe_jax.experts import grouped_ffn
 from moe_jax.routing import Routing, expert_counts
@@ -161,21 +165,9 @@ def fixed_capacity(tokens: int, m: MoEConfig, ep: int) -> int:
 
 # ------------------------------------------------------------------ alltoall_ragged
 def _ragged_raw(x, out_rows, in_off, send_sizes, out_off, recv_sizes, impl):
-    out = _vary(jnp.zeros((out_rows,) + x.shape[1:], x.dtype), _vma(x))
-    if impl == "xla":
-        return jax.lax.ragged_all_to_all(x, out, in_off, send_sizes, out_off, recv_sizes,
-                                         axis_name="expert")
-    # "emulate": the same plan through all_gather (XLA:CPU has no ragged_all_to_all) — tests only
-    me = jax.lax.axis_index("expert")
-    xs = jax.lax.all_gather(x, "expert")
-    in_all, out_all, send_all = (jax.lax.all_gather(a, "expert") for a in (in_off, out_off, send_sizes))
-    lo, sz = out_all[:, me], send_all[:, me]
-    p = jnp.arange(out_rows, dtype=jnp.int32)[:, None]
-    hit = (p >= lo[None]) & (p < (lo + sz)[None])
-    j = jnp.argmax(hit, axis=1)
-    row = in_all[j, me] + p[:, 0] - lo[j]
-    got = xs[j, jnp.clip(row, 0, x.shape[0] - 1)]
-    return jnp.where(hit.any(1)[:, None], got, jnp.zeros((), x.dtype))
+    # every plan here is packed: segments arrive in source order from row 0 on
+    return all_to_all.ragged_all_to_all(x, out_rows, in_off, send_sizes, out_off, recv_sizes,
+                                        axis_name="expert", backend=impl, packed=True)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 3))
@@ -201,7 +193,7 @@ def _reverse(plan):
     return (recv_off, recv_sizes, src_off, send_sizes, in_off, out_off)
 
 
-def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str):
+def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str, rows: int):
     n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
     L = w1.shape[0]  # experts per device
     t, k = routing.experts.shape
@@ -213,7 +205,6 @@ def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str):
     out_off = _excl_cumsum(M, axis=0)[me]          # where my rows land in each destination
     src_off = _excl_cumsum(M, axis=1)[:, me]       # where each source's rows for me start there
     plan = (in_off, send_sizes, out_off, recv_sizes, recv_off, src_off)
-    rows = n * t * min(k, L)                                                       # worst case
     recv = _exchange(x_SD, rows, plan, impl)
     rc_SL = jax.lax.dynamic_slice_in_dim(counts_nE.reshape(n, n, L), me, 1, axis=1)[:, 0]
     x_RD, (inv, order), gs = _resort_by_local_expert(recv, rc_SL, recv_off)
@@ -240,6 +231,74 @@ def _allgather(x_TD, routing, w1, w2, *, m: MoEConfig):
 
 
 # ------------------------------------------------------------------ entry point
+def _pipeline(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, cap):
+    """The chunks as independent chains (XLA overlaps chunk c+1's exchange with chunk c's experts).
+    `cap`: rows per (source, destination) buffer (alltoall) or received rows per device (ragged)."""
+    outs, dropped = [], jnp.zeros((), jnp.int32)
+    for x, routing in _chunks(x_TD, w_Tk, e_Tk, kept_Tk, m, chunks):
+        if dispatcher == "alltoall":
+            y, dr = _alltoall(x, routing, w1, w2, m=m, cap=cap)
+        elif dispatcher == "alltoall_ragged":
+            y, dr = _alltoall_ragged(x, routing, w1, w2, m=m, impl=ragged_impl, rows=cap)
+        else:
+            y, dr = _allgather(x, routing, w1, w2, m=m)
+        outs.append(y)
+        dropped = dropped + dr
+    return (outs[0] if chunks == 1 else jnp.concatenate(outs, axis=0)), dropped
+
+
+def _buffer_rows(dispatcher, tc, m: MoEConfig, n: int, L: int, buffer_factor):
+    """(fast, worst) buffer rows: per (source, destination) for alltoall, received rows per device
+    for alltoall_ragged."""
+    k = m.router_topk
+    if dispatcher == "alltoall":
+        worst = fixed_capacity(tc, m, n)
+        share = tc * k / n
+    else:
+        worst, share = n * tc * min(k, L), tc * k
+    if buffer_factor is None:
+        return worst, worst
+    return min(worst, _round_up(share * buffer_factor, 8)), worst
+
+
+def _need(dispatcher, routings, n):
+    """The largest buffer fill this device sees: per destination (alltoall) or, for the ragged
+    buffer, rows received by each device of the `expert` axis (one psum)."""
+    per_dest = jnp.stack([r.tokens_per_expert.reshape(n, -1).sum(1) for r in routings])  # [chunks, n]
+    if dispatcher == "alltoall":
+        return jnp.max(per_dest)
+    return jnp.max(jax.lax.psum(per_dest, "expert"))
+
+
+def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor,
+          fallback):
+    args = (x_TD, w_Tk, e_Tk, kept_Tk, w1, w2)
+    run = functools.partial(_pipeline, m=m, dispatcher=dispatcher, chunks=chunks,
+                            ragged_impl=ragged_impl, cap=None)
+    if dispatcher == "allgather":
+        y_TD, dropped = run(*args)
+        return y_TD, jax.lax.psum(dropped, TOKENS)
+    n, tc = jax.lax.axis_size("expert"), x_TD.shape[0] // chunks
+    capacity = dispatcher == "alltoall" and m.expert_capacity_factor is not None
+    fast, worst = _buffer_rows(dispatcher, tc, m, n, w1.shape[0], None if capacity else buffer_factor)
+    run_worst = functools.partial(run, cap=worst)
+    if capacity or fast >= worst:
+        y_TD, dropped = run_worst(*args)  # alltoall capacity: C = factor x balanced share, drops counted
+    elif not fallback:
+        y_TD, dropped = functools.partial(run, cap=fast)(*args)
+    else:
+        # Dropless: the small buffer unless some fill on some device exceeds it (one scalar pmax).
+        # One cond around all chunks keeps them overlappable inside each branch; the rare worst-case
+        # branch is rematerialized in the backward pass so the common path does not carry its
+        # (large, zero) residuals.
+        need = _need(dispatcher, [r for _, r in _chunks(*args[:4], m, chunks)], n)
+        axes = tuple(a for a in MESH_AXES if a in _vma(need))  # invariant axes agree already
+        overflow = (jax.lax.pmax(need, axes) if axes else need) > fast
+        y_TD, dropped = jax.lax.cond(overflow, jax.checkpoint(run_worst), functools.partial(run, cap=fast),
+                                     *args)
+    return y_TD, jax.lax.psum(dropped, TOKENS)
+
+
 def _round_up(x: float, mult: int) -> int:
     return int(-(-int(-(-x // 1)) // mult) * mult)
 
@@ -249,52 +308,6 @@ def _chunks(x_TD, w_Tk, e_Tk, kept_Tk, m, chunks):
     for c in range(chunks):
         sl = slice(c * tc, (c + 1) * tc)
         yield x_TD[sl], _local_routing(w_Tk[sl], e_Tk[sl], kept_Tk[sl], m.num_experts)
-
-
-def _pipeline(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, cap):
-    """The chunks as independent chains (XLA overlaps chunk c+1's exchange with chunk c's experts)."""
-    outs, dropped = [], jnp.zeros((), jnp.int32)
-    for x, routing in _chunks(x_TD, w_Tk, e_Tk, kept_Tk, m, chunks):
-        if dispatcher == "alltoall":
-            y, dr = _alltoall(x, routing, w1, w2, m=m, cap=cap)
-        elif dispatcher == "alltoall_ragged":
-            y, dr = _alltoall_ragged(x, routing, w1, w2, m=m, impl=ragged_impl)
-        else:
-            y, dr = _allgather(x, routing, w1, w2, m=m)
-        outs.append(y)
-        dropped = dropped + dr
-    return (outs[0] if chunks == 1 else jnp.concatenate(outs, axis=0)), dropped
-
-
-def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor,
-          fallback):
-    args = (x_TD, w_Tk, e_Tk, kept_Tk, w1, w2)
-    run = functools.partial(_pipeline, m=m, dispatcher=dispatcher, chunks=chunks,
-                            ragged_impl=ragged_impl, cap=None)
-    if dispatcher != "alltoall":
-        y_TD, dropped = run(*args)
-        return y_TD, jax.lax.psum(dropped, TOKENS)
-    n, tc, k = jax.lax.axis_size("expert"), x_TD.shape[0] // chunks, m.router_topk
-    worst = fixed_capacity(tc, m, n)
-    run_worst = functools.partial(run, cap=worst)
-    if m.expert_capacity_factor is not None or buffer_factor is None:
-        y_TD, dropped = run_worst(*args)  # capacity: C = factor x balanced share, drops counted
-    else:
-        fast = min(worst, _round_up(tc * k / n * buffer_factor, 8))
-        run_fast = functools.partial(run, cap=fast)
-        if fast >= worst or not fallback:
-            y_TD, dropped = run_fast(*args)
-        else:
-            # Dropless: the small buffer unless some (source, destination) count of some chunk on
-            # some device exceeds it (one scalar pmax). One cond around all chunks keeps them
-            # overlappable inside each branch; the rare worst-case branch is rematerialized in the
-            # backward pass so the common path does not carry its (large, zero) residuals.
-            need = jnp.max(jnp.stack([r.tokens_per_expert.reshape(n, -1).sum(1)
-                                      for _, r in _chunks(*args[:4], m, chunks)]))
-            axes = tuple(a for a in MESH_AXES if a in _vma(need))  # invariant axes agree already
-            overflow = (jax.lax.pmax(need, axes) if axes else need) > fast
-            y_TD, dropped = jax.lax.cond(overflow, jax.checkpoint(run_worst), run_fast, *args)
-    return y_TD, jax.lax.psum(dropped, TOKENS)
 
 
 def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
@@ -309,8 +322,8 @@ def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
         raise ValueError(f"MoEConfig.token_dispatcher_type={dispatcher!r} is invalid: must be one of "
                          f"{list(DISPATCHERS)}")
     chunks = chunks or layout.overlap_chunks
-    if ragged_impl == "auto":
-        ragged_impl = "xla"
+    if ragged_impl == "auto":  # the peer-memory Pallas kernel where it runs (Hopper, one process)
+        ragged_impl = "pallas" if all_to_all.pallas_supported(x_TD) else "xla"
     if dispatcher == "alltoall_ragged" and ragged_impl == "xla" and layout.moe_mesh.shape["expert"] > 1 \
             and jax.devices()[0].platform == "cpu":
         raise ValueError("token_dispatcher_type='alltoall_ragged' needs GPUs: XLA:CPU does not "

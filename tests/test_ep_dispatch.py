@@ -128,3 +128,12 @@ def test_alltoall_dropless_fast_buffer_and_fallback(factor):
     assert ep_dispatch._round_up(t * 2 / 4 * factor, 8) < ep_dispatch.fixed_capacity(t, m, 4)
     aux = _check(_cfg(), 4, chunks=2, tokens=(8, 32), dispatcher="alltoall", buffer_factor=factor)
     assert int(aux["dropped"]) == 0
+
+
+@pytest.mark.parametrize("factor", [1.5, 0.25, None])
+def test_ragged_fast_buffer_and_fallback(factor):
+    """The ragged dispatcher's packed receive buffer: 1.5x T·k fits, 0.25x overflows on some device
+    (the worst-case branch runs), None is always the worst case. All exact, nothing dropped."""
+    aux = _check(_cfg(), 4, chunks=2, tokens=(8, 32), dispatcher="alltoall_ragged",
+                 ragged_impl="emulate", buffer_factor=factor)
+    assert int(aux["dropped"]) == 0

@@ -1,0 +1,238 @@
+"""Ragged all-to-all over one mesh axis, inside `jax.shard_map`.
+
+`ragged_all_to_all(x[Rin,D], out_rows, input_offsets[n], send_sizes[n], output_offsets[n],
+recv_sizes[n], axis_name=...)` -> out[out_rows, D]: rows x[input_offsets[j] : +send_sizes[j]] land on
+device j at out[output_offsets[j] : +send_sizes[j]] (offsets in j's coordinates); recv_sizes[j] is
+what device j sends here. Rows of `out` that receive nothing are zero. The semantics of
+`jax.lax.ragged_all_to_all` with a zero output buffer.
+
+Backends:
+- "xla": `jax.lax.ragged_all_to_all` (not implemented on XLA:CPU; slow on GPUs today, see
+  BENCHMARKS.md §4).
+- "pallas": a Mosaic-GPU peer-memory kernel (Hopper, one process driving every device of the axis).
+  Every SM copies row chunks HBM → SMEM → peer HBM over NVLink with bulk async copies (only the
+  rows that are sent, not a padded buffer), then signals the destination. Requires `packed=True`:
+  the incoming segments tile out[0 : sum(recv_sizes)) (the layout the EP dispatcher builds); the
+  kernel zeroes the rest.
+- "emulate": the same plan through all_gather (any platform; for CPU tests).
+- "auto": "pallas" on Hopper when packed and single-process, else "xla".
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+BACKENDS = ("auto", "xla", "pallas", "emulate")
+CHUNK_BYTES = 32 * 1024   # rows per copy chunk: as many as fit this (power of two)
+SLOTS = 4                 # SMEM chunk buffers per SM: stores in flight while the next loads
+
+
+def ragged_all_to_all(x, out_rows: int, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                      axis_name: str, backend: str = "auto", packed: bool = False):
+    """See the module docstring. Not differentiable by itself: its transpose is the reverse plan
+    (callers wrap it in a custom_vjp, as `moe_jax.ep_dispatch` does)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"ragged_all_to_all: backend={backend!r} is invalid: one of {list(BACKENDS)}")
+    plan = tuple(jnp.asarray(a, jnp.int32) for a in (input_offsets, send_sizes, output_offsets,
+                                                     recv_sizes))
+    if backend == "auto":
+        backend = "pallas" if packed and pallas_supported(x) else "xla"
+    if backend == "pallas":
+        if not packed:
+            raise ValueError("ragged_all_to_all: backend='pallas' needs packed=True (incoming "
+                             "segments tile out[0:sum(recv_sizes)))")
+        reason = _pallas_unsupported(x)
+        if reason:
+            raise ValueError(f"ragged_all_to_all: backend='pallas' cannot run here: {reason}")
+        return _match_vma(_pallas(x, out_rows, *plan, axis_name=axis_name), x)
+    if backend == "emulate":
+        return _emulate(x, out_rows, *plan, axis_name=axis_name)
+    out = _match_vma(jnp.zeros((out_rows,) + x.shape[1:], x.dtype), x)
+    return lax.ragged_all_to_all(x, out, *plan, axis_name=axis_name)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _vma(x) -> frozenset:
+    t = jax.typeof(x)
+    have = getattr(t, "vma", None)
+    if have is None:  # JAX 0.10 keeps it on the manual axis type
+        have = getattr(getattr(t, "manual_axis_type", None), "varying", None)
+    return frozenset(have or ())
+
+
+def _match_vma(x, like):
+    missing = tuple(sorted(_vma(like) - _vma(x)))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def _pallas_unsupported(x) -> str | None:
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        return f"needs GPUs, found {dev.platform}"
+    from ops.grouped_matmul import is_hopper
+    if not is_hopper(dev):
+        return f"needs Hopper (sm_90) GPUs, found {dev.device_kind}"
+    if jax.process_count() > 1:
+        return "needs one process driving every GPU of the axis (peer memory across processes " \
+               "is not wired up)"
+    row_bytes = x.shape[1] * x.dtype.itemsize
+    if x.ndim != 2 or row_bytes % 16 or row_bytes > CHUNK_BYTES:
+        return f"needs 2-D rows of a multiple of 16 bytes up to {CHUNK_BYTES}, got {x.shape} {x.dtype}"
+    return None
+
+
+def pallas_supported(x) -> bool:
+    return _pallas_unsupported(x) is None
+
+
+# ----------------------------------------------------------------------------- emulation
+def _emulate(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
+    """The plan through all_gather: every device gathers all rows and picks its own."""
+    del recv_sizes
+    me = lax.axis_index(axis_name)
+    xs = lax.all_gather(x, axis_name)
+    in_all, out_all, send_all = (lax.all_gather(a, axis_name) for a in (in_off, out_off, send_sizes))
+    lo, sz = out_all[:, me], send_all[:, me]                      # per source: where, how many
+    p = jnp.arange(out_rows, dtype=jnp.int32)[:, None]
+    hit = (p >= lo[None]) & (p < (lo + sz)[None])
+    j = jnp.argmax(hit, axis=1)
+    row = in_all[j, me] + p[:, 0] - lo[j]
+    got = xs[j, jnp.clip(row, 0, x.shape[0] - 1)]
+    return jnp.where(hit.any(1)[:, None], got, jnp.zeros((), x.dtype))
+
+
+# ----------------------------------------------------------------------------- pallas kernel
+def _chunk_rows(row_bytes: int) -> int:
+    return 1 << int(math.log2(max(1, CHUNK_BYTES // row_bytes)))
+
+
+def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    n = lax.axis_size(axis_name)
+    d, dtype = x.shape[1], x.dtype
+    R = _chunk_rows(d * dtype.itemsize)
+    sms = jax.devices()[0].core_count
+    meta = jnp.stack([in_off, send_sizes, out_off, recv_sizes]).astype(jnp.int32)    # [4, n]
+    zeros = jnp.zeros((R, d), dtype)
+    load_kw = {}
+    if "oob_mode" in inspect.signature(plgpu.copy_gmem_to_smem).parameters:
+        load_kw["oob_mode"] = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # whole rows: one bulk copy
+
+    def body(meta_gmem, x_gmem, zeros_gmem, out_gmem):
+        me = lax.axis_index(axis_name)
+        sm = lax.axis_index("sm")
+        ready = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))
+        done = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
+        peer = lambda p: {axis_name: p}  # noqa: E731
+
+        # 1. Tell every peer that this device's kernel runs (its output buffer may be written),
+        #    and wait until every peer runs. One signal per (SM, peer); each SM consumes one.
+        for p in range(n):
+            @pl.when(p != me)
+            def _():
+                pl.semaphore_signal(ready.at[me], 1, device_id=peer(p))
+        for p in range(n):
+            @pl.when(p != me)
+            def _():
+                pl.semaphore_wait(ready.at[p], 1)
+
+        sizes = [meta_gmem[1, p] for p in range(n)]
+        items = [lax.div(s + (R - 1), jnp.int32(R)) for s in sizes]
+        total_recv = sum(meta_gmem[3, p] for p in range(n))
+        tail = out_rows - total_recv
+        zero_items = lax.div(tail + (R - 1), jnp.int32(R))
+        n_items = sum(items) + zero_items
+
+        @functools.partial(pl.run_scoped, buf=plgpu.SMEM((SLOTS, R, d), dtype),
+                           zbuf=plgpu.SMEM((R, d), dtype), bars=plgpu.Barrier(num_barriers=SLOTS + 1))
+        def _scoped(buf, zbuf, bars):
+            plgpu.copy_gmem_to_smem(zeros_gmem, zbuf, bars.at[SLOTS], **load_kw)
+            plgpu.barrier_wait(bars.at[SLOTS])
+
+            def ladder(rows, fn):
+                """fn(offset, size) for the power-of-two pieces of `rows` (< 2R), static sizes."""
+                off = jnp.int32(0)
+                size = R
+                while size >= 1:
+                    @pl.when((rows & size) != 0)
+                    def _(off=off, size=size):
+                        fn(off, size)
+                    off = off + (rows & size)
+                    size //= 2
+
+            def send(slot, src_row, dst, dst_row, rows):
+                sbuf = buf.at[slot]
+
+                def piece(off, size):
+                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(src_row + off, size)],
+                                            sbuf.at[pl.ds(off, size)], bars.at[slot], **load_kw)
+                    plgpu.barrier_wait(bars.at[slot])
+                    plgpu.copy_smem_to_gmem(sbuf.at[pl.ds(off, size)],
+                                            dst.at[pl.ds(dst_row + off, size)])
+
+                # a slot is refilled only once the store issued from it SLOTS items ago has read it
+                plgpu.wait_smem_to_gmem(SLOTS - 1, wait_read_only=True)
+
+                @pl.when(rows == R)
+                def _():
+                    piece(0, R)
+
+                @pl.when(rows != R)
+                def _():
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # pieces share the slot
+                    ladder(rows, piece)
+
+            def zero(row, rows):
+                def piece(off, size):
+                    plgpu.copy_smem_to_gmem(zbuf.at[pl.ds(0, size)], out_gmem.at[pl.ds(row + off, size)])
+                ladder(rows, piece)
+
+            my_items = lax.div(jnp.maximum(n_items - sm, 0) + (sms - 1), jnp.int32(sms))
+
+            @pl.loop(0, my_items)
+            def _item(j):
+                i = sm + j * sms
+                slot = lax.rem(j, jnp.int32(SLOTS))
+                base = jnp.int32(0)
+                for p in range(n):
+                    c = i - base
+                    hit = (c >= 0) & (c < items[p])
+                    rows = jnp.minimum(sizes[p] - c * R, R)
+                    src_row = meta_gmem[0, p] + c * R
+                    dst_row = meta_gmem[2, p] + c * R
+
+                    @pl.when(hit & (p == me))
+                    def _(rows=rows, src_row=src_row, dst_row=dst_row):
+                        send(slot, src_row, out_gmem, dst_row, rows)
+
+                    @pl.when(hit & (p != me))
+                    def _(p=p, rows=rows, src_row=src_row, dst_row=dst_row):
+                        send(slot, src_row, plgpu.remote_ref(out_gmem, peer(p)), dst_row, rows)
+                    base = base + items[p]
+                c = i - base
+
+                @pl.when(c >= 0)
+                def _():
+                    zero(total_recv + c * R, jnp.minimum(tail - c * R, R))
+
+        # 2. All my writes have landed: tell every peer; SM 0 waits for every peer's SMs.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=False)
+        for p in range(n):
+            @pl.when(p != me)
+            def _():
+                pl.semaphore_signal(done.at[0], 1, device_id=peer(p))
+
+        @pl.when(sm == 0)
+        def _():
+            pl.semaphore_wait(done.at[0], (n - 1) * sms)
+
+    kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((out_rows, d), dtype),
+                          grid=(sms,), grid_names=("sm",))
+    return kernel(meta, x, zeros)
