@@ -49,7 +49,8 @@ def ragged_all_to_all(x, out_rows: int, input_offsets, send_sizes, output_offset
         reason = _pallas_unsupported(x)
         if reason:
             raise ValueError(f"ragged_all_to_all: backend='pallas' cannot run here: {reason}")
-        return _match_vma(_pallas(x, out_rows, *plan, axis_name=axis_name), x)
+        return _match_vma(_pallas(x, out_rows, *plan, axis_name=axis_name,
+                                  num_sms=jax.devices()[0].core_count), x)
     if backend == "emulate":
         return _emulate(x, out_rows, *plan, axis_name=axis_name)
     out = _match_vma(jnp.zeros((out_rows,) + x.shape[1:], x.dtype), x)
@@ -111,14 +112,14 @@ def _chunk_rows(row_bytes: int) -> int:
     return 1 << int(math.log2(max(1, CHUNK_BYTES // row_bytes)))
 
 
-def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
+def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, num_sms):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     n = lax.axis_size(axis_name)
     d, dtype = x.shape[1], x.dtype
     R = _chunk_rows(d * dtype.itemsize)
-    sms = jax.devices()[0].core_count
+    sms = num_sms
     meta = jnp.stack([in_off, send_sizes, out_off, recv_sizes]).astype(jnp.int32)    # [4, n]
     zeros = jnp.zeros((R, d), dtype)
     load_kw = {}
@@ -134,13 +135,16 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
 
         # 1. Tell every peer that this device's kernel runs (its output buffer may be written),
         #    and wait until every peer runs. One signal per (SM, peer); each SM consumes one.
+        #    (Semaphore indices stay static: Mosaic wants static views of semaphore arrays.)
+        for q in range(n):
+            for p in range(n):
+                if p != q:
+                    @pl.when(me == q)
+                    def _(p=p, q=q):
+                        pl.semaphore_signal(ready.at[q], 1, device_id=peer(p))
         for p in range(n):
             @pl.when(p != me)
-            def _():
-                pl.semaphore_signal(ready.at[me], 1, device_id=peer(p))
-        for p in range(n):
-            @pl.when(p != me)
-            def _():
+            def _(p=p):
                 pl.semaphore_wait(ready.at[p], 1)
 
         sizes = [meta_gmem[1, p] for p in range(n)]
@@ -157,7 +161,8 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
             plgpu.barrier_wait(bars.at[SLOTS])
 
             def ladder(rows, fn):
-                """fn(offset, size) for the power-of-two pieces of `rows` (< 2R), static sizes."""
+                """fn(offset, size) for the power-of-two pieces of `rows` (<= R): static sizes,
+                dynamic offsets (TMA boxes and SMEM views are static; row counts are not)."""
                 off = jnp.int32(0)
                 size = R
                 while size >= 1:
@@ -168,16 +173,18 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
                     size //= 2
 
             def send(slot, src_row, dst, dst_row, rows):
-                sbuf = buf.at[slot]
+                sbuf = buf.at[slot]  # static slot: Mosaic wants static SMEM views
 
                 def piece(off, size):
-                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(src_row + off, size)],
-                                            sbuf.at[pl.ds(off, size)], bars.at[slot], **load_kw)
+                    # a piece of `size` rows sits at SMEM rows [size, 2*size) (or [0, R) when whole)
+                    view = sbuf.at[pl.ds(0 if size == R else size, size)]
+                    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(src_row + off, size)], view,
+                                            bars.at[slot], **load_kw)
                     plgpu.barrier_wait(bars.at[slot])
-                    plgpu.copy_smem_to_gmem(sbuf.at[pl.ds(off, size)],
-                                            dst.at[pl.ds(dst_row + off, size)])
+                    plgpu.copy_smem_to_gmem(view, dst.at[pl.ds(dst_row + off, size)])
 
                 # a slot is refilled only once the store issued from it SLOTS items ago has read it
+                # (every item issues at least one store)
                 plgpu.wait_smem_to_gmem(SLOTS - 1, wait_read_only=True)
 
                 @pl.when(rows == R)
@@ -186,20 +193,14 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
 
                 @pl.when(rows != R)
                 def _():
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # pieces share the slot
-                    ladder(rows, piece)
+                    ladder(rows, piece)  # pieces use disjoint SMEM rows of the slot
 
             def zero(row, rows):
                 def piece(off, size):
                     plgpu.copy_smem_to_gmem(zbuf.at[pl.ds(0, size)], out_gmem.at[pl.ds(row + off, size)])
                 ladder(rows, piece)
 
-            my_items = lax.div(jnp.maximum(n_items - sm, 0) + (sms - 1), jnp.int32(sms))
-
-            @pl.loop(0, my_items)
-            def _item(j):
-                i = sm + j * sms
-                slot = lax.rem(j, jnp.int32(SLOTS))
+            def item(i, slot):
                 base = jnp.int32(0)
                 for p in range(n):
                     c = i - base
@@ -222,16 +223,29 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
                 def _():
                     zero(total_recv + c * R, jnp.minimum(tail - c * R, R))
 
+            # this SM's items: sm, sm + sms, ...; SLOTS per trip so that each has a static slot
+            my_items = lax.div(jnp.maximum(n_items - sm, 0) + (sms - 1), jnp.int32(sms))
+
+            @pl.loop(0, lax.div(my_items + (SLOTS - 1), jnp.int32(SLOTS)))
+            def _trip(t):
+                for slot in range(SLOTS):
+                    j = t * SLOTS + slot
+
+                    @pl.when(j < my_items)
+                    def _(j=j, slot=slot):
+                        item(sm + j * sms, slot)
+
         # 2. All my writes have landed: tell every peer; SM 0 waits for every peer's SMs.
         plgpu.wait_smem_to_gmem(0, wait_read_only=False)
         for p in range(n):
             @pl.when(p != me)
-            def _():
+            def _(p=p):
                 pl.semaphore_signal(done.at[0], 1, device_id=peer(p))
 
-        @pl.when(sm == 0)
-        def _():
-            pl.semaphore_wait(done.at[0], (n - 1) * sms)
+        if n > 1:
+            @pl.when(sm == 0)
+            def _():
+                pl.semaphore_wait(done.at[0], (n - 1) * sms)
 
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((out_rows, d), dtype),
                           grid=(sms,), grid_names=("sm",))
