@@ -108,17 +108,18 @@ def _emulate(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name)
 
 
 # ----------------------------------------------------------------------------- pallas kernel
-def _chunk_rows(row_bytes: int) -> int:
-    return 1 << int(math.log2(max(1, CHUNK_BYTES // row_bytes)))
+def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    return 1 << int(math.log2(max(1, chunk_bytes // row_bytes)))
 
 
-def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, num_sms):
+def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, num_sms,
+            chunk_bytes=CHUNK_BYTES, slots=SLOTS):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     n = lax.axis_size(axis_name)
     d, dtype = x.shape[1], x.dtype
-    R = _chunk_rows(d * dtype.itemsize)
+    R = _chunk_rows(d * dtype.itemsize, chunk_bytes)
     sms = num_sms
     meta = jnp.stack([in_off, send_sizes, out_off, recv_sizes]).astype(jnp.int32)    # [4, n]
     zeros = jnp.zeros((R, d), dtype)
@@ -154,11 +155,11 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
         zero_items = lax.div(tail + (R - 1), jnp.int32(R))
         n_items = sum(items) + zero_items
 
-        @functools.partial(pl.run_scoped, buf=plgpu.SMEM((SLOTS, R, d), dtype),
-                           zbuf=plgpu.SMEM((R, d), dtype), bars=plgpu.Barrier(num_barriers=SLOTS + 1))
+        @functools.partial(pl.run_scoped, buf=plgpu.SMEM((slots, R, d), dtype),
+                           zbuf=plgpu.SMEM((R, d), dtype), bars=plgpu.Barrier(num_barriers=slots + 1))
         def _scoped(buf, zbuf, bars):
-            plgpu.copy_gmem_to_smem(zeros_gmem, zbuf, bars.at[SLOTS], **load_kw)
-            plgpu.barrier_wait(bars.at[SLOTS])
+            plgpu.copy_gmem_to_smem(zeros_gmem, zbuf, bars.at[slots], **load_kw)
+            plgpu.barrier_wait(bars.at[slots])
 
             def ladder(rows, fn):
                 """fn(offset, size) for the power-of-two pieces of `rows` (<= R): static sizes,
@@ -183,9 +184,9 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
                     plgpu.barrier_wait(bars.at[slot])
                     plgpu.copy_smem_to_gmem(view, dst.at[pl.ds(dst_row + off, size)])
 
-                # a slot is refilled only once the store issued from it SLOTS items ago has read it
+                # a slot is refilled only once the store issued from it slots items ago has read it
                 # (every item issues at least one store)
-                plgpu.wait_smem_to_gmem(SLOTS - 1, wait_read_only=True)
+                plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
 
                 @pl.when(rows == R)
                 def _():
@@ -223,13 +224,13 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
                 def _():
                     zero(total_recv + c * R, jnp.minimum(tail - c * R, R))
 
-            # this SM's items: sm, sm + sms, ...; SLOTS per trip so that each has a static slot
+            # this SM's items: sm, sm + sms, ...; slots per trip so that each has a static slot
             my_items = lax.div(jnp.maximum(n_items - sm, 0) + (sms - 1), jnp.int32(sms))
 
-            @pl.loop(0, lax.div(my_items + (SLOTS - 1), jnp.int32(SLOTS)))
+            @pl.loop(0, lax.div(my_items + (slots - 1), jnp.int32(slots)))
             def _trip(t):
-                for slot in range(SLOTS):
-                    j = t * SLOTS + slot
+                for slot in range(slots):
+                    j = t * slots + slot
 
                     @pl.when(j < my_items)
                     def _(j=j, slot=slot):

@@ -1,0 +1,154 @@
+"""Where the expert-parallel MoE layer's time goes, from a profiler trace, plus a sweep of the
+peer-memory all-to-all's chunk size and SMEM slots.
+
+  PYTHONPATH=. python3 experiments/profile_ep.py --variants local:1,alltoall_ragged:2,alltoall:2 \
+      --tune --out results.json
+
+For each variant (bench_ep.VARIANTS name : GPUs) it traces a few fwd+bwd steps of the mixtral_small
+MoE layer and sums GPU 0's kernel time by op name (per step), next to the step's wall time: the
+difference is GPU idle time (host syncs, launch gaps). `--tune` times `ops.all_to_all` alone for
+several (chunk bytes, slots) at two sizes, so fixed cost and bandwidth can be told apart, with
+`lax.all_to_all` of the same rows beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import glob
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+import bench_ep  # noqa: E402
+from moe_jax import parallel  # noqa: E402
+from moe_jax.config import ParallelConfig  # noqa: E402
+from moe_jax.presets import load_config  # noqa: E402
+from timing import median_seconds  # noqa: E402
+
+
+def kernel_times(xspace_path: str, device: int = 0):
+    """{op name: total ns} over GPU `device`'s streams, and (first start, last end) in ns."""
+    data = jax.profiler.ProfileData.from_file(xspace_path)
+    per_op, lo, hi = collections.Counter(), None, None
+    for plane in data.planes:
+        if plane.name != f"/device:GPU:{device}":
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():
+                continue
+            for ev in line.events:
+                per_op[ev.name] += ev.duration_ns
+                lo = ev.start_ns if lo is None else min(lo, ev.start_ns)
+                hi = ev.start_ns + ev.duration_ns if hi is None else max(hi, ev.start_ns + ev.duration_ns)
+    if not per_op:  # a layout this parser does not know: say what there is
+        print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8])
+                                                for pl in data.planes], flush=True)
+    return per_op, (lo, hi)
+
+
+def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps):
+    kw = {} if n == 1 else dict(bench_ep.VARIANTS[name], chunks=1)
+    layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
+                                                      devices=jax.devices()[:n])
+    step, params, x, _ = bench_ep._layer_step(cfg, layout, n, tokens_per_gpu, seq, **kw)
+    wall = median_seconds(step, params, x, iters=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                jax.block_until_ready(step(params, x))
+        path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
+        per_op, (lo, hi) = kernel_times(path)
+    busy = sum(per_op.values()) / steps / 1e6
+    top = [{"op": k[:120], "ms_per_step": v / steps / 1e6} for k, v in per_op.most_common(30)]
+    row = {"variant": f"{name}:{n}", "gpus": n, "wall_ms": 1e3 * wall, "gpu0_kernel_ms": busy,
+           "gpu0_span_ms_per_step": None if lo is None else (hi - lo) / steps / 1e6, "top_ops": top}
+    print(f"\n== {name} on {n} GPU(s): wall {1e3 * wall:.3f} ms/step, GPU0 kernels {busy:.3f} ms/step")
+    for t in top[:20]:
+        print(f"   {t['ms_per_step']:8.3f}  {t['op']}")
+    return row
+
+
+def tune_exchange(n, d, dtype, iters):
+    from ops import all_to_all
+    mesh = parallel.make_layout(ParallelConfig(data=n, expert=n), devices=jax.devices()[:n]).moe_mesh
+    out = []
+    for rows in (16384, 65536):
+        per = jnp.full((n,), rows // n, jnp.int32)
+        off = jnp.arange(n, dtype=jnp.int32) * (rows // n)
+        a = jax.device_put(jax.random.normal(jax.random.key(0), (n * rows, d), dtype),
+                           NamedSharding(mesh, P("expert")))
+        nbytes = (n - 1) / n * rows * d * jnp.dtype(dtype).itemsize
+        for chunk, slots in ((32768, 4), (16384, 4), (65536, 2), (16384, 8), (32768, 2), (8192, 8)):
+            def f(x, chunk=chunk, slots=slots):
+                land = jnp.full((n,), jax.lax.axis_index("expert") * (rows // n), jnp.int32)
+                return all_to_all._pallas(x, rows, off, per, land, per, axis_name="expert",
+                                          num_sms=jax.devices()[0].core_count, chunk_bytes=chunk,
+                                          slots=slots)
+            g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"),
+                                      check_vma=False))
+            try:
+                t = median_seconds(g, a, iters=iters)
+                row = {"impl": "pallas", "rows": rows, "chunk_bytes": chunk, "slots": slots,
+                       "ms": 1e3 * t, "GB_per_s": nbytes / t / 1e9}
+            except Exception as e:
+                row = {"impl": "pallas", "rows": rows, "chunk_bytes": chunk, "slots": slots,
+                       "error": f"{type(e).__name__}: {e}"[:300]}
+            print("tune", row, flush=True)
+            out.append(row)
+        g = jax.jit(jax.shard_map(lambda x: jax.lax.all_to_all(x.reshape(n, -1, d), "expert", 0, 0),
+                                  mesh=mesh, in_specs=P("expert"), out_specs=P(None, "expert")))
+        t = median_seconds(g, a, iters=iters)
+        row = {"impl": "lax.all_to_all", "rows": rows, "ms": 1e3 * t, "GB_per_s": nbytes / t / 1e9}
+        print("tune", row, flush=True)
+        out.append(row)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="mixtral_small")
+    ap.add_argument("--variants", default="local:1,alltoall_ragged:2,alltoall:2")
+    ap.add_argument("--tokens-per-gpu", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    base = load_config(args.config)
+    cfg = dataclasses.replace(base.model, num_layers=1, moe=dataclasses.replace(base.model.moe, layer_freq=1))
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(), "jax": jax.__version__,
+           "command": "python " + " ".join(sys.argv), "profiles": [], "tune": []}
+
+    def save():
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+    if args.tune and jax.device_count() > 1:
+        res["tune"] = tune_exchange(2, cfg.d_model, jnp.dtype(cfg.dtype), 10)
+        save()
+    for v in args.variants.split(","):
+        name, n = v.split(":")
+        if int(n) > jax.device_count():
+            continue
+        try:
+            res["profiles"].append(profile_variant(cfg, name, int(n), args.tokens_per_gpu, args.seq,
+                                                   args.steps))
+        except Exception as e:
+            print("profile failed", v, type(e).__name__, str(e)[:300], flush=True)
+            res["profiles"].append({"variant": v, "error": f"{type(e).__name__}: {e}"[:500]})
+        save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
