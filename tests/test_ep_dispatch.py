@@ -137,3 +137,28 @@ def test_ragged_fast_buffer_and_fallback(factor):
     aux = _check(_cfg(), 4, chunks=2, tokens=(8, 32), dispatcher="alltoall_ragged",
                  ragged_impl="emulate", buffer_factor=factor)
     assert int(aux["dropped"]) == 0
+
+
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_no_collectives_over_single_device_groups(dispatcher):
+    """Size-1 mesh axes (edata, etensor here) get no psum: XLA keeps an all-reduce over singleton
+    groups, and on GPU it costs a full NCCL pass over the expert weight gradients."""
+    import re
+    cfg = _cfg()
+    layout = parallel.make_layout(ParallelConfig(data=2, expert=2), cfg, devices=jax.devices()[:2])
+    assert layout.moe_mesh.shape["edata"] == layout.moe_mesh.shape["etensor"] == 1
+    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(1), (4, 8, cfg.d_model), jnp.float32)
+
+    def g(params, x):
+        orig = ep_dispatch.moe_ffn
+        ep_dispatch.moe_ffn = functools.partial(orig, dispatcher=dispatcher)
+        try:
+            with parallel.use_layout(layout):
+                return _loss_fn(gd)(params, x)
+        finally:
+            ep_dispatch.moe_ffn = orig
+    hlo = jax.jit(g).lower(params, x).compile().as_text()
+    singleton = re.compile(r"replica_groups=\{\{\d+\}(,\{\d+\})*\}")
+    bad = [ln.strip()[:160] for ln in hlo.splitlines() if "all-reduce" in ln and singleton.search(ln)]
+    assert not bad, bad
