@@ -31,28 +31,39 @@ SHAPES = [  # (E, M, K, N): one per class
     (8, 32768, 4096, 14336),
     (64, 65536, 2048, 1408),
     (64, 65536, 1408, 2048),
+    (16, 32768, 2048, 4096),
 ]
-FWD = [dict(tile_m=tm, tile_n=tn, max_concurrent_steps=s, grid_tile_width=w)
-       for tm, tn, s, w in [(128, 128, 4, 2), (128, 128, 4, 4), (128, 128, 4, 8), (64, 128, 5, 4),
-                            (128, 64, 6, 4), (128, 64, 6, 8), (64, 64, 8, 4)]]
+FWD = [dict(split=sp, tile_m=tm, tile_n=tn, max_concurrent_steps=s, delay_release=d,
+            grid_tile_width=w)
+       for sp, tm, tn, s, d, w in [
+           ("n", 128, 128, 4, 0, 2), ("n", 128, 128, 4, 1, 2), ("n", 128, 128, 4, 1, 8),
+           ("n", 128, 64, 6, 1, 8), ("m", 128, 128, 6, 1, 8), ("m", 256, 128, 4, 1, 8),
+           ("m", 256, 128, 4, 0, 8)]]
 WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w,
-              split=sp)
-         for ta, tb, s, w, sp in [(128, 128, 3, 4, "b"), (128, 128, 3, 8, "b"), (128, 64, 5, 4, "b"),
-                                  (64, 128, 4, 4, "b"), (128, 128, 3, 4, "a")]]
-CHECKS = {  # name -> (kind, transpose_rhs, config overrides): run one per process (--check NAME)
+              split=sp, delay_release=d)
+         for ta, tb, s, w, sp, d in [(128, 128, 3, 4, "b", 0), (128, 128, 3, 4, "b", 1),
+                                     (128, 128, 3, 4, "a", 1)]]
+CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "fwd": ("fwd", False, {}),
     "fwd_t": ("fwd", True, {}),
     "fwd_t_st": ("fwd", True, {"slice_then_transpose": True}),
+    "fwd_d1": ("fwd", False, {"delay_release": 1}),
+    "fwd_t_d1": ("fwd", True, {"delay_release": 1}),
+    "fwd_m128": ("fwd", False, {"split": "m", "max_concurrent_steps": 6, "delay_release": 1}),
+    "fwd_m256": ("fwd", False, {"split": "m", "tile_m": 256, "delay_release": 1}),
+    "fwd_t_m256": ("fwd", True, {"split": "m", "tile_m": 256, "delay_release": 1}),
+    "fwd_t_m128": ("fwd", True, {"split": "m", "delay_release": 0}),
     "wgrad_b": ("wgrad", False, {"split": "b"}),
     "wgrad_a": ("wgrad", False, {"split": "a"}),
     "wgrad_a_st": ("wgrad", False, {"split": "a", "slice_then_transpose": True}),
+    "wgrad_b_d1": ("wgrad", False, {"split": "b", "delay_release": 1}),
+    "wgrad_a_d1": ("wgrad", False, {"split": "a", "delay_release": 1}),
 }
 
 
-def check(name):
+def check(name, m=4096, k=1024, n=2048, e=8):
     """Small-shape correctness of one kernel variant against XLA (uneven, a 0 group, sum < M)."""
     kind, tr, over = CHECKS[name]
-    m, k, n, e = 4096, 1024, 2048, 8
     sizes = group_sizes(e, m - 333, "dirichlet", seed=3)
     gs = jnp.asarray(sizes)
     ks = jax.random.split(jax.random.key(7), 3)
@@ -72,8 +83,8 @@ def check(name):
     err = rel(got, want)
     zeros_ok = (not np.any(got[1])) if kind == "wgrad" else (not np.any(got[int(sizes.sum()):]))
     ok = err < 1e-2 and zeros_ok and np.all(np.isfinite(got))
-    print(f"CHECK {name}: {'OK' if ok else 'FAIL'} rel_err={err:.2e} zeros_ok={zeros_ok}",
-          flush=True)
+    print(f"CHECK {name} {(m, k, n, e)}: {'OK' if ok else 'FAIL'} rel_err={err:.2e} "
+          f"zeros_ok={zeros_ok}", flush=True)
 
 
 def rel(a, b):
@@ -81,7 +92,7 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def sweep(kind, e, m, k, n, configs, reps, log):
+def sweep(kind, e, m, k, n, configs, reps, log, old=False):
     ks = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
     gs = jnp.asarray(group_sizes(e, m, "dirichlet"))
@@ -102,9 +113,21 @@ def sweep(kind, e, m, k, n, configs, reps, log):
     t_dense = median_seconds(dense, x, jax.random.normal(ks[1], (k, n), jnp.float32).astype(
         jnp.bfloat16), iters=reps)
     best = None
+    if old and kind == "fwd":  # the per-item kernel (one pipeline per work item) with today's table
+        from ops import _gmm_item_old as old_k
+        cfg = P.FwdConfig(**{f: v for f, v in tuning._lookup("fwd", m, k, n, e).items()
+                             if f not in ("split",)})
+        cfg = tuning._fit(cfg, n, "tile_n", 2)
+        fo = jax.jit(lambda x, w, gs: old_k.gmm_fwd_kernel(x, w, gs, transpose_rhs=False,
+                                                           out_dtype=jnp.bfloat16, cfg=cfg))
+        t = median_seconds(fo, *args, iters=reps)
+        log.append({"kind": "fwd_item_old", "shape": [e, m, k, n], "ms": t * 1e3,
+                    "pct_dense": 100 * t_dense / t, "rel_err": rel(fo(*args), ref)})
+        print(kind, (e, k, n), "OLD per-item", f"{t * 1e3:.3f} ms  {100 * t_dense / t:.1f}% of "
+              f"dense ({t_dense * 1e3:.3f} ms) err {log[-1]['rel_err']:.1e}", flush=True)
     for c in configs:
         cfg = dataclasses.replace(base, **c)
-        if kind == "fwd" and n % (2 * cfg.tile_n):
+        if kind == "fwd" and n % (cfg.tile_n * (1 if cfg.split == "m" else 2)):
             continue
         fa, fb = (2, 1) if getattr(cfg, "split", "b") == "a" else (1, 2)
         if kind == "wgrad" and (k % (fa * cfg.tile_a) or n % (fb * cfg.tile_b)):
@@ -135,10 +158,21 @@ def main():
     ap.add_argument("--out", default="ops/tuning/grouped_matmul.json")
     ap.add_argument("--kinds", default="fwd,wgrad")
     ap.add_argument("--shapes", default="0,1,2")
-    ap.add_argument("--check", default=None, help="run one correctness check: " + ",".join(CHECKS))
+    ap.add_argument("--check", default=None, help="correctness checks (comma list or 'all'): "
+                    + ",".join(CHECKS))
+    ap.add_argument("--configs", default=None, help="JSON {fwd: [...], wgrad: [...]} to sweep")
+    ap.add_argument("--old", action="store_true", help="also time the old per-item kernel")
+    ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.check:
-        return check(args.check)
+        for name in (CHECKS if args.check == "all" else args.check.split(",")):
+            check(name)
+            if "m256" in name or "d1" in name:  # a second shape: K not a multiple of stages
+                check(name, m=3000, k=1408, n=1536, e=16)
+        return
+    configs = {"fwd": FWD, "wgrad": WGRAD}
+    if args.configs:
+        configs.update(json.loads(args.configs))
     path = pathlib.Path(args.out)
     table = json.loads(path.read_text()) if path.exists() else {}
     dev = tuning.device_key()
@@ -146,15 +180,16 @@ def main():
     log = []
     for e, m, k, n in [SHAPES[int(i)] for i in args.shapes.split(",")]:
         for kind in args.kinds.split(","):
-            best = sweep(kind, e, m, k, n, FWD if kind == "fwd" else WGRAD, args.reps, log)
+            best = sweep(kind, e, m, k, n, configs[kind], args.reps, log, old=args.old)
             if best:
                 entry.setdefault(kind, {})[tuning.shape_class(m, k, n, e)] = best[1]
-    entry["_measured"] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                          "date": time.strftime("%Y-%m-%d"), "log": log}
-    path.write_text(json.dumps(table, indent=1))
-    if os.environ.get("OUT"):
-        (pathlib.Path(os.environ["OUT"]) / "grouped_matmul_tuning.json").write_text(
-            json.dumps(table, indent=1))
+            entry["_measured"] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                  "date": time.strftime("%Y-%m-%d"), "log": log}
+            if not args.no_write:  # after every sweep: a run cut short still leaves a table
+                path.write_text(json.dumps(table, indent=1))
+            if os.environ.get("OUT"):
+                (pathlib.Path(os.environ["OUT"]) / "grouped_matmul_tuning.json").write_text(
+                    json.dumps(table, indent=1))
     print(json.dumps({k: v for k, v in entry.items() if k != "_measured"}, indent=1))
 
 

@@ -12,15 +12,16 @@ MEMORY_REGISTERS = 40
 
 @dataclasses.dataclass(frozen=True)
 class FwdConfig:
-    tile_m: int = 128          # rows per segment (both WGs)
-    tile_n: int = 128          # columns per compute WG (CTA covers 2*tile_n)
+    tile_m: int = 128          # rows per segment (CTA tile rows)
+    tile_n: int = 128          # split "n": columns per compute WG (CTA 2*tile_n); "m": CTA cols
     tile_k: int = 64
-    max_concurrent_steps: int = 4
+    max_concurrent_steps: int = 4  # SMEM ring slots (one ring per SM, across work items)
     grid_minor_dim: int = 1    # planar_snake minor dim over (segments, N tiles)
     grid_tile_width: int = 8
-    delay_release: int = 0      # 0: each step released after its wgmma (see NOTES: >0 races)
-    epi_n: int = 64            # epilogue column chunk (SMEM staging: 2 WGs x tile_m x epi_n)
+    delay_release: int = 0     # 1: two wgmma groups in flight per WG, step t-1 released at t
+    epi_n: int = 64            # epilogue column chunk (SMEM staging: 2 WGs x WG rows x epi_n)
     slice_then_transpose: bool = False  # transpose_rhs: slice rhs SMEM tile before transposing
+    split: str = "n"           # the 2 compute WGs split the CTA tile's "n" (cols) or "m" (rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,4 +57,5 @@ def _interpret_params(interpret):
     if not interpret:
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    return InterpretGPUParams()
+    # TMA zero-fills reads past an array's end (the last row block); the interpreter would raise
+    return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")

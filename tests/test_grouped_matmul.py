@@ -156,6 +156,48 @@ def test_pallas_interpret_transposed_one_group_takes_all():
                             seed=5, interpret=True)
 
 
+def _check_kernel(kind, m, k, n, sizes, transpose_rhs, over, interpret, seed=7):
+    """One Pallas kernel (fwd or wgrad) with an explicit config against the reference."""
+    import dataclasses
+    from ops import gmm_pallas as P
+    x, w, gs, dy = _inputs(seed, m, k, n, sizes, jnp.bfloat16, transpose_rhs)
+    total = int(np.sum(sizes))
+    if kind == "fwd":
+        base = P.INTERPRET_FWD if interpret else P.FwdConfig()
+        cfg = dataclasses.replace(base, **over)
+        got = P.gmm_fwd(x, w, gs, transpose_rhs, jnp.bfloat16, interpret=interpret, cfg=cfg)
+        want = grouped_matmul(x.astype(jnp.float32), w.astype(jnp.float32), gs,
+                              transpose_rhs=transpose_rhs, backend="reference")
+        assert not np.any(np.asarray(got[total:], np.float32))
+    else:
+        base = P.INTERPRET_WGRAD if interpret else P.WgradConfig()
+        cfg = dataclasses.replace(base, **over)
+        got = P.gmm_wgrad(x, dy, gs, jnp.bfloat16, interpret=interpret, cfg=cfg)
+        onehot = np.asarray(jax.nn.one_hot(np.repeat(np.arange(len(sizes)), sizes),
+                                           len(sizes)))
+        xf, df = np.asarray(x, np.float64)[:total], np.asarray(dy, np.float64)[:total]
+        want = np.einsum("mg,mk,mn->gkn", onehot, xf, df)
+        for gi, size in enumerate(sizes):
+            if size == 0:
+                assert not np.any(np.asarray(got[gi], np.float32))
+    err = _rel(got, want)
+    assert err < TOL[jnp.bfloat16], f"{kind} {over}: rel err {err:.2e}"
+
+
+# The pipeline runs one SMEM ring per SM across work items; these configs cover its variants:
+# WGs splitting rows ("m"), two wgmma groups in flight (delay_release=1), a 3-slot ring that
+# work items of 2 and 3 steps do not fill evenly.
+@pytest.mark.parametrize("over", [dict(split="m", tile_m=128, delay_release=1,
+                                       max_concurrent_steps=3)])
+def test_pallas_interpret_fwd_configs(over):
+    _check_kernel("fwd", 200, 192, 128, [70, 0, 100, 20], False, over, interpret=True)
+
+
+def test_pallas_interpret_wgrad_delay_release():
+    _check_kernel("wgrad", 200, 128, 128, [70, 0, 100, 20], False,
+                  dict(delay_release=1, max_concurrent_steps=3), interpret=True)
+
+
 def test_pallas_rejects_float32():
     x, w, gs, _ = _inputs(0, 64, 64, 128, [32, 32], jnp.float32, False)
     with pytest.raises(ValueError, match="bfloat16/float16"):
@@ -193,6 +235,30 @@ def test_pallas_gpu(case, transpose_rhs):
                             transpose_rhs)
 
 
+KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table picks among them)
+    ("fwd", dict(split="n", delay_release=0)),
+    ("fwd", dict(split="n", delay_release=1)),
+    ("fwd", dict(split="n", tile_n=64, max_concurrent_steps=6, delay_release=1)),
+    ("fwd", dict(split="m", tile_m=128, max_concurrent_steps=6, delay_release=1)),
+    ("fwd", dict(split="m", tile_m=256, max_concurrent_steps=4, delay_release=1)),
+    ("fwd", dict(split="m", tile_m=256, max_concurrent_steps=4, delay_release=0)),
+    ("wgrad", dict(split="b", delay_release=0)),
+    ("wgrad", dict(split="b", delay_release=1)),
+    ("wgrad", dict(split="a", delay_release=1)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("kind,over", KERNEL_CONFIGS)
+def test_pallas_gpu_kernel_configs(kind, over, transpose_rhs):
+    if kind == "wgrad" and transpose_rhs:
+        pytest.skip("wgrad has no transposed form")
+    m, k, n = 3000, 1408, 1536  # M not a multiple of 256, K of 4 stages; sum < M; a 0 group
+    _check_kernel(kind, m, k, n, _gpu_groups(m, "sum_lt_m", g=16), transpose_rhs, over,
+                  interpret=False)
+
+
 @pytest.mark.gpu
 def test_auto_is_pallas_on_hopper_for_bf16():
     from ops.grouped_matmul import is_hopper, resolve_backend
@@ -201,26 +267,26 @@ def test_auto_is_pallas_on_hopper_for_bf16():
         assert resolve_backend("auto", jnp.float32) == "xla"
 
 
-@pytest.mark.parametrize("sizes,m", [([70, 0, 100, 20], 200), ([0, 256, 0], 256), ([5, 3], 300),
-                                     ([128, 128], 256)])
-def test_segment_table_covers_every_row_once(sizes, m):
+@pytest.mark.parametrize("sizes,m,tm", [([70, 0, 100, 20], 200, 64), ([0, 256, 0], 256, 64),
+                                        ([5, 3], 300, 64), ([128, 128], 256, 64),
+                                        ([300, 0, 211], 600, 256), ([1, 255, 256], 512, 256)])
+def test_segment_table_covers_every_row_once(sizes, m, tm):
     from ops.gmm_pallas_fwd import segment_table
-    tm = 64
+    g = len(sizes)
     table, count = segment_table(jnp.asarray(sizes, jnp.int32), m, tm)
     table, count = np.asarray(table), int(count[0])
     owner = np.full(m, -2)
     ends = np.cumsum(sizes)
     for s in range(table.shape[1]):
-        row0, packed = table[:, s]
-        rows, start = packed & 0xFF, (packed >> 8) & 0xFF
-        compute, grp = (packed >> 16) & 1, packed >> 17
+        row0, packed, grp = table[:, s]
+        rows, start = packed & 0xFFFF, packed >> 16
         if s >= count:
             assert rows == 0
             continue
-        assert row0 % tm == 0 and 0 < rows <= tm and start + rows <= tm
+        assert row0 % tm == 0 and 0 < rows <= tm and start + rows <= tm and 0 <= grp <= g
         seg = np.arange(row0 + start, row0 + start + rows)
         assert np.all(owner[seg] == -2), "row covered twice"
-        owner[seg] = grp if compute else -1
+        owner[seg] = grp if grp < g else -1
     assert np.all(owner != -2), "row not covered"
     want = np.searchsorted(ends, np.arange(m), side="right")
     want[np.arange(m) >= ends[-1]] = -1

@@ -29,23 +29,28 @@ def device_key(device=None) -> str:
 
 
 def shape_class(m, k, n, g) -> str:
-    """Coarse class: the group count bucket and whether N (output cols) is small."""
+    """Coarse class: the group count bucket, whether N (output cols) is small and whether K
+    (the contraction, i.e. the k-steps per work item) is short."""
     gcls = "g<=16" if g <= 16 else "g>16"
     ncls = "n<2048" if n < 2048 else "n>=2048"
-    return f"{gcls},{ncls}"
+    kcls = "k<4096" if k < 4096 else "k>=4096"
+    return f"{gcls},{ncls},{kcls}"
 
 
 def _lookup(kernel, m, k, n, g):
+    """The class's entry; else one that differs only in the K bucket; else the default."""
     table = _table("grouped_matmul")
     dev = table.get(device_key(), table.get("default", {}))
     entry = dev.get(kernel, {})
-    return entry.get(shape_class(m, k, n, g), entry.get("default", {}))
+    cls = shape_class(m, k, n, g)
+    near = [v for key, v in sorted(entry.items()) if key.rsplit(",", 1)[0] == cls.rsplit(",", 1)[0]]
+    return entry.get(cls, near[0] if near else entry.get("default", {}))
 
 
 def fwd_config(m, k, n, g):
     from ops.gmm_pallas import FwdConfig
-    cfg = _fit(FwdConfig(**_lookup("fwd", m, k, n, g)), n, "tile_n", 2)
-    return cfg
+    cfg = FwdConfig(**_lookup("fwd", m, k, n, g))
+    return _fit(cfg, n, "tile_n", 1 if cfg.split == "m" else 2)
 
 
 def wgrad_config(m, a, b, g):
