@@ -40,18 +40,18 @@ DISPATCHERS = ("alltoall", "alltoall_ragged", "allgather")
 
 
 def _live(axes):
-    """The mesh axes among `axes` with more than one device (inside shard_map). Collectives and
-    varying-type casts name only these: XLA keeps an all-reduce over single-device groups, which
-    on GPU costs a full NCCL pass over the tensor (measured: 2.3 ms per MoE layer step, see
-    experiments/profile_ep.py)."""
-    return tuple(a for a in axes if jax.lax.axis_size(a) > 1)
+    """The mesh axes among `axes` that values here may vary over (inside shard_map): `expert`, and
+    `edata`/`etensor` only where they hold more than one device — moe_ffn's specs name no others.
+    Collectives and varying-type casts name only these: XLA keeps an all-reduce over single-device
+    groups, which on GPU cost a full NCCL pass over the expert weight gradients (2.3 ms per MoE
+    layer step on 2×H200, found with experiments/profile_ep.py)."""
+    return tuple(a for a in axes if a == "expert" or jax.lax.axis_size(a) > 1)
 
 
 def expert_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation: str, backend: str):
     """Local experts on expert-sorted rows; ETP partial sums reduced over `etensor`."""
     # one varying type for the kernels' custom_vjp; its transpose sums dx over etensor, dw over edata
-    live = _live(MESH_AXES)
-    x_ND, w1_EDnF, w2_EFD = (_vary(a, live) for a in (x_ND, w1_EDnF, w2_EFD))
+    x_ND, w1_EDnF, w2_EFD = (_vary(a, _live(MESH_AXES)) for a in (x_ND, w1_EDnF, w2_EFD))
     y = grouped_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation, backend)
     return jax.lax.psum(y, "etensor") if _live(("etensor",)) else y
 
@@ -346,11 +346,11 @@ def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
     if x_TD.shape[0] % shards:
         raise ValueError(f"MoE layer: {x_TD.shape[0]} tokens are not divisible by "
                          f"edata*expert*overlap_chunks = {shards}")
-    # specs name only the axes with more than one device (see _live)
+    # specs name `expert` (the dispatchers' collectives run over it) and the other axes only where
+    # they hold more than one device (see _live)
     sizes = layout.moe_mesh.shape
-    live = lambda axes: tuple(a for a in axes if sizes[a] > 1) or None  # noqa: E731
-    tok = P(live(TOKENS))
-    e, et = ("expert" if sizes["expert"] > 1 else None), ("etensor" if sizes["etensor"] > 1 else None)
+    tok = P(tuple(a for a in TOKENS if a == "expert" or sizes[a] > 1))
+    e, et = "expert", ("etensor" if sizes["etensor"] > 1 else None)
     body = functools.partial(_body, m=m, dispatcher=dispatcher, chunks=chunks, ragged_impl=ragged_impl,
                              buffer_factor=buffer_factor, fallback=fallback)
     fn = jax.shard_map(body, mesh=layout.moe_mesh,

@@ -67,18 +67,18 @@ def _check(cfg, ep, etp=1, chunks=1, tokens=(4, 8), **kw):
     return aux1
 
 
-@pytest.mark.parametrize("ep,etp", [(2, 1), (8, 1), (4, 2)])
+@pytest.mark.parametrize("ep,etp", [(2, 1), (8, 1), (4, 2), (1, 2)])
 def test_alltoall_matches_single_device(ep, etp):
     aux = _check(_cfg(), ep, etp, dispatcher="alltoall")
     assert int(aux["dropped"]) == 0  # dropless: the worst-case buffer never drops
 
 
-@pytest.mark.parametrize("ep,etp", [(4, 1), (2, 2)])
+@pytest.mark.parametrize("ep,etp", [(4, 1), (2, 2), (1, 2)])
 def test_allgather_matches_single_device(ep, etp):
     _check(_cfg(), ep, etp, dispatcher="allgather")
 
 
-@pytest.mark.parametrize("ep,etp", [(2, 1), (8, 1), (4, 2)])
+@pytest.mark.parametrize("ep,etp", [(2, 1), (8, 1), (4, 2), (1, 2)])
 def test_ragged_plan_matches_single_device(ep, etp):
     """The ragged dispatcher's offsets/sizes plan, run through the all_gather emulation on CPU."""
     _check(_cfg(), ep, etp, dispatcher="alltoall_ragged", ragged_impl="emulate")
