@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ops.grouped_matmul import _match_vma, is_hopper
+
 BACKENDS = ("auto", "xla", "pallas", "emulate")
 CHUNK_BYTES = 32 * 1024   # rows per copy chunk: as many as fit this (power of two)
 SLOTS = 4                 # SMEM chunk buffers per SM: stores in flight while the next loads
@@ -58,24 +60,10 @@ def ragged_all_to_all(x, out_rows: int, input_offsets, send_sizes, output_offset
 
 
 # ----------------------------------------------------------------------------- helpers
-def _vma(x) -> frozenset:
-    t = jax.typeof(x)
-    have = getattr(t, "vma", None)
-    if have is None:  # JAX 0.10 keeps it on the manual axis type
-        have = getattr(getattr(t, "manual_axis_type", None), "varying", None)
-    return frozenset(have or ())
-
-
-def _match_vma(x, like):
-    missing = tuple(sorted(_vma(like) - _vma(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _pallas_unsupported(x) -> str | None:
     dev = jax.devices()[0]
     if dev.platform != "gpu":
         return f"needs GPUs, found {dev.platform}"
-    from ops.grouped_matmul import is_hopper
     if not is_hopper(dev):
         return f"needs Hopper (sm_90) GPUs, found {dev.device_kind}"
     if jax.process_count() > 1:
