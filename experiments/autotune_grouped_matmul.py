@@ -34,11 +34,13 @@ SHAPES = [  # (E, M, K, N): one per class
     (16, 32768, 2048, 4096),
 ]
 FWD = [dict(split=sp, tile_m=tm, tile_n=tn, max_concurrent_steps=s, delay_release=d,
-            grid_tile_width=w)
-       for sp, tm, tn, s, d, w in [
-           ("n", 128, 128, 4, 0, 2), ("n", 128, 128, 4, 1, 2), ("n", 128, 128, 4, 1, 8),
-           ("n", 128, 64, 6, 1, 8), ("m", 128, 128, 6, 1, 8), ("m", 256, 128, 4, 1, 8),
-           ("m", 256, 128, 4, 0, 8)]]
+            grid_tile_width=w, pingpong=pp)
+       for sp, tm, tn, s, d, w, pp in [
+           ("n", 128, 128, 4, 0, 2, False), ("n", 128, 128, 4, 1, 2, False),
+           ("n", 128, 128, 4, 1, 8, False), ("n", 128, 64, 6, 1, 8, False),
+           ("m", 128, 128, 6, 1, 8, False), ("m", 256, 128, 4, 1, 8, False),
+           ("m", 256, 128, 4, 0, 8, False), ("n", 128, 128, 6, 1, 8, True),
+           ("n", 128, 128, 6, 0, 8, True)]]
 WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w,
               split=sp, delay_release=d)
          for ta, tb, s, w, sp, d in [(128, 128, 3, 4, "b", 0), (128, 128, 3, 4, "b", 1),
@@ -53,6 +55,8 @@ CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "fwd_m256": ("fwd", False, {"split": "m", "tile_m": 256, "delay_release": 1}),
     "fwd_t_m256": ("fwd", True, {"split": "m", "tile_m": 256, "delay_release": 1}),
     "fwd_t_m128": ("fwd", True, {"split": "m", "delay_release": 0}),
+    "fwd_pp": ("fwd", False, {"pingpong": True, "max_concurrent_steps": 6, "delay_release": 1}),
+    "fwd_t_pp": ("fwd", True, {"pingpong": True, "max_concurrent_steps": 6, "delay_release": 1}),
     "wgrad_b": ("wgrad", False, {"split": "b"}),
     "wgrad_a": ("wgrad", False, {"split": "a"}),
     "wgrad_a_st": ("wgrad", False, {"split": "a", "slice_then_transpose": True}),
@@ -92,7 +96,7 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def sweep(kind, e, m, k, n, configs, reps, log, old=False):
+def sweep(kind, e, m, k, n, configs, reps, log):
     ks = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
     gs = jnp.asarray(group_sizes(e, m, "dirichlet"))
@@ -113,18 +117,6 @@ def sweep(kind, e, m, k, n, configs, reps, log, old=False):
     t_dense = median_seconds(dense, x, jax.random.normal(ks[1], (k, n), jnp.float32).astype(
         jnp.bfloat16), iters=reps)
     best = None
-    if old and kind == "fwd":  # the per-item kernel (one pipeline per work item) with today's table
-        from ops import _gmm_item_old as old_k
-        cfg = P.FwdConfig(**{f: v for f, v in tuning._lookup("fwd", m, k, n, e).items()
-                             if f not in ("split",)})
-        cfg = tuning._fit(cfg, n, "tile_n", 2)
-        fo = jax.jit(lambda x, w, gs: old_k.gmm_fwd_kernel(x, w, gs, transpose_rhs=False,
-                                                           out_dtype=jnp.bfloat16, cfg=cfg))
-        t = median_seconds(fo, *args, iters=reps)
-        log.append({"kind": "fwd_item_old", "shape": [e, m, k, n], "ms": t * 1e3,
-                    "pct_dense": 100 * t_dense / t, "rel_err": rel(fo(*args), ref)})
-        print(kind, (e, k, n), "OLD per-item", f"{t * 1e3:.3f} ms  {100 * t_dense / t:.1f}% of "
-              f"dense ({t_dense * 1e3:.3f} ms) err {log[-1]['rel_err']:.1e}", flush=True)
     for c in configs:
         cfg = dataclasses.replace(base, **c)
         if kind == "fwd" and n % (cfg.tile_n * (1 if cfg.split == "m" else 2)):
@@ -161,13 +153,12 @@ def main():
     ap.add_argument("--check", default=None, help="correctness checks (comma list or 'all'): "
                     + ",".join(CHECKS))
     ap.add_argument("--configs", default=None, help="JSON {fwd: [...], wgrad: [...]} to sweep")
-    ap.add_argument("--old", action="store_true", help="also time the old per-item kernel")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     if args.check:
         for name in (CHECKS if args.check == "all" else args.check.split(",")):
             check(name)
-            if "m256" in name or "d1" in name:  # a second shape: K not a multiple of stages
+            if "m256" in name or "d1" in name or "pp" in name:  # a second shape: K not a multiple of stages
                 check(name, m=3000, k=1408, n=1536, e=16)
         return
     configs = {"fwd": FWD, "wgrad": WGRAD}
@@ -180,7 +171,7 @@ def main():
     log = []
     for e, m, k, n in [SHAPES[int(i)] for i in args.shapes.split(",")]:
         for kind in args.kinds.split(","):
-            best = sweep(kind, e, m, k, n, configs[kind], args.reps, log, old=args.old)
+            best = sweep(kind, e, m, k, n, configs[kind], args.reps, log)
             if best:
                 entry.setdefault(kind, {})[tuning.shape_class(m, k, n, e)] = best[1]
             entry["_measured"] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,

@@ -61,7 +61,8 @@ def gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, *, interpret=False,
                                                              rhs.shape[0]))
     lhs_p = _pad_to(lhs, 1, cfg.tile_k)
     rhs_p = _pad_to(_pad_to(rhs, 2 if transpose_rhs else 1, cfg.tile_k),
-                    1 if transpose_rhs else 2, cfg.tile_n * (1 if cfg.split == "m" else 2))
+                    1 if transpose_rhs else 2,
+                    cfg.tile_n * (2 if cfg.split == "n" and not cfg.pingpong else 1))
     if interpret and transpose_rhs:  # interpret mode (JAX 0.10) has no transposed wgmma operand
         rhs_p, transpose_rhs = jnp.swapaxes(rhs_p, 1, 2), False
     out = gmm_fwd_kernel(lhs_p, rhs_p, group_sizes, transpose_rhs=transpose_rhs,

@@ -22,6 +22,7 @@ class FwdConfig:
     epi_n: int = 64            # epilogue column chunk (SMEM staging: 2 WGs x WG rows x epi_n)
     slice_then_transpose: bool = False  # transpose_rhs: slice rhs SMEM tile before transposing
     split: str = "n"           # the 2 compute WGs split the CTA tile's "n" (cols) or "m" (rows)
+    pingpong: bool = False     # each WG takes whole tile_m x tile_n items, alternating (no split)
 
 
 @dataclasses.dataclass(frozen=True)

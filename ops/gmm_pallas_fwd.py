@@ -21,8 +21,8 @@ from ops.gmm_pallas_common import (FwdConfig, _compiler_params, _interpret_param
 
 # ----------------------------------------------------------------------------- schedule
 def segment_table(group_sizes, m, tile_m):
-    """int32 [3, S], S = cdiv(m, tile_m) + G: per segment its block's first row; rows | (first
-    row within the block) << 16; and its group (G for the tail past sum(group_sizes), which is
+    """int32 [3, S], S = cdiv(m, tile_m) + G: per segment its row block (first row / tile_m);
+    rows | (first row within the block) << 16; and its group (G for the tail past sum(group_sizes), which is
     stored as zeros). Segments past the count have rows == 0. Returns (table, count[1])."""
     g = group_sizes.shape[0]
     sizes = jnp.concatenate([group_sizes.astype(jnp.int32),
@@ -46,7 +46,7 @@ def segment_table(group_sizes, m, tile_m):
     valid = t < count
     rows = jnp.where(valid, hi - lo, 0)
     start = jnp.where(valid, lo - row0, 0)
-    table = jnp.stack([jnp.where(valid, row0, 0), rows | (start << 16),
+    table = jnp.stack([jnp.where(valid, blk, 0), rows | (start << 16),
                        jnp.where(valid, gid_c, g)]).astype(jnp.int32)
     return table, count.astype(jnp.int32)[None]
 
@@ -55,17 +55,22 @@ def segment_table(group_sizes, m, tile_m):
 def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdConfig,
                    interpret=False):
     """cfg.split "n": the two compute WGs split the CTA tile's columns (CTA tile_m x 2*tile_n,
-    WG tile_m x tile_n); "m": they split its rows (CTA tile_m x tile_n, WG tile_m/2 x tile_n)."""
+    WG tile_m x tile_n); "m": they split its rows (CTA tile_m x tile_n, WG tile_m/2 x tile_n).
+    cfg.pingpong: each WG computes whole tile_m x tile_n work items, alternating."""
     m, k = lhs.shape
     g = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    split_m = cfg.split == "m"
+    split_m = cfg.split == "m" and not cfg.pingpong
+    split_n = cfg.split == "n" and not cfg.pingpong
     tm, tk = cfg.tile_m, cfg.tile_k
-    cm, cn = tm, cfg.tile_n * (1 if split_m else 2)      # CTA tile
-    wm, wn = (tm // 2, cn) if split_m else (tm, cfg.tile_n)  # WG tile
+    cm, cn = tm, cfg.tile_n * (2 if split_n else 1)       # CTA tile (one work item)
+    wm, wn = (tm // 2 if split_m else tm), cfg.tile_n      # WG tile
     if k % tk or n % cn or cfg.split not in ("m", "n") or wm % 64:
         raise ValueError(f"gmm_fwd_kernel: needs K % {tk} == 0, N % {cn} == 0, split in m/n and "
                          f"64 | WG rows, got K={k} N={n} split={cfg.split} WG rows={wm}")
+    if cfg.pingpong and wm * wn > 128 * 128:
+        raise ValueError(f"gmm_fwd_kernel: ping-pong WG tiles hold at most 128x128 fp32 "
+                         f"accumulators, got {wm}x{wn}")
     if tm > 256:
         raise ValueError(f"gmm_fwd_kernel: needs tile_m <= 256, got {tm}")
     grid_n = n // cn
@@ -84,7 +89,8 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
             rhs_smem=plgpu.SMEM((stages, *rhs_block), rhs.dtype, transforms=rhs_tf),
             out_smem=plgpu.SMEM((2, wm, epi_n), out_dtype),
             loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            consumed=plgpu.Barrier(
+                num_arrivals=pipeline.consumers_per_slot(2, cfg.pingpong), num_barriers=stages),
             collective_axes="wg")
 
     def scoped(table_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem, lhs_smem, rhs_smem,
@@ -92,7 +98,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
         wg = lax.axis_index("wg")
         num_segments = count_gmem[0]
 
-        def fetch(lin):  # item lin -> (row0, rows | start << 16, group, N tile)
+        def fetch(lin):  # item lin -> (row block, rows | start << 16, group, N tile)
             lin = jnp.minimum(lin, num_segments * grid_n - 1)
             si, ni = plgpu.planar_snake(lin, (num_segments, grid_n), cfg.grid_minor_dim,
                                         cfg.grid_tile_width)
@@ -102,8 +108,8 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
             return jnp.where(info[2] < g, k_iters, 0)  # 0 for the tail: zeros out
 
         def load(info, kk, slot, barrier):
-            row0, _, grp, ni = info
-            plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row0, cm), pl.ds(kk * tk, tk)],
+            blk, _, grp, ni = info
+            plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(blk * cm, cm), pl.ds(kk * tk, tk)],
                                     lhs_smem.at[slot], barrier)
             cols, ks = pl.ds(ni * cn, cn), pl.ds(kk * tk, tk)
             plgpu.copy_gmem_to_smem(rhs_gmem.at[grp].at[(cols, ks) if transpose_rhs else (ks, cols)],
@@ -115,19 +121,27 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
                 a = a.at[pl.ds(wg * wm, wm)]
             b = rhs_smem.at[slot]
             if transpose_rhs:
-                if split_m:
+                if not split_n:
                     b = plgpu.transpose_ref(b, (1, 0))
                 elif cfg.slice_then_transpose:
                     b = plgpu.transpose_ref(b.at[pl.ds(wg * wn, wn), :], (1, 0))
                 else:
                     b = plgpu.transpose_ref(b, (1, 0)).at[:, pl.ds(wg * wn, wn)]
-            elif not split_m:
+            elif split_n:
                 b = b.at[:, pl.ds(wg * wn, wn)]
-            plgpu.wgmma(acc_ref, a, b)
+            if not split_m:
+                plgpu.wgmma(acc_ref, a, b)
+                return
+            _, packed, _, _ = info
+            rows, start = packed & 0xFFFF, packed >> 16
+
+            @pl.when((start < wg * wm + wm) & (start + rows > wg * wm))
+            def _():  # a WG with no rows of the segment leaves the tensor cores to the other
+                plgpu.wgmma(acc_ref, a, b)
 
         def epilogue(info, acc_ref):
-            row0, packed, _, ni = info
-            rows, start = packed & 0xFFFF, packed >> 16
+            blk, packed, _, ni = info
+            row0, rows, start = blk * cm, packed & 0xFFFF, packed >> 16
             if split_m:  # this WG's rows of the segment, relative to its half of the block
                 w0 = wg * wm
                 lo = jnp.clip(start - w0, 0, wm)
@@ -135,7 +149,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
                 wrow0, start, rows = row0 + w0, lo, hi - lo
                 col0 = ni * cn
             else:
-                wrow0, col0 = row0, ni * cn + wg * wn
+                wrow0, col0 = row0, ni * cn + (wg * wn if split_n else 0)
             acc = acc_ref[...].astype(out_dtype)
             for c in range(wn // epi_n):  # column chunks: SMEM stays small
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -146,7 +160,8 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
 
         pipeline.run(num_items=num_segments * grid_n, fetch=fetch, steps_of=steps_of, load=load,
                      mma=mma, epilogue=epilogue, acc_shape=(wm, wn), stages=stages,
-                     loaded=loaded, consumed=consumed, delay_release=cfg.delay_release)
+                     loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
+                     pingpong=cfg.pingpong)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
 
     kernel = plgpu.kernel(

@@ -186,9 +186,10 @@ def _check_kernel(kind, m, k, n, sizes, transpose_rhs, over, interpret, seed=7):
 
 # The pipeline runs one SMEM ring per SM across work items; these configs cover its variants:
 # WGs splitting rows ("m"), two wgmma groups in flight (delay_release=1), a 3-slot ring that
-# work items of 2 and 3 steps do not fill evenly.
+# work items of 2 and 3 steps do not fill evenly, ping-pong WGs (one ring each).
 @pytest.mark.parametrize("over", [dict(split="m", tile_m=128, delay_release=1,
-                                       max_concurrent_steps=3)])
+                                       max_concurrent_steps=3),
+                                  dict(pingpong=True, max_concurrent_steps=4, delay_release=1)])
 def test_pallas_interpret_fwd_configs(over):
     _check_kernel("fwd", 200, 192, 128, [70, 0, 100, 20], False, over, interpret=True)
 
@@ -242,6 +243,8 @@ KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table pi
     ("fwd", dict(split="m", tile_m=128, max_concurrent_steps=6, delay_release=1)),
     ("fwd", dict(split="m", tile_m=256, max_concurrent_steps=4, delay_release=1)),
     ("fwd", dict(split="m", tile_m=256, max_concurrent_steps=4, delay_release=0)),
+    ("fwd", dict(pingpong=True, max_concurrent_steps=6, delay_release=1)),
+    ("fwd", dict(pingpong=True, max_concurrent_steps=6, delay_release=0)),
     ("wgrad", dict(split="b", delay_release=0)),
     ("wgrad", dict(split="b", delay_release=1)),
     ("wgrad", dict(split="a", delay_release=1)),
@@ -278,8 +281,8 @@ def test_segment_table_covers_every_row_once(sizes, m, tm):
     owner = np.full(m, -2)
     ends = np.cumsum(sizes)
     for s in range(table.shape[1]):
-        row0, packed, grp = table[:, s]
-        rows, start = packed & 0xFFFF, packed >> 16
+        blk, packed, grp = table[:, s]
+        row0, rows, start = blk * tm, packed & 0xFFFF, packed >> 16
         if s >= count:
             assert rows == 0
             continue

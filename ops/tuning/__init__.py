@@ -50,7 +50,7 @@ def _lookup(kernel, m, k, n, g):
 def fwd_config(m, k, n, g):
     from ops.gmm_pallas import FwdConfig
     cfg = FwdConfig(**_lookup("fwd", m, k, n, g))
-    return _fit(cfg, n, "tile_n", 1 if cfg.split == "m" else 2)
+    return _fit(cfg, n, "tile_n", 2 if cfg.split == "n" and not cfg.pingpong else 1)
 
 
 def wgrad_config(m, a, b, g):
