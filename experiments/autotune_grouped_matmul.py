@@ -42,9 +42,11 @@ FWD = [dict(split=sp, tile_m=tm, tile_n=tn, max_concurrent_steps=s, delay_releas
            ("m", 256, 128, 4, 0, 8, False), ("n", 128, 128, 6, 1, 8, True),
            ("n", 128, 128, 6, 0, 8, True)]]
 WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w,
-              split=sp, delay_release=d)
-         for ta, tb, s, w, sp, d in [(128, 128, 3, 4, "b", 0), (128, 128, 3, 4, "b", 1),
-                                     (128, 128, 3, 4, "a", 1)]]
+              split=sp, delay_release=d, pingpong=pp)
+         for ta, tb, s, w, sp, d, pp in [(128, 128, 3, 4, "b", 0, False),
+                                         (128, 128, 3, 4, "b", 1, False),
+                                         (128, 128, 3, 4, "a", 1, False),
+                                         (128, 128, 4, 4, "b", 1, True)]]
 CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "fwd": ("fwd", False, {}),
     "fwd_t": ("fwd", True, {}),
@@ -62,6 +64,8 @@ CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "wgrad_a_st": ("wgrad", False, {"split": "a", "slice_then_transpose": True}),
     "wgrad_b_d1": ("wgrad", False, {"split": "b", "delay_release": 1}),
     "wgrad_a_d1": ("wgrad", False, {"split": "a", "delay_release": 1}),
+    "wgrad_pp": ("wgrad", False, {"pingpong": True, "max_concurrent_steps": 4,
+                                  "delay_release": 1}),
 }
 
 
@@ -119,9 +123,11 @@ def sweep(kind, e, m, k, n, configs, reps, log):
     best = None
     for c in configs:
         cfg = dataclasses.replace(base, **c)
-        if kind == "fwd" and n % (cfg.tile_n * (1 if cfg.split == "m" else 2)):
+        if kind == "fwd" and n % (cfg.tile_n * (2 if cfg.split == "n" and not cfg.pingpong
+                                                else 1)):
             continue
-        fa, fb = (2, 1) if getattr(cfg, "split", "b") == "a" else (1, 2)
+        fa, fb = ((1, 1) if cfg.pingpong else (2, 1) if getattr(cfg, "split", "b") == "a"
+                  else (1, 2))
         if kind == "wgrad" and (k % (fa * cfg.tile_a) or n % (fb * cfg.tile_b)):
             continue
         try:

@@ -77,7 +77,7 @@ def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None):
     adim, bdim = a.shape[1], b.shape[1]
     cfg = cfg or (INTERPRET_WGRAD if interpret else wgrad_config(a.shape[0], adim, bdim,
                                                                  group_sizes.shape[0]))
-    two_a, two_b = (2, 1) if cfg.split == "a" else (1, 2)
+    two_a, two_b = (1, 1) if cfg.pingpong else (2, 1) if cfg.split == "a" else (1, 2)
     a_p = _pad_to(a, 1, two_a * cfg.tile_a)
     b_p = _pad_to(b, 1, two_b * cfg.tile_b)
     if interpret:  # see gmm_wgrad_kernel: interpret mode takes a pre-transposed a

@@ -34,8 +34,9 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     bdim = b.shape[1]
     g = group_sizes.shape[0]
     tr, ta, tb = cfg.tile_r, cfg.tile_a, cfg.tile_b
-    split_a = cfg.split == "a"
-    ca, cb = (2 * ta, tb) if split_a else (ta, 2 * tb)  # CTA tile
+    pp = cfg.pingpong  # each WG takes whole ta x tb items (masks all of b), alternating
+    split_a = cfg.split == "a" and not pp
+    ca, cb = (2 * ta, tb) if split_a else (ta, tb if pp else 2 * tb)  # CTA tile (one item)
     if adim % ca or bdim % cb:
         raise ValueError(f"gmm_wgrad_kernel: needs A % {ca} == 0 and B % {cb} == 0, got "
                          f"A={adim} B={bdim}")
@@ -60,7 +61,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
             b_smem=plgpu.SMEM((stages, tr, cb), b.dtype, transforms=b_tf),
             out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
             loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            consumed=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, pp),
+                                   num_barriers=stages),
             collective_axes="wg")
 
     def scoped(table_gmem, a_gmem, b_gmem, out_gmem, a_smem, b_smem, out_smem, loaded, consumed):
@@ -93,7 +95,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
                                     if a_transposed else
                                     (a_s.at[:, pl.ds(wg * ta, ta)], (tr, ta), 0))
             else:
-                own, shape, axis = b_s.at[:, pl.ds(wg * tb, tb)], (tr, tb), 0
+                own, shape, axis = (b_s if pp else b_s.at[:, pl.ds(wg * tb, tb)]), (tr, tb), 0
 
             @pl.when((row_blk0 < lo) | (row_blk0 + tr > hi))
             def _mask():  # rows of neighbouring groups (or past M) in a boundary block: zero them
@@ -124,11 +126,12 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
             plgpu.copy_smem_to_gmem(
                 out_smem.at[wg],
                 out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
-                            pl.ds(bi * cb + (0 if split_a else wg * tb), tb)])
+                            pl.ds(bi * cb + (0 if split_a or pp else wg * tb), tb)])
 
         pipeline.run(num_items=jnp.int32(g * tiles), fetch=fetch, steps_of=lambda info: info[6],
                      load=load, mma=mma, epilogue=epilogue, acc_shape=(ta, tb), stages=stages,
-                     loaded=loaded, consumed=consumed, delay_release=cfg.delay_release)
+                     loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
+                     pingpong=pp)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
 
     kernel = plgpu.kernel(

@@ -194,9 +194,10 @@ def test_pallas_interpret_fwd_configs(over):
     _check_kernel("fwd", 200, 192, 128, [70, 0, 100, 20], False, over, interpret=True)
 
 
-def test_pallas_interpret_wgrad_delay_release():
-    _check_kernel("wgrad", 200, 128, 128, [70, 0, 100, 20], False,
-                  dict(delay_release=1, max_concurrent_steps=3), interpret=True)
+@pytest.mark.parametrize("over", [dict(delay_release=1, max_concurrent_steps=3),
+                                  dict(pingpong=True, delay_release=1, max_concurrent_steps=4)])
+def test_pallas_interpret_wgrad_configs(over):
+    _check_kernel("wgrad", 200, 128, 128, [70, 0, 100, 20], False, over, interpret=True)
 
 
 def test_pallas_rejects_float32():
@@ -248,6 +249,7 @@ KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table pi
     ("wgrad", dict(split="b", delay_release=0)),
     ("wgrad", dict(split="b", delay_release=1)),
     ("wgrad", dict(split="a", delay_release=1)),
+    ("wgrad", dict(pingpong=True, max_concurrent_steps=4, delay_release=1)),
 ]
 
 
