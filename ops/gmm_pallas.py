@@ -1,23 +1,29 @@
 """Mosaic-GPU (Hopper) grouped-matmul kernels: forward/dgrad and wgrad.
 
-Both kernels are persistent (one CTA per SM looping over output tiles) and warp-specialized: one
-memory warpgroup issues TMA copies into a `max_concurrent_steps`-deep SMEM ring, two compute
-warpgroups issue wgmma into fp32 register accumulators.
+Both kernels are persistent (one CTA per SM looping over work items) and warp-specialized: one
+memory warpgroup issues TMA copies into a `max_concurrent_steps`-slot SMEM ring, two compute
+warpgroups issue wgmma into fp32 register accumulators. The ring runs across work items
+(ops/gmm_pallas_pipeline.py): the memory WG loads the next item's first k-steps while the compute
+WGs finish the current one and store it, so the pipeline never drains between items.
 
 fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] if transpose_rhs)
      Work items are (row-tile segment, N tile). A segment is the intersection of a tile_m-row block
-     with one group (or with the tail past sum(group_sizes), which gets zeros: its pipeline has zero
-     steps). The segment table is computed outside the kernel (a few tiny XLA ops). Each segment
-     stores only its rows, with a ladder of power-of-two-row TMA stores. The two compute WGs split N.
-wgrad out[G,A,B] = a_g^T @ b_g  over the rows of group g   (a[M,A], b[M,B])
-     Work items are (g, A tile, B tile); the pipeline runs over the group's row blocks (a dynamic
-     number of steps, zero for an empty group) and zeroes, in SMEM, the rows of the first and last
-     block that belong to neighbouring groups. The two compute WGs split A or B (cfg.split; each
-     masks its own slice).
+     with one group (or with the tail past sum(group_sizes), which gets zeros: it has zero
+     k-steps). The segment table is computed outside the kernel (a few tiny XLA ops). Each segment
+     stores only its rows, with a ladder of power-of-two-row TMA stores. The two compute WGs split
+     the tile's columns (cfg.split "n"), its rows ("m": a WG with no rows of the segment issues no
+     wgmma), or take whole items in turn (cfg.pingpong: one WG's epilogue under the other's
+     wgmmas; each WG has its own half of the ring).
+wgrad out[G,A,B] = a_g^T b_g  over the rows of group g   (a[M,A], b[M,B])
+     Work items are (g, A tile, B tile) with one k-step per row block of the group (zero for an
+     empty group: zeros out); the rows of the first and last block that belong to neighbouring
+     groups are zeroed in SMEM by the WG that reads them. The two compute WGs split A or B
+     (cfg.split) or take whole items in turn (cfg.pingpong).
 
-Requirements (padded by gmm_fwd/gmm_wgrad when not met): K % tile_k == 0 and N % (2*tile_n) == 0
-for fwd; A and B multiples of the CTA tile for wgrad. M and group sizes are arbitrary.
-Dtypes: bf16/fp16 operands (fp32 wgmma would be tf32: not offered; ops.grouped_matmul rejects it).
+Requirements (padded by gmm_fwd/gmm_wgrad when not met): K % tile_k == 0 and N a multiple of the
+CTA tile's columns for fwd; A and B multiples of the CTA tile for wgrad. M and group sizes are
+arbitrary. Dtypes: bf16/fp16 operands (fp32 wgmma would be tf32: not offered; ops.grouped_matmul
+rejects it).
 """
 from __future__ import annotations
 
