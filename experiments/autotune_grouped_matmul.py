@@ -41,12 +41,8 @@ FWD = [dict(split=sp, tile_m=tm, tile_n=tn, max_concurrent_steps=s, delay_releas
            ("m", 128, 128, 6, 1, 8, False), ("m", 256, 128, 4, 1, 8, False),
            ("m", 256, 128, 4, 0, 8, False), ("n", 128, 128, 6, 1, 8, True),
            ("n", 128, 128, 6, 0, 8, True)]]
-WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w,
-              split=sp, delay_release=d, pingpong=pp)
-         for ta, tb, s, w, sp, d, pp in [(128, 128, 3, 4, "b", 0, False),
-                                         (128, 128, 3, 4, "b", 1, False),
-                                         (128, 128, 3, 4, "a", 1, False),
-                                         (128, 128, 4, 4, "b", 1, True)]]
+WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w, split=sp)
+         for ta, tb, s, w, sp in [(128, 128, 3, 4, "b"), (128, 128, 3, 4, "a"), (128, 128, 4, 8, "b")]]
 CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "fwd": ("fwd", False, {}),
     "fwd_t": ("fwd", True, {}),
@@ -62,10 +58,6 @@ CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "wgrad_b": ("wgrad", False, {"split": "b"}),
     "wgrad_a": ("wgrad", False, {"split": "a"}),
     "wgrad_a_st": ("wgrad", False, {"split": "a", "slice_then_transpose": True}),
-    "wgrad_b_d1": ("wgrad", False, {"split": "b", "delay_release": 1}),
-    "wgrad_a_d1": ("wgrad", False, {"split": "a", "delay_release": 1}),
-    "wgrad_pp": ("wgrad", False, {"pingpong": True, "max_concurrent_steps": 4,
-                                  "delay_release": 1}),
 }
 
 

@@ -2,9 +2,10 @@
 
 Both kernels are persistent (one CTA per SM looping over work items) and warp-specialized: one
 memory warpgroup issues TMA copies into a `max_concurrent_steps`-slot SMEM ring, two compute
-warpgroups issue wgmma into fp32 register accumulators. The ring runs across work items
-(ops/gmm_pallas_pipeline.py): the memory WG loads the next item's first k-steps while the compute
-WGs finish the current one and store it, so the pipeline never drains between items.
+warpgroups issue wgmma into fp32 register accumulators. In fwd/dgrad the ring runs across work
+items (ops/gmm_pallas_pipeline.py): the memory WG loads the next item's first k-steps while the
+compute WGs finish the current one and store it. wgrad runs one `emit_pipeline_warp_specialized`
+per item (the flat-ring wgrad hung in a GPU test and was withdrawn: ops/NOTES_grouped_matmul.md).
 
 fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] if transpose_rhs)
      Work items are (row-tile segment, N tile). A segment is the intersection of a tile_m-row block
@@ -15,10 +16,10 @@ fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] 
      wgmma), or take whole items in turn (cfg.pingpong: one WG's epilogue under the other's
      wgmmas; each WG has its own half of the ring).
 wgrad out[G,A,B] = a_g^T b_g  over the rows of group g   (a[M,A], b[M,B])
-     Work items are (g, A tile, B tile) with one k-step per row block of the group (zero for an
-     empty group: zeros out); the rows of the first and last block that belong to neighbouring
-     groups are zeroed in SMEM by the WG that reads them. The two compute WGs split A or B
-     (cfg.split) or take whole items in turn (cfg.pingpong).
+     Work items are (g, A tile, B tile); the pipeline runs over the group's row blocks (a dynamic
+     number of steps, zero for an empty group: zeros out) and zeroes, in SMEM, the rows of the
+     first and last block that belong to neighbouring groups. The two compute WGs split A or B
+     (cfg.split; each masks its own slice).
 
 Requirements (padded by gmm_fwd/gmm_wgrad when not met): K % tile_k == 0 and N a multiple of the
 CTA tile's columns for fwd; A and B multiples of the CTA tile for wgrad. M and group sizes are
@@ -83,7 +84,7 @@ def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None):
     adim, bdim = a.shape[1], b.shape[1]
     cfg = cfg or (INTERPRET_WGRAD if interpret else wgrad_config(a.shape[0], adim, bdim,
                                                                  group_sizes.shape[0]))
-    two_a, two_b = (1, 1) if cfg.pingpong else (2, 1) if cfg.split == "a" else (1, 2)
+    two_a, two_b = (2, 1) if cfg.split == "a" else (1, 2)
     a_p = _pad_to(a, 1, two_a * cfg.tile_a)
     b_p = _pad_to(b, 1, two_b * cfg.tile_b)
     if interpret:  # see gmm_wgrad_kernel: interpret mode takes a pre-transposed a

@@ -35,7 +35,6 @@ class WgradConfig:
     grid_tile_width: int = 8
     delay_release: int = 0      # 0: each step released after its wgmma (see NOTES: >0 races)
     split: str = "b"           # which operand the 2 compute WGs split: "a" (A rows) or "b"
-    pingpong: bool = False     # each WG takes whole tile_a x tile_b items, alternating (no split)
     slice_then_transpose: bool = False  # split "a": slice a's SMEM tile before transposing
 
 

@@ -12,9 +12,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ops import gmm_pallas_pipeline as pipeline
-from ops.gmm_pallas_common import (WgradConfig, _compiler_params, _interpret_params, _num_sms,
-                                   _transforms)
+from ops.gmm_pallas_common import (MEMORY_REGISTERS, WgradConfig, _compiler_params,
+                                   _interpret_params, _num_sms, _transforms)
 
 
 # ----------------------------------------------------------------------------- wgrad
@@ -27,6 +26,9 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     take a pre-transposed a (a copy outside the kernel). cfg.split picks which operand the two
     compute WGs split (each masks the boundary rows of its own slice of that operand).
     """
+    if cfg.delay_release:
+        raise ValueError(f"gmm_wgrad_kernel: needs delay_release=0 (each step released after its "
+                         f"wgmma; > 0 races in this per-item pipeline), got {cfg.delay_release}")
     if a_transposed:
         adim, m = a.shape
     else:
@@ -34,9 +36,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     bdim = b.shape[1]
     g = group_sizes.shape[0]
     tr, ta, tb = cfg.tile_r, cfg.tile_a, cfg.tile_b
-    pp = cfg.pingpong  # each WG takes whole ta x tb items (masks all of b), alternating
-    split_a = cfg.split == "a" and not pp
-    ca, cb = (2 * ta, tb) if split_a else (ta, tb if pp else 2 * tb)  # CTA tile (one item)
+    split_a = cfg.split == "a"
+    ca, cb = (2 * ta, tb) if split_a else (ta, 2 * tb)  # CTA tile
     if adim % ca or bdim % cb:
         raise ValueError(f"gmm_wgrad_kernel: needs A % {ca} == 0 and B % {cb} == 0, got "
                          f"A={adim} B={bdim}")
@@ -51,88 +52,87 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     b_tf = _transforms(b.dtype, cb)
     o_tf = _transforms(out_dtype, tb)
 
-    stages = cfg.max_concurrent_steps
-    a_block = (ca, tr) if a_transposed else (tr, ca)
-
     def body(table_gmem, a_gmem, b_gmem, out_gmem):
-        pl.run_scoped(
-            functools.partial(scoped, table_gmem, a_gmem, b_gmem, out_gmem),
-            a_smem=plgpu.SMEM((stages, *a_block), a.dtype, transforms=a_tf),
-            b_smem=plgpu.SMEM((stages, tr, cb), b.dtype, transforms=b_tf),
-            out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
-            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, pp),
-                                   num_barriers=stages),
-            collective_axes="wg")
-
-    def scoped(table_gmem, a_gmem, b_gmem, out_gmem, a_smem, b_smem, out_smem, loaded, consumed):
         wg = lax.axis_index("wg")
-        tiles = grid_a * grid_b
 
-        def fetch(lin):  # item lin -> (group, A tile, B tile, rows lo, rows hi, first block, steps)
-            lin = jnp.minimum(lin, g * tiles - 1)
-            gi = lax.div(lin, jnp.int32(tiles))
-            ai, bi = plgpu.planar_snake(lax.rem(lin, jnp.int32(tiles)), (grid_a, grid_b),
-                                        cfg.grid_minor_dim, cfg.grid_tile_width)
-            return (gi, ai, bi, table_gmem[0, gi], table_gmem[1, gi], table_gmem[2, gi],
-                    table_gmem[3, gi])
+        def make(steps, fblk, ai, bi, lo, hi, ctx):
+            def mma(idx, a_smem, b_smem, acc_ref):
+                row_blk0 = (fblk + idx[0]) * tr
+                if split_a:
+                    own, shape, axis = ((a_smem.at[pl.ds(wg * ta, ta), :], (ta, tr), 1)
+                                        if a_transposed else
+                                        (a_smem.at[:, pl.ds(wg * ta, ta)], (tr, ta), 0))
+                else:
+                    own, shape, axis = b_smem.at[:, pl.ds(wg * tb, tb)], (tr, tb), 0
 
-        def load(info, r, slot, barrier):
-            _, ai, bi, _, _, fblk, _ = info
-            rows = pl.ds((fblk + r) * tr, tr)
-            plgpu.copy_gmem_to_smem(
-                a_gmem.at[pl.ds(ai * ca, ca), rows] if a_transposed else
-                a_gmem.at[rows, pl.ds(ai * ca, ca)], a_smem.at[slot], barrier)
-            plgpu.copy_gmem_to_smem(b_gmem.at[rows, pl.ds(bi * cb, cb)], b_smem.at[slot],
-                                    barrier)
+                @pl.when((row_blk0 < lo) | (row_blk0 + tr > hi))
+                def _mask():  # rows of neighbouring groups in a boundary block: zero them
+                    iota = lax.broadcasted_iota(jnp.int32, shape, axis)
+                    if not interpret:
+                        iota = plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
+                    rows = row_blk0 + iota
+                    keep = ((rows >= lo) & (rows < hi)).astype(own.dtype)
+                    own[...] = own[...] * keep
+                    plgpu.commit_smem()
 
-        def mma(info, r, slot, acc_ref):
-            _, _, _, lo, hi, fblk, _ = info
-            a_s, b_s = a_smem.at[slot], b_smem.at[slot]
-            row_blk0 = (fblk + r) * tr
-            if split_a:
-                own, shape, axis = ((a_s.at[pl.ds(wg * ta, ta), :], (ta, tr), 1)
-                                    if a_transposed else
-                                    (a_s.at[:, pl.ds(wg * ta, ta)], (tr, ta), 0))
-            else:
-                own, shape, axis = (b_s if pp else b_s.at[:, pl.ds(wg * tb, tb)]), (tr, tb), 0
+                if a_transposed:
+                    a_op = own if split_a else a_smem
+                elif not split_a:
+                    a_op = plgpu.transpose_ref(a_smem, (1, 0))
+                elif cfg.slice_then_transpose:
+                    a_op = plgpu.transpose_ref(own, (1, 0))
+                else:
+                    a_op = plgpu.transpose_ref(a_smem, (1, 0)).at[pl.ds(wg * ta, ta), :]
+                b_op = b_smem if split_a else own
+                plgpu.wgmma(acc_ref, a_op, b_op)
+                plgpu.wgmma_wait(cfg.delay_release)
+                return acc_ref
 
-            @pl.when((row_blk0 < lo) | (row_blk0 + tr > hi))
-            def _mask():  # rows of neighbouring groups (or past M) in a boundary block: zero them
-                iota = lax.broadcasted_iota(jnp.int32, shape, axis)
-                if not interpret:
-                    iota = plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
-                rows = row_blk0 + iota
-                keep = ((rows >= lo) & (rows < hi)).astype(own.dtype)
-                own[...] = own[...] * keep
-                plgpu.commit_smem()
+            a_spec = (plgpu.BlockSpec((ca, tr), lambda r: (ai, fblk + r), transforms=a_tf,
+                                      delay_release=cfg.delay_release) if a_transposed else
+                      plgpu.BlockSpec((tr, ca), lambda r: (fblk + r, ai), transforms=a_tf,
+                                      delay_release=cfg.delay_release))
+            specs = [a_spec,
+                     plgpu.BlockSpec((tr, cb), lambda r: (fblk + r, bi), transforms=b_tf,
+                                     delay_release=cfg.delay_release)]
+            return plgpu.emit_pipeline_warp_specialized(
+                mma, grid=(steps,), memory_registers=MEMORY_REGISTERS, in_specs=specs,
+                wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
+                compute_context=ctx)
 
-            if a_transposed:
-                a_op = own if split_a else a_s
-            elif not split_a:
-                a_op = plgpu.transpose_ref(a_s, (1, 0))
-            elif cfg.slice_then_transpose:
-                a_op = plgpu.transpose_ref(own, (1, 0))
-            else:
-                a_op = plgpu.transpose_ref(a_s, (1, 0)).at[pl.ds(wg * ta, ta), :]
-            plgpu.wgmma(acc_ref, a_op, b_s if split_a else own)
+        ignore = lambda *_, **__: None
+        # a static grid of max_concurrent_steps steps: allocations for that many slots
+        allocs = make(cfg.max_concurrent_steps, 0, 0, 0, 0, 0, ignore).get_allocations(a_gmem,
+                                                                                       b_gmem)
 
-        def epilogue(info, acc_ref):
-            gi, ai, bi = info[:3]
-            acc = acc_ref[...].astype(out_dtype)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            out_smem[wg] = acc
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(
-                out_smem.at[wg],
-                out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
-                            pl.ds(bi * cb + (0 if split_a or pp else wg * tb), tb)])
+        @functools.partial(pl.run_scoped, allocs=allocs,
+                           out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
+                           collective_axes="wg")
+        def _scope(allocs, out_smem):
+            @plgpu.nd_loop((g, grid_a * grid_b), collective_axes="sm")
+            def _loop(info):
+                gi = info.index[0]
+                ai, bi = plgpu.planar_snake(info.index[1], (grid_a, grid_b),
+                                            cfg.grid_minor_dim, cfg.grid_tile_width)
+                lo, hi = table_gmem[0, gi], table_gmem[1, gi]
+                fblk, steps = table_gmem[2, gi], table_gmem[3, gi]
 
-        pipeline.run(num_items=jnp.int32(g * tiles), fetch=fetch, steps_of=lambda info: info[6],
-                     load=load, mma=mma, epilogue=epilogue, acc_shape=(ta, tb), stages=stages,
-                     loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
-                     pingpong=pp)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
+                def ctx(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ta, tb), jnp.float32))
+                    def _acc(acc_ref):
+                        eval_pipeline(acc_ref)
+                        acc = acc_ref[...].astype(out_dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        out_smem[wg] = acc
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg],
+                            out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
+                                        pl.ds(bi * cb + (0 if split_a else wg * tb), tb)])
+
+                make(steps, fblk, ai, bi, lo, hi, ctx)(a_gmem, b_gmem, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((g, adim, bdim), out_dtype),
