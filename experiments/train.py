@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     except (NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not distributed.is_main_process():
+        return 0  # process 0 reports and writes the results
     if summary["first_loss"] is None:
         print(f"nothing to do: the checkpoint is already at train.steps={summary['steps']}; "
               f"raise train.steps to continue")

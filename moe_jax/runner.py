@@ -11,7 +11,7 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
-from moe_jax import metrics as M
+from moe_jax import distributed, metrics as M
 from moe_jax import parallel
 from moe_jax.checkpoint import Checkpointer, abstract_state
 from moe_jax.config import Config
@@ -38,9 +38,15 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     into this run's layout, whatever the layout that saved it).
     """
     tc, mc = cfg.train, cfg.model
+    # multi-host: every process trains; process 0 alone logs and writes the run's files (checkpoints
+    # are written by all, as Orbax requires)
+    main = distributed.is_main_process()
+    if not main:
+        log, progress = (lambda *_, **__: None), False
     out = Path(tc.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if main:
+        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     layout = parallel.layout_for(cfg)  # None on one device; else the mesh over all hosts' devices
     if layout is None:
@@ -73,7 +79,7 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         f"({len(mc.moe_layers)} MoE layers) | {jax.devices()[0].device_kind} | "
         f"{tokens_per_step} tokens/step | {flops_tok / 1e9:.3f} GFLOP/token")
 
-    writer = M.Writer(out / "tb" if tc.tensorboard and not benchmark else None)
+    writer = M.Writer(out / "tb" if tc.tensorboard and not benchmark and main else None)
     load_LE = None
     history, step_times = [], []
     prev = None  # (step, metrics) of the previous step: read one step late so the host never stalls
@@ -101,7 +107,7 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
             aux = {k: float(v) for k, v in m.items() if k.endswith("loss") and k != "loss"}
             aux_s = "".join(f" | {k} {v:.4f}" for k, v in aux.items())
             bal = f" | imbalance {row['imbalance']:.2f}" if "imbalance" in row else ""
-            bar.write(f"step {step + 1:>6} | loss {loss:.4f}{aux_s} | lr {float(m['lr']):.2e} | "
+            (bar.write if progress else log)(f"step {step + 1:>6} | loss {loss:.4f}{aux_s} | lr {float(m['lr']):.2e} | "
                       f"{_fmt_rate(tok_s)} tok/s | {tflops:.2f} TFLOP/s/dev | MFU {mfu}{bal}")
             sc = {"loss/total": loss, "loss/ce": row["ce"], "opt/lr": float(m["lr"]),
                   "opt/grad_norm": float(m["grad_norm"]), "perf/tokens_per_s": tok_s,
@@ -154,6 +160,8 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         tflops = tokens_per_step * flops_tok / med / 1e12 / n_dev
         summary.update(num_devices=n_dev, step_time_s=med, tokens_per_s=tokens_per_step / med, tflops_per_device=tflops,
                        mfu=tflops / peak if peak else None, peak_memory_gib=M.peak_memory_gib())
+    if not main:
+        return summary
     if load_LE is not None and tc.heatmap and not benchmark:
         png = M.save_load_heatmap(load_LE, mc.moe_layers, out / "expert_load.png")
         summary["heatmap"] = str(png)
