@@ -26,7 +26,7 @@ case "${1:-}" in
   ep)
     ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1"
     for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:ragged_tight:1,$g:alltoall_ragged:1,$g:alltoall:1"; done
-    timeout 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_all_to_all.py 2>&1 \
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_all_to_all.py 2>&1 \
       | tee "$OUT/ep_tests.log" | tail -15
     timeout 380 python3 experiments/bench_ep.py --check --gpus 1,2,4,8 --ragged pallas,xla --budget-s 280 \
       --plan "${EP_PLAN:-$plan,$ngpu:ragged_tight:2}" \
