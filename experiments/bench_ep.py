@@ -323,9 +323,12 @@ def summarize(res, quiet=False):
                 s[f"overlap_gain_{name}"] = one["step_ms"] / min(r["step_ms"] for r in runs) - 1
         # the exchange the best variant uses, timed alone: a layer's fwd+bwd runs 4 of them
         # (dispatch, combine and their transposes)
-        ragged = best["variant"].split(":")[0] in ("alltoall_ragged", "ragged_tight")
-        a2a = next((a for a in res["all_to_all"] if a["gpus"] == n and "error" not in a and
-                    (a.get("impl") == "ragged_pallas" if ragged else a.get("buffer") == "fast")), None)
+        kw = VARIANTS.get(best["variant"].split(":")[0], {})
+        ragged = kw.get("dispatcher") == "alltoall_ragged"
+        impl = f"ragged_{kw.get('ragged_impl', 'pallas')}"
+        a2a = None if kw.get("dispatcher") == "allgather" else next(
+            (a for a in res["all_to_all"] if a["gpus"] == n and "error" not in a and
+             (a.get("impl") == impl if ragged else a.get("buffer") == "fast")), None)
         if a2a:
             comm = 4 * a2a["ms"]
             exposed = best.get("exposed_ms_vs_1gpu")

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_jax import dispatch
 from ops import all_to_all
+from ops.grouped_matmul import _vma
 from moe_jax.config import MoEConfig
 from moe_jax.experts import grouped_ffn
 from moe_jax.routing import Routing, expert_counts
@@ -54,15 +55,6 @@ def expert_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation: str, backend: str
     x_ND, w1_EDnF, w2_EFD = (_vary(a, _live(MESH_AXES)) for a in (x_ND, w1_EDnF, w2_EFD))
     y = grouped_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation, backend)
     return jax.lax.psum(y, "etensor") if _live(("etensor",)) else y
-
-
-def _vma(x) -> frozenset:
-    """The mesh axes x varies over inside shard_map."""
-    t = jax.typeof(x)
-    have = getattr(t, "vma", None)
-    if have is None:  # JAX 0.10: the varying set lives on the manual axis type
-        have = getattr(getattr(t, "manual_axis_type", None), "varying", None)
-    return frozenset(have or ())
 
 
 def _vary(x, axes):

@@ -132,8 +132,13 @@ def test_alltoall_dropless_fast_buffer_and_fallback(factor):
 
 @pytest.mark.parametrize("factor", [1.5, 0.25, None])
 def test_ragged_fast_buffer_and_fallback(factor):
-    """The ragged dispatcher's packed receive buffer: 1.5x T·k fits, 0.25x overflows on some device
-    (the worst-case branch runs), None is always the worst case. All exact, nothing dropped."""
+    """The ragged dispatcher's packed receive buffer: 1.5x T·k (usually fits), 0.25x (some device
+    must overflow: the worst-case branch runs), None (always the worst case). All exact, nothing
+    dropped."""
+    t, k = 256 // 8 // 2, 2  # tokens per shard and chunk below (EP=4, edata=2, 2 chunks)
+    fast, worst = ep_dispatch._buffer_rows("alltoall_ragged", t, _cfg().moe, 4, 2, factor)
+    if factor == 0.25:  # devices receive t·k rows on average, so one receives at least that many
+        assert fast < t * k < worst
     aux = _check(_cfg(), 4, chunks=2, tokens=(8, 32), dispatcher="alltoall_ragged",
                  ragged_impl="emulate", buffer_factor=factor)
     assert int(aux["dropped"]) == 0
