@@ -102,6 +102,9 @@ def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, num_sms,
             chunk_bytes=CHUNK_BYTES, slots=SLOTS):
+    """The peer-memory kernel. Its code does not grow with the number of devices: peers are named by
+    dynamic device ids and offsets (k = 1..n-1 steps round the ring), and an item's peer and rows are
+    picked by selects, so Mosaic's layout inference (superlinear in the op count) stays fast."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -118,30 +121,40 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
     def body(meta_gmem, x_gmem, zeros_gmem, out_gmem):
         me = lax.axis_index(axis_name)
         sm = lax.axis_index("sm")
-        ready = pl.get_global(plgpu.SemaphoreType.REGULAR((n,)))
+        # ready[k]: signals from device me - k (one per SM there); done: every peer SM's last write.
+        # Global semaphores: zero again after every call.
+        ready = pl.get_global(plgpu.SemaphoreType.REGULAR((max(n, 2),)))
         done = pl.get_global(plgpu.SemaphoreType.REGULAR((1,)))
-        peer = lambda p: {axis_name: p}  # noqa: E731
+        peer = lambda k: {axis_name: lax.rem(me + k, jnp.int32(n))}  # noqa: E731  k steps on
 
         # 1. Tell every peer that this device's kernel runs (its output buffer may be written),
-        #    and wait until every peer runs. One signal per (SM, peer); each SM consumes one.
-        #    (Semaphore indices stay static: Mosaic wants static views of semaphore arrays.)
-        for q in range(n):
-            for p in range(n):
-                if p != q:
-                    @pl.when(me == q)
-                    def _(p=p, q=q):
-                        pl.semaphore_signal(ready.at[q], 1, device_id=peer(p))
-        for p in range(n):
-            @pl.when(p != me)
-            def _(p=p):
-                pl.semaphore_wait(ready.at[p], 1)
+        #    and wait until every peer runs: one signal per (SM, peer), each SM consumes one per peer.
+        for k in range(1, n):
+            pl.semaphore_signal(ready.at[k], 1, device_id=peer(k))
+        for k in range(1, n):
+            pl.semaphore_wait(ready.at[k], 1)
 
+        # items: the chunks of R rows of every peer's segment (peer order), then the zero tail
         sizes = [meta_gmem[1, p] for p in range(n)]
         items = [lax.div(s + (R - 1), jnp.int32(R)) for s in sizes]
+        send_items = sum(items)
         total_recv = sum(meta_gmem[3, p] for p in range(n))
         tail = out_rows - total_recv
-        zero_items = lax.div(tail + (R - 1), jnp.int32(R))
-        n_items = sum(items) + zero_items
+        n_items = send_items + lax.div(tail + (R - 1), jnp.int32(R))
+
+        def locate(i):
+            """Item i < send_items -> (destination device, rows, source row, destination row)."""
+            dst, rows, src_row, dst_row, base = jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.int32(0), \
+                jnp.int32(0)
+            for p in range(n):
+                c = i - base
+                hit = (c >= 0) & (c < items[p])
+                dst = jnp.where(hit, p, dst)
+                rows = jnp.where(hit, jnp.minimum(sizes[p] - c * R, R), rows)
+                src_row = jnp.where(hit, meta_gmem[0, p] + c * R, src_row)
+                dst_row = jnp.where(hit, meta_gmem[2, p] + c * R, dst_row)
+                base = base + items[p]
+            return dst, rows, src_row, dst_row
 
         @functools.partial(pl.run_scoped, buf=plgpu.SMEM((slots, R, d), dtype),
                            zbuf=plgpu.SMEM((R, d), dtype), bars=plgpu.Barrier(num_barriers=slots + 1))
@@ -162,10 +175,11 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
                     size //= 2
 
             def send(slot, src_row, dst, dst_row, rows):
-                sbuf = buf.at[slot]  # static slot: Mosaic wants static SMEM views
+                sbuf = buf.at[slot]
 
                 def piece(off, size):
-                    # a piece of `size` rows sits at SMEM rows [size, 2*size) (or [0, R) when whole)
+                    # a piece of `size` rows sits at SMEM rows [size, 2*size) (or [0, R) when whole):
+                    # the pieces of one item use disjoint rows of its slot
                     view = sbuf.at[pl.ds(0 if size == R else size, size)]
                     plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(src_row + off, size)], view,
                                             bars.at[slot], **load_kw)
@@ -175,62 +189,37 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
                 # a slot is refilled only once the store issued from it slots items ago has read it
                 # (every item issues at least one store)
                 plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-
-                @pl.when(rows == R)
-                def _():
-                    piece(0, R)
-
-                @pl.when(rows != R)
-                def _():
-                    ladder(rows, piece)  # pieces use disjoint SMEM rows of the slot
-
-            def zero(row, rows):
-                def piece(off, size):
-                    plgpu.copy_smem_to_gmem(zbuf.at[pl.ds(0, size)], out_gmem.at[pl.ds(row + off, size)])
-                ladder(rows, piece)
+                ladder(rows, piece)  # a whole chunk is the ladder's first (R-row) piece alone
 
             def item(i, slot):
-                base = jnp.int32(0)
-                for p in range(n):
-                    c = i - base
-                    hit = (c >= 0) & (c < items[p])
-                    rows = jnp.minimum(sizes[p] - c * R, R)
-                    src_row = meta_gmem[0, p] + c * R
-                    dst_row = meta_gmem[2, p] + c * R
+                @pl.when(i < send_items)
+                def _():
+                    p, rows, src_row, dst_row = locate(i)
 
-                    @pl.when(hit & (p == me))
-                    def _(rows=rows, src_row=src_row, dst_row=dst_row):
+                    @pl.when(p == me)
+                    def _():
                         send(slot, src_row, out_gmem, dst_row, rows)
 
-                    @pl.when(hit & (p != me))
-                    def _(p=p, rows=rows, src_row=src_row, dst_row=dst_row):
-                        send(slot, src_row, plgpu.remote_ref(out_gmem, peer(p)), dst_row, rows)
-                    base = base + items[p]
-                c = i - base
+                    @pl.when(p != me)
+                    def _():
+                        send(slot, src_row, plgpu.remote_ref(out_gmem, {axis_name: p}), dst_row, rows)
 
-                @pl.when(c >= 0)
+                @pl.when(i >= send_items)
                 def _():
-                    zero(total_recv + c * R, jnp.minimum(tail - c * R, R))
+                    c = i - send_items
+                    row, rows = total_recv + c * R, jnp.minimum(tail - c * R, R)
+                    ladder(rows, lambda off, size: plgpu.copy_smem_to_gmem(
+                        zbuf.at[pl.ds(0, size)], out_gmem.at[pl.ds(row + off, size)]))
 
-            # this SM's items: sm, sm + sms, ...; slots per trip so that each has a static slot
-            my_items = lax.div(jnp.maximum(n_items - sm, 0) + (sms - 1), jnp.int32(sms))
-
-            @pl.loop(0, lax.div(my_items + (slots - 1), jnp.int32(slots)))
-            def _trip(t):
-                for slot in range(slots):
-                    j = t * slots + slot
-
-                    @pl.when(j < my_items)
-                    def _(j=j, slot=slot):
-                        item(sm + j * sms, slot)
+            # this SM's items: sm, sm + sms, ...
+            @pl.loop(0, lax.div(jnp.maximum(n_items - sm, 0) + (sms - 1), jnp.int32(sms)))
+            def _item(j):
+                item(sm + j * sms, lax.rem(j, jnp.int32(slots)))
 
         # 2. All my writes have landed: tell every peer; SM 0 waits for every peer's SMs.
         plgpu.wait_smem_to_gmem(0, wait_read_only=False)
-        for p in range(n):
-            @pl.when(p != me)
-            def _(p=p):
-                pl.semaphore_signal(done.at[0], 1, device_id=peer(p))
-
+        for k in range(1, n):
+            pl.semaphore_signal(done.at[0], 1, device_id=peer(k))
         if n > 1:
             @pl.when(sm == 0)
             def _():
