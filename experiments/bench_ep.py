@@ -102,8 +102,8 @@ def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
     step, params, x, pair_counts = _layer_step(cfg, layout, n, tokens_per_gpu, seq, **ep_kw)
     chunk_tokens = tokens_per_gpu // ep_kw.get("chunks", 1)
     disp = ep_kw.get("dispatcher", "alltoall")
-    fast, worst = ep_dispatch._buffer_rows(disp, chunk_tokens, cfg.moe, n, cfg.moe.num_experts // n,
-                                           ep_kw.get("buffer_factor", ep_dispatch.DROPLESS_BUFFER_FACTOR))
+    factor = ep_kw.get("buffer_factor", layout.buffer_factor if layout else None)
+    fast, worst = ep_dispatch._buffer_rows(disp, chunk_tokens, cfg.moe, n, cfg.moe.num_experts // n, factor)
     t0 = time.perf_counter()
     (_, dropped), _ = jax.block_until_ready(step(params, x))
     compile_s = time.perf_counter() - t0

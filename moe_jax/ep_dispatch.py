@@ -17,6 +17,8 @@ Dispatchers (`MoEConfig.token_dispatcher_type`):
   the same plan through all_gather, for CPU tests). Rows arrive packed into a buffer of
   `buffer_factor` x T·k rows per device (same pmax/cond fallback to the worst case as above).
 - `allgather`: all-gather the tokens over `expert`, compute the local experts, reduce-scatter back.
+- `auto` (the default): `alltoall_ragged` where its Pallas exchange runs (Hopper, one process
+  driving all GPUs), else `alltoall` (measured on 2 and 4 H200: BENCHMARKS.md §4).
 `chunks > 1` splits the local tokens so that chunk i+1's exchange can overlap chunk i's experts.
 """
 from __future__ import annotations
@@ -36,8 +38,7 @@ from moe_jax.routing import Routing, expert_counts
 
 TOKENS = ("edata", "expert")
 MESH_AXES = ("edata", "expert", "etensor")
-DROPLESS_BUFFER_FACTOR = 2.0  # fast dropless all-to-all buffer: 2x the balanced (source, dest) share
-DISPATCHERS = ("alltoall", "alltoall_ragged", "allgather")
+DISPATCHERS = ("alltoall", "alltoall_ragged", "allgather")  # plus "auto": see resolve_dispatcher
 
 
 def _live(axes):
@@ -316,17 +317,28 @@ def _chunks(x_TD, w_Tk, e_Tk, kept_Tk, m, chunks):
         yield x_TD[sl], _local_routing(w_Tk[sl], e_Tk[sl], kept_Tk[sl], m.num_experts)
 
 
-def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
-            dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto",
-            buffer_factor: float | None = DROPLESS_BUFFER_FACTOR, fallback: bool = True):
-    """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch).
-
-    `buffer_factor` (dropless `alltoall`): size of the fast buffer relative to a balanced share;
-    None always uses the worst-case buffer."""
-    dispatcher = dispatcher or m.token_dispatcher_type
+def resolve_dispatcher(dispatcher: str, x_TD) -> str:
+    """`auto` -> `alltoall_ragged` where the peer-memory Pallas exchange runs for rows like x_TD's,
+    else `alltoall` (XLA's own ragged exchange is slower than `alltoall` on GPUs, and absent on CPU)."""
+    if dispatcher == "auto":
+        return "alltoall_ragged" if all_to_all.pallas_supported(x_TD) else "alltoall"
     if dispatcher not in DISPATCHERS:
         raise ValueError(f"MoEConfig.token_dispatcher_type={dispatcher!r} is invalid: must be one of "
-                         f"{list(DISPATCHERS)}")
+                         f"{['auto', *DISPATCHERS]}")
+    return dispatcher
+
+
+def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
+            dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto",
+            buffer_factor: float | None | str = "layout", fallback: bool = True):
+    """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch).
+
+    `buffer_factor` (dropless `alltoall`/`alltoall_ragged`): size of the fast buffer relative to a
+    balanced share ("layout": `layout.buffer_factor`, from ParallelConfig.moe_buffer_factor); None
+    always uses the worst-case buffer."""
+    if buffer_factor == "layout":
+        buffer_factor = layout.buffer_factor
+    dispatcher = resolve_dispatcher(dispatcher or m.token_dispatcher_type, x_TD)
     chunks = chunks or layout.overlap_chunks
     if ragged_impl == "auto":  # the peer-memory Pallas kernel where it runs (Hopper, one process)
         ragged_impl = "pallas" if all_to_all.pallas_supported(x_TD) else "xla"

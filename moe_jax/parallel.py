@@ -49,6 +49,7 @@ class Layout:
     mesh: Mesh       # (data, fsdp, tensor)
     moe_mesh: Mesh   # (edata, expert, etensor)
     overlap_chunks: int = 1
+    buffer_factor: float = 2.0  # ParallelConfig.moe_buffer_factor
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -156,7 +157,8 @@ def make_layout(pc: ParallelConfig = ParallelConfig(), model: ModelConfig | None
     arr = np.asarray(devices, dtype=object)
     mesh = Mesh(arr.reshape([sizes[a] for a in DENSE_AXES]), DENSE_AXES)
     moe_mesh = Mesh(arr.reshape([sizes[a] for a in MOE_AXES]), MOE_AXES)
-    return Layout(mesh=mesh, moe_mesh=moe_mesh, overlap_chunks=chunks)
+    return Layout(mesh=mesh, moe_mesh=moe_mesh, overlap_chunks=chunks,
+                  buffer_factor=float(pc.moe_buffer_factor))
 
 
 # ------------------------------------------------------------------ the active layout (trace time)

@@ -6,13 +6,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 from flax import nnx
 from tqdm import tqdm
 
 from moe_jax import distributed, metrics as M
-from moe_jax import parallel
+from moe_jax import ep_dispatch, parallel
 from moe_jax.checkpoint import Checkpointer, abstract_state
 from moe_jax.config import Config
 from moe_jax.presets import to_dict
@@ -58,7 +59,11 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     else:
         counts = M.param_counts(nnx.eval_shape(lambda: GPT(mc, rngs=nnx.Rngs(tc.seed))))
         graphdef, state, shardings = init_sharded_state(mc, tc, layout)
-        log(f"mesh: {layout.describe()}")
+        disp = ""
+        if mc.moe is not None and layout.moe_mesh.shape["expert"] > 1:
+            row = jax.ShapeDtypeStruct((1, mc.d_model), jnp.dtype(mc.dtype))
+            disp = f" | dispatcher {ep_dispatch.resolve_dispatcher(mc.moe.token_dispatcher_type, row)}"
+        log(f"mesh: {layout.describe()}{disp}")
     ckpt = None
     if tc.checkpoint or resume:
         ckpt = Checkpointer(out / "checkpoints", keep=tc.keep_checkpoints, keep_every=tc.keep_every)

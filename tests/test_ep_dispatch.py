@@ -119,6 +119,35 @@ def test_ragged_on_cpu_fails_clearly():
         parallel.make_layout(ParallelConfig(expert=2), cfg)
 
 
+def test_buffer_factor_comes_from_the_layout():
+    """parallel.moe_buffer_factor sizes the dropless fast buffer: a factor past the worst case
+    leaves no fallback branch (no cond); a tiny one overflows into it and stays exact."""
+    cfg = _cfg()
+    x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model), jnp.float32)  # 32 tokens/device
+    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
+
+    def jaxpr(factor):
+        layout = parallel.make_layout(ParallelConfig(expert=4, moe_buffer_factor=factor), cfg)
+        with parallel.use_layout(layout):
+            return str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x))
+    assert "cond[" in jaxpr(2.0) and "cond[" not in jaxpr(100.0)
+    layout = parallel.make_layout(ParallelConfig(expert=4, moe_buffer_factor=0.25), cfg)
+    x0, (y0, _, _) = _reference(cfg, (8, 32))
+    y1, _, _ = _run(cfg, x0, layout, dispatcher="alltoall")
+    assert _rel(y1, y0) < 1e-5
+
+
+def test_auto_dispatcher_resolves_per_platform():
+    row = jax.ShapeDtypeStruct((1, 64), jnp.bfloat16)
+    assert ep_dispatch.resolve_dispatcher("allgather", row) == "allgather"
+    # the Pallas exchange needs Hopper GPUs: on CPU `auto` is the portable fixed-buffer all-to-all
+    assert ep_dispatch.resolve_dispatcher("auto", row) == "alltoall"
+    with pytest.raises(ValueError, match="token_dispatcher_type='ragged'.*auto"):
+        ep_dispatch.resolve_dispatcher("ragged", row)
+    assert MoEConfig(num_experts=2, router_topk=1, ffn_hidden_size=8).token_dispatcher_type == "auto"
+    _check(_cfg(), 4, dispatcher="auto")  # the default runs where CI runs, and is exact
+
+
 @pytest.mark.parametrize("factor", [2.0, 0.5])
 def test_alltoall_dropless_fast_buffer_and_fallback(factor):
     """2.0: every (source, dest) count fits the fast buffer; 0.5: it overflows and the worst-case

@@ -52,6 +52,8 @@ def test_parallel_config_validates_new_fields():
         ParallelConfig(expert_tensor=0)
     with pytest.raises(ValueError, match="moe_overlap_chunks"):
         ParallelConfig(moe_overlap_chunks=0)
+    with pytest.raises(ValueError, match="moe_buffer_factor"):
+        ParallelConfig(moe_buffer_factor=0)
 
 
 def test_rules_map_logical_names():
