@@ -24,15 +24,17 @@ case "${1:-}" in
     done ;;
   layer) timeout 560 python3 experiments/bench_moe.py --iters 20 ;;
   ep)
+    # every step bounded and logged straight into $OUT (a killed pipeline returns nothing)
     ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1"
-    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:ragged_tight:1,$g:alltoall_ragged:1,$g:alltoall:1"; done
-    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_all_to_all.py 2>&1 \
-      | tee "$OUT/ep_tests.log" | tail -15
-    timeout 380 python3 experiments/bench_ep.py --check --gpus 1,2,4,8 --ragged pallas,xla --budget-s 280 \
-      --plan "${EP_PLAN:-$plan,$ngpu:ragged_tight:2}" \
-      --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" 2>&1 | grep -v "^[WI][0-9]" ;;
+    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:alltoall_ragged:1,$g:ragged_tight:1,$g:alltoall:1"; done
+    timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_all_to_all.py \
+      --durations=5 > "$OUT/ep_tests.log" 2>&1; echo "tests rc=$?"; tail -8 "$OUT/ep_tests.log"
+    timeout -s KILL 340 python3 experiments/bench_ep.py --check --gpus 1,2,4,8 --ragged pallas --budget-s 260 \
+      --plan "${EP_PLAN:-$plan,$ngpu:alltoall:2}" \
+      --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" > "$OUT/ep_bench.log" 2>&1
+    echo "bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_bench.log" | tail -40 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
-  *) echo "usage: $0 tests|model|layer|gmm"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|ep"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0
