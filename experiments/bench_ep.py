@@ -91,6 +91,9 @@ VARIANTS = {
     "alltoall_ragged": dict(dispatcher="alltoall_ragged"),                    # auto: pallas on Hopper
     "ragged_tight": dict(dispatcher="alltoall_ragged", buffer_factor=1.25),
     "ragged_xla": dict(dispatcher="alltoall_ragged", ragged_impl="xla"),
+    # segments per (destination, local expert): no re-sort (Pallas exchange only; experimental)
+    "ragged_direct": dict(dispatcher="alltoall_ragged", expert_major=True),
+    "ragged_direct_tight": dict(dispatcher="alltoall_ragged", expert_major=True, buffer_factor=1.25),
     "allgather": dict(dispatcher="allgather"),
 }
 
@@ -196,9 +199,11 @@ def check(dispatchers, eps):
             try:
                 layout = parallel.make_layout(ParallelConfig(data=-1, expert=ep, expert_tensor=etp), cfg,
                                               devices=jax.devices()[:ep * etp])
-                kws = [dict(dispatcher=disp)]
-                if disp != "allgather":  # both the fast buffer and the worst-case branch
-                    kws = [dict(dispatcher=disp, buffer_factor=2.0), dict(dispatcher=disp, buffer_factor=0.25)]
+                base = {k: v for k, v in VARIANTS.get(disp, {"dispatcher": disp}).items()
+                        if k != "buffer_factor"}
+                kws = [base]
+                if base["dispatcher"] != "allgather":  # both the fast buffer and the worst-case branch
+                    kws = [dict(base, buffer_factor=2.0), dict(base, buffer_factor=0.25)]
                 errs = [max(rel(a, b) for a, b in zip(run(layout, **kw), ref)) for kw in kws]
                 row.update(max_rel_err=max(errs), ok=max(errs) < 1e-5)
             except Exception as e:  # record and go on: one failure must not lose the other numbers
@@ -228,7 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="auto", help="grouped GEMM backend (auto = pallas on Hopper)")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--check", nargs="?", const=",".join(ep_dispatch.DISPATCHERS), default="",
-                    help="also check these dispatchers (comma list; all when given alone) vs one device")
+                    help="also check these dispatchers or VARIANTS (comma list; the three dispatchers when given "
+                    "alone) vs one device")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     allowed = {int(g) for g in args.gpus.split(",")}

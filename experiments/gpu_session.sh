@@ -6,6 +6,7 @@
 #   layer  — bench_moe.py: MoE layer fwd+bwd vs a dense MLP of the same FLOPs
 #   gmm    — bench_grouped_matmul.py with the torch column
 #   ep     — (2-4 GPUs) the peer-memory all-to-all GPU tests, then bench_ep.py --check over the GPUs there
+#            (ragged_direct*: the experimental expert-major segment exchange, timed beside the rest)
 #            (EP_PLAN overrides the variant plan)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -26,10 +27,10 @@ case "${1:-}" in
   ep)
     # every step bounded and logged straight into $OUT (a killed pipeline returns nothing)
     ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1"
-    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:alltoall_ragged:1,$g:ragged_tight:1,$g:alltoall:1"; done
+    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:alltoall_ragged:1,$g:ragged_direct:1,$g:ragged_tight:1,$g:ragged_direct_tight:1,$g:alltoall:1"; done
     timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_all_to_all.py \
       --durations=5 > "$OUT/ep_tests.log" 2>&1; echo "tests rc=$?"; tail -8 "$OUT/ep_tests.log"
-    timeout -s KILL 340 python3 experiments/bench_ep.py --check --gpus 1,2,4,8 --ragged pallas --budget-s 260 \
+    timeout -s KILL 340 python3 experiments/bench_ep.py --check alltoall,alltoall_ragged,allgather,ragged_direct --gpus 1,2,4,8 --ragged pallas --budget-s 260 \
       --plan "${EP_PLAN:-$plan,$ngpu:alltoall:2}" \
       --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" > "$OUT/ep_bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_bench.log" | tail -40 ;;

@@ -195,12 +195,16 @@ def _reverse(plan):
     return (recv_off, recv_sizes, src_off, send_sizes, in_off, out_off)
 
 
-def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str, rows: int):
+def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str, rows: int,
+                     expert_major: bool = False):
     n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
     L = w1.shape[0]  # experts per device
     t, k = routing.experts.shape
     x_SD, perm = _sorted_rows(x_TD, routing, m.apply_probs_on_input)
     counts_nE = jax.lax.all_gather(routing.tokens_per_expert, "expert")          # [src, E]
+    if expert_major:
+        return _alltoall_expert_major(x_SD, perm, routing, counts_nE, w1, w2, m=m, impl=impl,
+                                      rows=rows)
     M = counts_nE.reshape(n, n, L).sum(-1)                                         # [src, dst]
     send_sizes, recv_sizes = M[me], M[:, me]
     in_off, recv_off = _excl_cumsum(send_sizes), _excl_cumsum(recv_sizes)
@@ -212,6 +216,56 @@ def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str, rows: in
     x_RD, (inv, order), gs = _resort_by_local_expert(recv, rc_SL, recv_off)
     y_RD = move_rows(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, order)
     y_SD = _exchange(y_RD, t * k, _reverse(plan), impl)
+    y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
+    return y_TD, jnp.zeros((), jnp.int32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4, 5))
+def _exchange_segments(x, out_rows, plan, back_plan, back_rows, impl):
+    """Segment exchange (ops.all_to_all.ragged_all_to_all_segments) whose transpose is `back_plan`."""
+    return all_to_all.ragged_all_to_all_segments(x, out_rows, *plan, axis_name="expert", backend=impl)
+
+
+def _exchange_segments_fwd(x, out_rows, plan, back_plan, back_rows, impl):
+    return _exchange_segments(x, out_rows, plan, back_plan, back_rows, impl), (plan, back_plan)
+
+
+def _exchange_segments_bwd(out_rows, back_rows, impl, res, dy):
+    plan, back_plan = res
+    dx = all_to_all.ragged_all_to_all_segments(dy, back_rows, *back_plan, axis_name="expert",
+                                               backend=impl)
+    return dx, None, None
+
+
+_exchange_segments.defvjp(_exchange_segments_fwd, _exchange_segments_bwd)
+
+
+def _alltoall_expert_major(x_SD, perm, routing, counts_nE, w1, w2, *, m: MoEConfig, impl, rows):
+    """`alltoall_ragged` with one segment per (destination, local expert): rows land grouped by
+    local expert (source order within an expert), so the experts run on the receive buffer as it
+    is and the results go straight back into the sender's sorted order — no re-sort on either side,
+    forward or backward. Needs the segment exchange (Pallas kernel, or emulation on CPU)."""
+    n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
+    L = w1.shape[0]
+    t, k = routing.experts.shape
+    C = counts_nE.reshape(n, n, L)                                    # [src, dst, local expert]
+    block = _excl_cumsum(C.sum(0), axis=1)                            # [dst, l]: expert block start
+    within = _excl_cumsum(C, axis=0)                                  # [src, dst, l]: source's place
+    sorted_off = _excl_cumsum(counts_nE, axis=1)                      # [src, E]: in the sender's rows
+    E = n * L
+    # dispatch: my segment e = (d, l) -> device d, at its block l after the sources before me
+    dispatch_plan = (sorted_off[me], counts_nE[me], jnp.arange(E, dtype=jnp.int32) // L,
+                     (block + within[me]).reshape(E), C[:, me].sum())
+    # combine: my received segment (s, l) -> back to source s, where it came from
+    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me, 1, axis=1)[:, 0]  # noqa: E731  [src, ...]
+    back = jax.lax.dynamic_slice_in_dim(sorted_off, me * L, L, axis=1)       # [src, l]
+    combine_plan = ((jax.lax.dynamic_index_in_dim(block, me, 0, keepdims=False)[None] +
+                     mine(within)).reshape(E), mine(C).reshape(E),
+                    jnp.repeat(jnp.arange(n, dtype=jnp.int32), L), back.reshape(E), counts_nE[me].sum())
+    recv = _exchange_segments(x_SD, rows, dispatch_plan, combine_plan, t * k, impl)
+    gs = C[:, me].sum(0)                                              # rows per local expert
+    y_RD = expert_ffn(recv, gs, w1, w2, m.activation, m.grouped_gemm_backend)
+    y_SD = _exchange_segments(y_RD, t * k, combine_plan, dispatch_plan, rows, impl)
     y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
     return y_TD, jnp.zeros((), jnp.int32)
 
@@ -233,7 +287,8 @@ def _allgather(x_TD, routing, w1, w2, *, m: MoEConfig):
 
 
 # ------------------------------------------------------------------ entry point
-def _pipeline(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, cap):
+def _pipeline(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, cap,
+              expert_major=False):
     """The chunks as independent chains (XLA overlaps chunk c+1's exchange with chunk c's experts).
     `cap`: rows per (source, destination) buffer (alltoall) or received rows per device (ragged)."""
     outs, dropped = [], jnp.zeros((), jnp.int32)
@@ -241,7 +296,8 @@ def _pipeline(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragge
         if dispatcher == "alltoall":
             y, dr = _alltoall(x, routing, w1, w2, m=m, cap=cap)
         elif dispatcher == "alltoall_ragged":
-            y, dr = _alltoall_ragged(x, routing, w1, w2, m=m, impl=ragged_impl, rows=cap)
+            y, dr = _alltoall_ragged(x, routing, w1, w2, m=m, impl=ragged_impl, rows=cap,
+                                     expert_major=expert_major)
         else:
             y, dr = _allgather(x, routing, w1, w2, m=m)
         outs.append(y)
@@ -273,10 +329,10 @@ def _need(dispatcher, routings, n):
 
 
 def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_impl, buffer_factor,
-          fallback):
+          fallback, expert_major):
     args = (x_TD, w_Tk, e_Tk, kept_Tk, w1, w2)
     run = functools.partial(_pipeline, m=m, dispatcher=dispatcher, chunks=chunks,
-                            ragged_impl=ragged_impl, cap=None)
+                            ragged_impl=ragged_impl, cap=None, expert_major=expert_major)
     if dispatcher == "allgather":
         y_TD, dropped = run(*args)
         return y_TD, _psum(dropped, TOKENS)
@@ -330,8 +386,13 @@ def resolve_dispatcher(dispatcher: str, x_TD) -> str:
 
 def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
             dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto",
-            buffer_factor: float | None | str = "layout", fallback: bool = True):
+            buffer_factor: float | None | str = "layout", fallback: bool = True,
+            expert_major: bool = False):
     """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch).
+
+    `expert_major` (`alltoall_ragged` through the Pallas kernel or its emulation): one segment per
+    (destination, local expert), so rows arrive grouped by expert and return without a re-sort
+    (experimental: exact on CPU, not yet timed on GPUs).
 
     `buffer_factor` (dropless `alltoall`/`alltoall_ragged`): size of the fast buffer relative to a
     balanced share ("layout": `layout.buffer_factor`, from ParallelConfig.moe_buffer_factor); None
@@ -346,6 +407,9 @@ def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
             and jax.devices()[0].platform == "cpu":
         raise ValueError("token_dispatcher_type='alltoall_ragged' needs GPUs: XLA:CPU does not "
                          "implement ragged_all_to_all; use 'alltoall' or 'allgather'")
+    if expert_major and (dispatcher != "alltoall_ragged" or ragged_impl not in ("pallas", "emulate")):
+        raise ValueError("expert_major=True needs token_dispatcher_type='alltoall_ragged' with the "
+                         f"Pallas exchange (or 'emulate'); got {dispatcher!r} with {ragged_impl!r}")
     shards = layout.token_shards * chunks
     if x_TD.shape[0] % shards:
         raise ValueError(f"MoE layer: {x_TD.shape[0]} tokens are not divisible by "
@@ -356,7 +420,7 @@ def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
     tok = P(tuple(a for a in TOKENS if a == "expert" or sizes[a] > 1))
     e, et = "expert", ("etensor" if sizes["etensor"] > 1 else None)
     body = functools.partial(_body, m=m, dispatcher=dispatcher, chunks=chunks, ragged_impl=ragged_impl,
-                             buffer_factor=buffer_factor, fallback=fallback)
+                             buffer_factor=buffer_factor, fallback=fallback, expert_major=expert_major)
     fn = jax.shard_map(body, mesh=layout.moe_mesh,
                        in_specs=(tok, tok, tok, tok, P(e, None, None, et), P(e, et, None)),
                        out_specs=(tok, P()))

@@ -59,6 +59,33 @@ def ragged_all_to_all(x, out_rows: int, input_offsets, send_sizes, output_offset
     return lax.ragged_all_to_all(x, out, *plan, axis_name=axis_name)
 
 
+def ragged_all_to_all_segments(x, out_rows: int, input_offsets, sizes, destinations, output_offsets,
+                               recv_total, *, axis_name: str, backend: str = "auto"):
+    """Any number S of segments per device, each to its own device: rows
+    x[input_offsets[j] : +sizes[j]] land on device destinations[j] at out[output_offsets[j] : +sizes[j]]
+    (offsets in the destination's coordinates). The incoming segments must tile out[0:recv_total)
+    (the rows this device receives); rows past it are zero. With segments per (destination, expert)
+    the EP dispatcher receives rows already grouped by expert (no re-sort there or back).
+
+    Backends: "pallas" (the peer-memory kernel), "emulate" (all_gather; CPU tests), "auto" (pallas
+    where it runs, else emulate). XLA's ragged_all_to_all takes one segment per device, so it has no
+    counterpart here. Not differentiable by itself: its transpose is the plan of the way back."""
+    if backend not in ("auto", "pallas", "emulate"):
+        raise ValueError(f"ragged_all_to_all_segments: backend={backend!r} is invalid: one of "
+                         "['auto', 'pallas', 'emulate']")
+    plan = tuple(jnp.asarray(a, jnp.int32) for a in (input_offsets, sizes, destinations,
+                                                     output_offsets, recv_total))
+    if backend == "auto":
+        backend = "pallas" if pallas_supported(x) else "emulate"
+    if backend == "emulate":
+        return _emulate_segments(x, out_rows, *plan, axis_name=axis_name)
+    reason = _pallas_unsupported(x)
+    if reason:
+        raise ValueError(f"ragged_all_to_all_segments: backend='pallas' cannot run here: {reason}")
+    return _match_vma(_pallas_segments(x, out_rows, *plan, axis_name=axis_name,
+                                       num_sms=jax.devices()[0].core_count), x)
+
+
 # ----------------------------------------------------------------------------- helpers
 def _pallas_unsupported(x) -> str | None:
     dev = jax.devices()[0]
@@ -95,6 +122,23 @@ def _emulate(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name)
     return jnp.where(hit.any(1)[:, None], got, jnp.zeros((), x.dtype))
 
 
+def _emulate_segments(x, out_rows, in_off, sizes, dst, out_off, recv_total, *, axis_name):
+    """The segment plan through all_gather: every device gathers all rows and picks its own."""
+    del recv_total
+    me = lax.axis_index(axis_name)
+    xs = lax.all_gather(x, axis_name)                                          # [n, Rin, D]
+    in_all, sz_all, dst_all, out_all = (lax.all_gather(a, axis_name).reshape(-1)
+                                        for a in (in_off, sizes, dst, out_off))  # [n*S]
+    src_dev = jnp.arange(in_all.shape[0], dtype=jnp.int32) // in_off.shape[0]
+    sz = jnp.where(dst_all == me, sz_all, 0)                                   # segments for me
+    p = jnp.arange(out_rows, dtype=jnp.int32)[:, None]
+    hit = (p >= out_all[None]) & (p < (out_all + sz)[None])                    # [out_rows, n*S]
+    j = jnp.argmax(hit, axis=1)
+    row = in_all[j] + p[:, 0] - out_all[j]
+    got = xs[src_dev[j], jnp.clip(row, 0, x.shape[0] - 1)]
+    return jnp.where(hit.any(1)[:, None], got, jnp.zeros((), x.dtype))
+
+
 # ----------------------------------------------------------------------------- pallas kernel
 def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return 1 << int(math.log2(max(1, chunk_bytes // row_bytes)))
@@ -102,9 +146,64 @@ def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, num_sms,
             chunk_bytes=CHUNK_BYTES, slots=SLOTS):
-    """The peer-memory kernel. Its code does not grow with the number of devices: peers are named by
-    dynamic device ids and offsets (k = 1..n-1 steps round the ring), and an item's peer and rows are
-    picked by selects, so Mosaic's layout inference (superlinear in the op count) stays fast."""
+    """The peer plan (one segment per device) through `_copy_kernel`: a segment's peer and rows are
+    picked by selects over the n peers."""
+    n = lax.axis_size(axis_name)
+    meta = jnp.stack([in_off, send_sizes, out_off, recv_sizes]).astype(jnp.int32)    # [4, n]
+
+    def plan(meta_gmem, R):
+        sizes = [meta_gmem[1, p] for p in range(n)]
+        items = [lax.div(s + (R - 1), jnp.int32(R)) for s in sizes]
+
+        def locate(i):
+            """Item i < send_items -> (destination device, rows, source row, destination row)."""
+            dst, rows, src_row, dst_row, base = (jnp.int32(0),) * 5
+            for p in range(n):
+                c = i - base
+                hit = (c >= 0) & (c < items[p])
+                dst = jnp.where(hit, p, dst)
+                rows = jnp.where(hit, jnp.minimum(sizes[p] - c * R, R), rows)
+                src_row = jnp.where(hit, meta_gmem[0, p] + c * R, src_row)
+                dst_row = jnp.where(hit, meta_gmem[2, p] + c * R, dst_row)
+                base = base + items[p]
+            return dst, rows, src_row, dst_row
+        return sum(items), sum(meta_gmem[3, p] for p in range(n)), locate
+
+    return _copy_kernel(x, out_rows, meta, plan, axis_name=axis_name, num_sms=num_sms,
+                        chunk_bytes=chunk_bytes, slots=slots)
+
+
+def _pallas_segments(x, out_rows, in_off, sizes, dst, out_off, recv_total, *, axis_name, num_sms,
+                     chunk_bytes=CHUNK_BYTES, slots=SLOTS):
+    """A segment plan (any number S of segments, each to its own device) through `_copy_kernel`:
+    an item's segment is found by a loop over S (code size independent of S)."""
+    R = _chunk_rows(x.shape[1] * x.dtype.itemsize, chunk_bytes)
+    S = in_off.shape[0]
+    item_end = jnp.cumsum((sizes + (R - 1)) // R)
+    meta = jnp.stack([in_off, sizes, dst, out_off, item_end,
+                      jnp.broadcast_to(recv_total, in_off.shape)]).astype(jnp.int32)  # [6, S]
+
+    def plan(meta_gmem, R):
+        def locate(i):
+            j = lax.fori_loop(0, S, lambda s, acc: acc + (meta_gmem[4, s] <= i).astype(jnp.int32),
+                              jnp.int32(0))
+            size = meta_gmem[1, j]
+            c = i - (meta_gmem[4, j] - lax.div(size + (R - 1), jnp.int32(R)))
+            return (meta_gmem[2, j], jnp.minimum(size - c * R, R), meta_gmem[0, j] + c * R,
+                    meta_gmem[3, j] + c * R)
+        return meta_gmem[4, S - 1], meta_gmem[5, 0], locate
+
+    return _copy_kernel(x, out_rows, meta, plan, axis_name=axis_name, num_sms=num_sms,
+                        chunk_bytes=chunk_bytes, slots=slots)
+
+
+def _copy_kernel(x, out_rows, meta, plan, *, axis_name, num_sms, chunk_bytes, slots):
+    """The peer-memory kernel. `plan(meta_gmem, R)` -> (send items, rows received here, locate):
+    the first `send items` items are chunks of at most R rows that `locate(i)` maps to (destination
+    device, rows, source row, destination row); the items after them zero out[received:].
+    Its code does not grow with the number of devices: peers are named by dynamic device ids and
+    offsets (k = 1..n-1 steps round the ring), so Mosaic's layout inference (superlinear in the op
+    count) stays fast."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -112,7 +211,6 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
     d, dtype = x.shape[1], x.dtype
     R = _chunk_rows(d * dtype.itemsize, chunk_bytes)
     sms = num_sms
-    meta = jnp.stack([in_off, send_sizes, out_off, recv_sizes]).astype(jnp.int32)    # [4, n]
     zeros = jnp.zeros((R, d), dtype)
     load_kw = {}
     if "oob_mode" in inspect.signature(plgpu.copy_gmem_to_smem).parameters:
@@ -134,27 +232,10 @@ def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, 
         for k in range(1, n):
             pl.semaphore_wait(ready.at[k], 1)
 
-        # items: the chunks of R rows of every peer's segment (peer order), then the zero tail
-        sizes = [meta_gmem[1, p] for p in range(n)]
-        items = [lax.div(s + (R - 1), jnp.int32(R)) for s in sizes]
-        send_items = sum(items)
-        total_recv = sum(meta_gmem[3, p] for p in range(n))
+        # items: the chunks of R rows of every segment, then the zero tail
+        send_items, total_recv, locate = plan(meta_gmem, R)
         tail = out_rows - total_recv
         n_items = send_items + lax.div(tail + (R - 1), jnp.int32(R))
-
-        def locate(i):
-            """Item i < send_items -> (destination device, rows, source row, destination row)."""
-            dst, rows, src_row, dst_row, base = jnp.int32(0), jnp.int32(0), jnp.int32(0), jnp.int32(0), \
-                jnp.int32(0)
-            for p in range(n):
-                c = i - base
-                hit = (c >= 0) & (c < items[p])
-                dst = jnp.where(hit, p, dst)
-                rows = jnp.where(hit, jnp.minimum(sizes[p] - c * R, R), rows)
-                src_row = jnp.where(hit, meta_gmem[0, p] + c * R, src_row)
-                dst_row = jnp.where(hit, meta_gmem[2, p] + c * R, dst_row)
-                base = base + items[p]
-            return dst, rows, src_row, dst_row
 
         @functools.partial(pl.run_scoped, buf=plgpu.SMEM((slots, R, d), dtype),
                            zbuf=plgpu.SMEM((R, d), dtype), bars=plgpu.Barrier(num_barriers=slots + 1))

@@ -62,6 +62,49 @@ def test_emulation_matches_numpy_plan(n):
     np.testing.assert_array_equal(got, _expected(xs, counts, 64))
 
 
+def _segment_case(n, S, d, seed, max_rows=8):
+    """A random segment plan: device s sends segment j (random size, random destination) from
+    in_off[s, j]; each destination packs what it receives in (segment, source) order, the order the
+    EP dispatcher uses for (local expert, source)."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, max_rows + 1, size=(n, S))
+    sizes[rng.random((n, S)) < 0.2] = 0
+    dst = rng.integers(0, n, size=(n, S))
+    in_off = np.cumsum(sizes, 1) - sizes
+    out_off = np.zeros((n, S), np.int64)
+    recv = np.zeros(n, np.int64)
+    for j in range(S):
+        for s in range(n):
+            out_off[s, j] = recv[dst[s, j]]
+            recv[dst[s, j]] += sizes[s, j]
+    out_rows = int(recv.max()) + 5
+    xs = rng.standard_normal((n, int(sizes.sum(1).max()) + 3, d)).astype(np.float32)
+    want = np.zeros((n, out_rows, d), np.float32)
+    for s in range(n):
+        for j in range(S):
+            want[dst[s, j], out_off[s, j]:out_off[s, j] + sizes[s, j]] = \
+                xs[s, in_off[s, j]:in_off[s, j] + sizes[s, j]]
+    return xs, (in_off, sizes, dst, out_off, recv[:, None]), out_rows, want
+
+
+def _run_segments(xs, plan, out_rows, n, backend):
+    mesh = jax.make_mesh((n,), ("expert",), devices=jax.devices()[:n])
+
+    def f(x, a, b, c, e, r):
+        return all_to_all.ragged_all_to_all_segments(x[0], out_rows, a[0], b[0], c[0], e[0], r[0, 0],
+                                                     axis_name="expert", backend=backend)[None]
+    g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P("expert")))
+    sh = NamedSharding(mesh, P("expert"))
+    args = [jnp.asarray(xs)] + [jnp.asarray(a, jnp.int32) for a in plan]
+    return np.asarray(g(*(jax.device_put(a, sh) for a in args)))
+
+
+@pytest.mark.parametrize("n,S", [(2, 3), (4, 8), (8, 5)])
+def test_segment_plan_emulation(n, S):
+    xs, plan, out_rows, want = _segment_case(n, S, d=8, seed=n + S)
+    np.testing.assert_array_equal(_run_segments(xs, plan, out_rows, n, "auto"), want)
+
+
 def test_pallas_backend_rejects_cpu_and_unpacked():
     x = jnp.ones((8, 16), jnp.float32)
     z = jnp.zeros((1,), jnp.int32)
@@ -97,16 +140,20 @@ def test_pallas_matches_plan_on_gpus(rows_in, out_rows, d, dtype):
                                   _expected(xs, counts, out_rows).astype(np.float32))
 
 
-def _lowered_kernel(n: int) -> str:
+def _lowered_kernel(n: int, segments: int = 0) -> str:
+    """The kernel's CUDA lowering: the peer plan, or a plan of `segments` segments per device."""
     mesh = jax.make_mesh((n,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:n])
 
     def f(x, a, b, c, d):
+        if segments:
+            return all_to_all._pallas_segments(x, 72, a[0], b[0], c[0], d[0], b[0, 0],
+                                               axis_name="expert", num_sms=4)
         return all_to_all._pallas(x, 72, a[0], b[0], c[0], d[0], axis_name="expert", num_sms=4)
     g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"),
                               check_vma=False))
     x = jnp.ones((n * 40, 128), jnp.bfloat16)
-    i = jnp.zeros((n, n), jnp.int32)
+    i = jnp.zeros((n, segments or n), jnp.int32)
     return jax.export.export(g, platforms=["cuda"])(x, i, i, i, i).mlir_module()
 
 
@@ -118,6 +165,20 @@ def test_pallas_kernel_lowers_for_cuda():
     small, large = _lowered_kernel(2), _lowered_kernel(8)
     assert "mosaic_gpu" in small and "mosaic_gpu" in large
     assert len(large) < 1.3 * len(small), (len(small), len(large))
+    seg8, seg64 = _lowered_kernel(2, segments=8), _lowered_kernel(2, segments=64)
+    assert "mosaic_gpu" in seg8 and len(seg64) < 1.3 * len(seg8), (len(seg8), len(seg64))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(len([d for d in jax.devices() if d.platform == "gpu"]) < 2,
+                    reason="needs >= 2 GPUs")
+@pytest.mark.parametrize("S,d", [(8, 2048), (33, 512), (64, 64)])
+def test_pallas_segments_match_plan_on_gpus(S, d):
+    """The segment plan (one segment per (destination, expert)) through the Pallas kernel."""
+    n = len(_gpus())
+    for seed in range(2):
+        xs, plan, out_rows, want = _segment_case(n, S, d, seed, max_rows=300)
+        np.testing.assert_array_equal(_run_segments(xs, plan, out_rows, n, "pallas"), want)
 
 
 @pytest.mark.gpu

@@ -84,6 +84,21 @@ def test_ragged_plan_matches_single_device(ep, etp):
     _check(_cfg(), ep, etp, dispatcher="alltoall_ragged", ragged_impl="emulate")
 
 
+@pytest.mark.parametrize("ep,etp,chunks", [(2, 1, 1), (8, 1, 1), (4, 2, 2), (1, 2, 1)])
+def test_expert_major_ragged_matches_single_device(ep, etp, chunks):
+    """Segments per (destination, local expert): rows arrive grouped by expert, no re-sort; exact
+    through the segment exchange's emulation (outputs and gradients, fast buffer)."""
+    _check(_cfg(), ep, etp, chunks=chunks, dispatcher="alltoall_ragged", ragged_impl="emulate",
+           expert_major=True)
+
+
+def test_expert_major_fallback_and_probs_on_input():
+    _check(_cfg(router_topk=1, apply_probs_on_input=True), 4, dispatcher="alltoall_ragged",
+           ragged_impl="emulate", expert_major=True, buffer_factor=0.25)  # worst-case branch
+    with pytest.raises(ValueError, match="expert_major"):
+        _check(_cfg(), 2, dispatcher="alltoall", expert_major=True)
+
+
 def test_overlap_chunks_and_probs_on_input():
     _check(_cfg(router_topk=1, apply_probs_on_input=True), 4, chunks=2, dispatcher="alltoall")
 
