@@ -43,6 +43,11 @@ FWD = [dict(split=sp, tile_m=tm, tile_n=tn, max_concurrent_steps=s, delay_releas
            ("n", 128, 128, 6, 0, 8, True)]]
 WGRAD = [dict(tile_r=64, tile_a=ta, tile_b=tb, max_concurrent_steps=s, grid_tile_width=w, split=sp)
          for ta, tb, s, w, sp in [(128, 128, 3, 4, "b"), (128, 128, 3, 4, "a"), (128, 128, 4, 8, "b")]]
+# the cross-item ring wgrad (--ring; run --check wgrad_ring_b_d0,... on the device first)
+WGRAD_RING = [dict(tile_r=64, tile_a=128, tile_b=128, max_concurrent_steps=s, grid_tile_width=w,
+                   split=sp, ring=True, delay_release=1, pingpong=pp)
+              for s, w, sp, pp in [(3, 4, "b", False), (4, 8, "b", False), (3, 4, "a", False),
+                                   (4, 8, "b", True)]]
 CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "fwd": ("fwd", False, {}),
     "fwd_t": ("fwd", True, {}),
@@ -58,6 +63,11 @@ CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "wgrad_b": ("wgrad", False, {"split": "b"}),
     "wgrad_a": ("wgrad", False, {"split": "a"}),
     "wgrad_a_st": ("wgrad", False, {"split": "a", "slice_then_transpose": True}),
+    "wgrad_ring_b_d0": ("wgrad", False, {"ring": True, "split": "b", "delay_release": 0}),
+    "wgrad_ring_b_d1": ("wgrad", False, {"ring": True, "split": "b", "delay_release": 1}),
+    "wgrad_ring_a_d1": ("wgrad", False, {"ring": True, "split": "a", "delay_release": 1}),
+    "wgrad_ring_pp": ("wgrad", False, {"ring": True, "pingpong": True, "max_concurrent_steps": 4,
+                                       "delay_release": 1}),
 }
 
 
@@ -152,6 +162,8 @@ def main():
                     + ",".join(CHECKS))
     ap.add_argument("--configs", default=None, help="JSON {fwd: [...], wgrad: [...]} to sweep")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--ring", action="store_true",
+                    help="also sweep the cross-item-ring wgrad (after --check wgrad_ring_* passed)")
     args = ap.parse_args()
     if args.check:
         for name in (CHECKS if args.check == "all" else args.check.split(",")):
@@ -159,7 +171,7 @@ def main():
             if "m256" in name or "d1" in name or "pp" in name:  # a second shape: K not a multiple of stages
                 check(name, m=3000, k=1408, n=1536, e=16)
         return
-    configs = {"fwd": FWD, "wgrad": WGRAD}
+    configs = {"fwd": FWD, "wgrad": WGRAD + (WGRAD_RING if args.ring else [])}
     if args.configs:
         configs.update(json.loads(args.configs))
     path = pathlib.Path(args.out)

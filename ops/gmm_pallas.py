@@ -5,7 +5,9 @@ memory warpgroup issues TMA copies into a `max_concurrent_steps`-slot SMEM ring,
 warpgroups issue wgmma into fp32 register accumulators. In fwd/dgrad the ring runs across work
 items (ops/gmm_pallas_pipeline.py): the memory WG loads the next item's first k-steps while the
 compute WGs finish the current one and store it. wgrad runs one `emit_pipeline_warp_specialized`
-per item (the flat-ring wgrad hung in a GPU test and was withdrawn: ops/NOTES_grouped_matmul.md).
+per item by default; `WgradConfig(ring=True)` runs it on the same cross-item ring (withdrawn
+after a GPU test "hung", most likely on the test's own slow reference: ops/NOTES_grouped_matmul.md;
+not in the tuning table until it passes the GPU tests again).
 
 fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] if transpose_rhs)
      Work items are (row-tile segment, N tile). A segment is the intersection of a tile_m-row block
@@ -84,7 +86,7 @@ def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None):
     adim, bdim = a.shape[1], b.shape[1]
     cfg = cfg or (INTERPRET_WGRAD if interpret else wgrad_config(a.shape[0], adim, bdim,
                                                                  group_sizes.shape[0]))
-    two_a, two_b = (2, 1) if cfg.split == "a" else (1, 2)
+    two_a, two_b = (1, 1) if cfg.pingpong else (2, 1) if cfg.split == "a" else (1, 2)
     a_p = _pad_to(a, 1, two_a * cfg.tile_a)
     b_p = _pad_to(b, 1, two_b * cfg.tile_b)
     if interpret:  # see gmm_wgrad_kernel: interpret mode takes a pre-transposed a

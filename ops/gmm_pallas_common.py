@@ -36,6 +36,8 @@ class WgradConfig:
     delay_release: int = 0      # 0: each step released after its wgmma (see NOTES: >0 races)
     split: str = "b"           # which operand the 2 compute WGs split: "a" (A rows) or "b"
     slice_then_transpose: bool = False  # split "a": slice a's SMEM tile before transposing
+    ring: bool = False         # one SMEM ring per SM across work items (gmm_pallas_pipeline)
+    pingpong: bool = False     # ring only: each WG takes whole tile_a x tile_b items, alternating
 
 
 def _transforms(dtype, minor_elems):

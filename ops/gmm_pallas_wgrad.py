@@ -12,6 +12,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ops import gmm_pallas_pipeline as pipeline
 from ops.gmm_pallas_common import (MEMORY_REGISTERS, WgradConfig, _compiler_params,
                                    _interpret_params, _num_sms, _transforms)
 
@@ -25,10 +26,19 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     tiles; GPU interpret mode (JAX 0.10) supports neither that nor layout_cast, so interpret runs
     take a pre-transposed a (a copy outside the kernel). cfg.split picks which operand the two
     compute WGs split (each masks the boundary rows of its own slice of that operand).
+
+    Two pipelines over the same steps: per work item (`emit_pipeline_warp_specialized`, the
+    default, GPU-verified), or `cfg.ring`: one SMEM ring per SM across work items
+    (ops/gmm_pallas_pipeline.py, as fwd uses), with `delay_release` and `pingpong` options. The
+    ring was withdrawn after a GPU test "hung" — most likely that test's 2-minute numpy reference,
+    not the kernel (ops/NOTES_grouped_matmul.md); it is not in the tuning table until it passes
+    the GPU tests again.
     """
-    if cfg.delay_release:
+    if cfg.delay_release and not cfg.ring:
         raise ValueError(f"gmm_wgrad_kernel: needs delay_release=0 (each step released after its "
                          f"wgmma; > 0 races in this per-item pipeline), got {cfg.delay_release}")
+    if cfg.pingpong and not cfg.ring:
+        raise ValueError("gmm_wgrad_kernel: pingpong=True needs ring=True (one ring per compute WG)")
     if a_transposed:
         adim, m = a.shape
     else:
@@ -36,8 +46,9 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     bdim = b.shape[1]
     g = group_sizes.shape[0]
     tr, ta, tb = cfg.tile_r, cfg.tile_a, cfg.tile_b
-    split_a = cfg.split == "a"
-    ca, cb = (2 * ta, tb) if split_a else (ta, 2 * tb)  # CTA tile
+    pp = cfg.pingpong  # each WG takes whole ta x tb items (masks all of b), alternating
+    split_a = cfg.split == "a" and not pp
+    ca, cb = (2 * ta, tb) if split_a else (ta, tb if pp else 2 * tb)  # CTA tile (one item)
     if adim % ca or bdim % cb:
         raise ValueError(f"gmm_wgrad_kernel: needs A % {ca} == 0 and B % {cb} == 0, got "
                          f"A={adim} B={bdim}")
@@ -51,40 +62,54 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     a_tf = _transforms(a.dtype, tr if a_transposed else ca)
     b_tf = _transforms(b.dtype, cb)
     o_tf = _transforms(out_dtype, tb)
+    a_block = (ca, tr) if a_transposed else (tr, ca)
 
-    def body(table_gmem, a_gmem, b_gmem, out_gmem):
+    def step(wg, a_s, b_s, acc_ref, row_blk0, lo, hi):
+        """One k-step of a WG: zero the rows of neighbouring groups in a boundary block (its own
+        slice), then wgmma."""
+        if split_a:
+            own, shape, axis = ((a_s.at[pl.ds(wg * ta, ta), :], (ta, tr), 1) if a_transposed else
+                                (a_s.at[:, pl.ds(wg * ta, ta)], (tr, ta), 0))
+        else:
+            own, shape, axis = (b_s if pp else b_s.at[:, pl.ds(wg * tb, tb)]), (tr, tb), 0
+
+        @pl.when((row_blk0 < lo) | (row_blk0 + tr > hi))
+        def _mask():
+            iota = lax.broadcasted_iota(jnp.int32, shape, axis)
+            if not interpret:
+                iota = plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
+            rows = row_blk0 + iota
+            keep = ((rows >= lo) & (rows < hi)).astype(own.dtype)
+            own[...] = own[...] * keep
+            plgpu.commit_smem()
+
+        if a_transposed:
+            a_op = own if split_a else a_s
+        elif not split_a:
+            a_op = plgpu.transpose_ref(a_s, (1, 0))
+        elif cfg.slice_then_transpose:
+            a_op = plgpu.transpose_ref(own, (1, 0))
+        else:
+            a_op = plgpu.transpose_ref(a_s, (1, 0)).at[pl.ds(wg * ta, ta), :]
+        plgpu.wgmma(acc_ref, a_op, b_s if split_a else own)
+
+    def store(wg, out_smem, out_gmem, acc_ref, gi, ai, bi):
+        """A WG's [ta, tb] result: registers -> SMEM -> TMA store."""
+        acc = acc_ref[...].astype(out_dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        out_smem[wg] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            out_smem.at[wg],
+            out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
+                        pl.ds(bi * cb + (0 if split_a or pp else wg * tb), tb)])
+
+    def body_per_item(table_gmem, a_gmem, b_gmem, out_gmem):
         wg = lax.axis_index("wg")
 
         def make(steps, fblk, ai, bi, lo, hi, ctx):
             def mma(idx, a_smem, b_smem, acc_ref):
-                row_blk0 = (fblk + idx[0]) * tr
-                if split_a:
-                    own, shape, axis = ((a_smem.at[pl.ds(wg * ta, ta), :], (ta, tr), 1)
-                                        if a_transposed else
-                                        (a_smem.at[:, pl.ds(wg * ta, ta)], (tr, ta), 0))
-                else:
-                    own, shape, axis = b_smem.at[:, pl.ds(wg * tb, tb)], (tr, tb), 0
-
-                @pl.when((row_blk0 < lo) | (row_blk0 + tr > hi))
-                def _mask():  # rows of neighbouring groups in a boundary block: zero them
-                    iota = lax.broadcasted_iota(jnp.int32, shape, axis)
-                    if not interpret:
-                        iota = plgpu.layout_cast(iota, plgpu.Layout.WGMMA)
-                    rows = row_blk0 + iota
-                    keep = ((rows >= lo) & (rows < hi)).astype(own.dtype)
-                    own[...] = own[...] * keep
-                    plgpu.commit_smem()
-
-                if a_transposed:
-                    a_op = own if split_a else a_smem
-                elif not split_a:
-                    a_op = plgpu.transpose_ref(a_smem, (1, 0))
-                elif cfg.slice_then_transpose:
-                    a_op = plgpu.transpose_ref(own, (1, 0))
-                else:
-                    a_op = plgpu.transpose_ref(a_smem, (1, 0)).at[pl.ds(wg * ta, ta), :]
-                b_op = b_smem if split_a else own
-                plgpu.wgmma(acc_ref, a_op, b_op)
+                step(wg, a_smem, b_smem, acc_ref, (fblk + idx[0]) * tr, lo, hi)
                 plgpu.wgmma_wait(cfg.delay_release)
                 return acc_ref
 
@@ -121,19 +146,60 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ta, tb), jnp.float32))
                     def _acc(acc_ref):
                         eval_pipeline(acc_ref)
-                        acc = acc_ref[...].astype(out_dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        out_smem[wg] = acc
-                        plgpu.commit_smem()
-                        plgpu.copy_smem_to_gmem(
-                            out_smem.at[wg],
-                            out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
-                                        pl.ds(bi * cb + (0 if split_a else wg * tb), tb)])
+                        store(wg, out_smem, out_gmem, acc_ref, gi, ai, bi)
 
                 make(steps, fblk, ai, bi, lo, hi, ctx)(a_gmem, b_gmem, allocations=allocs)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    stages = cfg.max_concurrent_steps
+
+    def body_ring(table_gmem, a_gmem, b_gmem, out_gmem):
+        pl.run_scoped(
+            functools.partial(ring_scoped, table_gmem, a_gmem, b_gmem, out_gmem),
+            a_smem=plgpu.SMEM((stages, *a_block), a.dtype, transforms=a_tf),
+            b_smem=plgpu.SMEM((stages, tr, cb), b.dtype, transforms=b_tf),
+            out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
+            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, pp),
+                                   num_barriers=stages),
+            collective_axes="wg")
+
+    def ring_scoped(table_gmem, a_gmem, b_gmem, out_gmem, a_smem, b_smem, out_smem, loaded,
+                    consumed):
+        wg = lax.axis_index("wg")
+        tiles = grid_a * grid_b
+
+        def fetch(lin):  # item lin -> (group, A tile, B tile, rows lo, rows hi, first block, steps)
+            lin = jnp.minimum(lin, g * tiles - 1)
+            gi = lax.div(lin, jnp.int32(tiles))
+            ai, bi = plgpu.planar_snake(lax.rem(lin, jnp.int32(tiles)), (grid_a, grid_b),
+                                        cfg.grid_minor_dim, cfg.grid_tile_width)
+            return (gi, ai, bi, table_gmem[0, gi], table_gmem[1, gi], table_gmem[2, gi],
+                    table_gmem[3, gi])
+
+        def load(info, r, slot, barrier):
+            _, ai, bi, _, _, fblk, _ = info
+            rows = pl.ds((fblk + r) * tr, tr)
+            plgpu.copy_gmem_to_smem(
+                a_gmem.at[pl.ds(ai * ca, ca), rows] if a_transposed else
+                a_gmem.at[rows, pl.ds(ai * ca, ca)], a_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(b_gmem.at[rows, pl.ds(bi * cb, cb)], b_smem.at[slot], barrier)
+
+        def mma(info, r, slot, acc_ref):
+            _, _, _, lo, hi, fblk, _ = info
+            step(wg, a_smem.at[slot], b_smem.at[slot], acc_ref, (fblk + r) * tr, lo, hi)
+
+        def epilogue(info, acc_ref):
+            store(wg, out_smem, out_gmem, acc_ref, *info[:3])
+
+        pipeline.run(num_items=jnp.int32(g * tiles), fetch=fetch, steps_of=lambda info: info[6],
+                     load=load, mma=mma, epilogue=epilogue, acc_shape=(ta, tb), stages=stages,
+                     loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
+                     pingpong=pp)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
+
+    body = body_ring if cfg.ring else body_per_item
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((g, adim, bdim), out_dtype),
         grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",

@@ -197,7 +197,11 @@ def test_pallas_interpret_fwd_configs(over):
     _check_kernel("fwd", 200, 192, 128, [70, 0, 100, 20], False, over, interpret=True)
 
 
-@pytest.mark.parametrize("over", [dict(split="a"), dict(split="b", max_concurrent_steps=3)])
+@pytest.mark.parametrize("over", [dict(split="a"), dict(split="b", max_concurrent_steps=3),
+                                  # the cross-item ring: two wgmma groups in flight; ping-pong WGs
+                                  dict(ring=True, delay_release=1, max_concurrent_steps=3),
+                                  dict(ring=True, pingpong=True, delay_release=1,
+                                       max_concurrent_steps=4)])
 def test_pallas_interpret_wgrad_configs(over):
     _check_kernel("wgrad", 200, 128, 128, [70, 0, 100, 20], False, over, interpret=True)
 
@@ -210,6 +214,9 @@ def test_wgrad_rejects_delay_release():
     with pytest.raises(ValueError, match="delay_release"):
         P.gmm_wgrad(a, a, jnp.array([128], jnp.int32), jnp.bfloat16, interpret=True,
                     cfg=P.WgradConfig(tile_a=64, tile_b=64, delay_release=1))
+    with pytest.raises(ValueError, match="pingpong=True needs ring=True"):
+        P.gmm_wgrad(a, a, jnp.array([128], jnp.int32), jnp.bfloat16, interpret=True,
+                    cfg=P.WgradConfig(tile_a=64, tile_b=64, pingpong=True))
 
 
 def test_pallas_rejects_float32():
@@ -261,6 +268,11 @@ KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table pi
     ("wgrad", dict(split="b")),
     ("wgrad", dict(split="a")),
     ("wgrad", dict(split="a", slice_then_transpose=True)),
+    # the cross-item ring (not in the tuning table until these pass on the GPU again)
+    ("wgrad", dict(ring=True, split="b", delay_release=0)),
+    ("wgrad", dict(ring=True, split="b", delay_release=1)),
+    ("wgrad", dict(ring=True, split="a", delay_release=1)),
+    ("wgrad", dict(ring=True, pingpong=True, max_concurrent_steps=4, delay_release=1)),
 ]
 
 

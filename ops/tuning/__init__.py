@@ -56,7 +56,7 @@ def fwd_config(m, k, n, g):
 def wgrad_config(m, a, b, g):
     from ops.gmm_pallas import WgradConfig
     cfg = WgradConfig(**_lookup("wgrad", m, a, b, g))
-    fa, fb = (2, 1) if cfg.split == "a" else (1, 2)
+    fa, fb = (1, 1) if cfg.pingpong else (2, 1) if cfg.split == "a" else (1, 2)
     return _fit(_fit(cfg, a, "tile_a", fa), b, "tile_b", fb)
 
 
