@@ -5,6 +5,7 @@
 #   model  — mixtral_small and deepseek_small train benchmarks (Pallas experts; remat off, then on)
 #   layer  — bench_moe.py: MoE layer fwd+bwd vs a dense MLP of the same FLOPs
 #   gmm    — bench_grouped_matmul.py with the torch column
+#   wgrad  — the wgrad GPU tests (per-item and cross-item-ring kernels), then autotune's ring checks
 #   ep     — (2-4 GPUs) the peer-memory all-to-all GPU tests, then bench_ep.py --check over the GPUs there
 #            (ragged_direct*: the experimental expert-major segment exchange, timed beside the rest)
 #            (EP_PLAN overrides the variant plan)
@@ -35,7 +36,13 @@ case "${1:-}" in
       --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" > "$OUT/ep_bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_bench.log" | tail -40 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|ep"; exit 2 ;;
+  wgrad)
+    timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
+      -k wgrad --durations=8 > "$OUT/wgrad_tests.log" 2>&1; echo "tests rc=$?"; tail -12 "$OUT/wgrad_tests.log"
+    timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
+      --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
+    echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0
