@@ -20,6 +20,9 @@ Dispatchers (`MoEConfig.token_dispatcher_type`):
 - `auto` (the default): `alltoall_ragged` where its Pallas exchange runs (Hopper, one process
   driving all GPUs), else `alltoall` (measured on 2 and 4 H200: BENCHMARKS.md §4).
 `chunks > 1` splits the local tokens so that chunk i+1's exchange can overlap chunk i's experts.
+
+The ragged dispatcher lives in `moe_jax.ep_ragged`, the row bookkeeping they share in
+`moe_jax.ep_rows`.
 """
 from __future__ import annotations
 
@@ -30,101 +33,16 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import dispatch
+from moe_jax.config import MoEConfig
+from moe_jax.ep_ragged import _alltoall_ragged
+from moe_jax.ep_rows import (MESH_AXES, _excl_cumsum, _inverse, _live, _local_routing,
+                             _resort_by_local_expert, _sorted_rows, expert_ffn, move_rows)
+from moe_jax.routing import Routing, expert_counts
 from ops import all_to_all
 from ops.grouped_matmul import _vma
-from moe_jax.config import MoEConfig
-from moe_jax.experts import grouped_ffn
-from moe_jax.routing import Routing, expert_counts
 
 TOKENS = ("edata", "expert")
-MESH_AXES = ("edata", "expert", "etensor")
 DISPATCHERS = ("alltoall", "alltoall_ragged", "allgather")  # plus "auto": see resolve_dispatcher
-
-
-def _live(axes):
-    """The mesh axes among `axes` that values here may vary over (inside shard_map): `expert`, and
-    `edata`/`etensor` only where they hold more than one device — moe_ffn's specs name no others.
-    Collectives and varying-type casts name only these: XLA keeps an all-reduce over single-device
-    groups, which on GPU cost a full NCCL pass over the expert weight gradients (2.3 ms per MoE
-    layer step on 2×H200, found with experiments/profile_ep.py)."""
-    return tuple(a for a in axes if a == "expert" or jax.lax.axis_size(a) > 1)
-
-
-def expert_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation: str, backend: str):
-    """Local experts on expert-sorted rows; ETP partial sums reduced over `etensor`."""
-    # one varying type for the kernels' custom_vjp; its transpose sums dx over etensor, dw over edata
-    x_ND, w1_EDnF, w2_EFD = (_vary(a, _live(MESH_AXES)) for a in (x_ND, w1_EDnF, w2_EFD))
-    y = grouped_ffn(x_ND, group_sizes, w1_EDnF, w2_EFD, activation, backend)
-    return jax.lax.psum(y, "etensor") if _live(("etensor",)) else y
-
-
-def _vary(x, axes):
-    """Mark x as varying over `axes` inside shard_map (no data movement)."""
-    have = _vma(x)
-    missing = tuple(a for a in axes if a not in have)
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
-@jax.custom_vjp
-def move_rows(x, src, inv):
-    """out[i] = x[src[i]] (0 where src[i] is out of range), for an injective `src` whose inverse is
-    `inv` (inv[j] = i, or out of range where row j is unused). The backward is the gather by `inv` —
-    no scatter-add (atomics) for what is a row permutation."""
-    return jnp.take(x, src, axis=0, mode="fill", fill_value=0)
-
-
-def _move_rows_fwd(x, src, inv):
-    return move_rows(x, src, inv), inv
-
-
-def _move_rows_bwd(inv, dy):
-    return jnp.take(dy, inv, axis=0, mode="fill", fill_value=0), None, None
-
-
-move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
-
-
-def _inverse(src, rows: int):
-    """inv[j] = i where src[i] == j, else len(src) (out of range)."""
-    n = src.shape[0]
-    return jnp.full((rows,), n, jnp.int32).at[src].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-
-
-def _excl_cumsum(x, axis=-1):
-    return jnp.cumsum(x, axis=axis) - x
-
-
-def _local_routing(w_Tk, e_Tk, kept_Tk, num_experts: int) -> Routing:
-    counts = expert_counts(e_Tk, num_experts, kept_Tk)
-    zero = jnp.zeros((), jnp.int32)
-    return Routing(weights=w_Tk, experts=e_Tk, kept=kept_Tk, tokens_per_expert=counts, dropped=zero,
-                   losses={}, routed_counts=counts)
-
-
-def _sorted_rows(x_TD, routing: Routing, probs_on_input: bool):
-    """Source side: rows sorted by global expert (dropped last), optionally pre-weighted."""
-    x_SD, perm = dispatch.permute(x_TD, routing)
-    if probs_on_input:
-        x_SD = (x_SD * dispatch.sorted_weights(routing, perm)[:, None]).astype(x_SD.dtype)
-    return x_SD, perm
-
-
-def _resort_by_local_expert(rows_RD, counts_SL, row_start_S):
-    """Received rows (per-source chunks, each sorted by local expert) -> grouped by local expert.
-
-    counts_SL[s, l]: rows from source s for local expert l, starting at row_start_S[s].
-    Returns (x sorted by local expert with padding last, inverse order, group sizes [L]).
-    """
-    n, L = counts_SL.shape
-    ends = (row_start_S[:, None] + jnp.cumsum(counts_SL, axis=1)).reshape(-1)     # [n*L]
-    starts = ends - counts_SL.reshape(-1)
-    p = jnp.arange(rows_RD.shape[0], dtype=jnp.int32)
-    inside = (p[:, None] >= starts[None]) & (p[:, None] < ends[None])            # [R, n*L]
-    seg = jnp.argmax(inside, axis=1)
-    local = jnp.where(inside.any(1), seg % L, L)                                 # L = padding
-    order = jnp.argsort(local, stable=True).astype(jnp.int32)
-    inv = _inverse(order, order.shape[0])
-    return move_rows(rows_RD, order, inv), (inv, order), counts_SL.sum(0)
 
 
 # ------------------------------------------------------------------ alltoall (fixed capacity)
@@ -163,111 +81,6 @@ def fixed_capacity(tokens: int, m: MoEConfig, ep: int) -> int:
     if m.expert_capacity_factor is None:
         return worst
     return max(1, min(worst, -(-int(tokens * m.router_topk * m.expert_capacity_factor) // ep)))
-
-
-# ------------------------------------------------------------------ alltoall_ragged
-def _ragged_raw(x, out_rows, in_off, send_sizes, out_off, recv_sizes, impl):
-    # every plan here is packed: segments arrive in source order from row 0 on
-    return all_to_all.ragged_all_to_all(x, out_rows, in_off, send_sizes, out_off, recv_sizes,
-                                        axis_name="expert", backend=impl, packed=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 3))
-def _exchange(x, out_rows, plan, impl):
-    in_off, send_sizes, out_off, recv_sizes, _, _ = plan
-    return _ragged_raw(x, out_rows, in_off, send_sizes, out_off, recv_sizes, impl)
-
-
-def _exchange_fwd(x, out_rows, plan, impl):
-    return _exchange(x, out_rows, plan, impl), (plan, x.shape[0])
-
-
-def _exchange_bwd(out_rows, impl, res, dy):
-    (in_off, send_sizes, _, recv_sizes, recv_off, src_off), rows = res
-    return _ragged_raw(dy, rows, recv_off, recv_sizes, src_off, send_sizes, impl), None
-
-
-_exchange.defvjp(_exchange_fwd, _exchange_bwd)
-
-
-def _reverse(plan):
-    in_off, send_sizes, out_off, recv_sizes, recv_off, src_off = plan
-    return (recv_off, recv_sizes, src_off, send_sizes, in_off, out_off)
-
-
-def _alltoall_ragged(x_TD, routing, w1, w2, *, m: MoEConfig, impl: str, rows: int,
-                     expert_major: bool = False):
-    n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
-    L = w1.shape[0]  # experts per device
-    t, k = routing.experts.shape
-    x_SD, perm = _sorted_rows(x_TD, routing, m.apply_probs_on_input)
-    counts_nE = jax.lax.all_gather(routing.tokens_per_expert, "expert")          # [src, E]
-    if expert_major:
-        return _alltoall_expert_major(x_SD, perm, routing, counts_nE, w1, w2, m=m, impl=impl,
-                                      rows=rows)
-    M = counts_nE.reshape(n, n, L).sum(-1)                                         # [src, dst]
-    send_sizes, recv_sizes = M[me], M[:, me]
-    in_off, recv_off = _excl_cumsum(send_sizes), _excl_cumsum(recv_sizes)
-    out_off = _excl_cumsum(M, axis=0)[me]          # where my rows land in each destination
-    src_off = _excl_cumsum(M, axis=1)[:, me]       # where each source's rows for me start there
-    plan = (in_off, send_sizes, out_off, recv_sizes, recv_off, src_off)
-    recv = _exchange(x_SD, rows, plan, impl)
-    rc_SL = jax.lax.dynamic_slice_in_dim(counts_nE.reshape(n, n, L), me, 1, axis=1)[:, 0]
-    x_RD, (inv, order), gs = _resort_by_local_expert(recv, rc_SL, recv_off)
-    y_RD = move_rows(expert_ffn(x_RD, gs, w1, w2, m.activation, m.grouped_gemm_backend), inv, order)
-    y_SD = _exchange(y_RD, t * k, _reverse(plan), impl)
-    y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
-    return y_TD, jnp.zeros((), jnp.int32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4, 5))
-def _exchange_segments(x, out_rows, plan, back_plan, back_rows, impl):
-    """Segment exchange (ops.all_to_all.ragged_all_to_all_segments) whose transpose is `back_plan`."""
-    return all_to_all.ragged_all_to_all_segments(x, out_rows, *plan, axis_name="expert", backend=impl)
-
-
-def _exchange_segments_fwd(x, out_rows, plan, back_plan, back_rows, impl):
-    return _exchange_segments(x, out_rows, plan, back_plan, back_rows, impl), (plan, back_plan)
-
-
-def _exchange_segments_bwd(out_rows, back_rows, impl, res, dy):
-    plan, back_plan = res
-    dx = all_to_all.ragged_all_to_all_segments(dy, back_rows, *back_plan, axis_name="expert",
-                                               backend=impl)
-    return dx, None, None
-
-
-_exchange_segments.defvjp(_exchange_segments_fwd, _exchange_segments_bwd)
-
-
-def _alltoall_expert_major(x_SD, perm, routing, counts_nE, w1, w2, *, m: MoEConfig, impl, rows):
-    """`alltoall_ragged` with one segment per (destination, local expert): rows land grouped by
-    local expert (source order within an expert), so the experts run on the receive buffer as it
-    is and the results go straight back into the sender's sorted order — no re-sort on either side,
-    forward or backward. Needs the segment exchange (Pallas kernel, or emulation on CPU)."""
-    n, me = jax.lax.axis_size("expert"), jax.lax.axis_index("expert")
-    L = w1.shape[0]
-    t, k = routing.experts.shape
-    C = counts_nE.reshape(n, n, L)                                    # [src, dst, local expert]
-    block = _excl_cumsum(C.sum(0), axis=1)                            # [dst, l]: expert block start
-    within = _excl_cumsum(C, axis=0)                                  # [src, dst, l]: source's place
-    sorted_off = _excl_cumsum(counts_nE, axis=1)                      # [src, E]: in the sender's rows
-    E = n * L
-    # dispatch: my segment e = (d, l) -> device d, at its block l after the sources before me
-    dispatch_plan = (sorted_off[me], counts_nE[me], jnp.arange(E, dtype=jnp.int32) // L,
-                     (block + within[me]).reshape(E), C[:, me].sum())
-    # combine: my received segment (s, l) -> back to source s, where it came from
-    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me, 1, axis=1)[:, 0]  # noqa: E731  [src, ...]
-    back = jax.lax.dynamic_slice_in_dim(sorted_off, me * L, L, axis=1)       # [src, l]
-    combine_plan = ((jax.lax.dynamic_index_in_dim(block, me, 0, keepdims=False)[None] +
-                     mine(within)).reshape(E), mine(C).reshape(E),
-                    jnp.repeat(jnp.arange(n, dtype=jnp.int32), L), back.reshape(E), counts_nE[me].sum())
-    recv = _exchange_segments(x_SD, rows, dispatch_plan, combine_plan, t * k, impl)
-    gs = C[:, me].sum(0)                                              # rows per local expert
-    y_RD = expert_ffn(recv, gs, w1, w2, m.activation, m.grouped_gemm_backend)
-    y_SD = _exchange_segments(y_RD, t * k, combine_plan, dispatch_plan, rows, impl)
-    y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)
-    return y_TD, jnp.zeros((), jnp.int32)
 
 
 # ------------------------------------------------------------------ allgather
