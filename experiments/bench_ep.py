@@ -173,6 +173,7 @@ def probe_backend(backend: str):
 
 def check(dispatchers, eps):
     """fp32: every dispatcher vs the single-device layer (outputs and all gradients)."""
+    prev = jax.config.jax_default_matmul_precision
     jax.config.update("jax_default_matmul_precision", "highest")
     m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=64, grouped_gemm_backend="xla")
     cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, moe=m)
@@ -210,7 +211,7 @@ def check(dispatchers, eps):
                 row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
             print("check", row, flush=True)
             out.append(row)
-    jax.config.update("jax_default_matmul_precision", None)
+    jax.config.update("jax_default_matmul_precision", prev)
     return out
 
 

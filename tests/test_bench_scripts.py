@@ -1,0 +1,25 @@
+"""The device benchmark scripts run end to end on CPU (8 fake devices) at toy sizes: a script that
+breaks should fail here, not after a machine start on the device."""
+import json
+import sys
+from pathlib import Path
+
+import jax
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import bench_ep  # noqa: E402
+
+
+def test_bench_ep_runs_on_cpu(tmp_path):
+    out = tmp_path / "ep.json"
+    precision = jax.config.jax_default_matmul_precision
+    assert bench_ep.main(["--config", "tiny_moe", "--gpus", "1,2", "--plan", "1:local:1,2:alltoall:2",
+                          "--tokens-per-gpu", "64", "--seq", "32", "--ragged", "", "--iters", "2",
+                          "--check", "alltoall", "--out", str(out)]) == 0
+    assert jax.config.jax_default_matmul_precision == precision  # the check restores it
+    res = json.loads(out.read_text())
+    assert [r["ok"] for r in res["check"]] == [True, True]  # EP=2, and EP=2 x ETP=2
+    rows = {r["variant"]: r for r in res["layer"]}
+    assert set(rows) == {"local:1", "alltoall:2"} and not any("error" in r for r in rows.values())
+    assert rows["alltoall:2"]["dropped"] == 0 and rows["alltoall:2"]["step_ms"] > 0
+    assert res["all_to_all"] and all("error" not in r for r in res["all_to_all"])
