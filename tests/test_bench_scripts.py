@@ -23,3 +23,14 @@ def test_bench_ep_runs_on_cpu(tmp_path):
     assert set(rows) == {"local:1", "alltoall:2"} and not any("error" in r for r in rows.values())
     assert rows["alltoall:2"]["dropped"] == 0 and rows["alltoall:2"]["step_ms"] > 0
     assert res["all_to_all"] and all("error" not in r for r in res["all_to_all"])
+
+
+def test_profile_ep_runs_on_cpu(tmp_path):
+    import profile_ep
+    out = tmp_path / "profile.json"
+    assert profile_ep.main(["--config", "tiny_moe", "--variants", "local:1,alltoall:2",
+                            "--tokens-per-gpu", "64", "--seq", "32", "--steps", "2",
+                            "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [p["gpus"] for p in res["profiles"]] == [1, 2]
+    assert all(p["wall_ms"] > 0 for p in res["profiles"])  # no GPU kernels on CPU: wall time only
