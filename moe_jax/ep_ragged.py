@@ -101,17 +101,15 @@ def _alltoall_expert_major(x_SD, perm, routing, counts_nE, w1, w2, *, m: MoEConf
     within = _excl_cumsum(C, axis=0)                                  # [src, dst, l]: source's place
     sorted_off = _excl_cumsum(counts_nE, axis=1)                      # [src, E]: in the sender's rows
     E = n * L
+    gs = C[:, me].sum(0)                                              # rows per local expert here
     # dispatch: my segment e = (d, l) -> device d, at its block l after the sources before me
     dispatch_plan = (sorted_off[me], counts_nE[me], jnp.arange(E, dtype=jnp.int32) // L,
-                     (block + within[me]).reshape(E), C[:, me].sum())
+                     (block + within[me]).reshape(E), gs.sum())
     # combine: my received segment (s, l) -> back to source s, where it came from
-    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me, 1, axis=1)[:, 0]  # noqa: E731  [src, ...]
     back = jax.lax.dynamic_slice_in_dim(sorted_off, me * L, L, axis=1)       # [src, l]
-    combine_plan = ((jax.lax.dynamic_index_in_dim(block, me, 0, keepdims=False)[None] +
-                     mine(within)).reshape(E), mine(C).reshape(E),
+    combine_plan = ((block[me][None] + within[:, me]).reshape(E), C[:, me].reshape(E),
                     jnp.repeat(jnp.arange(n, dtype=jnp.int32), L), back.reshape(E), counts_nE[me].sum())
     recv = _exchange_segments(x_SD, rows, dispatch_plan, combine_plan, t * k, impl)
-    gs = C[:, me].sum(0)                                              # rows per local expert
     y_RD = expert_ffn(recv, gs, w1, w2, m.activation, m.grouped_gemm_backend)
     y_SD = _exchange_segments(y_RD, t * k, combine_plan, dispatch_plan, rows, impl)
     y_TD = dispatch.unpermute(y_SD, perm, routing, apply_weights=not m.apply_probs_on_input)

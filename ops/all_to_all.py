@@ -108,18 +108,10 @@ def pallas_supported(x) -> bool:
 
 # ----------------------------------------------------------------------------- emulation
 def _emulate(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name):
-    """The plan through all_gather: every device gathers all rows and picks its own."""
+    """The peer plan is the segment plan with segment j going to device j."""
     del recv_sizes
-    me = lax.axis_index(axis_name)
-    xs = lax.all_gather(x, axis_name)
-    in_all, out_all, send_all = (lax.all_gather(a, axis_name) for a in (in_off, out_off, send_sizes))
-    lo, sz = out_all[:, me], send_all[:, me]                      # per source: where, how many
-    p = jnp.arange(out_rows, dtype=jnp.int32)[:, None]
-    hit = (p >= lo[None]) & (p < (lo + sz)[None])
-    j = jnp.argmax(hit, axis=1)
-    row = in_all[j, me] + p[:, 0] - lo[j]
-    got = xs[j, jnp.clip(row, 0, x.shape[0] - 1)]
-    return jnp.where(hit.any(1)[:, None], got, jnp.zeros((), x.dtype))
+    dst = jnp.arange(in_off.shape[0], dtype=jnp.int32)
+    return _emulate_segments(x, out_rows, in_off, send_sizes, dst, out_off, None, axis_name=axis_name)
 
 
 def _emulate_segments(x, out_rows, in_off, sizes, dst, out_off, recv_total, *, axis_name):
