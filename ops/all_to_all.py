@@ -299,5 +299,5 @@ def _copy_kernel(x, out_rows, meta, plan, *, axis_name, num_sms, chunk_bytes, sl
                 pl.semaphore_wait(done.at[0], (n - 1) * sms)
 
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((out_rows, d), dtype),
-                          grid=(sms,), grid_names=("sm",))
+                          grid=(sms,), grid_names=("sm",), kernel_name="ep_exchange")
     return kernel(meta, x, zeros)

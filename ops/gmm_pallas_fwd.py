@@ -167,6 +167,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
         grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        kernel_name="gmm_fwd_t" if transpose_rhs else "gmm_fwd",  # named in profiles
         compiler_params=_compiler_params(), interpret=_interpret_params(interpret))
     return kernel(table, count, lhs, rhs)
 

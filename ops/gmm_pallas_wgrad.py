@@ -203,5 +203,6 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((g, adim, bdim), out_dtype),
         grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        kernel_name="gmm_wgrad_ring" if cfg.ring else "gmm_wgrad",  # named in profiles
         compiler_params=_compiler_params(), interpret=_interpret_params(interpret))
     return kernel(table, a, b)
