@@ -6,9 +6,11 @@ peer-memory all-to-all's chunk size and SMEM slots.
 
 For each variant (bench_ep.VARIANTS name : GPUs) it traces a few fwd+bwd steps of the mixtral_small
 MoE layer and sums GPU 0's kernel time by op name (per step), next to the step's wall time: the
-difference is GPU idle time (host syncs, launch gaps). `--tune` times `ops.all_to_all` alone for
-several (chunk bytes, slots) at two sizes, so fixed cost and bandwidth can be told apart, with
-`lax.all_to_all` of the same rows beside it.
+difference is GPU idle time (host syncs, launch gaps). Every GPU's time is also split by kind
+(exchange, gemm, nccl, xla: the Pallas kernels carry names) with its busy time; `--timeline`
+keeps one step's GPU 0 kernel sequence. `--tune` times `ops.all_to_all` alone, chained inside one
+jit, for several (chunk bytes, slots) at three sizes, so fixed cost and bandwidth can be told
+apart, with `lax.all_to_all` of the same rows beside it.
 """
 from __future__ import annotations
 
@@ -36,27 +38,80 @@ from moe_jax.presets import load_config  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 
-def kernel_times(xspace_path: str, device: int = 0):
-    """{op name: total ns} over GPU `device`'s streams, and (first start, last end) in ns."""
-    data = jax.profiler.ProfileData.from_file(xspace_path)
-    per_op, lo, hi = collections.Counter(), None, None
+def _gpu_events(data, device):
+    """[(name, start ns, duration ns)] of GPU `device`'s kernel/memcpy stream events."""
+    out = []
     for plane in data.planes:
         if plane.name != f"/device:GPU:{device}":
             continue
         for line in plane.lines:
-            if "stream" not in line.name.lower():
-                continue
-            for ev in line.events:
-                per_op[ev.name] += ev.duration_ns
-                lo = ev.start_ns if lo is None else min(lo, ev.start_ns)
-                hi = ev.start_ns + ev.duration_ns if hi is None else max(hi, ev.start_ns + ev.duration_ns)
-    if not per_op:  # a layout this parser does not know: say what there is
+            if "stream" in line.name.lower():
+                out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
+    return sorted(out, key=lambda e: e[1])
+
+
+def category(op: str) -> str:
+    """What a kernel is, for the time split (the Pallas kernels carry their kernel_name)."""
+    if op.startswith("ep_exchange"):
+        return "exchange"
+    if op.startswith("gmm_"):
+        return "gemm"
+    if "nccl" in op.lower() or "MultiGpuBarrier" in op:
+        return "nccl"
+    return "xla"
+
+
+def _busy_ns(events):
+    """Time covered by at least one event (streams may overlap)."""
+    total, end = 0, None
+    for _, s, d in events:
+        if end is None or s >= end:
+            total, end = total + d, s + d
+        elif s + d > end:
+            total, end = total + s + d - end, s + d
+    return total
+
+
+def kernel_times(xspace_path: str, device: int = 0):
+    """{op name: total ns} over GPU `device`'s streams, and (first start, last end) in ns."""
+    data = jax.profiler.ProfileData.from_file(xspace_path)
+    ev = _gpu_events(data, device)
+    per_op = collections.Counter()
+    for name, _, d in ev:
+        per_op[name] += d
+    if not ev:  # a layout this parser does not know: say what there is
         print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8])
                                                 for pl in data.planes], flush=True)
-    return per_op, (lo, hi)
+        return per_op, (None, None)
+    return per_op, (ev[0][1], max(s + d for _, s, d in ev))
 
 
-def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps):
+def device_split(xspace_path: str, n: int, steps: int):
+    """Per GPU and step: ms by category, busy ms (union of events) and span ms; plus the last
+    step's timeline of GPU 0 ([op, start us, duration us] from the step's first kernel)."""
+    data = jax.profiler.ProfileData.from_file(xspace_path)
+    rows = []
+    for dev in range(n):
+        ev = _gpu_events(data, dev)
+        if not ev:
+            continue
+        cat = collections.Counter()
+        for name, _, d in ev:
+            cat[category(name)] += d / steps / 1e6
+        rows.append({"gpu": dev, **{k: round(v, 4) for k, v in sorted(cat.items())},
+                     "busy_ms": _busy_ns(ev) / steps / 1e6,
+                     "span_ms": (max(s + d for _, s, d in ev) - ev[0][1]) / steps / 1e6})
+    return rows
+
+
+def timeline(xspace_path: str, device: int = 0):
+    """One traced step's GPU `device` events: [op, start us, duration us] from its first kernel."""
+    ev = _gpu_events(jax.profiler.ProfileData.from_file(xspace_path), device)
+    t0 = ev[0][1] if ev else 0
+    return [[name[:80], round((s - t0) / 1e3, 2), round(d / 1e3, 2)] for name, s, d in ev]
+
+
+def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=False):
     kw = {} if n == 1 else dict(bench_ep.VARIANTS[name], chunks=1)
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
                                                       devices=jax.devices()[:n])
@@ -68,47 +123,69 @@ def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps):
                 jax.block_until_ready(step(params, x))
         path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
         per_op, (lo, hi) = kernel_times(path)
+        split = device_split(path, n, steps)
+    tl = None
+    if with_timeline:
+        with tempfile.TemporaryDirectory() as tmp:
+            with jax.profiler.trace(tmp):
+                jax.block_until_ready(step(params, x))
+            tl = timeline(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
     busy = sum(per_op.values()) / steps / 1e6
     top = [{"op": k[:120], "ms_per_step": v / steps / 1e6} for k, v in per_op.most_common(30)]
     row = {"variant": f"{name}:{n}", "gpus": n, "wall_ms": 1e3 * wall, "gpu0_kernel_ms": busy,
-           "gpu0_span_ms_per_step": None if lo is None else (hi - lo) / steps / 1e6, "top_ops": top}
+           "gpu0_span_ms_per_step": None if lo is None else (hi - lo) / steps / 1e6,
+           "per_gpu": split, "top_ops": top}
+    if tl is not None:
+        row["timeline_gpu0"] = tl
     print(f"\n== {name} on {n} GPU(s): wall {1e3 * wall:.3f} ms/step, GPU0 kernels {busy:.3f} ms/step")
+    for r in split:
+        print("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
     for t in top[:20]:
         print(f"   {t['ms_per_step']:8.3f}  {t['op']}")
     return row
 
 
-def tune_exchange(n, d, dtype, iters):
+def tune_exchange(n, d, dtype, iters, chain=8):
+    """The exchange alone, `chain` dependent calls inside one jit so that launch and host sync are
+    amortized: ms per exchange for several (chunk bytes, SMEM slots) at three sizes (64 rows per
+    device shows the fixed cost: handshake and completion), NCCL `all_to_all` of the same rows
+    beside it."""
     from ops import all_to_all
     mesh = parallel.make_layout(ParallelConfig(data=n, expert=n), devices=jax.devices()[:n]).moe_mesh
     out = []
-    for rows in (16384, 65536):
+
+    def timed(body, a):
+        def f(x):
+            for _ in range(chain):
+                x = body(x)
+            return x
+        g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"),
+                                  check_vma=False))
+        return median_seconds(g, a, iters=iters) / chain
+
+    for rows in (64 * n, 16384, 65536):
         per = jnp.full((n,), rows // n, jnp.int32)
         off = jnp.arange(n, dtype=jnp.int32) * (rows // n)
         a = jax.device_put(jax.random.normal(jax.random.key(0), (n * rows, d), dtype),
                            NamedSharding(mesh, P("expert")))
         nbytes = (n - 1) / n * rows * d * jnp.dtype(dtype).itemsize
-        for chunk, slots in ((32768, 4), (16384, 4), (65536, 2), (16384, 8), (32768, 2), (8192, 8)):
-            def f(x, chunk=chunk, slots=slots):
+        for chunk, slots in ((32768, 4), (65536, 2), (16384, 8), (65536, 3), (32768, 6)):
+            def body(x, chunk=chunk, slots=slots):
                 land = jnp.full((n,), jax.lax.axis_index("expert") * (rows // n), jnp.int32)
                 return all_to_all._pallas(x, rows, off, per, land, per, axis_name="expert",
                                           num_sms=jax.devices()[0].core_count, chunk_bytes=chunk,
                                           slots=slots)
-            g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("expert"), out_specs=P("expert"),
-                                      check_vma=False))
+            row = {"impl": "pallas", "gpus": n, "rows": rows, "chunk_bytes": chunk, "slots": slots}
             try:
-                t = median_seconds(g, a, iters=iters)
-                row = {"impl": "pallas", "rows": rows, "chunk_bytes": chunk, "slots": slots,
-                       "ms": 1e3 * t, "GB_per_s": nbytes / t / 1e9}
+                t = timed(body, a)
+                row.update(ms=1e3 * t, GB_per_s=nbytes / t / 1e9)
             except Exception as e:
-                row = {"impl": "pallas", "rows": rows, "chunk_bytes": chunk, "slots": slots,
-                       "error": f"{type(e).__name__}: {e}"[:300]}
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
             print("tune", row, flush=True)
             out.append(row)
-        g = jax.jit(jax.shard_map(lambda x: jax.lax.all_to_all(x.reshape(n, -1, d), "expert", 0, 0),
-                                  mesh=mesh, in_specs=P("expert"), out_specs=P(None, "expert")))
-        t = median_seconds(g, a, iters=iters)
-        row = {"impl": "lax.all_to_all", "rows": rows, "ms": 1e3 * t, "GB_per_s": nbytes / t / 1e9}
+        t = timed(lambda x: jax.lax.all_to_all(x.reshape(n, -1, d), "expert", 0, 0).reshape(-1, d), a)
+        row = {"impl": "lax.all_to_all", "gpus": n, "rows": rows, "ms": 1e3 * t,
+               "GB_per_s": nbytes / t / 1e9}
         print("tune", row, flush=True)
         out.append(row)
     return out
@@ -122,6 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tune", action="store_true")
+    ap.add_argument("--timeline", action="store_true", help="save one step's GPU 0 kernel timeline")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     base = load_config(args.config)
@@ -134,7 +212,8 @@ def main(argv=None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=2))
     if args.tune and jax.device_count() > 1:
-        res["tune"] = tune_exchange(2, cfg.d_model, jnp.dtype(cfg.dtype), 10)
+        for n in sorted({2, jax.device_count()}):
+            res["tune"] += tune_exchange(n, cfg.d_model, jnp.dtype(cfg.dtype), 10)
         save()
     for v in args.variants.split(","):
         name, n = v.split(":")
@@ -142,7 +221,7 @@ def main(argv=None) -> int:
             continue
         try:
             res["profiles"].append(profile_variant(cfg, name, int(n), args.tokens_per_gpu, args.seq,
-                                                   args.steps))
+                                                   args.steps, args.timeline))
         except Exception as e:
             print("profile failed", v, type(e).__name__, str(e)[:300], flush=True)
             res["profiles"].append({"variant": v, "error": f"{type(e).__name__}: {e}"[:500]})

@@ -30,7 +30,17 @@ def test_profile_ep_runs_on_cpu(tmp_path):
     out = tmp_path / "profile.json"
     assert profile_ep.main(["--config", "tiny_moe", "--variants", "local:1,alltoall:2",
                             "--tokens-per-gpu", "64", "--seq", "32", "--steps", "2",
-                            "--out", str(out)]) == 0
+                            "--timeline", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [p["gpus"] for p in res["profiles"]] == [1, 2]
     assert all(p["wall_ms"] > 0 for p in res["profiles"])  # no GPU kernels on CPU: wall time only
+    assert all(p["per_gpu"] == [] and p["timeline_gpu0"] == [] for p in res["profiles"])
+
+
+def test_profile_split_by_kernel_kind():
+    import profile_ep
+    assert [profile_ep.category(op) for op in ("ep_exchange_mosaic_gpu_kernel", "gmm_fwd_t_kernel",
+            "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "loop_add_fusion")] == \
+        ["exchange", "gemm", "nccl", "xla"]
+    ev = [("a", 0, 10), ("b", 5, 10), ("c", 20, 5), ("d", 21, 2)]  # overlapping streams count once
+    assert profile_ep._busy_ns(ev) == 15 + 5
