@@ -9,6 +9,8 @@
 #   ep     — (2-4 GPUs) the peer-memory all-to-all GPU tests, then bench_ep.py --check over the GPUs there
 #            (ragged_direct*: the experimental expert-major segment exchange, timed beside the rest)
 #            (EP_PLAN overrides the variant plan)
+#   epprof — (2+ GPUs) profile_ep.py: per-GPU time by kernel kind, a step's timeline, the exchange
+#            chained in one jit; then the ragged variants with conditionals in CUDA graphs
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
@@ -35,6 +37,18 @@ case "${1:-}" in
       --plan "${EP_PLAN:-$plan,$ngpu:alltoall:2}" \
       --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" > "$OUT/ep_bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_bench.log" | tail -40 ;;
+  epprof)
+    ngpu=$(nvidia-smi -L | wc -l)
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_enable_command_buffers_during_profiling=true" \
+      timeout -s KILL 240 python3 experiments/profile_ep.py --tune --timeline \
+      --variants "local:1,alltoall_ragged:$ngpu,ragged_tight:$ngpu,ragged_direct:$ngpu" \
+      --out "experiments/results/profile_ep_$(date +%F)_h200x$ngpu.json" > "$OUT/profile_ep.log" 2>&1
+    echo "profile rc=$?"; grep -v "^[WI][0-9]" "$OUT/profile_ep.log" | grep -v "^ *[0-9.]*  " | tail -40
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE" \
+      timeout -s KILL 150 python3 experiments/bench_ep.py --gpus "1,$ngpu" --ragged pallas --budget-s 110 \
+      --plan "1:local:1,$ngpu:ragged_tight:1,$ngpu:alltoall_ragged:1" \
+      --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_cbcond.json" > "$OUT/ep_cbcond.log" 2>&1
+    echo "cb-cond bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_cbcond.log" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
@@ -42,7 +56,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0
