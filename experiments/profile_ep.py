@@ -111,6 +111,17 @@ def timeline(xspace_path: str, device: int = 0):
     return [[name[:80], round((s - t0) / 1e3, 2), round(d / 1e3, 2)] for name, s, d in ev]
 
 
+def gaps(tl, top=8):
+    """The idle stretches of a timeline ([op, start us, duration us]): total idle us and the
+    `top` longest as (idle us, the op that follows)."""
+    out, end = [], None
+    for name, st, d in tl:
+        if end is not None and st > end:
+            out.append((round(st - end, 2), name))
+        end = st + d if end is None else max(end, st + d)
+    return round(sum(g for g, _ in out), 2), sorted(out, reverse=True)[:top]
+
+
 def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=False):
     kw = {} if n == 1 else dict(bench_ep.VARIANTS[name], chunks=1)
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
@@ -137,9 +148,13 @@ def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=Fals
            "per_gpu": split, "top_ops": top}
     if tl is not None:
         row["timeline_gpu0"] = tl
+        row["idle_us_gpu0"], row["top_gaps_gpu0"] = gaps(tl)
     print(f"\n== {name} on {n} GPU(s): wall {1e3 * wall:.3f} ms/step, GPU0 kernels {busy:.3f} ms/step")
     for r in split:
         print("   ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+    if tl:
+        print(f"   GPU0 idle in one step: {row['idle_us_gpu0']} us; longest gaps (us, next op):",
+              row["top_gaps_gpu0"])
     for t in top[:20]:
         print(f"   {t['ms_per_step']:8.3f}  {t['op']}")
     return row

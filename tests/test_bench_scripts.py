@@ -44,3 +44,5 @@ def test_profile_split_by_kernel_kind():
         ["exchange", "gemm", "nccl", "xla"]
     ev = [("a", 0, 10), ("b", 5, 10), ("c", 20, 5), ("d", 21, 2)]  # overlapping streams count once
     assert profile_ep._busy_ns(ev) == 15 + 5
+    tl = [["a", 0.0, 10.0], ["b", 12.0, 3.0], ["c", 14.0, 1.0], ["d", 20.0, 1.0]]
+    assert profile_ep.gaps(tl) == (7.0, [(5.0, "d"), (2.0, "b")])
