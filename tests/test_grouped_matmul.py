@@ -271,6 +271,7 @@ KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table pi
     # the cross-item ring (not in the tuning table until these pass on the GPU again)
     ("wgrad", dict(ring=True, split="b", delay_release=0)),
     ("wgrad", dict(ring=True, split="b", delay_release=1)),
+    ("wgrad", dict(ring=True, split="a", delay_release=0)),
     ("wgrad", dict(ring=True, split="a", delay_release=1)),
     ("wgrad", dict(ring=True, pingpong=True, max_concurrent_steps=4, delay_release=1)),
 ]
@@ -351,3 +352,28 @@ def test_table_configs_lower_for_cuda(dev, kind, name, cfg, monkeypatch):
         f = lambda x, w: P.gmm_wgrad(x, w, gs, jnp.bfloat16, cfg=P.WgradConfig(**cfg))  # noqa: E731
     text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
+
+
+def test_autotune_picks_ring_only_when_correct_and_faster():
+    """experiments/autotune_grouped_matmul.py: a ring wgrad config takes a class only when it
+    beats the best per-item config by more than the margin; results with wrong zeros, non-finite
+    values or a large error are rejected before timing."""
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import autotune_grouped_matmul as A
+    item_a, item_b = {"split": "a"}, {"split": "b"}
+    ring = {"split": "b", "ring": True, "delay_release": 0}
+    assert A.pick([(1.00, item_a), (0.99, ring), (1.10, item_b)], 0.02) == (1.00, item_a)
+    assert A.pick([(1.00, item_a), (0.97, ring)], 0.02) == (0.97, ring)
+    assert A.pick([(0.97, ring)], 0.02) == (0.97, ring)
+    assert A.pick([], 0.02) is None
+    want = np.ones((3, 4, 4), np.float32)
+    want[1] = 0
+    assert A.valid("wgrad", want, want, [5, 0, 3], tol=2e-2)[0]
+    bad = want.copy()
+    bad[1, 0, 0] = 1e-3  # tiny, but an empty group must be exactly zero
+    assert not A.valid("wgrad", bad, want, [5, 0, 3], tol=2e-2)[0]
+    bad = want.copy()
+    bad[0, 0, 0] = np.nan
+    assert not A.valid("wgrad", bad, want, [5, 0, 3], tol=2e-2)[0]
+    assert not A.valid("wgrad", want * 1.1, want, [5, 0, 3], tol=2e-2)[0]
