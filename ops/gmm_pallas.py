@@ -5,9 +5,9 @@ memory warpgroup issues TMA copies into a `max_concurrent_steps`-slot SMEM ring,
 warpgroups issue wgmma into fp32 register accumulators. In fwd/dgrad the ring runs across work
 items (ops/gmm_pallas_pipeline.py): the memory WG loads the next item's first k-steps while the
 compute WGs finish the current one and store it. wgrad runs one `emit_pipeline_warp_specialized`
-per item by default; `WgradConfig(ring=True)` runs it on the same cross-item ring (withdrawn
-after a GPU test "hung", most likely on the test's own slow reference: ops/NOTES_grouped_matmul.md;
-not in the tuning table until it passes the GPU tests again).
+per item by default; `WgradConfig(ring=True)` runs it on the same cross-item ring (GPU-verified;
+the H100 tuning table picks it for the shape classes where it was > 2 % faster:
+ops/NOTES_grouped_matmul.md).
 
 fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] if transpose_rhs)
      Work items are (row-tile segment, N tile). A segment is the intersection of a tile_m-row block

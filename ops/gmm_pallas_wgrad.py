@@ -30,9 +30,9 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     Two pipelines over the same steps: per work item (`emit_pipeline_warp_specialized`, the
     default, GPU-verified), or `cfg.ring`: one SMEM ring per SM across work items
     (ops/gmm_pallas_pipeline.py, as fwd uses), with `delay_release` and `pingpong` options. The
-    ring was withdrawn after a GPU test "hung" — most likely that test's 2-minute numpy reference,
-    not the kernel (ops/NOTES_grouped_matmul.md); it is not in the tuning table until it passes
-    the GPU tests again.
+    ring was withdrawn once after a GPU test "hung" (that test's 2-minute numpy reference, not
+    the kernel); every ring variant passed the GPU tests on 2026-11-22 and the tuning table picks
+    it where it is faster (ops/NOTES_grouped_matmul.md).
     """
     if cfg.delay_release and not cfg.ring:
         raise ValueError(f"gmm_wgrad_kernel: needs delay_release=0 (each step released after its "
