@@ -11,6 +11,8 @@
 #            (EP_PLAN overrides the variant plan)
 #   epprof — (2+ GPUs) profile_ep.py: per-GPU time by kernel kind, a step's timeline, the exchange
 #            chained in one jit; then the ragged variants with conditionals in CUDA graphs
+#   epsm   — (2+ GPUs) the compiled step's collectives, then the layer step with async all-reduce/
+#            all-gather off, and with MOE_JAX_SM_MARGIN SMs left free by the persistent kernels
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
@@ -49,6 +51,19 @@ case "${1:-}" in
       --plan "1:local:1,$ngpu:ragged_tight:1,$ngpu:alltoall_ragged:1" \
       --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_cbcond.json" > "$OUT/ep_cbcond.log" 2>&1
     echo "cb-cond bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_cbcond.log" | tail -12 ;;
+  epsm)
+    ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1,$ngpu:alltoall_ragged:1,$ngpu:ragged_direct:1"
+    timeout -s KILL 120 python3 experiments/profile_ep.py --collectives --timeline \
+      --variants "alltoall_ragged:$ngpu" --out "$OUT/profile_collectives.json" > "$OUT/collectives.log" 2>&1
+    echo "collectives rc=$?"; grep -v "^[WI][0-9]" "$OUT/collectives.log" | grep -A40 "collectives:" | head -40
+    for v in "default||" "sync_collectives|--xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER|" \
+             "sm_margin8||8" "sm_margin16||16"; do
+      IFS="|" read -r tag flags margin <<< "$v"
+      XLA_FLAGS="${XLA_FLAGS:-} $flags" MOE_JAX_SM_MARGIN="${margin:-0}" timeout -s KILL 110 \
+        python3 experiments/bench_ep.py --gpus "1,$ngpu" --ragged "" --plan "$plan" \
+        --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_$tag.json" > "$OUT/ep_$tag.log" 2>&1
+      echo "== $tag rc=$?"; grep "^layer" "$OUT/ep_$tag.log" | cut -c1-140
+    done ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
@@ -56,7 +71,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|epsm"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0

@@ -20,6 +20,7 @@ import dataclasses
 import datetime
 import glob
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -122,12 +123,30 @@ def gaps(tl, top=8):
     return round(sum(g for g, _ in out), 2), sorted(out, reverse=True)[:top]
 
 
-def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=False):
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def collectives(step, *args):
+    """The compiled step's collective ops: "result shape = op ... op_name" (one line each)."""
+    out = []
+    for line in step.lower(*args).compile().as_text().splitlines():
+        line = line.strip()
+        op = next((c for c in COLLECTIVES if f" {c}(" in line or f" {c}-start(" in line), None)
+        if op and "=" in line:
+            name = re.search(r'op_name="([^"]*)"', line)
+            out.append(f"{line.split('=')[0].strip()} = {line.split('=')[1].split(op)[0].strip()} "
+                       f"{op} {name.group(1) if name else ''}")
+    return out
+
+
+def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=False,
+                    with_collectives=False):
     kw = {} if n == 1 else dict(bench_ep.VARIANTS[name], chunks=1)
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
                                                       devices=jax.devices()[:n])
     step, params, x, _ = bench_ep._layer_step(cfg, layout, n, tokens_per_gpu, seq, **kw)
     wall = median_seconds(step, params, x, iters=10)
+    coll = collectives(step, params, x) if with_collectives else None
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             for _ in range(steps):
@@ -146,6 +165,9 @@ def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=Fals
     row = {"variant": f"{name}:{n}", "gpus": n, "wall_ms": 1e3 * wall, "gpu0_kernel_ms": busy,
            "gpu0_span_ms_per_step": None if lo is None else (hi - lo) / steps / 1e6,
            "per_gpu": split, "top_ops": top}
+    if coll is not None:
+        row["collectives"] = coll
+        print("   collectives:", *coll, sep="\n     ")
     if tl is not None:
         row["timeline_gpu0"] = tl
         row["idle_us_gpu0"], row["top_gaps_gpu0"] = gaps(tl)
@@ -215,6 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tune", action="store_true")
     ap.add_argument("--timeline", action="store_true", help="save one step's GPU 0 kernel timeline")
+    ap.add_argument("--collectives", action="store_true", help="list the compiled step's collectives")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     base = load_config(args.config)
@@ -236,7 +259,7 @@ def main(argv=None) -> int:
             continue
         try:
             res["profiles"].append(profile_variant(cfg, name, int(n), args.tokens_per_gpu, args.seq,
-                                                   args.steps, args.timeline))
+                                                   args.steps, args.timeline, args.collectives))
         except Exception as e:
             print("profile failed", v, type(e).__name__, str(e)[:300], flush=True)
             res["profiles"].append({"variant": v, "error": f"{type(e).__name__}: {e}"[:500]})

@@ -52,7 +52,7 @@ def ragged_all_to_all(x, out_rows: int, input_offsets, send_sizes, output_offset
         if reason:
             raise ValueError(f"ragged_all_to_all: backend='pallas' cannot run here: {reason}")
         return _match_vma(_pallas(x, out_rows, *plan, axis_name=axis_name,
-                                  num_sms=jax.devices()[0].core_count), x)
+                                  num_sms=_exchange_sms()), x)
     if backend == "emulate":
         return _emulate(x, out_rows, *plan, axis_name=axis_name)
     out = _match_vma(jnp.zeros((out_rows,) + x.shape[1:], x.dtype), x)
@@ -83,7 +83,7 @@ def ragged_all_to_all_segments(x, out_rows: int, input_offsets, sizes, destinati
     if reason:
         raise ValueError(f"ragged_all_to_all_segments: backend='pallas' cannot run here: {reason}")
     return _match_vma(_pallas_segments(x, out_rows, *plan, axis_name=axis_name,
-                                       num_sms=jax.devices()[0].core_count), x)
+                                       num_sms=_exchange_sms()), x)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -134,6 +134,11 @@ def _emulate_segments(x, out_rows, in_off, sizes, dst, out_off, recv_total, *, a
 # ----------------------------------------------------------------------------- pallas kernel
 def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return 1 << int(math.log2(max(1, chunk_bytes // row_bytes)))
+
+
+def _exchange_sms() -> int:
+    from ops.gmm_pallas_common import _num_sms
+    return _num_sms(False)
 
 
 def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, num_sms,

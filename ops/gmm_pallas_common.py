@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +47,23 @@ def _transforms(dtype, minor_elems):
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
 
 
+def sm_margin() -> int:
+    """SMs the persistent kernels leave free (env MOE_JAX_SM_MARGIN, default 0), e.g. for NCCL
+    kernels that XLA runs concurrently on another stream: a persistent grid that fills every SM
+    makes them wait for it to finish."""
+    v = os.environ.get("MOE_JAX_SM_MARGIN", "0")
+    if not v.isdigit():
+        raise ValueError(f"MOE_JAX_SM_MARGIN={v!r} must be a non-negative integer")
+    return int(v)
+
+
+def grid_sms(count: int) -> int:
+    """CTAs of a persistent grid on a device with `count` SMs: all but the margin (at least one)."""
+    return max(1, count - min(sm_margin(), count - 1))
+
+
 def _num_sms(interpret):
-    if interpret:
-        return 2
-    return jax.devices()[0].core_count
+    return 2 if interpret else grid_sms(jax.devices()[0].core_count)
 
 
 def _compiler_params():

@@ -30,11 +30,13 @@ def test_profile_ep_runs_on_cpu(tmp_path):
     out = tmp_path / "profile.json"
     assert profile_ep.main(["--config", "tiny_moe", "--variants", "local:1,alltoall:2",
                             "--tokens-per-gpu", "64", "--seq", "32", "--steps", "2",
-                            "--timeline", "--out", str(out)]) == 0
+                            "--timeline", "--collectives", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert [p["gpus"] for p in res["profiles"]] == [1, 2]
     assert all(p["wall_ms"] > 0 for p in res["profiles"])  # no GPU kernels on CPU: wall time only
     assert all(p["per_gpu"] == [] and p["timeline_gpu0"] == [] for p in res["profiles"])
+    local, ep = res["profiles"]
+    assert not local["collectives"] and any("all-to-all" in c for c in ep["collectives"])
 
 
 def test_profile_split_by_kernel_kind():

@@ -377,3 +377,13 @@ def test_autotune_picks_ring_only_when_correct_and_faster():
     bad[0, 0, 0] = np.nan
     assert not A.valid("wgrad", bad, want, [5, 0, 3], tol=2e-2)[0]
     assert not A.valid("wgrad", want * 1.1, want, [5, 0, 3], tol=2e-2)[0]
+
+
+def test_sm_margin_env(monkeypatch):
+    from ops import gmm_pallas_common as common
+    assert common.grid_sms(132) == 132
+    monkeypatch.setenv("MOE_JAX_SM_MARGIN", "4")
+    assert (common.grid_sms(132), common.grid_sms(3), common._num_sms(True)) == (128, 1, 2)
+    monkeypatch.setenv("MOE_JAX_SM_MARGIN", "-1")
+    with pytest.raises(ValueError, match="MOE_JAX_SM_MARGIN"):
+        common.grid_sms(132)
