@@ -171,18 +171,28 @@ def probe_backend(backend: str):
         return "xla", why
 
 
-def check(dispatchers, eps):
-    """fp32: every dispatcher vs the single-device layer (outputs and all gradients)."""
+CHECK_TOL = {"float32": 1e-5, "bfloat16": 3e-2}
+
+
+def check(dispatchers, eps, dtype="float32"):
+    """Every dispatcher vs the single-device layer (outputs and all gradients). float32: XLA's
+    grouped GEMM, tolerance 1e-5. bfloat16: the default grouped-GEMM backend (the Pallas kernels
+    on Hopper) on both sides, tolerance 3e-2 (bf16 roundings in a different row order) — what
+    catches gradient plumbing errors of the kernels under shard_map, which are O(1)."""
     prev = jax.config.jax_default_matmul_precision
     jax.config.update("jax_default_matmul_precision", "highest")
-    m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=64, grouped_gemm_backend="xla")
-    cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, moe=m)
+    bf16 = dtype == "bfloat16"
+    m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=128 if bf16 else 64,
+                  grouped_gemm_backend="auto" if bf16 else "xla")
+    cfg = ModelConfig(vocab_size=64, d_model=128 if bf16 else 32, num_layers=1, num_heads=2,
+                      num_kv_heads=2, moe=m, dtype=dtype)
     gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
-    x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model), jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model), jnp.dtype(dtype))
 
     def run(layout, **kw):
         def loss(params, x):
             y, _ = nnx.merge(gd, params)(x)
+            y = y.astype(jnp.float32)
             return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)), y
 
         def f(params, x):
@@ -191,12 +201,13 @@ def check(dispatchers, eps):
         (_, y), g = jax.jit(f)(params, x)
         return [y] + jax.tree.leaves(g)
 
-    ref = run(None)
-    rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))  # noqa: E731
+    ref = [a.astype(jnp.float32) for a in run(None)]
+    rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) /  # noqa: E731
+                             (jnp.max(jnp.abs(b)) + 1e-30))
     out = []
     for disp in dispatchers:
         for ep, etp in eps:
-            row = {"dispatcher": disp, "ep": ep, "etp": etp}
+            row = {"dispatcher": disp, "ep": ep, "etp": etp, "dtype": dtype}
             try:
                 layout = parallel.make_layout(ParallelConfig(data=-1, expert=ep, expert_tensor=etp), cfg,
                                               devices=jax.devices()[:ep * etp])
@@ -206,7 +217,7 @@ def check(dispatchers, eps):
                 if base["dispatcher"] != "allgather":  # both the fast buffer and the worst-case branch
                     kws = [dict(base, buffer_factor=2.0), dict(base, buffer_factor=0.25)]
                 errs = [max(rel(a, b) for a, b in zip(run(layout, **kw), ref)) for kw in kws]
-                row.update(max_rel_err=max(errs), ok=max(errs) < 1e-5)
+                row.update(max_rel_err=max(errs), ok=max(errs) < CHECK_TOL[dtype])
             except Exception as e:  # record and go on: one failure must not lose the other numbers
                 row.update(ok=False, error=f"{type(e).__name__}: {e}"[:500])
             print("check", row, flush=True)
@@ -236,6 +247,8 @@ def main(argv=None) -> int:
     ap.add_argument("--check", nargs="?", const=",".join(ep_dispatch.DISPATCHERS), default="",
                     help="also check these dispatchers or VARIANTS (comma list; the three dispatchers when given "
                     "alone) vs one device")
+    ap.add_argument("--check-dtypes", default="float32,bfloat16",
+                    help="--check in these dtypes (bfloat16: the Pallas GEMMs on Hopper)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     allowed = {int(g) for g in args.gpus.split(",")}
@@ -264,8 +277,10 @@ def main(argv=None) -> int:
         multi = [n for n in gpus if n > 1]
         eps = [(n, 1) for n in multi] + ([(2, 2)] if jax.device_count() >= 4 else
                                           [(1, 2)] if jax.device_count() >= 2 else [])
-        res["check"] = check(args.check.split(","), eps)
-        save()
+        res["check"] = []
+        for dtype in args.check_dtypes.split(","):
+            res["check"] += check(args.check.split(","), eps, dtype)
+            save()
     # all-to-all alone: the fast dropless buffer (2x balanced share) and the worst-case one
     m, t = cfg.moe, args.tokens_per_gpu
     for n in [g for g in gpus if g > 1]:

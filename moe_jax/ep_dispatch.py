@@ -147,8 +147,7 @@ def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_im
     run = functools.partial(_pipeline, m=m, dispatcher=dispatcher, chunks=chunks,
                             ragged_impl=ragged_impl, cap=None, expert_major=expert_major)
     if dispatcher == "allgather":
-        y_TD, dropped = run(*args)
-        return y_TD, _psum(dropped, TOKENS)
+        return run(*args)[0], jnp.zeros((), jnp.int32)  # dropless
     n, tc = jax.lax.axis_size("expert"), x_TD.shape[0] // chunks
     capacity = dispatcher == "alltoall" and m.expert_capacity_factor is not None
     fast, worst = _buffer_rows(dispatcher, tc, m, n, w1.shape[0], None if capacity else buffer_factor)
@@ -167,7 +166,10 @@ def _body(x_TD, w_Tk, e_Tk, kept_Tk, w1, w2, *, m, dispatcher, chunks, ragged_im
         overflow = (jax.lax.pmax(need, axes) if axes else need) > fast
         y_TD, dropped = jax.lax.cond(overflow, jax.checkpoint(run_worst), functools.partial(run, cap=fast),
                                      *args)
-    return y_TD, _psum(dropped, TOKENS)
+    # only a capacity factor (or the fast buffer without its fallback) drops; dropless counts are
+    # zero by construction and need no collective
+    may_drop = capacity or (not fallback and fast < worst)
+    return y_TD, (_psum(dropped, TOKENS) if may_drop else jnp.zeros((), jnp.int32))
 
 
 def _psum(x, axes):

@@ -87,7 +87,10 @@ def _impl(backend, interpret):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
     fwd, _ = _impl(backend, interpret)
-    return fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype)
+    # the varying type goes on inside the custom_vjp, where it is not differentiated: outside, the
+    # cast's transpose would psum the cotangent over the mesh axes (wrong gradients, and an
+    # all-reduce of [M, N] per GEMM under shard_map)
+    return _match_vma(fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype), lhs, rhs)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
@@ -206,5 +209,4 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto"
             raise ValueError(
                 "grouped_matmul: backend='pallas' needs a Hopper GPU (H100/H200, compute "
                 f"capability 9.0); found {dev.platform}:{dev.device_kind}. Use backend='xla'.")
-    return _match_vma(_gmm(lhs, rhs, group_sizes, bool(transpose_rhs), backend, out_dtype,
-                           bool(interpret)), lhs, rhs)
+    return _gmm(lhs, rhs, group_sizes, bool(transpose_rhs), backend, out_dtype, bool(interpret))

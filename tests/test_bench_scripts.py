@@ -18,7 +18,8 @@ def test_bench_ep_runs_on_cpu(tmp_path):
                           "--check", "alltoall", "--out", str(out)]) == 0
     assert jax.config.jax_default_matmul_precision == precision  # the check restores it
     res = json.loads(out.read_text())
-    assert [r["ok"] for r in res["check"]] == [True, True]  # EP=2, and EP=2 x ETP=2
+    # EP=2 and EP=2 x ETP=2, in float32 and bfloat16
+    assert [(r["dtype"], r["ok"]) for r in res["check"]] == [("float32", True)] * 2 + [("bfloat16", True)] * 2
     rows = {r["variant"]: r for r in res["layer"]}
     assert set(rows) == {"local:1", "alltoall:2"} and not any("error" in r for r in rows.values())
     assert rows["alltoall:2"]["dropped"] == 0 and rows["alltoall:2"]["step_ms"] > 0

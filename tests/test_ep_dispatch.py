@@ -174,6 +174,17 @@ def test_alltoall_dropless_fast_buffer_and_fallback(factor):
     assert int(aux["dropped"]) == 0
 
 
+def test_alltoall_fast_buffer_without_fallback_counts_drops():
+    """With the fallback off, a fast buffer too small for some (source, dest) count drops rows, and
+    `dropped` counts them over every shard (the dropless paths skip that collective)."""
+    cfg = _cfg()
+    x = jax.random.normal(jax.random.key(3), (8, 32, 16), jnp.float32)
+    layout = parallel.make_layout(ParallelConfig(data=-1, expert=4), cfg)
+    _, aux, _ = _run(cfg, x, layout, dispatcher="alltoall", buffer_factor=0.5, fallback=False)
+    _, aux_dropless, _ = _run(cfg, x, layout, dispatcher="alltoall", buffer_factor=0.5)
+    assert int(aux["dropped"]) > 0 and int(aux_dropless["dropped"]) == 0
+
+
 @pytest.mark.parametrize("factor", [1.5, 0.25, None])
 def test_ragged_fast_buffer_and_fallback(factor):
     """The ragged dispatcher's packed receive buffer: 1.5x T·k (usually fits), 0.25x (some device

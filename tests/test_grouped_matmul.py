@@ -387,3 +387,56 @@ def test_sm_margin_env(monkeypatch):
     monkeypatch.setenv("MOE_JAX_SM_MARGIN", "-1")
     with pytest.raises(ValueError, match="MOE_JAX_SM_MARGIN"):
         common.grid_sms(132)
+
+
+def test_kernel_outputs_typed_invariant_keep_per_device_gradients(monkeypatch):
+    """Mosaic-GPU kernels return arrays that shard_map types as invariant although each device holds
+    its own rows. grouped_matmul must give them the inputs' varying type without differentiating
+    the cast (its transpose is a psum: the backward would sum every device's cotangent, an
+    all-reduce of [M, N] per GEMM and wrong gradients). A stand-in kernel through pure_callback
+    (also typed invariant) reproduces that on CPU."""
+    import importlib
+
+    import numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    gm = importlib.import_module("ops.grouped_matmul")  # the module (ops.grouped_matmul is the function)
+
+    def host(fn, shape, dtype, *args):
+        return jax.pure_callback(lambda *a: np.asarray(fn(*a), dtype), jax.ShapeDtypeStruct(shape, dtype),
+                                 *args)
+
+    def fake_impl(backend, interpret):
+        def fwd(lhs, rhs, gs, transpose_rhs, out_dtype):
+            n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+            return host(lambda a, b, g: gm.reference_grouped_matmul(
+                a, b, g, transpose_rhs=transpose_rhs, out_dtype=jnp.float32),
+                (lhs.shape[0], n), out_dtype, lhs, rhs, gs)
+
+        def wgrad(a, b, gs, out_dtype):
+            return host(lambda a, b, g: gm._xla_wgrad(a, b, g, jnp.float32),
+                        (gs.shape[0], a.shape[1], b.shape[1]), out_dtype, a, b, gs)
+        return fwd, wgrad
+
+    mesh = Mesh(np.array(jax.devices()[:2]), ("expert",))
+    ks = jax.random.split(jax.random.key(7), 3)
+    lhs = jax.random.normal(ks[0], (2 * 48, 32), jnp.float32)
+    rhs = jax.random.normal(ks[1], (2 * 3, 32, 16), jnp.float32)
+    gs = jnp.array([10, 0, 30, 20, 15, 9], jnp.int32)        # per device: 40 and 44 of 48 rows
+    ct = jax.random.normal(ks[2], (2 * 48, 16), jnp.float32)
+
+    def grads(backend):
+        def loss(lhs, rhs):
+            def body(l, r, g, c):
+                y = gm.grouped_matmul(l, r, g, backend=backend, interpret=backend == "pallas")
+                return jax.lax.psum(jnp.sum(y * c), "expert")
+            return jax.shard_map(body, mesh=mesh, in_specs=(P("expert"),) * 4, out_specs=P())(
+                lhs, rhs, gs, ct)
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(lhs, rhs)
+
+    want = grads("xla")
+    monkeypatch.setattr(gm, "resolve_backend", lambda backend, dtype=None: backend)
+    monkeypatch.setattr(gm, "PALLAS_DTYPES", (jnp.dtype(jnp.float32),))
+    monkeypatch.setattr(gm, "_impl", fake_impl)
+    got = grads("pallas")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
