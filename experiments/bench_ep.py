@@ -88,11 +88,12 @@ VARIANTS = {
     "alltoall_worst": dict(dispatcher="alltoall", buffer_factor=None),        # always worst case
     "alltoall_nofallback": dict(dispatcher="alltoall", fallback=False),
     "alltoall_tight": dict(dispatcher="alltoall", buffer_factor=1.25),
-    "alltoall_ragged": dict(dispatcher="alltoall_ragged"),                    # auto: pallas on Hopper
+    "alltoall_ragged": dict(dispatcher="alltoall_ragged"),  # auto: pallas (expert-major) on Hopper
     "ragged_tight": dict(dispatcher="alltoall_ragged", buffer_factor=1.25),
     "ragged_xla": dict(dispatcher="alltoall_ragged", ragged_impl="xla"),
-    # segments per (destination, local expert): no re-sort (Pallas exchange only; experimental)
+    # segments per (destination, local expert), no re-sort: the default on the Pallas exchange
     "ragged_direct": dict(dispatcher="alltoall_ragged", expert_major=True),
+    "ragged_sorted": dict(dispatcher="alltoall_ragged", expert_major=False),  # packed by source, re-sort
     "ragged_direct_tight": dict(dispatcher="alltoall_ragged", expert_major=True, buffer_factor=1.25),
     "allgather": dict(dispatcher="allgather"),
 }

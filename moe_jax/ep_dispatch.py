@@ -202,12 +202,13 @@ def resolve_dispatcher(dispatcher: str, x_TD) -> str:
 def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
             dispatcher: str | None = None, chunks: int | None = None, ragged_impl: str = "auto",
             buffer_factor: float | None | str = "layout", fallback: bool = True,
-            expert_major: bool = False):
+            expert_major: bool | None = None):
     """Dispatch → experts → combine across the MoE mesh. Returns (y[T,D], dropped-in-dispatch).
 
     `expert_major` (`alltoall_ragged` through the Pallas kernel or its emulation): one segment per
-    (destination, local expert), so rows arrive grouped by expert and return without a re-sort
-    (experimental: exact on CPU, not yet timed on GPUs).
+    (destination, local expert), so rows arrive grouped by expert and return without a re-sort.
+    None (the default): on with the Pallas exchange (2xH200, mixtral_small layer fwd+bwd: 6.92 ms
+    against 7.29 ms re-sorted), off otherwise.
 
     `buffer_factor` (dropless `alltoall`/`alltoall_ragged`): size of the fast buffer relative to a
     balanced share ("layout": `layout.buffer_factor`, from ParallelConfig.moe_buffer_factor); None
@@ -222,6 +223,8 @@ def moe_ffn(x_TD, routing: Routing, w1_EDnF, w2_EFD, layout, m: MoEConfig, *,
             and jax.devices()[0].platform == "cpu":
         raise ValueError("token_dispatcher_type='alltoall_ragged' needs GPUs: XLA:CPU does not "
                          "implement ragged_all_to_all; use 'alltoall' or 'allgather'")
+    if expert_major is None:
+        expert_major = dispatcher == "alltoall_ragged" and ragged_impl == "pallas"
     if expert_major and (dispatcher != "alltoall_ragged" or ragged_impl not in ("pallas", "emulate")):
         raise ValueError("expert_major=True needs token_dispatcher_type='alltoall_ragged' with the "
                          f"Pallas exchange (or 'emulate'); got {dispatcher!r} with {ragged_impl!r}")

@@ -92,6 +92,33 @@ def test_expert_major_ragged_matches_single_device(ep, etp, chunks):
            expert_major=True)
 
 
+@pytest.mark.parametrize("impl,want", [("pallas", True), ("emulate", False)])
+def test_expert_major_is_the_default_on_the_pallas_exchange(monkeypatch, impl, want):
+    """expert_major=None picks the expert-major plan exactly where the Pallas exchange runs (traced
+    only: the kernel itself needs GPUs)."""
+    from moe_jax import ep_ragged
+
+    class Taken(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Taken
+    monkeypatch.setattr(ep_ragged, "_alltoall_expert_major", stop)
+    cfg = _cfg()
+    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
+    layout = parallel.make_layout(ParallelConfig(data=-1, expert=2), cfg)
+    orig = ep_dispatch.moe_ffn
+    monkeypatch.setattr(ep_dispatch, "moe_ffn", functools.partial(
+        orig, dispatcher="alltoall_ragged", ragged_impl=impl))
+    x = jnp.ones((4, 8, cfg.d_model), jnp.float32)
+    with parallel.use_layout(layout):
+        if want:
+            with pytest.raises(Taken):
+                jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x)
+        else:
+            jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x)
+
+
 def test_expert_major_fallback_and_probs_on_input():
     _check(_cfg(router_topk=1, apply_probs_on_input=True), 4, dispatcher="alltoall_ragged",
            ragged_impl="emulate", expert_major=True, buffer_factor=0.25)  # worst-case branch
