@@ -59,7 +59,9 @@ case "${1:-}" in
     for v in "default||" "sync_collectives|--xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER|" \
              "sm_margin8||8" "sm_margin16||16"; do
       IFS="|" read -r tag flags margin <<< "$v"
-      XLA_FLAGS="${XLA_FLAGS:-} $flags" MOE_JAX_SM_MARGIN="${margin:-0}" timeout -s KILL 110 \
+      # an XLA_FLAGS of blanks makes XLA look for a flags file of that name: set it only when needed
+      xf="${XLA_FLAGS:-}${flags:+ $flags}"
+      env ${xf:+XLA_FLAGS="$xf"} MOE_JAX_SM_MARGIN="${margin:-0}" timeout -s KILL 110 \
         python3 experiments/bench_ep.py --gpus "1,$ngpu" --ragged "" --plan "$plan" \
         --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_$tag.json" > "$OUT/ep_$tag.log" 2>&1
       echo "== $tag rc=$?"; grep "^layer" "$OUT/ep_$tag.log" | cut -c1-140
