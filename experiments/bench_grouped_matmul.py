@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from ops import grouped_matmul
-from timing import median_seconds  # noqa: E402
+from timing import device_ms, median_seconds  # noqa: E402
 
 ROWS = [  # (E, M, K, N, name)
     (8, 32768, 4096, 14336, "Mixtral-8x7B fc1"),
@@ -63,7 +63,7 @@ def make_fns(backend):
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def bench_row(e, m, k, n, pattern, backends, reps, xla_reps):
+def bench_row(e, m, k, n, pattern, backends, reps, xla_reps, profile=False):
     keys = jax.random.split(jax.random.key(0), 4)
     x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
     w = (jax.random.normal(keys[1], (e, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
@@ -88,6 +88,9 @@ def bench_row(e, m, k, n, pattern, backends, reps, xla_reps):
             t_fb = median_seconds(fb, x, wb, gs, dy, iters=r, warmup=3)
             out[b] = {"fwd_ms": t_f * 1e3, "fwd_bwd_ms": t_fb * 1e3,
                       "fwd_tflops": flops / t_f / 1e12, "fwd_bwd_tflops": 3 * flops / t_fb / 1e12}
+            if profile:  # GPU kernel time per call (no host dispatch/sync), beside the wall time
+                out[b].update(fwd_gpu_ms=device_ms(f, x, wb, gs, dy),
+                              fwd_bwd_gpu_ms=device_ms(fb, x, wb, gs, dy))
         except Exception as ex:  # keep the other columns
             out[b] = {"error": f"{type(ex).__name__}: {str(ex)[:300]}"}
         print(f"  E={e} {k}->{n} {pattern:8s} {b:7s} {out[b]}", flush=True)
@@ -148,6 +151,8 @@ def main():
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--xla-reps", type=int, default=20)
     ap.add_argument("--torch", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also GPU kernel time per call from a profiler trace (no host dispatch/sync)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cases = [(ROWS[i], p) for i in map(int, args.rows.split(","))
@@ -166,7 +171,7 @@ def main():
     rows_out = []
     for j, ((e, m, k, n, _), pattern) in enumerate(cases):
         rows_out.append(bench_row(e, m, k, n, pattern, args.backends.split(","), args.reps,
-                                  args.xla_reps))
+                                  args.xla_reps, args.profile))
         if torch_res:
             rows_out[-1]["torch"] = torch_res[j]
         result = {"date": date.isoformat(), "device": dev.device_kind, "jax": jax.__version__,

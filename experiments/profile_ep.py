@@ -36,19 +36,7 @@ import bench_ep  # noqa: E402
 from moe_jax import parallel  # noqa: E402
 from moe_jax.config import ParallelConfig  # noqa: E402
 from moe_jax.presets import load_config  # noqa: E402
-from timing import median_seconds  # noqa: E402
-
-
-def _gpu_events(data, device):
-    """[(name, start ns, duration ns)] of GPU `device`'s kernel/memcpy stream events."""
-    out = []
-    for plane in data.planes:
-        if plane.name != f"/device:GPU:{device}":
-            continue
-        for line in plane.lines:
-            if "stream" in line.name.lower():
-                out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
-    return sorted(out, key=lambda e: e[1])
+from timing import gpu_events, median_seconds  # noqa: E402
 
 
 def category(op: str) -> str:
@@ -75,12 +63,12 @@ def _busy_ns(events):
 
 def kernel_times(xspace_path: str, device: int = 0):
     """{op name: total ns} over GPU `device`'s streams, and (first start, last end) in ns."""
-    data = jax.profiler.ProfileData.from_file(xspace_path)
-    ev = _gpu_events(data, device)
+    ev = gpu_events(xspace_path, device)
     per_op = collections.Counter()
     for name, _, d in ev:
         per_op[name] += d
     if not ev:  # a layout this parser does not know: say what there is
+        data = jax.profiler.ProfileData.from_file(xspace_path)
         print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8])
                                                 for pl in data.planes], flush=True)
         return per_op, (None, None)
@@ -90,10 +78,9 @@ def kernel_times(xspace_path: str, device: int = 0):
 def device_split(xspace_path: str, n: int, steps: int):
     """Per GPU and step: ms by category, busy ms (union of events) and span ms; plus the last
     step's timeline of GPU 0 ([op, start us, duration us] from the step's first kernel)."""
-    data = jax.profiler.ProfileData.from_file(xspace_path)
     rows = []
     for dev in range(n):
-        ev = _gpu_events(data, dev)
+        ev = gpu_events(xspace_path, dev)
         if not ev:
             continue
         cat = collections.Counter()
@@ -107,7 +94,7 @@ def device_split(xspace_path: str, n: int, steps: int):
 
 def timeline(xspace_path: str, device: int = 0):
     """One traced step's GPU `device` events: [op, start us, duration us] from its first kernel."""
-    ev = _gpu_events(jax.profiler.ProfileData.from_file(xspace_path), device)
+    ev = gpu_events(xspace_path, device)
     t0 = ev[0][1] if ev else 0
     return [[name[:80], round((s - t0) / 1e3, 2), round(d / 1e3, 2)] for name, s, d in ev]
 

@@ -1,6 +1,8 @@
 """Wall-clock timing shared by the benchmark scripts (BENCHMARKS.md: warm up, wait, median)."""
 from __future__ import annotations
 
+import glob
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -22,3 +24,30 @@ def median_seconds(fn: Callable, *args, iters: int = 20, warmup: int = 2,
         jax.block_until_ready(fn(*sets[i % len(sets)]))
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def gpu_events(xspace_path: str, device: int = 0):
+    """[(name, start ns, duration ns)] of GPU `device`'s kernel/memcpy stream events in a
+    jax.profiler trace, sorted by start."""
+    data = jax.profiler.ProfileData.from_file(xspace_path)
+    out = []
+    for plane in data.planes:
+        if plane.name != f"/device:GPU:{device}":
+            continue
+        for line in plane.lines:
+            if "stream" in line.name.lower():
+                out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
+    return sorted(out, key=lambda e: e[1])
+
+
+def device_ms(fn: Callable, *args, calls: int = 5) -> float | None:
+    """GPU 0's kernel time per call of `fn(*args)` (already compiled), from a profiler trace:
+    no host dispatch or sync in it. None where the trace has no GPU events (CPU)."""
+    jax.block_until_ready(fn(*args))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
+        ev = gpu_events(paths[0]) if paths else []
+    return sum(d for _, _, d in ev) / calls / 1e6 if ev else None
