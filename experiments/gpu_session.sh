@@ -7,7 +7,7 @@
 #   gmm    — bench_grouped_matmul.py with the torch column
 #   wgrad  — the wgrad GPU tests (per-item and cross-item-ring kernels), then autotune's ring checks
 #   ep     — (2-4 GPUs) the peer-memory all-to-all GPU tests, then bench_ep.py --check over the GPUs there
-#            (ragged_direct*: the experimental expert-major segment exchange, timed beside the rest)
+#            (fp32 and bf16 checks; ragged_worst and ragged_sorted timed beside the default)
 #            (EP_PLAN overrides the variant plan)
 #   epprof — (2+ GPUs) profile_ep.py: per-GPU time by kernel kind, a step's timeline, the exchange
 #            chained in one jit; then the ragged variants with conditionals in CUDA graphs
@@ -32,10 +32,12 @@ case "${1:-}" in
   ep)
     # every step bounded and logged straight into $OUT (a killed pipeline returns nothing)
     ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1"
-    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:alltoall_ragged:1,$g:ragged_direct:1,$g:ragged_tight:1,$g:ragged_direct_tight:1,$g:alltoall:1"; done
+    # alltoall_ragged = the expert-major Pallas exchange (the default); ragged_worst: no cond (the
+    # worst-case buffer), against the 2x buffer's cond on 4+ GPUs
+    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:alltoall_ragged:1,$g:ragged_worst:1,$g:ragged_sorted:1,$g:alltoall:1"; done
     timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_all_to_all.py \
       --durations=5 > "$OUT/ep_tests.log" 2>&1; echo "tests rc=$?"; tail -8 "$OUT/ep_tests.log"
-    timeout -s KILL 340 python3 experiments/bench_ep.py --check alltoall,alltoall_ragged,allgather,ragged_direct --gpus 1,2,4,8 --ragged pallas --budget-s 260 \
+    timeout -s KILL 340 python3 experiments/bench_ep.py --check alltoall,alltoall_ragged,allgather,ragged_sorted --gpus 1,2,4,8 --ragged pallas --budget-s 200 \
       --plan "${EP_PLAN:-$plan,$ngpu:alltoall:2}" \
       --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" > "$OUT/ep_bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_bench.log" | tail -40 ;;

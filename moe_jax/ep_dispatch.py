@@ -16,6 +16,8 @@ Dispatchers (`MoEConfig.token_dispatcher_type`):
   kernel (`ragged_impl="pallas"`), else `jax.lax.ragged_all_to_all` ("xla": GPU only; "emulate" runs
   the same plan through all_gather, for CPU tests). Rows arrive packed into a buffer of
   `buffer_factor` x T·k rows per device (same pmax/cond fallback to the worst case as above).
+  With the Pallas exchange they go as one segment per (destination, local expert), so they arrive
+  grouped by expert and need no re-sort (`expert_major`); otherwise packed by source, re-sorted.
 - `allgather`: all-gather the tokens over `expert`, compute the local experts, reduce-scatter back.
 - `auto` (the default): `alltoall_ragged` where its Pallas exchange runs (Hopper, one process
   driving all GPUs), else `alltoall` (measured on 2 and 4 H200: BENCHMARKS.md §4).
