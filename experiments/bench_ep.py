@@ -47,17 +47,22 @@ def ep_options(layout, **kw):
         ep_dispatch.moe_ffn = orig
 
 
-def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, **ep_kw):
-    """A jitted fwd+bwd of one MoE layer over n devices, its params and input."""
-    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
-    gd, params = nnx.split(layer)
+def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, layers=1, **ep_kw):
+    """A jitted fwd+bwd of `layers` MoE layers in a row (residual) over n devices, their params and
+    the input. More than one layer spreads the per-step costs (launch skew between the GPUs, the
+    first exchange's wait) the way a model's step does."""
+    gds, params = zip(*(nnx.split(MoELayer(cfg, rngs=nnx.Rngs(i))) for i in range(layers)))
+    gd, params = gds[0], list(params)
     b = n * tokens_per_gpu // seq
     x = jax.random.normal(jax.random.key(1), (b, seq, cfg.d_model), jnp.dtype(cfg.dtype))
     ct = jax.random.normal(jax.random.key(2), x.shape, x.dtype)  # random cotangent
 
     def loss(params, x):
-        y, aux = nnx.merge(gd, params)(x)
-        return jnp.sum(y.astype(jnp.float32) * ct.astype(jnp.float32)), aux["dropped"]
+        dropped = jnp.zeros((), jnp.int32)
+        for g, p in zip(gds, params):
+            y, aux = nnx.merge(g, p)(x)
+            x, dropped = (x + y if layers > 1 else y), dropped + aux["dropped"]
+        return jnp.sum(x.astype(jnp.float32) * ct.astype(jnp.float32)), dropped
 
     def step(params, x):
         if layout is None:
@@ -66,7 +71,7 @@ def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, **ep_kw):
             return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
     def pair_counts(params, x):  # assignments per (source shard, destination GPU), to see the buffer fill
-        routing = nnx.merge(gd, params).router(x.reshape(-1, cfg.d_model))
+        routing = nnx.merge(gd, params[0]).router(x.reshape(-1, cfg.d_model))
         dest = routing.experts.reshape(n * ep_kw.get("chunks", 1), -1) // (cfg.moe.num_experts // n)
         return jax.vmap(lambda d: jnp.bincount(d, length=n))(dest).max()
 
@@ -100,11 +105,11 @@ VARIANTS = {
 }
 
 
-def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
+def bench_layer(cfg, n, tokens_per_gpu, seq, iters, layers=1, **ep_kw):
     devices = jax.devices()[:n]
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
                                                       devices=devices)
-    step, params, x, pair_counts = _layer_step(cfg, layout, n, tokens_per_gpu, seq, **ep_kw)
+    step, params, x, pair_counts = _layer_step(cfg, layout, n, tokens_per_gpu, seq, layers, **ep_kw)
     chunk_tokens = tokens_per_gpu // ep_kw.get("chunks", 1)
     disp = ep_kw.get("dispatcher", "alltoall")
     factor = ep_kw.get("buffer_factor", layout.buffer_factor if layout else None)
@@ -114,8 +119,9 @@ def bench_layer(cfg, n, tokens_per_gpu, seq, iters, **ep_kw):
     compile_s = time.perf_counter() - t0
     t = median_seconds(step, params, x, iters=iters)
     m = cfg.moe
-    flops = 6 * 3 * cfg.d_model * m.ffn_hidden_size * m.router_topk * tokens_per_gpu  # fc1(x2)+fc2, fwd+bwd
-    return {"gpus": n, "step_ms": 1e3 * t, "tokens_per_s_per_gpu": tokens_per_gpu / t,
+    flops = 6 * 3 * cfg.d_model * m.ffn_hidden_size * m.router_topk * tokens_per_gpu * layers  # fc1(x2)+fc2
+    return {"gpus": n, "step_ms": 1e3 * t, "layers": layers, "ms_per_layer": 1e3 * t / layers,
+            "tokens_per_s_per_gpu": tokens_per_gpu / t,
             "expert_tflops_per_gpu": flops / t / 1e12, "dropped": int(dropped),
             "compile_s": compile_s, "max_pair_count": int(pair_counts(params, x)), "fast_buffer_rows": fast,
             "worst_buffer_rows": worst,
@@ -247,6 +253,8 @@ def main(argv=None) -> int:
                     help="start no new layer run after this many seconds of layer runs")
     ap.add_argument("--backend", default="auto", help="grouped GEMM backend (auto = pallas on Hopper)")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--layers", type=int, default=1,
+                    help="MoE layers per timed step (more spread the per-step costs as a model does)")
     ap.add_argument("--check", nargs="?", const=",".join(ep_dispatch.DISPATCHERS), default="",
                     help="also check these dispatchers or VARIANTS (comma list; the three dispatchers when given "
                     "alone) vs one device")
@@ -314,7 +322,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"unknown variant {disp!r}: one of {list(VARIANTS)}")
         kw = {} if n == 1 else dict(VARIANTS[disp], chunks=chunks)
         try:
-            row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, **kw)
+            row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, args.layers, **kw)
         except Exception as e:
             traceback.print_exc()
             row = {"gpus": n, "error": f"{type(e).__name__}: {e}"[:800]}

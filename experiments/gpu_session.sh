@@ -11,6 +11,7 @@
 #            (EP_PLAN overrides the variant plan)
 #   epprof — (2+ GPUs) profile_ep.py: per-GPU time by kernel kind, a step's timeline, the exchange
 #            chained in one jit; then the ragged variants with conditionals in CUDA graphs
+#   eplayers — (2+ GPUs) the layer bench with 4 MoE layers per step (per-step costs spread as in a model)
 #   epsm   — (2+ GPUs) the compiled step's collectives, then the layer step with async all-reduce/
 #            all-gather off, and with MOE_JAX_SM_MARGIN SMs left free by the persistent kernels
 set -u
@@ -53,6 +54,12 @@ case "${1:-}" in
       --plan "1:local:1,$ngpu:ragged_tight:1,$ngpu:alltoall_ragged:1" \
       --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_cbcond.json" > "$OUT/ep_cbcond.log" 2>&1
     echo "cb-cond bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_cbcond.log" | tail -12 ;;
+  eplayers)
+    ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1"
+    for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:alltoall_ragged:1,$g:alltoall:1"; done
+    timeout -s KILL 400 python3 experiments/bench_ep.py --gpus 1,2,4,8 --ragged "" --layers 4 --plan "$plan" \
+      --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_4layers.json" > "$OUT/ep_layers.log" 2>&1
+    echo "bench rc=$?"; grep -E "^layer" "$OUT/ep_layers.log" | cut -c1-160; grep -A12 "^summary" "$OUT/ep_layers.log" ;;
   epsm)
     ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1,$ngpu:alltoall_ragged:1,$ngpu:ragged_direct:1"
     timeout -s KILL 120 python3 experiments/profile_ep.py --collectives --timeline \
@@ -75,7 +82,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|epsm"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0

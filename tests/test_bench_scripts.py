@@ -14,7 +14,7 @@ def test_bench_ep_runs_on_cpu(tmp_path):
     out = tmp_path / "ep.json"
     precision = jax.config.jax_default_matmul_precision
     assert bench_ep.main(["--config", "tiny_moe", "--gpus", "1,2", "--plan", "1:local:1,2:alltoall:2",
-                          "--tokens-per-gpu", "64", "--seq", "32", "--ragged", "", "--iters", "2",
+                          "--tokens-per-gpu", "64", "--seq", "32", "--ragged", "", "--iters", "2", "--layers", "2",
                           "--check", "alltoall", "--out", str(out)]) == 0
     assert jax.config.jax_default_matmul_precision == precision  # the check restores it
     res = json.loads(out.read_text())
@@ -23,6 +23,7 @@ def test_bench_ep_runs_on_cpu(tmp_path):
     rows = {r["variant"]: r for r in res["layer"]}
     assert set(rows) == {"local:1", "alltoall:2"} and not any("error" in r for r in rows.values())
     assert rows["alltoall:2"]["dropped"] == 0 and rows["alltoall:2"]["step_ms"] > 0
+    assert rows["alltoall:2"]["layers"] == 2 and rows["alltoall:2"]["ms_per_layer"] > 0
     assert res["all_to_all"] and all("error" not in r for r in res["all_to_all"])
 
 
