@@ -229,7 +229,7 @@ def test_ragged_fast_buffer_and_fallback(factor):
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 def test_no_collectives_over_single_device_groups(dispatcher):
     """Size-1 mesh axes (edata, etensor here) get no psum: XLA keeps an all-reduce over singleton
-    groups, and on GPU it costs a full NCCL pass over the expert weight gradients."""
+    groups, which on GPU is a NCCL launch over the expert weight gradients for nothing."""
     import re
     cfg = _cfg()
     layout = parallel.make_layout(ParallelConfig(data=2, expert=2), cfg, devices=jax.devices()[:2])
