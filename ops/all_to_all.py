@@ -55,7 +55,7 @@ def ragged_all_to_all(x, out_rows: int, input_offsets, send_sizes, output_offset
                                   num_sms=_exchange_sms()), x)
     if backend == "emulate":
         return _emulate(x, out_rows, *plan, axis_name=axis_name)
-    out = _match_vma(jnp.zeros((out_rows,) + x.shape[1:], x.dtype), x)
+    out = jnp.zeros_like(x, shape=(out_rows,) + x.shape[1:])  # varying like x, no cast to transpose
     return lax.ragged_all_to_all(x, out, *plan, axis_name=axis_name)
 
 
