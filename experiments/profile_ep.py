@@ -18,11 +18,9 @@ import argparse
 import collections
 import dataclasses
 import datetime
-import glob
 import json
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,7 +34,7 @@ import bench_ep  # noqa: E402
 from moe_jax import parallel  # noqa: E402
 from moe_jax.config import ParallelConfig  # noqa: E402
 from moe_jax.presets import load_config  # noqa: E402
-from timing import gpu_events, median_seconds  # noqa: E402
+from timing import gpu_events, median_seconds, trace  # noqa: E402
 
 
 def category(op: str) -> str:
@@ -61,26 +59,24 @@ def _busy_ns(events):
     return total
 
 
-def kernel_times(xspace_path: str, device: int = 0):
-    """{op name: total ns} over GPU `device`'s streams, and (first start, last end) in ns."""
-    ev = gpu_events(xspace_path, device)
+def kernel_times(data, device: int = 0):
+    """{op name: total ns} over GPU `device`'s streams of a trace, and (first start, last end) in ns."""
+    ev = gpu_events(data, device)
     per_op = collections.Counter()
     for name, _, d in ev:
         per_op[name] += d
     if not ev:  # a layout this parser does not know: say what there is
-        data = jax.profiler.ProfileData.from_file(xspace_path)
         print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8])
                                                 for pl in data.planes], flush=True)
         return per_op, (None, None)
     return per_op, (ev[0][1], max(s + d for _, s, d in ev))
 
 
-def device_split(xspace_path: str, n: int, steps: int):
-    """Per GPU and step: ms by category, busy ms (union of events) and span ms; plus the last
-    step's timeline of GPU 0 ([op, start us, duration us] from the step's first kernel)."""
+def device_split(data, n: int, steps: int):
+    """Per GPU and step of a trace: ms by category, busy ms (union of events) and span ms."""
     rows = []
     for dev in range(n):
-        ev = gpu_events(xspace_path, dev)
+        ev = gpu_events(data, dev)
         if not ev:
             continue
         cat = collections.Counter()
@@ -92,9 +88,9 @@ def device_split(xspace_path: str, n: int, steps: int):
     return rows
 
 
-def timeline(xspace_path: str, device: int = 0):
-    """One traced step's GPU `device` events: [op, start us, duration us] from its first kernel."""
-    ev = gpu_events(xspace_path, device)
+def timeline(data, device: int = 0):
+    """A one-step trace's GPU `device` events: [op, start us, duration us] from its first kernel."""
+    ev = gpu_events(data, device)
     t0 = ev[0][1] if ev else 0
     return [[name[:80], round((s - t0) / 1e3, 2), round(d / 1e3, 2)] for name, s, d in ev]
 
@@ -134,19 +130,10 @@ def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=Fals
     step, params, x, _ = bench_ep._layer_step(cfg, layout, n, tokens_per_gpu, seq, **kw)
     wall = median_seconds(step, params, x, iters=10)
     coll = collectives(step, params, x) if with_collectives else None
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(steps):
-                jax.block_until_ready(step(params, x))
-        path = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0]
-        per_op, (lo, hi) = kernel_times(path)
-        split = device_split(path, n, steps)
-    tl = None
-    if with_timeline:
-        with tempfile.TemporaryDirectory() as tmp:
-            with jax.profiler.trace(tmp):
-                jax.block_until_ready(step(params, x))
-            tl = timeline(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    data = trace(step, params, x, calls=steps)  # parsed once, read per device below
+    per_op, (lo, hi) = kernel_times(data)
+    split = device_split(data, n, steps)
+    tl = timeline(trace(step, params, x)) if with_timeline else None
     busy = sum(per_op.values()) / steps / 1e6
     top = [{"op": k[:120], "ms_per_step": v / steps / 1e6} for k, v in per_op.most_common(30)]
     row = {"variant": f"{name}:{n}", "gpus": n, "wall_ms": 1e3 * wall, "gpu0_kernel_ms": busy,
@@ -171,9 +158,9 @@ def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=Fals
 
 def tune_exchange(n, d, dtype, iters, chain=8):
     """The exchange alone, `chain` dependent calls inside one jit so that launch and host sync are
-    amortized: ms per exchange for several (chunk bytes, SMEM slots) at three sizes (64 rows per
-    device shows the fixed cost: handshake and completion), NCCL `all_to_all` of the same rows
-    beside it."""
+    amortized: ms per exchange for several (chunk bytes, SMEM slots) at three sizes (64 rows to
+    each destination shows the fixed cost: handshake and completion), NCCL `all_to_all` of the
+    same rows beside it."""
     from ops import all_to_all
     mesh = parallel.make_layout(ParallelConfig(data=n, expert=n), devices=jax.devices()[:n]).moe_mesh
     out = []
@@ -197,7 +184,7 @@ def tune_exchange(n, d, dtype, iters, chain=8):
             def body(x, chunk=chunk, slots=slots):
                 land = jnp.full((n,), jax.lax.axis_index("expert") * (rows // n), jnp.int32)
                 return all_to_all._pallas(x, rows, off, per, land, per, axis_name="expert",
-                                          num_sms=jax.devices()[0].core_count, chunk_bytes=chunk,
+                                          num_sms=all_to_all._exchange_sms(), chunk_bytes=chunk,
                                           slots=slots)
             row = {"impl": "pallas", "gpus": n, "rows": rows, "chunk_bytes": chunk, "slots": slots}
             try:

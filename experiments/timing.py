@@ -26,10 +26,9 @@ def median_seconds(fn: Callable, *args, iters: int = 20, warmup: int = 2,
     return float(np.median(times))
 
 
-def gpu_events(xspace_path: str, device: int = 0):
+def gpu_events(data, device: int = 0):
     """[(name, start ns, duration ns)] of GPU `device`'s kernel/memcpy stream events in a
-    jax.profiler trace, sorted by start."""
-    data = jax.profiler.ProfileData.from_file(xspace_path)
+    jax.profiler trace (a `jax.profiler.ProfileData`), sorted by start."""
     out = []
     for plane in data.planes:
         if plane.name != f"/device:GPU:{device}":
@@ -40,14 +39,21 @@ def gpu_events(xspace_path: str, device: int = 0):
     return sorted(out, key=lambda e: e[1])
 
 
-def device_ms(fn: Callable, *args, calls: int = 5) -> float | None:
-    """GPU 0's kernel time per call of `fn(*args)` (already compiled), from a profiler trace:
-    no host dispatch or sync in it. None where the trace has no GPU events (CPU)."""
-    jax.block_until_ready(fn(*args))
+def trace(fn: Callable, *args, calls: int = 1):
+    """`calls` calls of `fn(*args)` (already compiled) under jax.profiler: the trace's ProfileData
+    (None where no trace file was written)."""
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp):
             for _ in range(calls):
                 jax.block_until_ready(fn(*args))
         paths = glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)
-        ev = gpu_events(paths[0]) if paths else []
+        return jax.profiler.ProfileData.from_file(paths[0]) if paths else None
+
+
+def device_ms(fn: Callable, *args, calls: int = 5) -> float | None:
+    """GPU 0's kernel time per call of `fn(*args)` (already compiled), from a profiler trace:
+    no host dispatch or sync in it. None where the trace has no GPU events (CPU)."""
+    jax.block_until_ready(fn(*args))
+    data = trace(fn, *args, calls=calls)
+    ev = gpu_events(data) if data is not None else []
     return sum(d for _, _, d in ev) / calls / 1e6 if ev else None
