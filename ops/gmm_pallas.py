@@ -15,8 +15,8 @@ fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] 
      k-steps). The segment table is computed outside the kernel (a few tiny XLA ops). Each segment
      stores only its rows, with a ladder of power-of-two-row TMA stores. The two compute WGs split
      the tile's columns (cfg.split "n"), its rows ("m": a WG with no rows of the segment issues no
-     wgmma), or take whole items in turn (cfg.pingpong: one WG's epilogue under the other's
-     wgmmas; each WG has its own half of the ring).
+     wgmma), or take whole items in turn (cfg.pingpong: the WGs' main loops take turns on
+     the one ring, so one WG's epilogue runs under the other's wgmmas).
 wgrad out[G,A,B] = a_g^T b_g  over the rows of group g   (a[M,A], b[M,B])
      Work items are (g, A tile, B tile); the pipeline runs over the group's row blocks (a dynamic
      number of steps, zero for an empty group: zeros out) and zeroes, in SMEM, the rows of the

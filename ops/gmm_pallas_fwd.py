@@ -88,7 +88,8 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
             lhs_smem=plgpu.SMEM((stages, cm, tk), lhs.dtype, transforms=in_tf),
             rhs_smem=plgpu.SMEM((stages, *rhs_block), rhs.dtype, transforms=rhs_tf),
             out_smem=plgpu.SMEM((2, wm, epi_n), out_dtype),
-            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(
+                stages, cfg.pingpong)),
             consumed=plgpu.Barrier(
                 num_arrivals=pipeline.consumers_per_slot(2, cfg.pingpong), num_barriers=stages),
             collective_axes="wg")

@@ -5,8 +5,9 @@ item's start and drains at its end. Here the ring runs across item boundaries in
 warpgroup walks this SM's (item, k-step) sequence and loads the next item's first steps while the
 compute warpgroups are still on the previous item's last steps and its epilogue. Step t of the
 flattened sequence uses ring slot t % stages; `loaded[slot]` completes when its copies land,
-`consumed[slot]` when every compute warpgroup has finished reading it. Every warpgroup waits on
-every phase of the barriers it waits on, in order (Mosaic tracks the parity per thread).
+`consumed[slot]` when every compute warpgroup has finished reading it (ping-pong: the one that
+owns the step). Every warpgroup waits on every phase of the barriers it waits on, in order (Mosaic
+tracks the parity per thread).
 
 Work items are handed out round-robin: SM s takes items s, s + num_sms, ... (a persistent grid).
 """
@@ -32,6 +33,11 @@ def consumers_per_slot(num_compute_wgs, pingpong):
     return 1 if pingpong else num_compute_wgs
 
 
+def loaded_barriers(stages, pingpong):
+    """Barriers in the `loaded` array: one per slot, or (ping-pong) one per slot and compute WG."""
+    return 2 * stages if pingpong else stages
+
+
 def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, loaded, consumed,
         num_compute_wgs=2, delay_release=0, pingpong=False, wg_axis="wg", sm_axis="sm"):
     """Runs the persistent pipeline; call inside the kernel body with all warpgroups.
@@ -41,90 +47,84 @@ def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, l
     load(info, kk, slot, barrier): memory WG, issues the copies of step kk into ring slot `slot`,
     completing on `barrier`. mma(info, kk, slot, acc_ref): compute WG, issues its wgmma(s).
     epilogue(info, acc_ref): compute WG, after the item's last step (acc_ref holds the sum; zeros
-    for a 0-step item). loaded: Barrier(num_arrivals=copies per step, num_barriers=stages);
-    consumed: Barrier(num_arrivals=consumers_per_slot(...), num_barriers=stages).
+    for a 0-step item). loaded: Barrier(num_arrivals=copies per step,
+    num_barriers=loaded_barriers(stages, pingpong)); consumed: Barrier(num_arrivals=
+    consumers_per_slot(...), num_barriers=stages).
     delay_release=1 keeps two wgmma groups in flight per WG and releases step t-1 after step t
-    is issued (each ring must then have at least 2 slots).
-    pingpong: compute WG w takes this SM's items w, w+2, ... whole (acc_shape is the CTA tile),
-    each WG with its own ring of stages/2 slots; the memory WG fills them in item order, so one
-    WG's epilogue runs while the other WG's wgmmas keep the tensor cores busy.
+    is issued (the ring must then have at least 2 slots).
+    pingpong: compute WG w takes this SM's items w, w+2, ... whole (acc_shape is the CTA tile).
+    The ring stays one ring, filled in item order, so the WGs' main loops take turns: WG 1 can
+    only start item i+1 once item i's last steps are loaded, and it computes item i+1 while WG 0
+    runs item i's epilogue (and waits for item i+2's first steps). Each WG has its own `loaded`
+    barrier per slot (loaded[w * stages + slot]) so that it waits on exactly the phases of its own
+    steps, in order; the phases of the other WG's steps never concern it.
     """
-    rings = 2 if pingpong else 1
-    per_ring = stages // rings
-    if pingpong and (num_compute_wgs != 2 or stages % 2):
-        raise ValueError(f"flat pipeline: ping-pong needs 2 compute WGs and an even number of "
-                         f"stages, got {num_compute_wgs=} {stages=}")
-    if delay_release not in (0, 1) or per_ring < 1 + delay_release:
-        raise ValueError(f"flat pipeline: delay_release in (0, 1) and more slots per ring than "
-                         f"delay_release, got {delay_release=} {stages=} {pingpong=}")
+    if pingpong and num_compute_wgs != 2:
+        raise ValueError(f"flat pipeline: ping-pong needs 2 compute WGs, got {num_compute_wgs}")
+    if delay_release not in (0, 1) or stages < 1 + delay_release:
+        raise ValueError(f"flat pipeline: delay_release in (0, 1) and more slots than "
+                         f"delay_release, got {delay_release=} {stages=}")
     sm = lax.axis_index(sm_axis)
     sms = lax.axis_size(sm_axis)
     mine = lax.div(jnp.maximum(num_items - sm + sms - 1, 0), sms)  # items of this SM
 
-    def items(first, stride, per_item, carry0):
-        """fori over this SM's items first, first+stride, ... with the next one's info
-        prefetched (a dependent table load at each item's start would stall the warpgroup)."""
-        count = lax.div(jnp.maximum(mine - first + stride - 1, 0), stride)
-
-        def body(j, carry):
+    def items(per_item, carry0):
+        """fori over this SM's items with the next one's info prefetched (a dependent table load
+        at each item's start would stall the warpgroup). per_item(i, info, carry) -> carry."""
+        def body(i, carry):
             c, info = carry
-            i = first + j * stride
-            nxt = fetch(sm + (i + stride) * sms)
+            nxt = fetch(sm + (i + 1) * sms)
             return per_item(i, info, c), nxt
-        c, _ = lax.fori_loop(0, count, body, (carry0, fetch(sm + first * sms)))
+        c, _ = lax.fori_loop(0, mine, body, (carry0, fetch(sm)))
         return c
 
-    def slot_of(ring, t):
-        return ring * per_ring + lax.rem(t, per_ring)
+    def owner(i):  # the compute WG that takes this SM's i-th item (ping-pong)
+        return lax.rem(i, 2)
 
     def memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-        def per_item(i, info, ts):
-            ring = lax.rem(i, rings) if pingpong else 0
+        def per_item(i, info, t0):
+            wg_off = owner(i) * stages if pingpong else 0
 
             def step(kk, t):
-                slot = slot_of(ring, t)
+                slot = lax.rem(t, stages)
 
-                @pl.when(t >= per_ring)
+                @pl.when(t >= stages)
                 def _():
                     plgpu.barrier_wait(consumed.at[slot])
 
-                load(info, kk, slot, loaded.at[slot])
+                load(info, kk, slot, loaded.at[wg_off + slot])
                 return t + 1
-            if not pingpong:
-                return (lax.fori_loop(0, steps_of(info), step, ts[0]),)
-            t = lax.fori_loop(0, steps_of(info), step, jnp.where(ring == 0, ts[0], ts[1]))
-            return jnp.where(ring == 0, t, ts[0]), jnp.where(ring == 0, ts[1], t)
+            return lax.fori_loop(0, steps_of(info), step, t0)
 
-        t_ends = items(0, 1, per_item, (jnp.int32(0),) * rings)
+        t_end = items(per_item, jnp.int32(0))
 
         # wait for the last releases, so no arrival is left pending when the kernel ends
-        for ring, t_end in enumerate(t_ends):
-            @pl.loop(jnp.maximum(t_end - per_ring, 0), t_end)
-            def _(t):
-                plgpu.barrier_wait(consumed.at[slot_of(ring, t)])
+        @pl.loop(jnp.maximum(t_end - stages, 0), t_end)
+        def _(t):
+            plgpu.barrier_wait(consumed.at[lax.rem(t, stages)])
 
     def compute():
         plgpu.set_max_registers(compute_registers(num_compute_wgs), action="increase")
         wg = lax.axis_index(wg_axis)
-        ring = wg if pingpong else 0
+        wg_off = wg * stages if pingpong else 0
 
-        def per_item(i, info, t):
+        def run_item(info, t):
             steps = steps_of(info)
 
             @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.float32))
             def t_end(acc_ref):
                 def step(kk, carry):
                     t, acc = carry
-                    slot = slot_of(ring, t)
-                    plgpu.barrier_wait(loaded.at[slot])
+                    slot = lax.rem(t, stages)
+                    plgpu.barrier_wait(loaded.at[wg_off + slot])
                     mma(info, kk, slot, acc)
                     plgpu.wgmma_wait(delay_release)
                     if delay_release:
                         @pl.when(kk > 0)
                         def _():
-                            plgpu.barrier_arrive(consumed.at[slot_of(ring, t + per_ring - 1)])
+                            plgpu.barrier_arrive(consumed.at[lax.rem(t + stages - 1, stages)])
                     else:
                         plgpu.barrier_arrive(consumed.at[slot])
                     return t + 1, acc
@@ -135,15 +135,19 @@ def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, l
 
                     @pl.when(steps > 0)
                     def _():
-                        plgpu.barrier_arrive(consumed.at[slot_of(ring, t_last + per_ring - 1)])
+                        plgpu.barrier_arrive(consumed.at[lax.rem(t_last + stages - 1, stages)])
                 epilogue(info, acc)
                 return t_last
 
             return t_end
 
-        if pingpong:
-            items(wg, 2, per_item, jnp.int32(0))
-        else:
-            items(0, 1, per_item, jnp.int32(0))
+        def per_item(i, info, t):
+            if not pingpong:
+                return run_item(info, t)
+            # the other WG's items only move this WG's position in the ring
+            return lax.cond(owner(i) == wg, lambda t: run_item(info, t),
+                            lambda t: t + steps_of(info), t)
+
+        items(per_item, jnp.int32(0))
 
     lax.cond(lax.axis_index(wg_axis) < num_compute_wgs, compute, memory)

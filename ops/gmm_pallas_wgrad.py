@@ -38,7 +38,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
         raise ValueError(f"gmm_wgrad_kernel: needs delay_release=0 (each step released after its "
                          f"wgmma; > 0 races in this per-item pipeline), got {cfg.delay_release}")
     if cfg.pingpong and not cfg.ring:
-        raise ValueError("gmm_wgrad_kernel: pingpong=True needs ring=True (one ring per compute WG)")
+        raise ValueError("gmm_wgrad_kernel: pingpong=True needs ring=True (the WGs take turns on the cross-item ring)")
     if a_transposed:
         adim, m = a.shape
     else:
@@ -160,7 +160,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
             a_smem=plgpu.SMEM((stages, *a_block), a.dtype, transforms=a_tf),
             b_smem=plgpu.SMEM((stages, tr, cb), b.dtype, transforms=b_tf),
             out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
-            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(
+                stages, pp)),
             consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, pp),
                                    num_barriers=stages),
             collective_axes="wg")

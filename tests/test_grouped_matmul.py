@@ -189,10 +189,11 @@ def _check_kernel(kind, m, k, n, sizes, transpose_rhs, over, interpret, seed=7):
 
 # The pipeline runs one SMEM ring per SM across work items; these configs cover its variants:
 # WGs splitting rows ("m"), two wgmma groups in flight (delay_release=1), a 3-slot ring that
-# work items of 2 and 3 steps do not fill evenly, ping-pong WGs (one ring each).
+# work items of 2 and 3 steps do not fill evenly, ping-pong WGs (taking turns on the one ring).
 @pytest.mark.parametrize("over", [dict(split="m", tile_m=128, delay_release=1,
                                        max_concurrent_steps=3),
-                                  dict(pingpong=True, max_concurrent_steps=4, delay_release=1)])
+                                  dict(pingpong=True, max_concurrent_steps=4, delay_release=1),
+                                  dict(pingpong=True, max_concurrent_steps=3, delay_release=0)])
 def test_pallas_interpret_fwd_configs(over):
     _check_kernel("fwd", 200, 192, 128, [70, 0, 100, 20], False, over, interpret=True)
 
