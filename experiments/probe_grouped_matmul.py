@@ -35,21 +35,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_grouped_matmul import ROWS, group_sizes  # noqa: E402
 from timing import device_ms  # noqa: E402
 
+M256 = {"split": "m", "tile_m": 256, "tile_n": 128, "max_concurrent_steps": 4, "delay_release": 1}
+N64 = {"split": "n", "tile_m": 128, "tile_n": 64, "max_concurrent_steps": 6, "delay_release": 1}
+PP = {"pingpong": True, "split": "n", "tile_m": 128, "tile_n": 128, "max_concurrent_steps": 6}
 VARIANTS = {  # name -> (config overrides on the class's table entry, probe)
     "table": ({}, None),
     "no_epilogue": ({}, "no_epilogue"),
     "no_store": ({}, "no_store"),
     "epi128_s3": ({"epi_n": 128, "max_concurrent_steps": 3}, None),
-    "m256": ({"split": "m", "tile_m": 256, "tile_n": 128, "max_concurrent_steps": 4,
-              "delay_release": 1}, None),
-    "m256_no_epilogue": ({"split": "m", "tile_m": 256, "tile_n": 128, "max_concurrent_steps": 4,
-                          "delay_release": 1}, "no_epilogue"),
-    "n64": ({"split": "n", "tile_m": 128, "tile_n": 64, "max_concurrent_steps": 6,
-             "delay_release": 1}, None),
-    "n64_no_epilogue": ({"split": "n", "tile_m": 128, "tile_n": 64, "max_concurrent_steps": 6,
-                         "delay_release": 1}, "no_epilogue"),
+    "m256": (M256, None),
+    "m256_no_epilogue": (M256, "no_epilogue"),
+    "n64": (N64, None),
+    "n64_no_epilogue": (N64, "no_epilogue"),
 }
-PP = {"pingpong": True, "split": "n", "tile_m": 128, "tile_n": 128, "max_concurrent_steps": 6}
 VARIANTS.update({  # ping-pong WGs (ordered main loops, one shared ring)
     "pp6_d1": ({**PP, "delay_release": 1}, None),
     "pp6_d0": ({**PP, "delay_release": 0}, None),
