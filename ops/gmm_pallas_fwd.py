@@ -36,7 +36,9 @@ def segment_table(group_sizes, m, tile_m):
     seg_start = seg_end - nseg
     s_max = pl.cdiv(m, tile_m) + g
     t = jnp.arange(s_max, dtype=jnp.int32)
-    gid = jnp.searchsorted(seg_end, t, side="right").astype(jnp.int32)
+    # compare_all: one fused op; the default binary search is an XLA while loop, which on GPUs
+    # syncs with the host once per iteration (~log2(G) round trips per call)
+    gid = jnp.searchsorted(seg_end, t, side="right", method="compare_all").astype(jnp.int32)
     gid_c = jnp.minimum(gid, g)
     blk = first_blk[gid_c] + t - seg_start[gid_c]
     row0 = blk * tile_m
@@ -71,6 +73,11 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
     if cfg.pingpong and wm * wn > 128 * 128:
         raise ValueError(f"gmm_fwd_kernel: ping-pong WG tiles hold at most 128x128 fp32 "
                          f"accumulators, got {wm}x{wn}")
+    if not interpret and (min(cfg.epi_n, wn) * jnp.dtype(out_dtype).itemsize) % 128:
+        # the ladder's TMA stores start at any row of the staging buffer; TMA needs 128-byte
+        # aligned SMEM addresses (CUDA_ERROR_MISALIGNED_ADDRESS otherwise)
+        raise ValueError(f"gmm_fwd_kernel: epi_n * itemsize must be a multiple of 128 bytes, "
+                         f"got epi_n={min(cfg.epi_n, wn)} for {jnp.dtype(out_dtype).name}")
     if tm > 256:
         raise ValueError(f"gmm_fwd_kernel: needs tile_m <= 256, got {tm}")
     grid_n = n // cn
@@ -108,6 +115,14 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
         def steps_of(info):
             return jnp.where(info[2] < g, k_iters, 0)  # 0 for the tail: zeros out
 
+        def wg_rows(info):  # this WG's rows [lo, hi) of the item's segment, within its WG tile
+            _, packed, _, _ = info
+            rows, start = packed & 0xFFFF, packed >> 16
+            if not split_m:
+                return start, start + rows
+            w0 = wg * wm
+            return jnp.clip(start - w0, 0, wm), jnp.clip(start + rows - w0, 0, wm)
+
         def load(info, kk, slot, barrier):
             blk, _, grp, ni = info
             plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(blk * cm, cm), pl.ds(kk * tk, tk)],
@@ -130,33 +145,26 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
                     b = plgpu.transpose_ref(b, (1, 0)).at[:, pl.ds(wg * wn, wn)]
             elif split_n:
                 b = b.at[:, pl.ds(wg * wn, wn)]
-            if not split_m:
-                plgpu.wgmma(acc_ref, a, b)
-                return
-            _, packed, _, _ = info
-            rows, start = packed & 0xFFFF, packed >> 16
+            if split_m:
+                lo, hi = wg_rows(info)
 
-            @pl.when((start < wg * wm + wm) & (start + rows > wg * wm))
-            def _():  # a WG with no rows of the segment leaves the tensor cores to the other
+                @pl.when(lo < hi)
+                def _():  # a WG with no rows of the segment leaves the tensor cores to the other
+                    plgpu.wgmma(acc_ref, a, b)
+            else:
                 plgpu.wgmma(acc_ref, a, b)
 
         def epilogue(info, acc_ref):
-            blk, packed, _, ni = info
-            row0, rows, start = blk * cm, packed & 0xFFFF, packed >> 16
-            if split_m:  # this WG's rows of the segment, relative to its half of the block
-                w0 = wg * wm
-                lo = jnp.clip(start - w0, 0, wm)
-                hi = jnp.clip(start + rows - w0, 0, wm)
-                wrow0, start, rows = row0 + w0, lo, hi - lo
-                col0 = ni * cn
-            else:
-                wrow0, col0 = row0, ni * cn + (wg * wn if split_n else 0)
+            blk, _, _, ni = info
+            lo, hi = wg_rows(info)
+            wrow0 = blk * cm + (wg * wm if split_m else 0)
+            col0 = ni * cn + (wg * wn if split_n else 0)
             acc = acc_ref[...].astype(out_dtype)
             for c in range(wn // epi_n):  # column chunks: SMEM stays small
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                _wait_staging()
                 out_smem[wg] = acc[:, c * epi_n:(c + 1) * epi_n]
                 plgpu.commit_smem()
-                _ladder_store(out_smem.at[wg], out_gmem, wrow0, start, rows, col0 + c * epi_n,
+                _ladder_store(out_smem.at[wg], out_gmem, wrow0, lo, hi - lo, col0 + c * epi_n,
                               epi_n, min(wm, m))
 
         pipeline.run(num_items=num_segments * grid_n, fetch=fetch, steps_of=steps_of, load=load,
@@ -171,6 +179,12 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
         kernel_name="gmm_fwd_t" if transpose_rhs else "gmm_fwd",  # named in profiles
         compiler_params=_compiler_params(), interpret=_interpret_params(interpret))
     return kernel(table, count, lhs, rhs)
+
+
+def _wait_staging():
+    """Wait until the TMA stores issued so far have read the staging buffer (a function of its
+    own so that experiments/probe_grouped_matmul.py can time the epilogue without it)."""
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _ladder_store(src_smem, out_gmem, row0, start, rows, col0, cols, max_rows):

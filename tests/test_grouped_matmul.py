@@ -323,6 +323,29 @@ def test_segment_table_covers_every_row_once(sizes, m, tm):
     np.testing.assert_array_equal(owner, want)
 
 
+def test_segment_table_has_no_while_loop():
+    """The table is built on every fwd/dgrad call: an XLA while loop there (jnp.searchsorted's
+    default binary search) cost 43 us of GPU time and ~0.2 ms of host round trips per call on
+    the H100 (experiments/results/gmm_segtab_2026-11-22_H100.json), against 13 us without."""
+    from ops.gmm_pallas_fwd import segment_table
+    hlo = jax.jit(lambda gs: segment_table(gs, 65536, 256)).lower(
+        jnp.ones(64, jnp.int32)).compile().as_text()
+    assert " while(" not in hlo
+
+
+def test_fwd_kernel_rejects_misaligned_epilogue_chunks():
+    """The store ladder starts TMA copies at any row of the staging buffer, so a row must be a
+    multiple of 128 bytes (epi_n=32 bf16 crashed the H100 with CUDA_ERROR_MISALIGNED_ADDRESS)."""
+    import dataclasses
+    from ops import gmm_pallas as P
+    x = jnp.ones((256, 128), jnp.bfloat16)
+    w = jnp.ones((2, 128, 256), jnp.bfloat16)
+    cfg = dataclasses.replace(P.FwdConfig(), epi_n=32)
+    with pytest.raises(ValueError, match="multiple of 128 bytes"):
+        P.gmm_fwd_kernel(x, w, jnp.asarray([100, 156], jnp.int32), transpose_rhs=False,
+                         out_dtype=jnp.bfloat16, cfg=cfg)
+
+
 def _table_configs():
     import json
     from ops import tuning
