@@ -1,13 +1,18 @@
 """Where the Pallas grouped-GEMM forward spends its time: GPU kernel time of config variants and
-of two timing probes, per shape, for Dirichlet and uniform group sizes (one compile per variant).
+of timing probes, per shape, for Dirichlet and uniform group sizes (one compile per variant).
 
   PYTHONPATH=. python3 experiments/probe_grouped_matmul.py [--rows 2,3,4] [--variants a,b]
 
 Variants are the shape class's tuning-table config with overrides (VARIANTS). Probes change the
 kernel only for timing and give wrong results (never checked, never in a table):
   no_epilogue — the compute warpgroups skip the epilogue (no SMEM staging, no stores);
-  no_store    — the epilogue stages its tile in SMEM but issues no TMA store (ladder path).
-So full − no_epilogue is the exposed epilogue cost, and full − no_store what its stores add.
+  no_store    — the epilogue stages its tile in SMEM but issues no TMA store (ladder path);
+  no_wait     — the epilogue never waits for its earlier TMA stores to have read the staging
+                buffer before overwriting it (racy output; the accumulator stays live).
+Caution: no_epilogue leaves the accumulator dead, and it ran faster than the H100's peak (up to
+1.12 PFLOP/s on 2026-11-22; so did a probe that skipped only the staging writes): MMA work was
+dropped, so its time is not the cost of a main loop. no_store and no_wait keep the accumulator
+live (it is written to SMEM) and are valid.
 Every other variant is checked against XLA's ragged_dot before it is timed. Times are GPU kernel
 time per call from a profiler trace (timing.device_ms; the segment-table ops included), % is a
 dense x@w of the same FLOPs timed the same way. Writes experiments/results/gmm_probe_<date>.json.
@@ -48,6 +53,7 @@ VARIANTS = {  # name -> (config overrides on the class's table entry, probe)
     "n64": (N64, None),
     "n64_no_epilogue": (N64, "no_epilogue"),
 }
+VARIANTS["no_wait"] = ({}, "no_wait")
 VARIANTS.update({  # ping-pong WGs (ordered main loops, one shared ring)
     "pp6_d1": ({**PP, "delay_release": 1}, None),
     "pp6_d0": ({**PP, "delay_release": 0}, None),
@@ -60,7 +66,10 @@ VARIANTS.update({  # ping-pong WGs (ordered main loops, one shared ring)
 def probe(kind):
     """Patch the epilogue or its stores out while the kernel is traced (kind None: as is)."""
     real, real_store = gmm_pallas_pipeline.run, gmm_pallas_fwd._ladder_store
-    if kind == "no_store":  # the ladder's TMA stores (unswizzled staging) are not issued
+    real_wait = gmm_pallas_fwd._wait_staging
+    if kind == "no_wait":
+        gmm_pallas_fwd._wait_staging = lambda: None
+    elif kind == "no_store":  # the ladder's TMA stores (unswizzled staging) are not issued
         gmm_pallas_fwd._ladder_store = lambda *a: None
     elif kind == "no_epilogue":
         gmm_pallas_pipeline.run = lambda **kw: real(**{**kw, "epilogue": lambda info, acc: None})
@@ -68,6 +77,7 @@ def probe(kind):
         yield
     finally:
         gmm_pallas_pipeline.run, gmm_pallas_fwd._ladder_store = real, real_store
+        gmm_pallas_fwd._wait_staging = real_wait
 
 
 def main():
