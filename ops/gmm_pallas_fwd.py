@@ -73,16 +73,16 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
     if cfg.pingpong and wm * wn > 128 * 128:
         raise ValueError(f"gmm_fwd_kernel: ping-pong WG tiles hold at most 128x128 fp32 "
                          f"accumulators, got {wm}x{wn}")
-    if not interpret and (min(cfg.epi_n, wn) * jnp.dtype(out_dtype).itemsize) % 128:
+    epi_n = min(cfg.epi_n, wn)
+    if not interpret and (epi_n * jnp.dtype(out_dtype).itemsize) % 128:
         # the ladder's TMA stores start at any row of the staging buffer; TMA needs 128-byte
         # aligned SMEM addresses (CUDA_ERROR_MISALIGNED_ADDRESS otherwise)
         raise ValueError(f"gmm_fwd_kernel: epi_n * itemsize must be a multiple of 128 bytes, "
-                         f"got epi_n={min(cfg.epi_n, wn)} for {jnp.dtype(out_dtype).name}")
+                         f"got epi_n={epi_n} for {jnp.dtype(out_dtype).name}")
     if tm > 256:
         raise ValueError(f"gmm_fwd_kernel: needs tile_m <= 256, got {tm}")
     grid_n = n // cn
     k_iters = k // tk
-    epi_n = min(cfg.epi_n, wn)
     stages = cfg.max_concurrent_steps
     table, count = segment_table(group_sizes, m, tm)
     in_tf = _transforms(lhs.dtype, tk)
