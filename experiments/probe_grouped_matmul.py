@@ -54,6 +54,7 @@ VARIANTS = {  # name -> (config overrides on the class's table entry, probe)
     "n64_no_epilogue": (N64, "no_epilogue"),
 }
 VARIANTS["no_wait"] = ({}, "no_wait")
+VARIANTS["block_tiles"] = ({"group_tiles": False}, None)  # row tiles on aligned blocks (pre-v10)
 VARIANTS.update({  # ping-pong WGs (ordered main loops, one shared ring)
     "pp6_d1": ({**PP, "delay_release": 1}, None),
     "pp6_d0": ({**PP, "delay_release": 0}, None),

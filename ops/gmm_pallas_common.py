@@ -24,6 +24,7 @@ class FwdConfig:
     slice_then_transpose: bool = False  # transpose_rhs: slice rhs SMEM tile before transposing
     split: str = "n"           # the 2 compute WGs split the CTA tile's "n" (cols) or "m" (rows)
     pingpong: bool = False     # each WG takes whole tile_m x tile_n items, alternating (no split)
+    group_tiles: bool = True   # row tiles start at each group's first row (else at i*tile_m)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -192,6 +192,9 @@ def _check_kernel(kind, m, k, n, sizes, transpose_rhs, over, interpret, seed=7):
 # work items of 2 and 3 steps do not fill evenly, ping-pong WGs (taking turns on the one ring).
 @pytest.mark.parametrize("over", [dict(split="m", tile_m=128, delay_release=1,
                                        max_concurrent_steps=3),
+                                  # row tiles on aligned blocks (the default starts them per group)
+                                  dict(group_tiles=False),
+                                  dict(split="m", tile_m=128, group_tiles=False),
                                   dict(pingpong=True, max_concurrent_steps=4, delay_release=1),
                                   dict(pingpong=True, max_concurrent_steps=3, delay_release=0)])
 def test_pallas_interpret_fwd_configs(over):
@@ -264,6 +267,8 @@ KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table pi
     ("fwd", dict(split="m", tile_m=128, max_concurrent_steps=6, delay_release=1)),
     ("fwd", dict(split="m", tile_m=256, max_concurrent_steps=4, delay_release=1)),
     ("fwd", dict(split="m", tile_m=256, max_concurrent_steps=4, delay_release=0)),
+    ("fwd", dict(split="m", tile_m=256, max_concurrent_steps=4, group_tiles=False)),
+    ("fwd", dict(split="n", delay_release=1, group_tiles=False)),
     ("fwd", dict(pingpong=True, max_concurrent_steps=6, delay_release=1)),
     ("fwd", dict(pingpong=True, max_concurrent_steps=6, delay_release=0)),
     ("wgrad", dict(split="b")),
@@ -299,21 +304,32 @@ def test_auto_is_pallas_on_hopper_for_bf16():
 
 @pytest.mark.parametrize("sizes,m,tm", [([70, 0, 100, 20], 200, 64), ([0, 256, 0], 256, 64),
                                         ([5, 3], 300, 64), ([128, 128], 256, 64),
-                                        ([300, 0, 211], 600, 256), ([1, 255, 256], 512, 256)])
-def test_segment_table_covers_every_row_once(sizes, m, tm):
+                                        ([300, 0, 211], 600, 256), ([1, 255, 256], 512, 256),
+                                        ([129, 1, 127, 0, 255], 512, 128)])
+@pytest.mark.parametrize("group_tiles", [True, False])
+def test_segment_table_covers_every_row_once(sizes, m, tm, group_tiles):
     from ops.gmm_pallas_fwd import segment_table
     g = len(sizes)
-    table, count = segment_table(jnp.asarray(sizes, jnp.int32), m, tm)
+    table, count = segment_table(jnp.asarray(sizes, jnp.int32), m, tm, group_tiles)
     table, count = np.asarray(table), int(count[0])
     owner = np.full(m, -2)
     ends = np.cumsum(sizes)
+    starts = np.append(ends - sizes, ends[-1])  # and the tail's
+    all_sizes = np.append(sizes, m - ends[-1])
     for s in range(table.shape[1]):
-        blk, packed, grp = table[:, s]
-        row0, rows, start = blk * tm, packed & 0xFFFF, packed >> 16
+        row0, packed, grp = table[:, s]
+        rows, start = packed & 0xFFFF, packed >> 16
         if s >= count:
             assert rows == 0
             continue
-        assert row0 % tm == 0 and 0 < rows <= tm and start + rows <= tm and 0 <= grp <= g
+        assert 0 < rows <= tm and start + rows <= tm and 0 <= grp <= g
+        if group_tiles:  # tiles from the group's first row (8-aligned): the first may start later
+            origin = starts[grp] - starts[grp] % 8
+            assert row0 % 8 == 0 and (row0 - origin) % tm == 0
+            assert start == (starts[grp] - origin if row0 == origin else 0)
+            assert rows == min(tm, starts[grp] + all_sizes[grp] - row0) - start
+        else:
+            assert row0 % tm == 0
         seg = np.arange(row0 + start, row0 + start + rows)
         assert np.all(owner[seg] == -2), "row covered twice"
         owner[seg] = grp if grp < g else -1
@@ -321,6 +337,11 @@ def test_segment_table_covers_every_row_once(sizes, m, tm):
     want = np.searchsorted(ends, np.arange(m), side="right")
     want[np.arange(m) >= ends[-1]] = -1
     np.testing.assert_array_equal(owner, want)
+    # segments: cdiv per group from its 8-aligned start (group tiles), or one per block a group
+    # meets (block tiles)
+    blocks = [len({r // tm for r in range(a, a + z)}) for a, z in zip(starts, all_sizes)]
+    per_group = -(-(all_sizes + starts % 8) // tm) * (all_sizes > 0)
+    assert count == sum(per_group if group_tiles else blocks)
 
 
 def test_segment_table_has_no_while_loop():
