@@ -40,6 +40,7 @@ class WgradConfig:
     slice_then_transpose: bool = False  # split "a": slice a's SMEM tile before transposing
     ring: bool = False         # one SMEM ring per SM across work items (gmm_pallas_pipeline)
     pingpong: bool = False     # ring only: each WG takes whole tile_a x tile_b items, alternating
+    group_tiles: bool = True   # ring only: row steps start at the group's first row (8-aligned)
 
 
 def _transforms(dtype, minor_elems):

@@ -15,6 +15,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ops import gmm_pallas_pipeline as pipeline
 from ops.gmm_pallas_common import (MEMORY_REGISTERS, WgradConfig, _compiler_params,
                                    _interpret_params, _num_sms, _transforms)
+from ops.gmm_pallas_fwd import ROW_ALIGN
 
 
 # ----------------------------------------------------------------------------- wgrad
@@ -53,12 +54,15 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
         raise ValueError(f"gmm_wgrad_kernel: needs A % {ca} == 0 and B % {cb} == 0, got "
                          f"A={adim} B={bdim}")
     grid_a, grid_b = adim // ca, bdim // cb
+    group_tiles = cfg.ring and cfg.group_tiles
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
-    first_blk = starts // tr
-    nblk = jnp.where(sizes > 0, (ends - 1) // tr - first_blk + 1, 0)
-    table = jnp.stack([starts, ends, first_blk, nblk]).astype(jnp.int32)
+    # the group's row steps start on its first row rounded down to ROW_ALIGN (group tiles, ring
+    # only: the per-item pipeline's BlockSpecs index whole blocks) or on its first aligned block
+    first = starts - starts % (ROW_ALIGN if group_tiles else tr)
+    nsteps = jnp.where(sizes > 0, (ends - first + tr - 1) // tr, 0)
+    table = jnp.stack([starts, ends, first, nsteps]).astype(jnp.int32)
     a_tf = _transforms(a.dtype, tr if a_transposed else ca)
     b_tf = _transforms(b.dtype, cb)
     o_tf = _transforms(out_dtype, tb)
@@ -140,7 +144,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
                 ai, bi = plgpu.planar_snake(info.index[1], (grid_a, grid_b),
                                             cfg.grid_minor_dim, cfg.grid_tile_width)
                 lo, hi = table_gmem[0, gi], table_gmem[1, gi]
-                fblk, steps = table_gmem[2, gi], table_gmem[3, gi]
+                fblk, steps = lax.div(table_gmem[2, gi], jnp.int32(tr)), table_gmem[3, gi]
 
                 def ctx(eval_pipeline):
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ta, tb), jnp.float32))
@@ -171,7 +175,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
         wg = lax.axis_index("wg")
         tiles = grid_a * grid_b
 
-        def fetch(lin):  # item lin -> (group, A tile, B tile, rows lo, rows hi, first block, steps)
+        def fetch(lin):  # item lin -> (group, A tile, B tile, rows lo, rows hi, first row, steps)
             lin = jnp.minimum(lin, g * tiles - 1)
             gi = lax.div(lin, jnp.int32(tiles))
             ai, bi = plgpu.planar_snake(lax.rem(lin, jnp.int32(tiles)), (grid_a, grid_b),
@@ -180,16 +184,17 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
                     table_gmem[3, gi])
 
         def load(info, r, slot, barrier):
-            _, ai, bi, _, _, fblk, _ = info
-            rows = pl.ds((fblk + r) * tr, tr)
+            _, ai, bi, _, _, first, _ = info
+            # layout inference must see the alignment (the SMEM tiles' 8-row TMA boxes)
+            rows = pl.ds(pl.multiple_of(first + r * tr, ROW_ALIGN), tr)
             plgpu.copy_gmem_to_smem(
                 a_gmem.at[pl.ds(ai * ca, ca), rows] if a_transposed else
                 a_gmem.at[rows, pl.ds(ai * ca, ca)], a_smem.at[slot], barrier)
             plgpu.copy_gmem_to_smem(b_gmem.at[rows, pl.ds(bi * cb, cb)], b_smem.at[slot], barrier)
 
         def mma(info, r, slot, acc_ref):
-            _, _, _, lo, hi, fblk, _ = info
-            step(wg, a_smem.at[slot], b_smem.at[slot], acc_ref, (fblk + r) * tr, lo, hi)
+            _, _, _, lo, hi, first, _ = info
+            step(wg, a_smem.at[slot], b_smem.at[slot], acc_ref, first + r * tr, lo, hi)
 
         def epilogue(info, acc_ref):
             store(wg, out_smem, out_gmem, acc_ref, *info[:3])

@@ -204,6 +204,7 @@ def test_pallas_interpret_fwd_configs(over):
 @pytest.mark.parametrize("over", [dict(split="a"), dict(split="b", max_concurrent_steps=3),
                                   # the cross-item ring: two wgmma groups in flight; ping-pong WGs
                                   dict(ring=True, delay_release=1, max_concurrent_steps=3),
+                                  dict(ring=True, group_tiles=False),  # steps on aligned blocks
                                   dict(ring=True, pingpong=True, delay_release=1,
                                        max_concurrent_steps=4)])
 def test_pallas_interpret_wgrad_configs(over):
@@ -276,6 +277,7 @@ KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table pi
     ("wgrad", dict(split="a", slice_then_transpose=True)),
     # the cross-item ring (all passed on the H100, 2026-11-22; the table uses it for some classes)
     ("wgrad", dict(ring=True, split="b", delay_release=0)),
+    ("wgrad", dict(ring=True, split="b", delay_release=0, group_tiles=False)),
     ("wgrad", dict(ring=True, split="b", delay_release=1)),
     ("wgrad", dict(ring=True, split="a", delay_release=0)),
     ("wgrad", dict(ring=True, split="a", delay_release=1)),
