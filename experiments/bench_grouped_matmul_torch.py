@@ -1,7 +1,9 @@
 """torch._grouped_mm column for bench_grouped_matmul.py, run in its own process.
 
   python3 experiments/bench_grouped_matmul_torch.py SPEC.json   (rows: E, M, K, N, group_sizes)
-Prints one JSON line: per row {fwd_ms, fwd_bwd_ms} (median, CUDA events) or {error}.
+Prints one JSON line: per row {fwd_ms, fwd_bwd_ms, dense_fwd_ms, dense_fwd_bwd_ms} (medians,
+CUDA events around each call) or {error}. The dense times are torch's own x @ w[0] of the same
+FLOPs, timed the same way in this process: torch's share of dense is taken against them.
 """
 import json
 import statistics
@@ -37,10 +39,17 @@ def row(spec, reps):
         y = torch._grouped_mm(x, w, offs=offs)
         return torch.autograd.grad(y, (x, w), dy)
 
+    w0 = w[0].detach().clone().requires_grad_()
+
+    def dense_fwd_bwd():
+        y = x @ w0
+        return torch.autograd.grad(y, (x, w0), dy)
+
     with torch.no_grad():
         t_f = bench(fwd, reps)
-    t_fb = bench(fwd_bwd, reps)
-    return {"fwd_ms": t_f, "fwd_bwd_ms": t_fb}
+        t_df = bench(lambda: x @ w0, reps)
+    return {"fwd_ms": t_f, "fwd_bwd_ms": bench(fwd_bwd, reps), "dense_fwd_ms": t_df,
+            "dense_fwd_bwd_ms": bench(dense_fwd_bwd, reps)}
 
 
 def main():
