@@ -286,6 +286,15 @@ KERNEL_CONFIGS = [  # every config path of the kernels, explicitly (the table pi
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(2048, 1408), (1408, 2048)])
+def test_pallas_gpu_many_groups(k, n):
+    """64 groups: the tuning table's g>16 classes (the E=64 rows' configs) through the VJP."""
+    m = 6000
+    check_against_reference("pallas", m, k, n, _gpu_groups(m, "sum_lt_m", g=64), jnp.bfloat16,
+                            False)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 @pytest.mark.parametrize("kind,over", KERNEL_CONFIGS)
 def test_pallas_gpu_kernel_configs(kind, over, transpose_rhs):
