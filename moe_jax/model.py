@@ -105,14 +105,21 @@ class GPT(nnx.Module):
         layer_aux = []
         for i, block in enumerate(self.blocks):
             r = None if rng is None else jax.random.fold_in(rng, i)
-            call = nnx.remat(type(block).__call__) if cfg.remat else type(block).__call__
-            x, aux = call(block, x, cos, sin, r)
+            x, aux = (_remat_call if cfg.remat else type(block).__call__)(block, x, cos, sin, r)
             if aux is not None:
                 layer_aux.append(aux)
         x = self.final_norm(x)
         head = self.embed_VD[...].T if self.head_DV is None else self.head_DV[...]
         logits = x @ head.astype(dt)
         return logits, collect_aux(layer_aux)
+
+
+def _remat_call(block, *args):
+    """block(*args) with its activations recomputed in the backward pass: a pure jax.checkpoint
+    over the block's state. A block's forward mutates no state, so none is written back (nnx.remat
+    writes every Variable back, and raised TraceContextError on an ExpertBias traced outside it)."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
 
 
 def collect_aux(layer_aux: list[dict]) -> dict:

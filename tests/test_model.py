@@ -89,16 +89,22 @@ def test_tied_embeddings_dense_and_layernorm():
     np.testing.assert_allclose(logits, model.final_norm(x) @ model.embed_VD[...].T, rtol=1e-5, atol=1e-5)
 
 
-def test_remat_same_loss_and_grads():
+@pytest.mark.parametrize("expert_bias", [False, True])
+def test_remat_same_loss_and_grads(expert_bias):
+    """Also with the non-Param state traced (as in the train step, under jit): remat with an
+    aux-loss-free ExpertBias raised TraceContextError on the deepseek_small preset."""
     cfg = small_cfg()
+    if expert_bias:
+        cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
+            cfg.moe, router_score_function="sigmoid", router_enable_expert_bias=True))
     graphdef, params, rest = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     graphdef_r, _, _ = nnx.split(GPT(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0)), nnx.Param, ...)
 
-    def loss(p, g):
+    def loss(p, rest, g):
         return jnp.mean(nnx.merge(g, p, rest)(tokens())[0] ** 2)
 
-    l1, g1 = jax.value_and_grad(loss)(params, graphdef)
-    l2, g2 = jax.value_and_grad(loss)(params, graphdef_r)
+    l1, g1 = jax.jit(jax.value_and_grad(loss), static_argnums=2)(params, rest, graphdef)
+    l2, g2 = jax.jit(jax.value_and_grad(loss), static_argnums=2)(params, rest, graphdef_r)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
