@@ -2,7 +2,8 @@
 # One device call per part, each well inside the 10-minute limit; results land in experiments/results/
 # and are copied to $OUT so they come back. Usage (device tool): bash experiments/gpu_session.sh PART
 #   tests  — every @pytest.mark.gpu test (Pallas kernels, MoE layer through Pallas)
-#   model  — mixtral_small and deepseek_small train benchmarks (Pallas experts; remat off, then on)
+#   model  — mixtral_small and deepseek_small train benchmarks (Pallas experts; remat off, then on
+#            if that fails; MODEL_EXTRA="model.remat=true" runs only that, MODEL_PRESETS picks presets)
 #   layer  — bench_moe.py: MoE layer fwd+bwd vs a dense MLP of the same FLOPs
 #   gmm    — bench_grouped_matmul.py with the torch column
 #   wgrad  — the wgrad GPU tests (per-item and cross-item-ring kernels), then autotune's ring checks
@@ -22,11 +23,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "${1:-}" in
   tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
   model)
-    for preset in mixtral_small deepseek_small; do
-      for extra in "" "model.remat=true"; do
+    for preset in ${MODEL_PRESETS:-mixtral_small deepseek_small}; do
+      for extra in ${MODEL_EXTRA-"" "model.remat=true"}; do
         echo "== $preset $extra"
+        log="$OUT/train_${preset}${extra:+_remat}.log"
+        # the train run's own status decides (a pipe's would be tail's: always 0)
         timeout 280 python3 experiments/train.py --config "$preset" --benchmark --no-progress \
-          train.steps=30 train.log_every=10 $extra 2>&1 | grep -v "^[WI][0-9]" | tail -6 && break
+          train.steps=30 train.log_every=10 $extra > "$log" 2>&1; rc=$?
+        grep -v "^[WI][0-9]" "$log" | tail -6
+        [ "$rc" = 0 ] && break
       done
     done ;;
   layer) timeout 560 python3 experiments/bench_moe.py --iters 20 ;;
