@@ -6,22 +6,24 @@ warpgroups issue wgmma into fp32 register accumulators. In fwd/dgrad the ring ru
 items (ops/gmm_pallas_pipeline.py): the memory WG loads the next item's first k-steps while the
 compute WGs finish the current one and store it. wgrad runs one `emit_pipeline_warp_specialized`
 per item by default; `WgradConfig(ring=True)` runs it on the same cross-item ring (GPU-verified;
-the H100 tuning table picks it for the shape classes where it was > 2 % faster:
-ops/NOTES_grouped_matmul.md).
+the H100 tuning table picks it for every shape class since v10: ops/NOTES_grouped_matmul.md).
 
 fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] if transpose_rhs)
-     Work items are (row-tile segment, N tile). A segment is the intersection of a tile_m-row block
-     with one group (or with the tail past sum(group_sizes), which gets zeros: it has zero
-     k-steps). The segment table is computed outside the kernel (a few tiny XLA ops). Each segment
-     stores only its rows, with a ladder of power-of-two-row TMA stores. The two compute WGs split
+     Work items are (row-tile segment, N tile). A segment is a tile_m-row tile of one group (or of
+     the tail past sum(group_sizes), which gets zeros: it has zero k-steps), tiled from the group's
+     first row rounded down to 8 (cfg.group_tiles, the default; else the intersection of an
+     aligned tile_m-row block with the group). The segment table is computed outside the kernel
+     (a few tiny XLA ops). Each segment stores only its rows, with a ladder of power-of-two-row
+     TMA stores. The two compute WGs split
      the tile's columns (cfg.split "n"), its rows ("m": a WG with no rows of the segment issues no
      wgmma), or take whole items in turn (cfg.pingpong: the WGs' main loops take turns on
      the one ring, so one WG's epilogue runs under the other's wgmmas).
 wgrad out[G,A,B] = a_g^T b_g  over the rows of group g   (a[M,A], b[M,B])
-     Work items are (g, A tile, B tile); the pipeline runs over the group's row blocks (a dynamic
-     number of steps, zero for an empty group: zeros out) and zeroes, in SMEM, the rows of the
-     first and last block that belong to neighbouring groups. The two compute WGs split A or B
-     (cfg.split; each masks its own slice).
+     Work items are (g, A tile, B tile); the pipeline runs over the group's rows in tile_r steps
+     (from its first row rounded down to 8 on the ring with group_tiles, else from its first
+     aligned block; a dynamic number of steps, zero for an empty group: zeros out) and zeroes, in
+     SMEM, the rows of the first and last step that belong to neighbouring groups. The two
+     compute WGs split A or B (cfg.split; each masks its own slice).
 
 Requirements (padded by gmm_fwd/gmm_wgrad when not met): K % tile_k == 0 and N a multiple of the
 CTA tile's columns for fwd; A and B multiples of the CTA tile for wgrad. M and group sizes are
