@@ -9,6 +9,9 @@ import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 MEMORY_REGISTERS = 40
+# group tiles start on multiples of this: Mosaic's layout inference needs a TMA copy's row index
+# into the 8-row-tiled, swizzled SMEM operands to be a provable multiple of the tile rows
+ROW_ALIGN = 8
 
 
 @dataclasses.dataclass(frozen=True)

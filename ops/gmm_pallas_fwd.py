@@ -15,14 +15,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import gmm_pallas_pipeline as pipeline
-from ops.gmm_pallas_common import (FwdConfig, _compiler_params, _interpret_params, _num_sms,
-                                   _transforms)
+from ops.gmm_pallas_common import (ROW_ALIGN, FwdConfig, _compiler_params, _interpret_params,
+                                   _num_sms, _transforms)
 
 
 # ----------------------------------------------------------------------------- schedule
-ROW_ALIGN = 8  # segment tiles start on multiples of this (the SMEM tiling's rows)
-
-
 def segment_table(group_sizes, m, tile_m, group_tiles=True):
     """int32 [3, S]: per row segment its first row; rows | (first row of the group within the
     segment) << 16; and its group (G for the tail past sum(group_sizes), which is stored as

@@ -13,9 +13,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import gmm_pallas_pipeline as pipeline
-from ops.gmm_pallas_common import (MEMORY_REGISTERS, WgradConfig, _compiler_params,
+from ops.gmm_pallas_common import (MEMORY_REGISTERS, ROW_ALIGN, WgradConfig, _compiler_params,
                                    _interpret_params, _num_sms, _transforms)
-from ops.gmm_pallas_fwd import ROW_ALIGN
 
 
 # ----------------------------------------------------------------------------- wgrad
