@@ -114,18 +114,25 @@ def torch_column(spec, reps):
         return [{"error": "torch subprocess failed"}] * len(spec)
 
 
+def best_dense(rows_out, keys):
+    """{(E, K, N, key): ms}: dense depends on the shape only, so each shape's dense time is the
+    faster of its measurements (conservative for our share)."""
+    best = {}
+    for r in rows_out:
+        for key in keys:
+            v = r.get("dense", {}).get(key)
+            if v:
+                k = (r["E"], r["K"], r["N"], key)
+                best[k] = min(best.get(k, v), v)
+    return best
+
+
 def table(rows_out):
     lines = ["| row | groups | dense fwd ms | ragged_dot fwd | ours fwd | torch fwd | "
              "dense f+b ms | ragged_dot f+b | ours f+b | torch f+b |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
-    best = {}  # dense depends on the shape only: use the faster of its measurements (conservative)
-    for r in rows_out:
-        for key in ("fwd_ms", "fwd_bwd_ms"):
-            v = r.get("dense", {}).get(key)
-            if v:
-                k = (r["E"], r["K"], r["N"], key)
-                best[k] = min(best.get(k, v), v)
+    best = best_dense(rows_out, ("fwd_ms", "fwd_bwd_ms"))
 
     def pct(r, b, key):
         d = best.get((r["E"], r["K"], r["N"], key))
@@ -152,13 +159,7 @@ def gpu_table(rows_out):
              "torch's own dense)",
              "| row | groups | dense fwd / f+b GPU ms | ours fwd | ours f+b | torch fwd | torch f+b |",
              "|---|---|---|---|---|---|---|"]
-    best = {}
-    for r in rows_out:
-        for key in ("fwd_gpu_ms", "fwd_bwd_gpu_ms"):
-            v = r.get("dense", {}).get(key)
-            if v:
-                k = (r["E"], r["K"], r["N"], key)
-                best[k] = min(best.get(k, v), v)
+    best = best_dense(rows_out, ("fwd_gpu_ms", "fwd_bwd_gpu_ms"))
 
     def share(num, den):
         return f"{100 * num / den:.0f}% ({den:.2f})" if num and den else "–"
