@@ -52,9 +52,9 @@ VARIANTS = {  # name -> (config overrides on the class's table entry, probe)
     "m256_no_epilogue": (M256, "no_epilogue"),
     "n64": (N64, None),
     "n64_no_epilogue": (N64, "no_epilogue"),
+    "no_wait": ({}, "no_wait"),
+    "block_tiles": ({"group_tiles": False}, None),  # row tiles on aligned blocks (pre-v10)
 }
-VARIANTS["no_wait"] = ({}, "no_wait")
-VARIANTS["block_tiles"] = ({"group_tiles": False}, None)  # row tiles on aligned blocks (pre-v10)
 VARIANTS.update({  # ping-pong WGs (ordered main loops, one shared ring)
     "pp6_d1": ({**PP, "delay_release": 1}, None),
     "pp6_d0": ({**PP, "delay_release": 0}, None),
