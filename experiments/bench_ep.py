@@ -10,10 +10,8 @@ tokens/s per GPU = per-GPU tokens / step time; weak scaling(n) = tokens/s/GPU(n)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
-import functools
 import json
 import sys
 import time
@@ -27,30 +25,18 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from moe_jax import ep_dispatch, parallel  # noqa: E402
-from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig  # noqa: E402
+from moe_jax import ep, parallel  # noqa: E402
+from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig, with_dispatcher  # noqa: E402
 from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.moe import MoELayer  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 
-@contextlib.contextmanager
-def ep_options(layout, **kw):
-    """Trace under `layout` with extra keyword options for `ep_dispatch.moe_ffn` (benchmark variants:
-    buffer factor, chunks, fallback off) without adding them to the model config."""
-    orig = ep_dispatch.moe_ffn
-    ep_dispatch.moe_ffn = functools.partial(orig, **kw)
-    try:
-        with parallel.use_layout(layout):
-            yield
-    finally:
-        ep_dispatch.moe_ffn = orig
-
-
 def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, layers=1, **ep_kw):
     """A jitted fwd+bwd of `layers` MoE layers in a row (residual) over n devices, their params and
     the input. More than one layer spreads the per-step costs (launch skew between the GPUs, the
-    first exchange's wait) the way a model's step does."""
+    first exchange's wait) the way a model's step does. `ep_kw`: `moe.dispatcher` fields."""
+    cfg = with_dispatcher(cfg, **ep_kw)
     gds, params = zip(*(nnx.split(MoELayer(cfg, rngs=nnx.Rngs(i))) for i in range(layers)))
     gd, params = gds[0], list(params)
     b = n * tokens_per_gpu // seq
@@ -60,19 +46,16 @@ def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, layers=1, **ep
     def loss(params, x):
         dropped = jnp.zeros((), jnp.int32)
         for g, p in zip(gds, params):
-            y, aux = nnx.merge(g, p)(x)
+            y, aux = nnx.merge(g, p)(x, layout=layout)
             x, dropped = (x + y if layers > 1 else y), dropped + aux["dropped"]
         return jnp.sum(x.astype(jnp.float32) * ct.astype(jnp.float32)), dropped
 
     def step(params, x):
-        if layout is None:
-            return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-        with ep_options(layout, **ep_kw):
-            return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
 
     def pair_counts(params, x):  # assignments per (source shard, destination GPU), to see the buffer fill
         routing = nnx.merge(gd, params[0]).router(x.reshape(-1, cfg.d_model))
-        dest = routing.experts.reshape(n * ep_kw.get("chunks", 1), -1) // (cfg.moe.num_experts // n)
+        dest = routing.experts.reshape(n * ep_kw.get("overlap_chunks", 1), -1) // (cfg.moe.num_experts // n)
         return jax.vmap(lambda d: jnp.bincount(d, length=n))(dest).max()
 
     if layout is None:
@@ -85,23 +68,23 @@ def _layer_step(cfg: ModelConfig, layout, n, tokens_per_gpu, seq, layers=1, **ep
     return jax.jit(step, in_shardings=(ps, xs)), params, x, jax.jit(pair_counts)
 
 
-# benchmark variants: name -> moe_ffn keyword options (buffers are per (source, dest) pair for
-# alltoall, received rows per device for the ragged dispatcher)
+# benchmark variants: name -> `moe.dispatcher` fields (DispatchConfig; buffers are per (source,
+# dest) pair for alltoall, received rows per device for the ragged dispatcher)
 VARIANTS = {
     "local": {},
-    "alltoall": dict(dispatcher="alltoall"),                                  # 2x buffer, fallback
-    "alltoall_worst": dict(dispatcher="alltoall", buffer_factor=None),        # always worst case
-    "alltoall_nofallback": dict(dispatcher="alltoall", fallback=False),
-    "alltoall_tight": dict(dispatcher="alltoall", buffer_factor=1.25),
-    "alltoall_ragged": dict(dispatcher="alltoall_ragged"),  # auto: pallas (expert-major) on Hopper
-    "ragged_tight": dict(dispatcher="alltoall_ragged", buffer_factor=1.25),
-    "ragged_worst": dict(dispatcher="alltoall_ragged", buffer_factor=None),  # worst case: no cond
-    "ragged_xla": dict(dispatcher="alltoall_ragged", ragged_impl="xla"),
+    "alltoall": dict(type="alltoall"),                                  # 2x buffer, fallback
+    "alltoall_worst": dict(type="alltoall", buffer_factor=None),        # always worst case
+    "alltoall_nofallback": dict(type="alltoall", fallback=False),
+    "alltoall_tight": dict(type="alltoall", buffer_factor=1.25),
+    "alltoall_ragged": dict(type="alltoall_ragged"),  # auto: pallas (expert-major) on Hopper
+    "ragged_tight": dict(type="alltoall_ragged", buffer_factor=1.25),
+    "ragged_worst": dict(type="alltoall_ragged", buffer_factor=None),  # worst case: no cond
+    "ragged_xla": dict(type="alltoall_ragged", ragged_impl="xla"),
     # segments per (destination, local expert), no re-sort: the default on the Pallas exchange
-    "ragged_direct": dict(dispatcher="alltoall_ragged", expert_major=True),
-    "ragged_sorted": dict(dispatcher="alltoall_ragged", expert_major=False),  # packed by source, re-sort
-    "ragged_direct_tight": dict(dispatcher="alltoall_ragged", expert_major=True, buffer_factor=1.25),
-    "allgather": dict(dispatcher="allgather"),
+    "ragged_direct": dict(type="alltoall_ragged", expert_major=True),
+    "ragged_sorted": dict(type="alltoall_ragged", expert_major=False),  # packed by source, re-sort
+    "ragged_direct_tight": dict(type="alltoall_ragged", expert_major=True, buffer_factor=1.25),
+    "allgather": dict(type="allgather"),
 }
 
 
@@ -110,10 +93,10 @@ def bench_layer(cfg, n, tokens_per_gpu, seq, iters, layers=1, **ep_kw):
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
                                                       devices=devices)
     step, params, x, pair_counts = _layer_step(cfg, layout, n, tokens_per_gpu, seq, layers, **ep_kw)
-    chunk_tokens = tokens_per_gpu // ep_kw.get("chunks", 1)
-    disp = ep_kw.get("dispatcher", "alltoall")
-    factor = ep_kw.get("buffer_factor", layout.buffer_factor if layout else None)
-    fast, worst = ep_dispatch._buffer_rows(disp, chunk_tokens, cfg.moe, n, cfg.moe.num_experts // n, factor)
+    chunk_tokens = tokens_per_gpu // ep_kw.get("overlap_chunks", 1)
+    disp = ep_kw.get("type", "alltoall")
+    factor = ep_kw.get("buffer_factor", cfg.moe.dispatcher.buffer_factor if layout else None)
+    fast, worst = ep.buffer_rows(disp, chunk_tokens, cfg.moe, n, cfg.moe.num_experts // n, factor)
     t0 = time.perf_counter()
     (_, dropped), _ = jax.block_until_ready(step(params, x))
     compile_s = time.perf_counter() - t0
@@ -194,19 +177,18 @@ def check(dispatchers, eps, dtype="float32"):
                   grouped_gemm_backend="auto" if bf16 else "xla")
     cfg = ModelConfig(vocab_size=64, d_model=128 if bf16 else 32, num_layers=1, num_heads=2,
                       num_kv_heads=2, moe=m, dtype=dtype)
-    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
+    params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))[1]
     x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model), jnp.dtype(dtype))
 
     def run(layout, **kw):
+        gd = nnx.split(MoELayer(with_dispatcher(cfg, **kw), rngs=nnx.Rngs(0)))[0]
+
         def loss(params, x):
-            y, _ = nnx.merge(gd, params)(x)
+            y, _ = nnx.merge(gd, params)(x, layout=layout)
             y = y.astype(jnp.float32)
             return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)), y
 
-        def f(params, x):
-            with ep_options(layout, **kw):
-                return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
-        (_, y), g = jax.jit(f)(params, x)
+        (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
         return [y] + jax.tree.leaves(g)
 
     ref = [a.astype(jnp.float32) for a in run(None)]
@@ -214,15 +196,15 @@ def check(dispatchers, eps, dtype="float32"):
                              (jnp.max(jnp.abs(b)) + 1e-30))
     out = []
     for disp in dispatchers:
-        for ep, etp in eps:
-            row = {"dispatcher": disp, "ep": ep, "etp": etp, "dtype": dtype}
+        for n_ep, etp in eps:
+            row = {"dispatcher": disp, "ep": n_ep, "etp": etp, "dtype": dtype}
             try:
-                layout = parallel.make_layout(ParallelConfig(data=-1, expert=ep, expert_tensor=etp), cfg,
-                                              devices=jax.devices()[:ep * etp])
-                base = {k: v for k, v in VARIANTS.get(disp, {"dispatcher": disp}).items()
+                layout = parallel.make_layout(ParallelConfig(data=-1, expert=n_ep, expert_tensor=etp),
+                                              cfg, devices=jax.devices()[:n_ep * etp])
+                base = {k: v for k, v in VARIANTS.get(disp, {"type": disp}).items()
                         if k != "buffer_factor"}
                 kws = [base]
-                if base["dispatcher"] != "allgather":  # both the fast buffer and the worst-case branch
+                if base["type"] != "allgather":  # both the fast buffer and the worst-case branch
                     kws = [dict(base, buffer_factor=2.0), dict(base, buffer_factor=0.25)]
                 errs = [max(rel(a, b) for a, b in zip(run(layout, **kw), ref)) for kw in kws]
                 row.update(max_rel_err=max(errs), ok=max(errs) < CHECK_TOL[dtype])
@@ -255,7 +237,7 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--layers", type=int, default=1,
                     help="MoE layers per timed step (more spread the per-step costs as a model does)")
-    ap.add_argument("--check", nargs="?", const=",".join(ep_dispatch.DISPATCHERS), default="",
+    ap.add_argument("--check", nargs="?", const="alltoall,alltoall_ragged,allgather", default="",
                     help="also check these dispatchers or VARIANTS (comma list; the three dispatchers when given "
                     "alone) vs one device")
     ap.add_argument("--check-dtypes", default="float32,bfloat16",
@@ -294,8 +276,8 @@ def main(argv=None) -> int:
     # all-to-all alone: the fast dropless buffer (2x balanced share) and the worst-case one
     m, t = cfg.moe, args.tokens_per_gpu
     for n in [g for g in gpus if g > 1]:
-        for name, rows in (("fast", n * ep_dispatch._round_up(t * m.router_topk / n * 2.0, 8)),
-                           ("worst", n * ep_dispatch.fixed_capacity(t, m, n))):
+        for name, rows in (("fast", n * ep.round_up(t * m.router_topk / n * 2.0, 8)),
+                           ("worst", n * ep.fixed_capacity(t, m, n))):
             try:
                 row = bench_all_to_all(n, rows, cfg.d_model, jnp.dtype(cfg.dtype), args.iters)
                 row["buffer"] = name
@@ -320,7 +302,7 @@ def main(argv=None) -> int:
             continue
         if disp not in VARIANTS:
             raise SystemExit(f"unknown variant {disp!r}: one of {list(VARIANTS)}")
-        kw = {} if n == 1 else dict(VARIANTS[disp], chunks=chunks)
+        kw = {} if n == 1 else dict(VARIANTS[disp], overlap_chunks=chunks)
         try:
             row = bench_layer(cfg, n, args.tokens_per_gpu, args.seq, args.iters, args.layers, **kw)
         except Exception as e:
@@ -358,9 +340,9 @@ def summarize(res, quiet=False):
         # the exchange the best variant uses, timed alone: a layer's fwd+bwd runs 4 of them
         # (dispatch, combine and their transposes)
         kw = VARIANTS.get(best["variant"].split(":")[0], {})
-        ragged = kw.get("dispatcher") == "alltoall_ragged"
+        ragged = kw.get("type") == "alltoall_ragged"
         impl = f"ragged_{kw.get('ragged_impl', 'pallas')}"
-        a2a = None if kw.get("dispatcher") == "allgather" else next(
+        a2a = None if kw.get("type") == "allgather" else next(
             (a for a in res["all_to_all"] if a["gpus"] == n and "error" not in a and
              (a.get("impl") == impl if ragged else a.get("buffer") == "fast")), None)
         if a2a:

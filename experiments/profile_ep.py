@@ -124,7 +124,7 @@ def collectives(step, *args):
 
 def profile_variant(cfg, name, n, tokens_per_gpu, seq, steps, with_timeline=False,
                     with_collectives=False):
-    kw = {} if n == 1 else dict(bench_ep.VARIANTS[name], chunks=1)
+    kw = {} if n == 1 else dict(bench_ep.VARIANTS[name])
     layout = None if n == 1 else parallel.make_layout(ParallelConfig(data=n, expert=n), cfg,
                                                       devices=jax.devices()[:n])
     step, params, x, _ = bench_ep._layer_step(cfg, layout, n, tokens_per_gpu, seq, **kw)

@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import yaml  # noqa: E402
 
-from moe_jax.checkpoint import Checkpointer, CheckpointError, load_model  # noqa: E402
+from moe_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from moe_jax.runs import load_model  # noqa: E402
 from moe_jax.presets import apply_overrides, build_config, load_raw, to_dict  # noqa: E402
 from moe_jax.train import init_state  # noqa: E402
 from moe_jax.upcycle import plan, upcycle  # noqa: E402

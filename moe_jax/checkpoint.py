@@ -21,7 +21,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 FORMAT = 1
@@ -195,7 +194,7 @@ class Checkpointer:
         self._mgr.close()
 
     # -- restore
-    def _resolve(self, step: int | None) -> int:
+    def resolve(self, step: int | None) -> int:
         steps = self.all_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
@@ -207,7 +206,7 @@ class Checkpointer:
         return step
 
     def metadata(self, step: int | None = None) -> dict:
-        step = self._resolve(step)
+        step = self.resolve(step)
         path = self.directory / str(step) / "meta" / "metadata"
         try:
             meta = json.loads(path.read_text())
@@ -222,7 +221,7 @@ class Checkpointer:
     def restore(self, target, step: int | None = None, *, verify: bool = True):
         """Restore step (default: latest) into the structure, shapes and shardings of `target`
         (arrays or ShapeDtypeStructs with `.sharding`)."""
-        step = self._resolve(step)
+        step = self.resolve(step)
         meta = self.metadata(step)
         flat_t = flatten(abstract_state(target))
         check_compatible(meta["leaves"], flat_t, where=str(self.directory / str(step)))
@@ -268,29 +267,3 @@ def check_compatible(saved: dict[str, dict], flat_target: dict[str, Any], *, whe
         raise CheckpointError(f"checkpoint {where} does not match the model/optimizer being restored "
                               f"(different config?); {len(problems)} differences:\n"
                               + "\n".join(problems[:20]) + more)
-
-
-def load_model(directory: str | Path, step: int | None = None):
-    """(Config, GPT) from a run's checkpoint (the run config is read from the checkpoint itself);
-    `directory` is the checkpoints folder or the run's out_dir that holds `checkpoints/`."""
-    from moe_jax.presets import build_config
-    from moe_jax.model import GPT
-    from moe_jax.train import init_state, split_model
-
-    directory = Path(directory)
-    if (directory / "checkpoints").is_dir():
-        directory = directory / "checkpoints"
-    ck = Checkpointer(directory)
-    step = ck._resolve(step)
-    raw = ck.metadata(step).get("config")
-    if not raw:
-        raise CheckpointError(f"checkpoint {directory / str(step)} carries no run config; "
-                              "it was not written by experiments/train.py")
-    cfg = build_config(raw)
-    make = lambda: GPT(cfg.model, rngs=nnx.Rngs(0))  # noqa: E731
-    graphdef = split_model(nnx.eval_shape(make))[0]
-    abstract = jax.eval_shape(lambda: init_state(make(), cfg.train)[1])
-    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = ck.restore(abstract_state(abstract, jax.tree.map(lambda _: one, abstract)), step)
-    ck.close()
-    return cfg, nnx.merge(graphdef, state.params, state.model_state)

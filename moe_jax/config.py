@@ -13,6 +13,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 DROP_POLICIES = ("probs", "position")
 DISPATCHER_TYPES = ("auto", "alltoall", "alltoall_ragged", "allgather")
+RAGGED_IMPLS = ("auto", "pallas", "xla", "emulate")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "squared_relu")
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,6 +35,35 @@ def _positive(cls: str, obj: Any, *fields: str) -> None:
         v = getattr(obj, f)
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             _fail(cls, f, v, "must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchConfig:
+    """How tokens reach the experts: on one device a local sort; across the `expert` mesh axis one of
+    the EP dispatchers (`moe_jax.ep`). YAML: `moe: {dispatcher: {type: alltoall, ...}}`; overrides:
+    `moe.dispatcher.type=alltoall` (Megatron's `moe.token_dispatcher_type` names the same field)."""
+
+    type: str = "auto"            # auto: alltoall_ragged where its Pallas exchange runs, else alltoall
+    buffer_factor: float | None = 2.0  # dropless EP: fast buffer / balanced share (None: worst case)
+    overlap_chunks: int = 1       # EP: split local tokens so chunk i+1's exchange overlaps chunk i
+    ragged_impl: str = "auto"     # alltoall_ragged exchange: auto | pallas | xla | emulate (CPU tests)
+    expert_major: bool | None = None  # alltoall_ragged: segments per (device, expert); None = auto
+    fallback: bool = True         # dropless EP: take the worst-case buffer when the fast one overflows
+
+    def __post_init__(self):
+        c = "MoEConfig.dispatcher"
+        _choice(c, "type", self.type, DISPATCHER_TYPES)
+        _choice(c, "ragged_impl", self.ragged_impl, RAGGED_IMPLS)
+        _positive(c, self, "overlap_chunks")
+        bf = self.buffer_factor
+        if bf is not None and (isinstance(bf, bool) or not isinstance(bf, (int, float)) or not bf > 0):
+            _fail(c, "buffer_factor", bf, "must be a number > 0, or None for the worst-case buffer")
+        for f in ("fallback",) + (("expert_major",) if self.expert_major is not None else ()):
+            if not isinstance(getattr(self, f), bool):
+                _fail(c, f, getattr(self, f), "must be true or false" +
+                      (" (or null: automatic)" if f == "expert_major" else ""))
+        if self.expert_major and self.type not in ("alltoall_ragged", "auto"):
+            _fail(c, "expert_major", True, f"needs type='alltoall_ragged' (got {self.type!r})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +91,19 @@ class MoEConfig:
     shared_expert_intermediate_size: int | None = None
     shared_expert_gate: bool = False
     layer_freq: int | tuple[int, ...] = 1
-    token_dispatcher_type: str = "auto"  # alltoall_ragged where the Pallas exchange runs, else alltoall
     router_force_load_balancing: bool = False
     # Not Megatron flags, but MoE-layer choices Megatron exposes elsewhere.
     activation: str = "swiglu"
     apply_probs_on_input: bool = False
     grouped_gemm_backend: str = "auto"
+    dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
     def __post_init__(self):
         c = "MoEConfig"
+        if isinstance(self.dispatcher, dict):
+            object.__setattr__(self, "dispatcher", DispatchConfig(**self.dispatcher))
+        if not isinstance(self.dispatcher, DispatchConfig):
+            _fail(c, "dispatcher", self.dispatcher, "must be a DispatchConfig (or a mapping of its fields)")
         if isinstance(self.layer_freq, list):
             object.__setattr__(self, "layer_freq", tuple(self.layer_freq))
         _positive(c, self, "num_experts", "router_topk", "ffn_hidden_size")
@@ -79,7 +113,6 @@ class MoEConfig:
         _choice(c, "router_score_function", self.router_score_function, SCORE_FUNCTIONS)
         _choice(c, "router_load_balancing_type", self.router_load_balancing_type, LOAD_BALANCING_TYPES)
         _choice(c, "token_drop_policy", self.token_drop_policy, DROP_POLICIES)
-        _choice(c, "token_dispatcher_type", self.token_dispatcher_type, DISPATCHER_TYPES)
         _choice(c, "router_dtype", self.router_dtype, ROUTER_DTYPES)
         _choice(c, "activation", self.activation, ACTIVATIONS)
         _choice(c, "grouped_gemm_backend", self.grouped_gemm_backend, GEMM_BACKENDS)
@@ -134,6 +167,11 @@ class MoEConfig:
     @property
     def shared_size(self) -> int:
         return self.shared_expert_intermediate_size or 0
+
+    @property
+    def token_dispatcher_type(self) -> str:
+        """Megatron's `--moe-token-dispatcher-type`: `dispatcher.type`."""
+        return self.dispatcher.type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,19 +303,13 @@ class ParallelConfig:
     tensor: int = 1
     expert: int = 1
     expert_tensor: int = 1     # ETP: the expert hidden dim split over this many devices (MoE mesh)
-    moe_overlap_chunks: int = 1  # EP: split local tokens so chunk i+1's all-to-all overlaps chunk i
-    # EP, dropless alltoall/alltoall_ragged: fast receive buffer as a multiple of the balanced share
-    # (a larger fill falls back to the worst-case buffer; 1.25 was faster on 4 H200, 2.0 on 2)
-    moe_buffer_factor: float = 2.0
 
     def __post_init__(self):
         for f in ("data", "fsdp", "tensor", "expert"):
             v = getattr(self, f)
             if not isinstance(v, int) or (v <= 0 and v != -1):
                 _fail("ParallelConfig", f, v, "must be a positive integer or -1 (fill)")
-        _positive("ParallelConfig", self, "expert_tensor", "moe_overlap_chunks")
-        if not isinstance(self.moe_buffer_factor, (int, float)) or not self.moe_buffer_factor > 0:
-            _fail("ParallelConfig", "moe_buffer_factor", self.moe_buffer_factor, "must be a number > 0")
+        _positive("ParallelConfig", self, "expert_tensor")
         if sum(getattr(self, f) == -1 for f in ("data", "fsdp", "tensor", "expert")) > 1:
             raise ValueError("ParallelConfig: at most one axis may be -1 (fill)")
 
@@ -294,6 +326,12 @@ class Config:
         if self.train.seq_len > self.model.max_seq_len:
             _fail("TrainConfig", "seq_len", self.train.seq_len,
                   f"must be <= model.max_seq_len ({self.model.max_seq_len})")
+
+
+def with_dispatcher(cfg: ModelConfig, **fields) -> ModelConfig:
+    """`cfg` with `moe.dispatcher` fields replaced (e.g. `type="allgather", overlap_chunks=2`)."""
+    dc = dataclasses.replace(cfg.moe.dispatcher, **fields)
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatcher=dc))
 
 
 def capacity(num_tokens: int, cfg: MoEConfig) -> int | None:

@@ -1,62 +1,109 @@
-"""Token dispatch on one device: permute (token, slot) assignments into expert-contiguous rows and back.
+"""How tokens reach the experts: the dispatcher contract, and the single-device dispatcher.
 
-Assignments dropped by capacity sort after every kept row, so `ops.grouped_matmul` (which zeroes rows
-past `sum(group_sizes)`) gives them zero output. With `pad_expert_input_to_capacity` every expert gets
-a buffer of exactly `capacity` rows (fixed shapes; padding rows are zero and never read back).
+A dispatcher moves each token's k assignments into rows grouped by expert, and the experts' outputs
+back (shape letters: `moe_jax` module docstring):
+
+    rows_RD, group_sizes_L, handle = dispatcher.dispatch(x_TD, assignment)
+    y_TD = dispatcher.combine(experts(rows_RD, group_sizes_L), handle)
+
+`group_sizes_L` counts the rows of each expert held where the rows are (rows past their sum are
+padding: the experts give them zero output, combine never reads them); `handle` is the frozen
+metadata combine needs, and `handle.dropped` the assignments dropped on the way (beyond the router's
+own capacity). `combine` weights each output by its gate and sums over the k slots.
+
+`LocalDispatcher` sorts on one device. The expert-parallel dispatchers (`moe_jax.ep`) exchange rows
+over the `expert` mesh axis inside `shard_map`; they sort their own tokens with the same
+`sort_rows` / `unsort_rows` first and last.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import Routing
+from moe_jax.routing import Assignment
+from ops import permute as ops_permute
 
 
 @flax.struct.dataclass
 class Permutation:
-    """Where each flat (token, slot) assignment lives in the expert-sorted buffer."""
+    """Where each flat (token, slot) assignment lives in the expert-sorted buffer, and back."""
 
-    dest: jax.Array         # [T*k] int32 row in the buffer; == buffer rows (out of range) if dropped
+    dest: jax.Array         # [T, k] int32 buffer row of each assignment; >= num_rows if dropped
+    src: jax.Array          # [num_rows] int32 flat assignment of each row; >= T*k for padding
     group_sizes: jax.Array  # [E] int32 rows per expert in the buffer
     num_rows: int = flax.struct.field(pytree_node=False)
 
 
-def permute(x_TD: jax.Array, routing: Routing, *, capacity: int | None = None
-            ) -> tuple[jax.Array, Permutation]:
-    """Gather token rows into expert-sorted order. `capacity` (when given) pads each expert to it."""
-    t, k = routing.experts.shape
-    e = routing.tokens_per_expert.shape[0]
-    flat_e = jnp.where(routing.kept, routing.experts, e).reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)              # sorted row -> flat assignment
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(t * k, dtype=order.dtype))  # its inverse
+def sort_by_expert(a: Assignment, *, capacity: int | None = None) -> Permutation:
+    """The buffer layout: assignments sorted by expert, dropped ones after every kept row (they get
+    zero expert output). With `capacity` every expert gets exactly `capacity` rows (fixed shapes;
+    padding rows are zero and never read back)."""
+    t, k = a.experts.shape
+    e = a.num_experts
+    flat_e = jnp.where(a.kept, a.experts, e).reshape(-1)
+    order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)   # sorted row -> flat assignment
+    rank = ops_permute.inverse(order, t * k)                      # flat assignment -> sorted row
     if capacity is None:
-        x_ND = jnp.take(x_TD, order // k, axis=0)
-        return x_ND, Permutation(dest=rank, group_sizes=routing.tokens_per_expert, num_rows=t * k)
-    starts = jnp.cumsum(routing.tokens_per_expert) - routing.tokens_per_expert
+        return Permutation(dest=rank.reshape(t, k), src=order, group_sizes=a.tokens_per_expert,
+                           num_rows=t * k)
+    starts = jnp.cumsum(a.tokens_per_expert) - a.tokens_per_expert
     pos_in_expert = rank - starts[jnp.minimum(flat_e, e - 1)]
     n = e * capacity
-    dest = jnp.where(flat_e < e, flat_e * capacity + pos_in_expert, n)
-    token = jnp.arange(t * k) // k
-    x_ND = jnp.zeros((n, x_TD.shape[1]), x_TD.dtype).at[dest].set(x_TD[token], mode="drop")
-    sizes = jnp.full((e,), capacity, jnp.int32)
-    return x_ND, Permutation(dest=dest, group_sizes=sizes, num_rows=n)
+    dest = jnp.where(flat_e < e, flat_e * capacity + pos_in_expert, n).astype(jnp.int32)
+    return Permutation(dest=dest.reshape(t, k), src=ops_permute.inverse(dest, n),
+                       group_sizes=jnp.full((e,), capacity, jnp.int32), num_rows=n)
 
 
-def unpermute(y_ND: jax.Array, perm: Permutation, routing: Routing, *, apply_weights: bool = True
+def sort_rows(x_TD: jax.Array, a: Assignment, *, probs_on_input: bool = False,
+              capacity: int | None = None) -> tuple[jax.Array, Permutation]:
+    """A device's own assignments as token rows sorted by expert (`sort_by_expert`); with
+    `probs_on_input` each row already multiplied by its gate (Megatron's
+    `moe_apply_probs_on_input`, top-1). Gradients are gathers (`ops.permute`)."""
+    perm = sort_by_expert(a, capacity=capacity)
+    gates = a.weights if probs_on_input else None
+    return ops_permute.permute(x_TD, perm.dest, perm.src, gates), perm
+
+
+def unsort_rows(y_RD: jax.Array, perm: Permutation, a: Assignment, *, probs_on_input: bool = False
+                ) -> jax.Array:
+    """Inverse of `sort_rows`: each token's rows summed over its k slots, weighted by the gates
+    (by `kept` alone when they were applied on the input); dropped slots add nothing."""
+    w = a.kept.astype(jnp.float32) if probs_on_input else a.weights
+    return ops_permute.unpermute(y_RD, perm.dest, perm.src, w)
+
+
+def permute(x_TD: jax.Array, a: Assignment, *, capacity: int | None = None
+            ) -> tuple[jax.Array, Permutation]:
+    """Token rows in expert-sorted order (`sort_rows` without gates)."""
+    return sort_rows(x_TD, a, capacity=capacity)
+
+
+def unpermute(y_RD: jax.Array, perm: Permutation, a: Assignment, *, apply_weights: bool = True
               ) -> jax.Array:
-    """Bring expert outputs back to token order and sum over the k slots (weighted by the gates)."""
-    t, k = routing.experts.shape
-    y_flat = jnp.take(y_ND, perm.dest, axis=0, mode="fill", fill_value=0)  # dropped -> 0
-    y_TkD = y_flat.reshape(t, k, -1).astype(jnp.float32)
-    if apply_weights:
-        y_TkD = y_TkD * routing.weights[..., None].astype(jnp.float32)
-    else:
-        y_TkD = y_TkD * routing.kept[..., None]
-    return y_TkD.sum(1).astype(y_ND.dtype)
+    """Expert outputs back in token order, summed over the k slots (weighted by the gates)."""
+    return unsort_rows(y_RD, perm, a, probs_on_input=not apply_weights)
 
 
-def sorted_weights(routing: Routing, perm: Permutation) -> jax.Array:
-    """Gate weight of each buffer row ([num_rows], 0 for padding) — for probs applied on the input."""
-    w = routing.weights.reshape(-1)
-    return jnp.zeros((perm.num_rows,), w.dtype).at[perm.dest].set(w, mode="drop")
+@flax.struct.dataclass
+class LocalHandle:
+    perm: Permutation
+    assignment: Assignment
+    dropped: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalDispatcher:
+    """One device: sort by expert (padded to `capacity` rows per expert when given), and back."""
+
+    capacity: int | None = None
+    probs_on_input: bool = False
+
+    def dispatch(self, x_TD: jax.Array, a: Assignment):
+        rows_RD, perm = sort_rows(x_TD, a, probs_on_input=self.probs_on_input, capacity=self.capacity)
+        return rows_RD, perm.group_sizes, LocalHandle(perm, a, jnp.zeros((), jnp.int32))
+
+    def combine(self, y_RD: jax.Array, h: LocalHandle) -> jax.Array:
+        return unsort_rows(y_RD, h.perm, h.assignment, probs_on_input=self.probs_on_input)

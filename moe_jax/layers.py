@@ -49,9 +49,10 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             xf = xf - xf.mean(-1, keepdims=True)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
+        lead = (1,) * (x.ndim - 1)
+        y = y * self.scale[...].astype(jnp.float32).reshape(lead + (-1,))
         if self.kind == "layernorm":
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + self.bias[...].astype(jnp.float32).reshape(lead + (-1,))
         return y.astype(x.dtype)
 
 

@@ -23,7 +23,7 @@ def apply_rope(x_BSNH: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.A
     h = x_BSNH.shape[-1] // 2
     xf = x_BSNH.astype(jnp.float32)
     rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
-    out = xf * cos_SH[:, None, :] + rot * sin_SH[:, None, :]
+    out = xf * cos_SH[None, :, None, :] + rot * sin_SH[None, :, None, :]
     return out.astype(x_BSNH.dtype)
 
 
@@ -48,7 +48,7 @@ class Attention(nnx.Module):
     def _proj(self, x, w, b, norm):
         y = jnp.einsum("bsd,dnh->bsnh", x, w[...].astype(self.dtype))
         if b is not None:
-            y = y + b[...].astype(self.dtype)
+            y = y + b[...].astype(self.dtype)[None, None]
         return y if norm is None else norm(y)
 
     def __call__(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
@@ -71,18 +71,19 @@ class Block(nnx.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.mlp = MoELayer(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.ffn_hidden_size, rngs=rngs)
 
-    def __call__(self, x_BSD, cos_SH, sin_SH, rng=None):
+    def __call__(self, x_BSD, cos_SH, sin_SH, rng=None, layout=None):
         x = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH)
         h = self.mlp_norm(x)
         if self.is_moe:
-            y, aux = self.mlp(h, rng=rng)
+            y, aux = self.mlp(h, rng=rng, layout=layout)
         else:
             y, aux = self.mlp(h), None
         return x + y.astype(x.dtype), aux
 
 
 class GPT(nnx.Module):
-    """Decoder-only LM. `__call__(tokens[B,S]) -> (logits[B,S,V], aux)`.
+    """Decoder-only LM. `__call__(tokens[B,S], *, rng, layout) -> (logits[B,S,V], aux)`; `layout`
+    shards the MoE layers across its MoE mesh (see `MoELayer`).
 
     aux: `losses` (each router loss summed over MoE layers), and per MoE layer (stacked, [L_moe, ...]):
     `tokens_per_expert`, `routed_counts`, `dropped`.
@@ -98,14 +99,15 @@ class GPT(nnx.Module):
                         param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                               cfg.param_dtype))
 
-    def __call__(self, tokens_BS: jax.Array, *, rng: jax.Array | None = None):
+    def __call__(self, tokens_BS: jax.Array, *, rng: jax.Array | None = None, layout=None):
         cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
         x = jnp.take(self.embed_VD[...], tokens_BS, axis=0).astype(dt)
         cos, sin = rope_tables(tokens_BS.shape[1], cfg.head_dim_, cfg.rope_theta)
         layer_aux = []
         for i, block in enumerate(self.blocks):
             r = None if rng is None else jax.random.fold_in(rng, i)
-            x, aux = (_remat_call if cfg.remat else type(block).__call__)(block, x, cos, sin, r)
+            call = _remat_call if cfg.remat else type(block).__call__
+            x, aux = call(block, x, cos, sin, r, layout=layout)
             if aux is not None:
                 layer_aux.append(aux)
         x = self.final_norm(x)
@@ -114,12 +116,12 @@ class GPT(nnx.Module):
         return logits, collect_aux(layer_aux)
 
 
-def _remat_call(block, *args):
+def _remat_call(block, *args, layout=None):
     """block(*args) with its activations recomputed in the backward pass: a pure jax.checkpoint
     over the block's state. A block's forward mutates no state, so none is written back (nnx.remat
     writes every Variable back, and raised TraceContextError on an ExpertBias traced outside it)."""
     graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a))(state, *args)
+    return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a, layout=layout))(state, *args)
 
 
 def collect_aux(layer_aux: list[dict]) -> dict:

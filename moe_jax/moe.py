@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import dispatch, ep_dispatch, parallel
+from moe_jax import ep, parallel
 from moe_jax.config import ModelConfig, capacity
+from moe_jax.dispatch import LocalDispatcher
 from moe_jax.experts import GroupedExperts
 from moe_jax.layers import MLP, param
 from moe_jax.router import TopKRouter
@@ -29,11 +30,22 @@ class SharedExperts(nnx.Module):
         return y
 
 
-class MoELayer(nnx.Module):
-    """Mixture-of-Experts feed-forward. `__call__(x[B,S,D]) -> (y[B,S,D], aux)`.
+def routed(dispatcher, x_TD: jax.Array, assignment, experts) -> tuple[jax.Array, jax.Array]:
+    """dispatch → experts → combine: each token's gate-weighted sum of its experts' outputs, and the
+    assignments the dispatcher dropped. Runs where the rows are: on one device, or on every device
+    (and chunk) of the MoE mesh under expert parallelism."""
+    rows_RD, group_sizes, handle = dispatcher.dispatch(x_TD, assignment)
+    y_RD = experts(rows_RD, group_sizes)
+    return dispatcher.combine(y_RD, handle), handle.dropped
 
-    `aux` holds `losses` (scaled router losses), `tokens_per_expert` [E] (kept),
-    `routed_counts` [E] (before dropping) and `dropped`.
+
+class MoELayer(nnx.Module):
+    """Mixture-of-Experts feed-forward. `__call__(x[B,S,D], *, rng, layout) -> (y[B,S,D], aux)`.
+
+    `layout` (a `parallel.Layout`) runs the routed experts across its MoE mesh (`moe_jax.ep`); without
+    one the layer runs on one device (and refuses an active multi-device mesh rather than ignore it).
+    `aux` holds `losses` (scaled router losses), `tokens_per_expert` [E] (kept), `routed_counts` [E]
+    (before dropping) and `dropped`.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, experts_cls=GroupedExperts):
@@ -43,30 +55,23 @@ class MoELayer(nnx.Module):
         self.experts = experts_cls(cfg, rngs=rngs)
         self.shared = SharedExperts(cfg, rngs=rngs) if cfg.moe.shared_expert_intermediate_size else None
 
-    def __call__(self, x_BSD: jax.Array, *, rng: jax.Array | None = None):
+    def __call__(self, x_BSD: jax.Array, *, rng: jax.Array | None = None,
+                 layout: parallel.Layout | None = None):
         b, s, d = x_BSD.shape
-        x_BSD = parallel.pin_batch(x_BSD)  # no-op without a mesh
-        x_TD = x_BSD.reshape(b * s, d).astype(self.dtype)
+        x_TD = parallel.pin_batch(x_BSD, layout).reshape(b * s, d).astype(self.dtype)
         routing = self.router(x_TD, seq_len=s, rng=rng)
-        y_TD, ep_dropped = self.routed_experts(x_TD, routing)  # dispatch → experts → combine
-
+        if layout is not None and layout.num_devices > 1:
+            y_TD, dropped = ep.run(routed, x_TD, routing.assignment, self.experts, self.cfg, layout)
+        else:
+            parallel.check_no_active_mesh("MoELayer")
+            y_TD, dropped = routed(self.local_dispatcher(b * s), x_TD, routing.assignment, self.experts)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         aux = {"losses": routing.losses, "tokens_per_expert": routing.tokens_per_expert,
-               "routed_counts": routing.routed_counts, "dropped": routing.dropped + ep_dropped}
-        return parallel.pin_batch(y_TD.reshape(b, s, d)), aux
+               "routed_counts": routing.routed_counts, "dropped": routing.dropped + dropped}
+        return parallel.pin_batch(y_TD.reshape(b, s, d), layout), aux
 
-    def routed_experts(self, x_TD: jax.Array, routing) -> tuple[jax.Array, jax.Array]:
-        """Weighted sum of the chosen experts' outputs per token, and the assignments dropped on the
-        way (beyond the router's own): a local permute on one device, else the EP dispatcher
-        (`token_dispatcher_type`) over the `expert` mesh axis."""
-        layout = parallel.current_layout()
-        if layout is not None and layout.num_devices > 1:
-            return ep_dispatch.moe_ffn(x_TD, routing, *self.experts.weights(), layout, self.cfg)
-        cap = capacity(x_TD.shape[0], self.cfg) if self.cfg.pad_expert_input_to_capacity else None
-        x_ND, perm = dispatch.permute(x_TD, routing, capacity=cap)
-        if self.cfg.apply_probs_on_input:
-            x_ND = (x_ND * dispatch.sorted_weights(routing, perm)[:, None]).astype(self.dtype)
-        y_ND = self.experts(x_ND, perm.group_sizes)
-        y_TD = dispatch.unpermute(y_ND, perm, routing, apply_weights=not self.cfg.apply_probs_on_input)
-        return y_TD, jnp.zeros((), jnp.int32)
+    def local_dispatcher(self, tokens: int) -> LocalDispatcher:
+        """The single-device dispatcher: a sort by expert, padded to capacity when asked."""
+        cap = capacity(tokens, self.cfg) if self.cfg.pad_expert_input_to_capacity else None
+        return LocalDispatcher(capacity=cap, probs_on_input=self.cfg.apply_probs_on_input)

@@ -12,8 +12,6 @@ mesh axes, and the name set decides the mesh (`exp`, `embed_moe`, `mlp_moe` → 
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 from typing import Any, Sequence
@@ -48,8 +46,6 @@ class Layout:
 
     mesh: Mesh       # (data, fsdp, tensor)
     moe_mesh: Mesh   # (edata, expert, etensor)
-    overlap_chunks: int = 1
-    buffer_factor: float = 2.0  # ParallelConfig.moe_buffer_factor
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -106,8 +102,7 @@ def resolve_sizes(pc: ParallelConfig, num_devices: int) -> dict[str, int]:
 
 
 def check_layout(sizes: dict[str, int], model: ModelConfig | None = None,
-                 batch_size: int | None = None, seq_len: int | None = None,
-                 overlap_chunks: int = 1) -> None:
+                 batch_size: int | None = None, seq_len: int | None = None) -> None:
     """Fail with a clear ValueError on a layout the model or batch cannot use (before any compile)."""
     tp, fsdp, ep, etp = sizes["tensor"], sizes["fsdp"], sizes["expert"], sizes["etensor"]
     if model is not None:
@@ -130,17 +125,16 @@ def check_layout(sizes: dict[str, int], model: ModelConfig | None = None,
                 raise _err("expert_tensor", etp, f"must divide moe.ffn_hidden_size ({m.ffn_hidden_size})")
             if m.shared_size and m.shared_size % tp:
                 raise _err("tensor", tp, f"must divide shared_expert_intermediate_size ({m.shared_size})")
-            if m.token_dispatcher_type == "alltoall_ragged" and ep > 1 \
-                    and jax.devices()[0].platform == "cpu":
-                raise ValueError("MoEConfig.token_dispatcher_type='alltoall_ragged' needs GPUs: XLA:CPU "
-                                 "does not implement ragged_all_to_all; use 'alltoall' or 'allgather'")
+            from moe_jax.ep import check  # the EP runner imports this module
+            check(m.dispatcher, ep)
     if batch_size is not None:
         shards = sizes["data"] * sizes["fsdp"]
         if batch_size % shards:
             raise ValueError(f"TrainConfig.batch_size={batch_size} is invalid: must be divisible by "
                              f"data*fsdp = {shards}")
         if seq_len is not None:
-            tok = sizes["edata"] * sizes["expert"] * overlap_chunks
+            chunks = model.moe.dispatcher.overlap_chunks if model is not None and model.moe else 1
+            tok = sizes["edata"] * sizes["expert"] * chunks
             if (batch_size * seq_len) % tok:
                 raise ValueError(f"tokens per step {batch_size}*{seq_len} must be divisible by "
                                  f"edata*expert*overlap_chunks = {tok}")
@@ -152,31 +146,22 @@ def make_layout(pc: ParallelConfig = ParallelConfig(), model: ModelConfig | None
     """Build (and validate) both meshes over `devices` (default: all devices of all hosts)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_sizes(pc, len(devices))
-    chunks = pc.moe_overlap_chunks
-    check_layout(sizes, model, batch_size, seq_len, chunks)
+    check_layout(sizes, model, batch_size, seq_len)
     arr = np.asarray(devices, dtype=object)
     mesh = Mesh(arr.reshape([sizes[a] for a in DENSE_AXES]), DENSE_AXES)
     moe_mesh = Mesh(arr.reshape([sizes[a] for a in MOE_AXES]), MOE_AXES)
-    return Layout(mesh=mesh, moe_mesh=moe_mesh, overlap_chunks=chunks,
-                  buffer_factor=float(pc.moe_buffer_factor))
+    return Layout(mesh=mesh, moe_mesh=moe_mesh)
 
 
-# ------------------------------------------------------------------ the active layout (trace time)
-_ACTIVE: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("moe_jax_layout", default=None)
-
-
-@contextlib.contextmanager
-def use_layout(layout: Layout | None):
-    """Make `layout` the one that modules (MoELayer) shard across while traced inside this block."""
-    token = _ACTIVE.set(layout)
-    try:
-        yield layout
-    finally:
-        _ACTIVE.reset(token)
-
-
-def current_layout() -> Layout | None:
-    return _ACTIVE.get()
+def check_no_active_mesh(where: str) -> None:
+    """Called where no layout was given: an active mesh (`jax.set_mesh`) outside shard_map would
+    otherwise be silently ignored by the layers that shard by their layout."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1 and not all(
+            t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+        raise ValueError(f"{where}: called under an active {mesh.size}-device mesh "
+                         f"{dict(mesh.shape)} without a layout; pass layout=parallel.make_layout(...) "
+                         "to shard across it (or call it outside the mesh for one device)")
 
 
 # ------------------------------------------------------------------ logical names -> shardings
@@ -236,9 +221,8 @@ def batch_sharding(layout: Layout) -> NamedSharding:
     return NamedSharding(layout.mesh, spec(("act_batch", None)))
 
 
-def constrain(x: jax.Array, names: Sequence[str | None], layout: Layout | None = None) -> jax.Array:
-    """`with_sharding_constraint` by logical names; a no-op without an active layout."""
-    layout = layout or current_layout()
+def constrain(x: jax.Array, names: Sequence[str | None], layout: Layout | None) -> jax.Array:
+    """`with_sharding_constraint` by logical names; a no-op without a layout."""
     if layout is None:
         return x
     return jax.lax.with_sharding_constraint(x, sharding(names, layout, x.shape))
@@ -264,11 +248,10 @@ def put_batch(batch: dict, layout: Layout) -> dict:
             for k, v in batch.items()}
 
 
-def pin_batch(x: jax.Array) -> jax.Array:
+def pin_batch(x: jax.Array, layout: Layout | None) -> jax.Array:
     """Pin an activation [B, ...] to the batch sharding when the dense mesh has TP: the MoE mesh
     splits tokens over devices that TP replicates, and without the pin XLA may replicate whole
     tensors to switch meshes. A no-op otherwise (where the two layouts already agree)."""
-    layout = current_layout()
     if layout is None or layout.mesh.shape["tensor"] == 1:
         return x
     return constrain(x, ("act_batch",) + (None,) * (x.ndim - 1), layout)

@@ -1,4 +1,11 @@
-"""YAML presets (experiments/configs/*.yaml) and `section.key=value` overrides -> a validated `Config`."""
+"""YAML presets (package data: `moe_jax/configs/*.yaml`) and `section.key=value` overrides -> a
+validated `Config`.
+
+Sections: `model`, `moe`, `train`, `parallel`; `moe.dispatcher` is a nested mapping
+(`moe.dispatcher.type=alltoall`). Megatron's and earlier spellings are accepted and moved to their
+place: `moe.token_dispatcher_type` -> `moe.dispatcher.type`, `parallel.moe_overlap_chunks` ->
+`moe.dispatcher.overlap_chunks`, `parallel.moe_buffer_factor` -> `moe.dispatcher.buffer_factor`.
+"""
 from __future__ import annotations
 
 import ast
@@ -9,15 +16,32 @@ from typing import Any, Sequence
 
 import yaml
 
-from moe_jax.config import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
+from moe_jax.config import (Config, DispatchConfig, ModelConfig, MoEConfig, ParallelConfig,
+                            TrainConfig)
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "train": TrainConfig, "parallel": ParallelConfig}
+NESTED = {("moe", "dispatcher"): DispatchConfig}  # (section, field) -> the dataclass of its mapping
+# other spellings of a field -> (section, its path there)
+ALIASES = {("moe", "token_dispatcher_type"): ("moe", "dispatcher.type"),
+           ("parallel", "moe_overlap_chunks"): ("moe", "dispatcher.overlap_chunks"),
+           ("parallel", "moe_buffer_factor"): ("moe", "dispatcher.buffer_factor")}
 
 
 def _field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
+
+
+def _keys(section: str) -> list[str]:
+    """Every key a section takes: its fields, `field.sub` for nested ones, and the aliases."""
+    out = []
+    for name in _field_names(SECTIONS[section]):
+        if name == "moe":
+            continue
+        nested = NESTED.get((section, name))
+        out += [f"{name}.{sub}" for sub in _field_names(nested)] if nested else [name]
+    return out + [k for s, k in ALIASES if s == section]
 
 
 def _unknown(section: str, key: str, known: Sequence[str]) -> ValueError:
@@ -27,10 +51,74 @@ def _unknown(section: str, key: str, known: Sequence[str]) -> ValueError:
 
 
 def _check_keys(section: str, values: dict) -> None:
-    known = [k for k in _field_names(SECTIONS[section]) if k != "moe"]
-    for k in values:
-        if k not in known:
+    known = _keys(section)
+    for k, v in values.items():
+        nested = NESTED.get((section, k))
+        if nested is not None:
+            if not isinstance(v, dict):
+                raise ValueError(f"{section}.{k} must be a mapping of {_field_names(nested)}, "
+                                 f"got {v!r}")
+            for sub in v:
+                if f"{k}.{sub}" not in known:
+                    raise _unknown(section, f"{k}.{sub}", known)
+        elif k not in known:
             raise _unknown(section, k, known)
+
+
+def _set(raw: dict, section: str, key: str, value: Any) -> None:
+    """raw[section][key] = value, with `key` a field or `field.sub` of a nested mapping."""
+    sec = raw.setdefault(section, {})
+    if sec is None:
+        sec = raw[section] = {}
+    head, _, sub = key.partition(".")
+    if sub:
+        sec[head] = dict(sec.get(head) or {})
+        sec[head][sub] = value
+    else:
+        sec[key] = value
+
+
+def _locate(key: str) -> tuple[str, str]:
+    """(section, key there) of an override key: `section.key`, `section.field.sub`, or a bare key
+    (or `field.sub`) that exactly one section has; an alias resolves to its field."""
+    head, _, rest = key.partition(".")
+    if head in SECTIONS and rest:
+        section, name = head, rest
+    else:
+        owners = {s: k for s in SECTIONS for k in _keys(s) if k == key or k.endswith("." + key)}
+        if not owners:
+            if rest:
+                raise _unknown("<section>", head, list(SECTIONS))
+            raise _unknown("<any>", key, sorted({k for s in SECTIONS for k in _keys(s)}))
+        if len(owners) > 1:
+            raise ValueError(f"override key {key!r} is ambiguous; write one of "
+                             f"{[s + '.' + k for s, k in owners.items()]}")
+        section, name = next(iter(owners.items()))
+    if name not in _keys(section):
+        raise _unknown(section, name, _keys(section))
+    return ALIASES.get((section, name), (section, name))
+
+
+def _resolve_aliases(raw: dict) -> dict:
+    """Move aliased keys to their field (a clash with the field itself is an error)."""
+    raw = {s: (dict(v) if isinstance(v, dict) else v) for s, v in raw.items()}
+    for (section, key), (to_section, path) in ALIASES.items():
+        values = raw.get(section)
+        if not isinstance(values, dict) or key not in values:
+            continue
+        value = values.pop(key)
+        head, _, sub = path.partition(".")
+        if sub in ((raw.get(to_section) or {}).get(head) or {}):
+            raise ValueError(f"{section}.{key} and {to_section}.{path} name the same setting; "
+                             f"give only {to_section}.{path}")
+        if to_section not in raw or raw[to_section] is None:
+            default = getattr(DispatchConfig(), sub)
+            if value == default:  # an earlier dense run's saved default: nothing to move
+                continue
+            raise ValueError(f"{section}.{key}={value!r} needs a `{to_section}` section "
+                             f"(it sets {to_section}.{path})")
+        _set(raw, to_section, path, value)
+    return raw
 
 
 def _parse_value(text: str) -> Any:
@@ -66,21 +154,8 @@ def apply_overrides(raw: dict[str, dict], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. moe.router_topk=4)")
         key, text = item.split("=", 1)
-        if "." in key:
-            section, name = key.split(".", 1)
-            if section not in SECTIONS:
-                raise _unknown("<section>", section, list(SECTIONS))
-        else:
-            owners = [s for s, cls in SECTIONS.items() if key in _field_names(cls) and key != "moe"]
-            if not owners:
-                all_keys = sorted({k for cls in SECTIONS.values() for k in _field_names(cls)})
-                raise _unknown("<any>", key, all_keys)
-            if len(owners) > 1:
-                raise ValueError(f"override key {key!r} is ambiguous; write one of "
-                                 f"{[o + '.' + key for o in owners]}")
-            section, name = owners[0], key
-        _check_keys(section, {name: None})
-        raw.setdefault(section, {})[name] = _parse_value(text)
+        section, name = _locate(key)
+        _set(raw, section, name, _parse_value(text))
     return raw
 
 
@@ -89,6 +164,7 @@ def build_config(raw: dict[str, dict]) -> Config:
     for s in raw:
         if s not in SECTIONS:
             raise _unknown("<section>", s, list(SECTIONS))
+    raw = _resolve_aliases(raw)
     for s, values in raw.items():
         _check_keys(s, values or {})
     moe_raw = raw.get("moe")
@@ -103,13 +179,18 @@ def build_config(raw: dict[str, dict]) -> Config:
                   parallel=ParallelConfig(**(raw.get("parallel") or {})))
 
 
+def preset_names() -> list[str]:
+    """The presets shipped with the package."""
+    return sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+
+
 def preset_path(name: str) -> Path:
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.exists():
         return p
     p = PRESET_DIR / f"{name}.yaml"
     if not p.exists():
-        names = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+        names = preset_names()
         hint = difflib.get_close_matches(name, names, n=1)
         raise ValueError(f"unknown preset {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
                          + f"; available: {names}")
@@ -125,7 +206,7 @@ def load_raw(name: str) -> dict[str, dict]:
 
 
 def load_config(name: str = "tiny_moe", overrides: Sequence[str] = ()) -> Config:
-    """Load a preset (name under experiments/configs/ or a .yaml path) and apply overrides."""
+    """Load a preset (a name from `preset_names()` or a .yaml path) and apply overrides."""
     raw = load_raw(name)
     for s in raw:
         if s not in SECTIONS:

@@ -17,16 +17,49 @@ _EPS = 1e-20  # Megatron's guard in the sum-normalisation of sigmoid-like scores
 
 
 @flax.struct.dataclass
-class Routing:
-    """The router's decision for T tokens over E experts, k slots each."""
+class Assignment:
+    """Which k experts each of T tokens goes to, with which gate weight: what the dispatchers move
+    (one pytree; it crosses `shard_map` whole)."""
 
     weights: jax.Array            # [T,k] gate values (router dtype); exactly 0 where dropped
     experts: jax.Array            # [T,k] int32 chosen experts, distinct per token
     kept: jax.Array               # [T,k] bool; False where dropped by capacity
     tokens_per_expert: jax.Array  # [E] int32 kept assignments per expert
+
+    @classmethod
+    def of(cls, weights_Tk, experts_Tk, kept_Tk, num_experts: int) -> "Assignment":
+        """An assignment with its per-expert counts computed from `kept`."""
+        return cls(weights=weights_Tk, experts=experts_Tk, kept=kept_Tk,
+                   tokens_per_expert=expert_counts(experts_Tk, num_experts, kept_Tk))
+
+    @property
+    def num_experts(self) -> int:
+        return self.tokens_per_expert.shape[0]
+
+    def recount(self) -> "Assignment":
+        """The same assignment with counts of its own tokens (a shard's or a chunk's)."""
+        return Assignment.of(self.weights, self.experts, self.kept, self.num_experts)
+
+    def rows(self, start: int, stop: int) -> "Assignment":
+        """Tokens [start, stop) with their counts."""
+        sl = slice(start, stop)
+        return Assignment.of(self.weights[sl], self.experts[sl], self.kept[sl], self.num_experts)
+
+
+@flax.struct.dataclass
+class Routing:
+    """The router's decision for T tokens over E experts (the `assignment`) and its statistics."""
+
+    assignment: Assignment
     dropped: jax.Array            # int32 scalar: dropped (token, slot) assignments
     losses: dict                  # name -> scalar, already multiplied by its coefficient
     routed_counts: jax.Array      # [E] int32 assignments per expert before dropping
+
+    weights = property(lambda self: self.assignment.weights)
+    experts = property(lambda self: self.assignment.experts)
+    kept = property(lambda self: self.assignment.kept)
+    tokens_per_expert = property(lambda self: self.assignment.tokens_per_expert)
+    num_experts = property(lambda self: self.assignment.num_experts)
 
 
 def router_dtype(cfg: MoEConfig):
@@ -79,7 +112,7 @@ def topk_experts(sel_TE: jax.Array, cfg: MoEConfig) -> jax.Array:
 def gates(logits_TE: jax.Array, cfg: MoEConfig, expert_bias=None) -> tuple[jax.Array, jax.Array]:
     """(weights[T,k], experts[T,k]) before capacity. The bias only steers the choice."""
     fn, k = cfg.router_score_function, cfg.router_topk
-    bias = 0.0 if expert_bias is None else expert_bias.astype(logits_TE.dtype)
+    bias = 0.0 if expert_bias is None else expert_bias.astype(logits_TE.dtype)[None, :]
     if fn == "softmax" and cfg.router_pre_softmax:
         probs_TE = jax.nn.softmax(logits_TE, axis=-1)
         experts = topk_experts(probs_TE + bias, cfg)
@@ -222,9 +255,9 @@ def route(logits_TE: jax.Array, cfg: MoEConfig, *, expert_bias=None, rng=None, s
         weights = jnp.where(kept, weights, jnp.zeros((), weights.dtype))
         tokens_per_expert = expert_counts(experts, E, kept)
         dropped = (T * cfg.router_topk - kept.sum()).astype(jnp.int32)
-    return Routing(weights=weights, experts=experts, kept=kept,
-                   tokens_per_expert=tokens_per_expert, dropped=dropped, losses=losses,
-                   routed_counts=routed_counts)
+    assignment = Assignment(weights=weights, experts=experts, kept=kept,
+                            tokens_per_expert=tokens_per_expert)
+    return Routing(assignment=assignment, dropped=dropped, losses=losses, routed_counts=routed_counts)
 
 
 def update_expert_bias(bias_E: jax.Array, tokens_per_expert_E: jax.Array, rate: float) -> jax.Array:

@@ -13,7 +13,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from moe_jax import distributed, metrics as M
-from moe_jax import ep_dispatch, parallel
+from moe_jax import ep, parallel
 from moe_jax.checkpoint import Checkpointer, abstract_state
 from moe_jax.config import Config
 from moe_jax.presets import to_dict
@@ -62,7 +62,7 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         disp = ""
         if mc.moe is not None and layout.moe_mesh.shape["expert"] > 1:
             row = jax.ShapeDtypeStruct((1, mc.d_model), jnp.dtype(mc.dtype))
-            disp = f" | dispatcher {ep_dispatch.resolve_dispatcher(mc.moe.token_dispatcher_type, row)}"
+            disp = f" | dispatcher {ep.resolve_type(mc.moe.dispatcher.type, row)}"
         log(f"mesh: {layout.describe()}{disp}")
     ckpt = None
     if tc.checkpoint or resume:

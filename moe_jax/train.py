@@ -86,8 +86,8 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
                     *, jit: bool = True, layout: parallel.Layout | None = None, shardings=None):
     """Return `step(state, batch) -> (state, metrics)`; `batch` = {"inputs", "targets"} int32 [B,S].
 
-    With a `layout` (and the state `shardings` of `init_sharded_state`) the step is traced under it
-    (MoE layers dispatch across the `expert` axis) and jitted with explicit in/out shardings.
+    With a `layout` (and the state `shardings` of `init_sharded_state`) the model runs across it (MoE
+    layers dispatch over the `expert` axis) and the step is jitted with explicit in/out shardings.
     """
     optimizer = optimizer or make_optimizer(tc)
     schedule = lr_schedule(tc)
@@ -95,7 +95,7 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
 
     def loss_fn(params, rest, inputs, targets, rng):
         model = nnx.merge(graphdef, params, rest)
-        logits, aux = model(inputs, rng=rng)
+        logits, aux = model(inputs, rng=rng, layout=layout)
         ce = cross_entropy(logits, targets)
         total = ce + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
         return total, (ce, aux)
@@ -138,14 +138,8 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
                             opt_state=opt_state, model_state=model_state, rng=rng)
         return new, metrics
 
-    if layout is not None:
-        traced = step
-
-        def step(state, batch):  # noqa: F811 — the same step, traced under the layout
-            with parallel.use_layout(layout):
-                return traced(state, batch)
-        if jit:
-            return jax.jit(step, donate_argnums=0,
-                           in_shardings=(shardings, parallel.batch_sharding(layout)),
-                           out_shardings=(shardings, parallel.replicated(layout)))
+    if layout is not None and jit:
+        return jax.jit(step, donate_argnums=0,
+                       in_shardings=(shardings, parallel.batch_sharding(layout)),
+                       out_shardings=(shardings, parallel.replicated(layout)))
     return jax.jit(step, donate_argnums=0) if jit else step

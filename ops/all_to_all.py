@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ops.grouped_matmul import _match_vma, is_hopper
+from ops.grouped_matmul import is_hopper
+from ops.shard_types import match_vma
 
 BACKENDS = ("auto", "xla", "pallas", "emulate")
 CHUNK_BYTES = 32 * 1024   # rows per copy chunk: as many as fit this (power of two)
@@ -51,7 +52,7 @@ def ragged_all_to_all(x, out_rows: int, input_offsets, send_sizes, output_offset
         reason = _pallas_unsupported(x)
         if reason:
             raise ValueError(f"ragged_all_to_all: backend='pallas' cannot run here: {reason}")
-        return _match_vma(_pallas(x, out_rows, *plan, axis_name=axis_name,
+        return match_vma(_pallas(x, out_rows, *plan, axis_name=axis_name,
                                   num_sms=_exchange_sms()), x)
     if backend == "emulate":
         return _emulate(x, out_rows, *plan, axis_name=axis_name)
@@ -82,7 +83,7 @@ def ragged_all_to_all_segments(x, out_rows: int, input_offsets, sizes, destinati
     reason = _pallas_unsupported(x)
     if reason:
         raise ValueError(f"ragged_all_to_all_segments: backend='pallas' cannot run here: {reason}")
-    return _match_vma(_pallas_segments(x, out_rows, *plan, axis_name=axis_name,
+    return match_vma(_pallas_segments(x, out_rows, *plan, axis_name=axis_name,
                                        num_sms=_exchange_sms()), x)
 
 

@@ -5,8 +5,8 @@ memory warpgroup issues TMA copies into a `max_concurrent_steps`-slot SMEM ring,
 warpgroups issue wgmma into fp32 register accumulators. In fwd/dgrad the ring runs across work
 items (ops/gmm_pallas_pipeline.py): the memory WG loads the next item's first k-steps while the
 compute WGs finish the current one and store it. wgrad runs one `emit_pipeline_warp_specialized`
-per item by default; `WgradConfig(ring=True)` runs it on the same cross-item ring (GPU-verified;
-the H100 tuning table picks it for every shape class since v10: ops/NOTES_grouped_matmul.md).
+per item by default; `WgradConfig(ring=True)` runs it on the same cross-item ring (what the tuning
+tables pick for every shape class: ops/NOTES_grouped_matmul.md).
 
 fwd  out[M,N]   = lhs rows of group g @ rhs[g]       (rhs[g] is [K,N], or [N,K] if transpose_rhs)
      Work items are (row-tile segment, N tile). A segment is a tile_m-row tile of one group (or of
@@ -35,22 +35,15 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ops.gmm_pallas_common import FwdConfig, WgradConfig  # noqa: F401  (re-exported)
+from ops.grouped_matmul import check_pallas_dtype
 from ops.gmm_pallas_fwd import gmm_fwd_kernel, segment_table  # noqa: F401
 from ops.gmm_pallas_wgrad import gmm_wgrad_kernel
 
 # ----------------------------------------------------------------------------- entry points
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 INTERPRET_FWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                           grid_tile_width=2)
 INTERPRET_WGRAD = WgradConfig(tile_r=64, tile_a=64, tile_b=64, max_concurrent_steps=2,
                               grid_tile_width=2)
-
-
-def check_dtype(dtype):
-    if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
-        raise ValueError(f"grouped_matmul: backend='pallas' supports bfloat16/float16 operands, "
-                         f"got {jnp.dtype(dtype)} (float32 would run as tf32 on wgmma); use "
-                         f"backend='xla' (backend='auto' does so for float32)")
 
 
 def _pad_to(x, axis, multiple):
@@ -65,7 +58,7 @@ def _pad_to(x, axis, multiple):
 
 def gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, *, interpret=False, cfg=None):
     """[M,N] grouped matmul; pads K and N to the tile sizes when needed (a copy: avoid it)."""
-    check_dtype(lhs.dtype)
+    check_pallas_dtype(lhs.dtype)
     from ops.tuning import fwd_config
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     cfg = cfg or (INTERPRET_FWD if interpret else fwd_config(lhs.shape[0], lhs.shape[1], n,
@@ -83,7 +76,7 @@ def gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, *, interpret=False,
 
 def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None):
     """[G,A,B] with out[g] = a_g^T b_g; pads A and B to the tile sizes when needed."""
-    check_dtype(a.dtype)
+    check_pallas_dtype(a.dtype)
     from ops.tuning import wgrad_config
     adim, bdim = a.shape[1], b.shape[1]
     cfg = cfg or (INTERPRET_WGRAD if interpret else wgrad_config(a.shape[0], adim, bdim,

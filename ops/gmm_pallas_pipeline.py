@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-MEMORY_REGISTERS = 40
+from ops.gmm_pallas_common import MEMORY_REGISTERS
 
 
 def compute_registers(num_compute_wgs):

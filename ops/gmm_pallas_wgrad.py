@@ -28,11 +28,9 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     compute WGs split (each masks the boundary rows of its own slice of that operand).
 
     Two pipelines over the same steps: per work item (`emit_pipeline_warp_specialized`, the
-    default, GPU-verified), or `cfg.ring`: one SMEM ring per SM across work items
-    (ops/gmm_pallas_pipeline.py, as fwd uses), with `delay_release` and `pingpong` options. The
-    ring was withdrawn once after a GPU test "hung" (that test's 2-minute numpy reference, not
-    the kernel); every ring variant passed the GPU tests on 2026-11-22 and the tuning table picks
-    it where it is faster (ops/NOTES_grouped_matmul.md).
+    default of `WgradConfig`), or `cfg.ring`: one SMEM ring per SM across work items
+    (ops/gmm_pallas_pipeline.py, as fwd uses), with `delay_release` and `pingpong` options; the
+    tuning tables pick per shape class.
     """
     if cfg.delay_release and not cfg.ring:
         raise ValueError(f"gmm_wgrad_kernel: needs delay_release=0 (each step released after its "

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ops.shard_types import match_vma
+
 BACKENDS = ("auto", "reference", "xla", "pallas")
 
 
@@ -90,7 +92,7 @@ def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
     # the varying type goes on inside the custom_vjp, where it is not differentiated: outside, the
     # cast's transpose would psum the cotangent over the mesh axes (wrong gradients, and an
     # all-reduce of [M, N] per GEMM under shard_map)
-    return _match_vma(fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype), lhs, rhs)
+    return match_vma(fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype), lhs, rhs)
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
@@ -107,25 +109,10 @@ def _gmm_bwd(transpose_rhs, backend, out_dtype, interpret, res, dy):
         drhs = wgrad(dy, lhs, group_sizes, rhs.dtype)
     else:              # rhs[g] is [K,N]: drhs[g] = lhs_g^T dy_g
         drhs = wgrad(lhs, dy, group_sizes, rhs.dtype)
-    return _match_vma(dlhs, lhs), _match_vma(drhs, rhs), None
+    return match_vma(dlhs, lhs), match_vma(drhs, rhs), None
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-def _vma(x) -> frozenset:
-    t = jax.typeof(x)
-    have = getattr(t, "vma", None)
-    if have is None:  # JAX 0.10 keeps it on the manual axis type
-        have = getattr(getattr(t, "manual_axis_type", None), "varying", None)
-    return frozenset(have or ())
-
-
-def _match_vma(x, *likes):
-    """Inside shard_map, Pallas outputs carry no varying-axes type: give x the union of `likes`'
-    (so custom_vjp and psum see the right type). A no-op outside shard_map and for XLA outputs."""
-    missing = tuple(sorted(frozenset().union(*map(_vma, likes)) - _vma(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 # ----------------------------------------------------------------------------- public
@@ -142,6 +129,14 @@ def is_hopper(device=None) -> bool:
 
 
 PALLAS_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_pallas_dtype(dtype) -> None:
+    """The Pallas kernels take bfloat16/float16 operands (float32 would run as tf32 on wgmma)."""
+    if jnp.dtype(dtype) not in PALLAS_DTYPES:
+        raise ValueError(f"grouped_matmul: backend='pallas' supports bfloat16/float16 operands, "
+                         f"got {jnp.dtype(dtype)} (float32 would run as tf32 on wgmma); use "
+                         f"backend='xla' (backend='auto' does so for float32)")
 
 
 def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
@@ -199,10 +194,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto"
     if backend == "reference":
         return reference_grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                                         out_dtype=out_dtype)
-    if backend == "pallas" and lhs.dtype not in PALLAS_DTYPES:
-        raise ValueError(f"grouped_matmul: backend='pallas' supports bfloat16/float16 operands, "
-                         f"got {lhs.dtype} (float32 would run as tf32 on wgmma); use "
-                         f"backend='xla' (backend='auto' does so for float32)")
+    if backend == "pallas":
+        check_pallas_dtype(lhs.dtype)
     if backend == "pallas" and not interpret:
         dev = jax.devices()[0]
         if not is_hopper(dev):

@@ -9,6 +9,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_numpy_rank_promotion", "raise")  # broadcasts must be written out
 
 
 def _has_gpu() -> bool:

@@ -1,5 +1,6 @@
 """Expert-parallel dispatchers (shard_map over 8 fake CPU devices) against the single-device layer:
-outputs and gradients (params and input), fp32, rel. err < 1e-5."""
+outputs and gradients (params and input), fp32, rel. err < 1e-5. Variants are chosen through
+`MoEConfig.dispatcher` (a `DispatchConfig`)."""
 import functools
 
 import jax
@@ -7,8 +8,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moe_jax import ep_dispatch, parallel
-from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig
+from moe_jax import ep, parallel
+from moe_jax.config import DispatchConfig, ModelConfig, MoEConfig, ParallelConfig, with_dispatcher
+from moe_jax.experts import SequentialExperts
 from moe_jax.moe import MoELayer
 
 
@@ -19,29 +21,25 @@ def _cfg(**moe):
                        moe=MoEConfig(**m))
 
 
-def _loss_fn(gd):
+def _with_dispatcher(cfg, **kw):
+    """cfg with moe.dispatcher fields set (`dispatcher=` names the type, `chunks=` overlap_chunks)."""
+    names = {"dispatcher": "type", "chunks": "overlap_chunks"}
+    return with_dispatcher(cfg, **{names.get(k, k): v for k, v in kw.items()})
+
+
+def _loss_fn(gd, layout=None):
     def loss(params, x):
-        y, aux = nnx.merge(gd, params)(x)
+        y, aux = nnx.merge(gd, params)(x, layout=layout)
         w = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
         return jnp.sum(y * w) + sum(aux["losses"].values()), (y, aux)
     return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
 
 
-def _run(cfg, x, layout=None, **kw):
-    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
-    f = _loss_fn(gd)
-
-    def g(params, x):
-        if layout is None:
-            return f(params, x)
-        orig = ep_dispatch.moe_ffn
-        ep_dispatch.moe_ffn = functools.partial(orig, **kw)
-        try:
-            with parallel.use_layout(layout):
-                return f(params, x)
-        finally:
-            ep_dispatch.moe_ffn = orig
-    (_, (y, aux)), grads = jax.jit(g)(params, x)
+def _run(cfg, x, layout=None, experts_cls=None, **kw):
+    cfg = _with_dispatcher(cfg, **kw)
+    extra = {} if experts_cls is None else {"experts_cls": experts_cls}
+    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0), **extra))
+    (_, (y, aux)), grads = jax.jit(_loss_fn(gd, layout))(params, x)
     return y, aux, grads
 
 
@@ -57,9 +55,9 @@ def _reference(cfg, tokens):
 
 def _check(cfg, ep, etp=1, chunks=1, tokens=(4, 8), **kw):
     x, (y0, aux0, g0) = _reference(cfg, tokens)
-    layout = parallel.make_layout(ParallelConfig(data=-1, expert=ep, expert_tensor=etp,
-                                                 moe_overlap_chunks=chunks), cfg)
-    y1, aux1, g1 = _run(cfg, x, layout, **kw)
+    layout = parallel.make_layout(ParallelConfig(data=-1, expert=ep, expert_tensor=etp),
+                                  _with_dispatcher(cfg, chunks=chunks))
+    y1, aux1, g1 = _run(cfg, x, layout, chunks=chunks, **kw)
     assert _rel(y1, y0) < 1e-5
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
         assert _rel(a, b) < 1e-5
@@ -93,30 +91,14 @@ def test_expert_major_ragged_matches_single_device(ep, etp, chunks):
 
 
 @pytest.mark.parametrize("impl,want", [("pallas", True), ("emulate", False)])
-def test_expert_major_is_the_default_on_the_pallas_exchange(monkeypatch, impl, want):
-    """expert_major=None picks the expert-major plan exactly where the Pallas exchange runs (traced
-    only: the kernel itself needs GPUs)."""
-    from moe_jax import ep_ragged
-
-    class Taken(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Taken
-    monkeypatch.setattr(ep_ragged, "_alltoall_expert_major", stop)
-    cfg = _cfg()
-    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
-    layout = parallel.make_layout(ParallelConfig(data=-1, expert=2), cfg)
-    orig = ep_dispatch.moe_ffn
-    monkeypatch.setattr(ep_dispatch, "moe_ffn", functools.partial(
-        orig, dispatcher="alltoall_ragged", ragged_impl=impl))
-    x = jnp.ones((4, 8, cfg.d_model), jnp.float32)
-    with parallel.use_layout(layout):
-        if want:
-            with pytest.raises(Taken):
-                jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x)
-        else:
-            jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x)
+def test_expert_major_is_the_default_on_the_pallas_exchange(impl, want):
+    """expert_major=None picks the expert-major plan exactly where the Pallas exchange runs (decided
+    by `ep.resolve`; the kernel itself needs GPUs)."""
+    row = jax.ShapeDtypeStruct((1, 16), jnp.float32)
+    dc = DispatchConfig(type="alltoall_ragged", ragged_impl=impl)
+    assert ep.resolve(dc, row, 2) == ("alltoall_ragged", impl, want)
+    assert ep._dispatcher("alltoall_ragged", 64, impl, want, False).__class__ is (
+        ep.ExpertMajorAllToAll if want else ep.RaggedAllToAll)
 
 
 def test_expert_major_fallback_and_probs_on_input():
@@ -124,6 +106,9 @@ def test_expert_major_fallback_and_probs_on_input():
            ragged_impl="emulate", expert_major=True, buffer_factor=0.25)  # worst-case branch
     with pytest.raises(ValueError, match="expert_major"):
         _check(_cfg(), 2, dispatcher="alltoall", expert_major=True)
+    with pytest.raises(ValueError, match="expert_major"):  # the XLA exchange has no segments
+        ep.resolve(DispatchConfig(type="alltoall_ragged", ragged_impl="xla", expert_major=True),
+                   jax.ShapeDtypeStruct((1, 16), jnp.float32), 1)
 
 
 def test_overlap_chunks_and_probs_on_input():
@@ -140,10 +125,10 @@ def test_capacity_routing_and_shared_experts():
 
 def test_fixed_capacity_sizes():
     m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=8)
-    assert ep_dispatch.fixed_capacity(16, m, 4) == 16 * 2          # worst case: k <= E/EP
-    assert ep_dispatch.fixed_capacity(16, m, 8) == 16              # one expert per device
+    assert ep.fixed_capacity(16, m, 4) == 16 * 2          # worst case: k <= E/EP
+    assert ep.fixed_capacity(16, m, 8) == 16              # one expert per device
     m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=8, expert_capacity_factor=1.0)
-    assert ep_dispatch.fixed_capacity(16, m, 4) == 8
+    assert ep.fixed_capacity(16, m, 4) == 8
 
 
 def test_alltoall_capacity_drops_are_counted():
@@ -156,36 +141,34 @@ def test_alltoall_capacity_drops_are_counted():
 
 
 def test_ragged_on_cpu_fails_clearly():
-    cfg = _cfg(token_dispatcher_type="alltoall_ragged")
+    cfg = _cfg(dispatcher=DispatchConfig(type="alltoall_ragged"))
     with pytest.raises(ValueError, match="ragged_all_to_all"):
         parallel.make_layout(ParallelConfig(expert=2), cfg)
 
 
-def test_buffer_factor_comes_from_the_layout():
-    """parallel.moe_buffer_factor sizes the dropless fast buffer: a factor past the worst case
+def test_buffer_factor_comes_from_the_config():
+    """moe.dispatcher.buffer_factor sizes the dropless fast buffer: a factor past the worst case
     leaves no fallback branch (no cond); a tiny one overflows into it and stays exact."""
     cfg = _cfg()
     x = jax.random.normal(jax.random.key(1), (8, 32, cfg.d_model), jnp.float32)  # 32 tokens/device
-    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
+    layout = parallel.make_layout(ParallelConfig(expert=4), cfg)
 
     def jaxpr(factor):
-        layout = parallel.make_layout(ParallelConfig(expert=4, moe_buffer_factor=factor), cfg)
-        with parallel.use_layout(layout):
-            return str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x))(params, x))
+        gd, params = nnx.split(MoELayer(_with_dispatcher(cfg, buffer_factor=factor), rngs=nnx.Rngs(0)))
+        return str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x, layout=layout))(params, x))
     assert "cond[" in jaxpr(2.0) and "cond[" not in jaxpr(100.0)
-    layout = parallel.make_layout(ParallelConfig(expert=4, moe_buffer_factor=0.25), cfg)
     x0, (y0, _, _) = _reference(cfg, (8, 32))
-    y1, _, _ = _run(cfg, x0, layout, dispatcher="alltoall")
+    y1, _, _ = _run(cfg, x0, layout, dispatcher="alltoall", buffer_factor=0.25)
     assert _rel(y1, y0) < 1e-5
 
 
 def test_auto_dispatcher_resolves_per_platform():
     row = jax.ShapeDtypeStruct((1, 64), jnp.bfloat16)
-    assert ep_dispatch.resolve_dispatcher("allgather", row) == "allgather"
+    assert ep.resolve_type("allgather", row) == "allgather"
     # the Pallas exchange needs Hopper GPUs: on CPU `auto` is the portable fixed-buffer all-to-all
-    assert ep_dispatch.resolve_dispatcher("auto", row) == "alltoall"
-    with pytest.raises(ValueError, match="token_dispatcher_type='ragged'.*auto"):
-        ep_dispatch.resolve_dispatcher("ragged", row)
+    assert ep.resolve_type("auto", row) == "alltoall"
+    with pytest.raises(ValueError, match="dispatcher.type='ragged'.*auto"):
+        DispatchConfig(type="ragged")
     assert MoEConfig(num_experts=2, router_topk=1, ffn_hidden_size=8).token_dispatcher_type == "auto"
     _check(_cfg(), 4, dispatcher="auto")  # the default runs where CI runs, and is exact
 
@@ -196,7 +179,7 @@ def test_alltoall_dropless_fast_buffer_and_fallback(factor):
     branch runs. Both are exact and drop nothing."""
     m = MoEConfig(num_experts=8, router_topk=2, ffn_hidden_size=8)
     t = 256 // 8 // 2  # tokens per shard and chunk below (EP=4, edata=2, 2 chunks)
-    assert ep_dispatch._round_up(t * 2 / 4 * factor, 8) < ep_dispatch.fixed_capacity(t, m, 4)
+    assert ep.round_up(t * 2 / 4 * factor, 8) < ep.fixed_capacity(t, m, 4)
     aux = _check(_cfg(), 4, chunks=2, tokens=(8, 32), dispatcher="alltoall", buffer_factor=factor)
     assert int(aux["dropped"]) == 0
 
@@ -218,7 +201,7 @@ def test_ragged_fast_buffer_and_fallback(factor):
     must overflow: the worst-case branch runs), None (always the worst case). All exact, nothing
     dropped."""
     t, k = 256 // 8 // 2, 2  # tokens per shard and chunk below (EP=4, edata=2, 2 chunks)
-    fast, worst = ep_dispatch._buffer_rows("alltoall_ragged", t, _cfg().moe, 4, 2, factor)
+    fast, worst = ep.buffer_rows("alltoall_ragged", t, _cfg().moe, 4, 2, factor)
     if factor == 0.25:  # devices receive t·k rows on average, so one receives at least that many
         assert fast < t * k < worst
     aux = _check(_cfg(), 4, chunks=2, tokens=(8, 32), dispatcher="alltoall_ragged",
@@ -234,18 +217,9 @@ def test_no_collectives_over_single_device_groups(dispatcher):
     cfg = _cfg()
     layout = parallel.make_layout(ParallelConfig(data=2, expert=2), cfg, devices=jax.devices()[:2])
     assert layout.moe_mesh.shape["edata"] == layout.moe_mesh.shape["etensor"] == 1
-    gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0)))
+    gd, params = nnx.split(MoELayer(_with_dispatcher(cfg, dispatcher=dispatcher), rngs=nnx.Rngs(0)))
     x = jax.random.normal(jax.random.key(1), (4, 8, cfg.d_model), jnp.float32)
-
-    def g(params, x):
-        orig = ep_dispatch.moe_ffn
-        ep_dispatch.moe_ffn = functools.partial(orig, dispatcher=dispatcher)
-        try:
-            with parallel.use_layout(layout):
-                return _loss_fn(gd)(params, x)
-        finally:
-            ep_dispatch.moe_ffn = orig
-    hlo = jax.jit(g).lower(params, x).compile().as_text()
+    hlo = jax.jit(_loss_fn(gd, layout)).lower(params, x).compile().as_text()
     singleton = re.compile(r"replica_groups=\{\{\d+\}(,\{\d+\})*\}")
     bad = [ln.strip()[:160] for ln in hlo.splitlines() if "all-reduce" in ln and singleton.search(ln)]
     assert not bad, bad
@@ -265,3 +239,35 @@ def test_bf16_pallas_gemm_gradients_match_single_device_on_gpus():
     n = min(4, len([d for d in jax.devices() if d.platform == "gpu"]))
     rows = bench_ep.check(["alltoall", "alltoall_ragged", "ragged_sorted"], [(n, 1), (1, 2)], "bfloat16")
     assert all(r["ok"] for r in rows), rows
+
+
+@pytest.mark.parametrize("dispatcher,ep_size,etp", [("alltoall", 4, 1), ("allgather", 2, 2),
+                                                     ("alltoall_ragged", 4, 1)])
+def test_sequential_experts_run_under_ep(dispatcher, ep_size, etp):
+    """The layer's own experts module runs on every device under EP: a layer built with the
+    reference `SequentialExperts` gives the single-device outputs and gradients through each
+    dispatcher (its per-expert loop, not the grouped GEMM, runs there)."""
+    kw = {"ragged_impl": "emulate"} if dispatcher == "alltoall_ragged" else {}
+    _check(_cfg(), ep_size, etp, dispatcher=dispatcher, experts_cls=SequentialExperts, **kw)
+
+
+def test_sequential_experts_are_what_runs_under_ep():
+    """Traced under EP, a SequentialExperts layer has no ragged_dot (the grouped GEMM) at all."""
+    cfg = _cfg()
+    layout = parallel.make_layout(ParallelConfig(expert=4), cfg)
+    x = jax.random.normal(jax.random.key(1), (4, 8, cfg.d_model), jnp.float32)
+    for cls, want in ((SequentialExperts, False), (None, True)):
+        extra = {} if cls is None else {"experts_cls": cls}
+        gd, params = nnx.split(MoELayer(cfg, rngs=nnx.Rngs(0), **extra))
+        text = str(jax.make_jaxpr(lambda p, x: nnx.merge(gd, p)(x, layout=layout))(params, x))
+        assert ("ragged_dot" in text) == want
+
+
+def test_active_mesh_without_layout_is_refused():
+    cfg = _cfg()
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
+    x = jnp.ones((4, 8, cfg.d_model), jnp.float32)
+    mesh = jax.make_mesh((8,), ("data",))
+    with jax.set_mesh(mesh):
+        with pytest.raises(ValueError, match="active 8-device mesh.*without a layout"):
+            layer(x)

@@ -136,7 +136,7 @@ def test_upcycle_from_hf_llama(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0 and "G=2 (48/24)" in printed, printed
     assert float(printed.split("relative ")[1].split(")")[0]) < 1e-5
-    from moe_jax.checkpoint import load_model
+    from moe_jax.runs import load_model
     cfg, model = load_model(tmp_path / "moe")
     tokens = np.random.default_rng(0).integers(0, COMMON["vocab_size"], (2, 12))
     assert rel_err(ours_logits(model, tokens), hf_logits(hf, tokens)) < 1e-4

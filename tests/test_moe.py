@@ -136,7 +136,7 @@ def test_permute_round_trip_and_padding():
         sizes = np.asarray(perm.group_sizes)
         owner = np.repeat(np.arange(len(sizes)), sizes)
         flat_e = np.asarray(r.experts).reshape(-1)
-        dest = np.asarray(perm.dest)
+        dest = np.asarray(perm.dest).reshape(-1)
         kept = np.asarray(r.kept).reshape(-1)
         if cap is None:
             assert np.all(owner[dest[kept]] == flat_e[kept])

@@ -4,7 +4,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moe_jax import parallel
-from moe_jax.config import ModelConfig, MoEConfig, ParallelConfig
+from moe_jax.config import DispatchConfig, ModelConfig, MoEConfig, ParallelConfig
 
 
 def _model(**kw):
@@ -50,10 +50,10 @@ def test_invalid_layouts_fail_before_compiling(pc, model, batch, match):
 def test_parallel_config_validates_new_fields():
     with pytest.raises(ValueError, match="expert_tensor"):
         ParallelConfig(expert_tensor=0)
-    with pytest.raises(ValueError, match="moe_overlap_chunks"):
-        ParallelConfig(moe_overlap_chunks=0)
-    with pytest.raises(ValueError, match="moe_buffer_factor"):
-        ParallelConfig(moe_buffer_factor=0)
+    with pytest.raises(ValueError, match="overlap_chunks"):
+        DispatchConfig(overlap_chunks=0)
+    with pytest.raises(ValueError, match="buffer_factor"):
+        DispatchConfig(buffer_factor=0)
 
 
 def test_rules_map_logical_names():

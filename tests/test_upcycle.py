@@ -12,6 +12,7 @@ from moe_jax import checkpoint as C
 from moe_jax.config import Config, MoEConfig, ModelConfig, TrainConfig
 from moe_jax.presets import to_dict
 from moe_jax.model import GPT
+from moe_jax.runs import load_model
 from moe_jax.train import init_state
 from moe_jax.upcycle import plan, upcycle
 
@@ -136,7 +137,7 @@ def test_script_writes_a_resumable_checkpoint(dense, tmp_path, capsys):
     diff = float(printed.split("logits = ")[1].split()[0])
     assert diff < 1e-5
 
-    cfg, up = C.load_model(out)
+    cfg, up = load_model(out)
     assert cfg.model.moe.num_experts == 8 and C.Checkpointer(out / "checkpoints").all_steps() == [0]
     assert max_rel(up(TOKENS)[0], ref) < 1e-5
 
