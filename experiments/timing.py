@@ -57,3 +57,25 @@ def device_ms(fn: Callable, *args, calls: int = 5) -> float | None:
     data = trace(fn, *args, calls=calls)
     ev = gpu_events(data) if data is not None else []
     return sum(d for _, _, d in ev) / calls / 1e6 if ev else None
+
+
+def gpu_events_with_stats(data, device: int = 0):
+    """`gpu_events` with each event's stats: [(name, start ns, duration ns, {stat: value})] (stat
+    names as the profiler writes them, e.g. hlo_op, hlo_module, kernel_details; bytes decoded)."""
+    out = []
+    for plane in data.planes:
+        if plane.name != f"/device:GPU:{device}":
+            continue
+        for line in plane.lines:
+            if "stream" in line.name.lower():
+                out += [(ev.name, ev.start_ns, ev.duration_ns, event_stats(ev)) for ev in line.events]
+    return sorted(out, key=lambda e: e[1])
+
+
+def event_stats(ev) -> dict:
+    """{name: value} of a ProfileData event's stats (unknown metadata ids, (None, None), skipped)."""
+    out = {}
+    for name, value in ev.stats:
+        if name is not None:
+            out[name] = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return out

@@ -1,0 +1,459 @@
+"""PyTorch reference for BENCHMARKS.md §3: the bench_mixtral / bench_deepseek models in plain PyTorch
+(torch.compile, flash SDPA, torch._grouped_mm experts, fused AdamW), timed the same way as ours.
+
+  python experiments/torch_reference.py --config mixtral_small [--param-dtype bf16|fp32] [--steps 20]
+      [--warmup 3] [--batch 8] [--seq 2048] [--layers N] [--d-model D] [--tiny] [--no-compile]
+      [--experts grouped|loop] [--sdpa auto|flash|cudnn|efficient|math] [--out PATH]
+
+The model follows moe_jax (model.py, moe.py, routing.py): token embedding, pre-norm blocks (RMSNorm in
+fp32), causal GQA attention with rotate-half RoPE, dense SwiGLU or MoE FFN per `layer_freq` (fp32
+router, softmax top-k or sigmoid + group-limited top-k with a selection-only expert bias, aux/seq-aux/z
+losses, dropless, routed experts as two grouped GEMMs, optional shared expert), final RMSNorm, LM head,
+cross-entropy. Model FLOPs/token = 6·N_active + 6·layers·d_model·seq (moe_jax.metrics). Needs only
+torch + pyyaml. Without CUDA: fp32, eager, per-expert loop (for tests at tiny sizes).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESET_DIRS = (ROOT / "moe_jax" / "configs",)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "B200": 2250.0}
+# moe_jax.config defaults of the fields used here (a preset only lists what differs)
+MODEL_DEFAULTS = dict(vocab_size=512, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=None,
+                      ffn_hidden_size=1024, norm="rmsnorm", norm_eps=1e-5, rope_theta=10000.0,
+                      activation="swiglu", tie_embeddings=False, init_std=0.02, attention_bias=False,
+                      qk_norm=False)
+MOE_DEFAULTS = dict(num_experts=8, router_topk=2, ffn_hidden_size=1024, router_score_function="softmax",
+                    router_pre_softmax=False, router_topk_scaling_factor=None, router_num_groups=None,
+                    router_group_topk=None, router_enable_expert_bias=False, router_bias_update_rate=1e-3,
+                    router_load_balancing_type="aux_loss", aux_loss_coeff=1e-2, z_loss_coeff=None,
+                    input_jitter_eps=None, expert_capacity_factor=None, shared_expert_intermediate_size=None,
+                    shared_expert_gate=False, layer_freq=1, activation="swiglu",
+                    router_force_load_balancing=False)
+UNSUPPORTED = {("model", "norm"): "rmsnorm", ("model", "activation"): "swiglu", ("model", "attention_bias"): False,
+               ("model", "qk_norm"): False, ("moe", "activation"): "swiglu", ("moe", "router_pre_softmax"): False,
+               ("moe", "expert_capacity_factor"): None, ("moe", "input_jitter_eps"): None,
+               ("moe", "router_force_load_balancing"): False}
+
+
+def load_preset(name: str) -> dict:
+    """Raw YAML sections of a preset (a name under moe_jax/configs/, or a path)."""
+    cands = [Path(name)] + [d / f"{name}.yaml" for d in PRESET_DIRS]
+    path = next((p for p in cands if p.suffix in (".yaml", ".yml") and p.exists()), None)
+    if path is None:
+        raise SystemExit(f"unknown preset {name!r}: looked in {[str(d) for d in PRESET_DIRS]}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def resolve(raw: dict, args) -> tuple[dict, dict, dict, dict]:
+    """(model, moe, train sections after the command-line overrides; the full config used)."""
+    model, moe, train = (dict(raw.get(s) or {}) for s in ("model", "moe", "train"))
+    if args.tiny:  # same structure (experts, top-k, groups, layer pattern), toy widths
+        model.update(d_model=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=128, vocab_size=512)
+        if moe:
+            moe["ffn_hidden_size"] = 32
+            if moe.get("shared_expert_intermediate_size"):
+                moe["shared_expert_intermediate_size"] = 64
+    if args.d_model:
+        model["d_model"] = args.d_model
+    if args.layers:
+        lf = moe.get("layer_freq")
+        if isinstance(lf, (list, tuple)) and len(lf) != args.layers:  # repeat the pattern
+            moe["layer_freq"] = [lf[i % len(lf)] for i in range(args.layers)]
+        model["num_layers"] = args.layers
+    train["batch_size"] = args.batch or train.get("batch_size", 8)
+    train["seq_len"] = args.seq or train.get("seq_len", 256)
+    model["max_seq_len"] = max(model.get("max_seq_len", 2048), train["seq_len"])
+    m, e = {**MODEL_DEFAULTS, **model}, ({**MOE_DEFAULTS, **moe} if moe else None)
+    for (sec, key), ok in UNSUPPORTED.items():
+        val = (m if sec == "model" else (e or {})).get(key, ok)
+        if val != ok:
+            raise SystemExit(f"{sec}.{key}={val!r} is not implemented in the torch reference (needs {ok!r})")
+    used = {"model": model, "train": train, **({"moe": moe} if moe else {})}
+    return m, e, train, used
+
+
+def is_moe_layer(e: dict | None, i: int) -> bool:
+    """Megatron's --moe-layer-freq: a 0/1 pattern per layer, or every n-th layer."""
+    lf = e["layer_freq"] if e else None
+    return e is not None and (bool(lf[i]) if isinstance(lf, (list, tuple)) else i % lf == 0)
+
+
+class Init:
+    """Creates normal(0, std) parameters on one device and dtype (meta: shapes only)."""
+
+    def __init__(self, device, dtype, std):
+        self.device, self.dtype, self.std = device, dtype, std
+
+    def __call__(self, *shape) -> nn.Parameter:
+        if self.device == "meta":
+            return nn.Parameter(torch.empty(shape, device="meta", dtype=self.dtype))
+        w = torch.randn(shape, device=self.device, dtype=torch.float32) * self.std
+        return nn.Parameter(w.to(self.dtype))
+
+    def ones(self, n) -> nn.Parameter:
+        return nn.Parameter(torch.ones(n, device=self.device, dtype=self.dtype))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, init: Init):
+        super().__init__()
+        self.scale, self.eps = init.ones(dim), eps
+
+    def forward(self, x):
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale.float()
+        return y.to(x.dtype)
+
+
+def rope_tables(seq, head_dim, theta, device):
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    ang = torch.arange(seq, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x, cos, sin):  # x [B, S, N, H], rotate-half, in fp32
+    h, xf = x.shape[-1] // 2, x.float()
+    rot = torch.cat([-xf[..., h:], xf[..., :h]], dim=-1)
+    return (xf * cos[:, None, :] + rot * sin[:, None, :]).to(x.dtype)
+
+
+def swiglu(h):
+    f = h.shape[-1] // 2
+    return F.silu(h[..., :f]) * h[..., f:]
+
+
+class Attention(nn.Module):
+    def __init__(self, m, init: Init):
+        super().__init__()
+        d, self.n, self.kv = m["d_model"], m["num_heads"], m["num_kv_heads"]
+        self.h = m["head_dim"] or d // self.n
+        self.wq, self.wk, self.wv = init(d, self.n * self.h), init(d, self.kv * self.h), init(d, self.kv * self.h)
+        self.wo = init(self.n * self.h, d)
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q = apply_rope((x @ self.wq).view(b, s, self.n, self.h), cos, sin).transpose(1, 2)
+        k = apply_rope((x @ self.wk).view(b, s, self.kv, self.h), cos, sin).transpose(1, 2)
+        v = (x @ self.wv).view(b, s, self.kv, self.h).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv != self.n)
+        return o.transpose(1, 2).reshape(b, s, self.n * self.h) @ self.wo
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU: w1 [D, 2F] (gate | up, as moe_jax's [D, 2, F]), w2 [F, D]."""
+
+    def __init__(self, d, f, init: Init):
+        super().__init__()
+        self.w1, self.w2 = init(d, 2 * f), init(f, d)
+
+    def forward(self, x):
+        return swiglu(x @ self.w1) @ self.w2
+
+
+def group_limited_topk(sel, k, groups, group_topk):
+    t, e = sel.shape
+    group_score = sel.view(t, groups, e // groups).topk(k // group_topk, dim=-1).values.sum(-1)
+    keep = torch.zeros(t, groups, dtype=torch.bool, device=sel.device)
+    keep.scatter_(1, group_score.topk(group_topk, dim=-1).indices, True)
+    keep = keep[:, :, None].expand(t, groups, e // groups).reshape(t, e)
+    return sel.masked_fill(~keep, float("-inf")).topk(k, dim=-1).indices
+
+
+def route(logits, c, bias, seq_len):
+    """moe_jax.routing.route, dropless: (weights [T,k] fp32, experts [T,k], loss, counts [E])."""
+    t, n_exp = logits.shape
+    k, fn, coeff = c["router_topk"], c["router_score_function"], c["aux_loss_coeff"]
+    loss = logits.new_zeros(())
+    if c["z_loss_coeff"]:
+        loss = loss + c["z_loss_coeff"] * torch.logsumexp(logits, -1).square().mean()
+    scores = logits if fn == "softmax" else (logits.sigmoid() if fn == "sigmoid" else F.softplus(logits).sqrt())
+    sel = scores.detach() + (0.0 if bias is None else bias)
+    with torch.no_grad():
+        experts = (group_limited_topk(sel, k, c["router_num_groups"], c["router_group_topk"])
+                   if c["router_num_groups"] else sel.topk(k, dim=-1).indices)
+    weights = scores.gather(1, experts)
+    if fn == "softmax":
+        weights = weights.softmax(-1)
+    elif k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if c["router_topk_scaling_factor"]:
+        weights = weights * c["router_topk_scaling_factor"]
+    ones = torch.ones(experts.numel(), device=logits.device, dtype=torch.float32)
+    counts = torch.zeros(n_exp, device=logits.device).scatter_add_(0, experts.reshape(-1), ones)
+    lb = c["router_load_balancing_type"]
+    if lb != "none":
+        p = logits.softmax(-1) if fn == "softmax" else scores / (scores.sum(-1, keepdim=True) + 1e-20)
+        if lb == "seq_aux_loss":  # per sequence, averaged (tokens are [B, S] row-major)
+            b = t // seq_len
+            cnt = torch.zeros(b, n_exp, device=logits.device).scatter_add_(
+                1, experts.reshape(b, seq_len * k), ones.view(b, -1))
+            f_be = cnt / cnt.sum(-1, keepdim=True)
+            loss = loss + coeff * n_exp * (f_be * p.view(b, seq_len, n_exp).mean(1)).sum(-1).mean()
+        else:  # aux_loss (global_aux_loss is the same on one device)
+            loss = loss + coeff * n_exp * (counts / counts.sum() * p.mean(0)).sum()
+    return weights, experts, loss, counts
+
+
+class MoE(nn.Module):
+    """Router (fp32) → sort rows by expert → two grouped GEMMs → weighted sum over k (+ shared expert)."""
+
+    def __init__(self, m, c, init: Init, grouped: bool):
+        super().__init__()
+        d, n_exp, f = m["d_model"], c["num_experts"], c["ffn_hidden_size"]
+        self.c, self.grouped = c, grouped
+        self.router = init(d, n_exp)
+        self.register_buffer("expert_bias", torch.zeros(n_exp, device=init.device)
+                             if c["router_enable_expert_bias"] else None)
+        self.w1_exp, self.w2_exp = init(n_exp, d, 2 * f), init(n_exp, f, d)
+        s = c["shared_expert_intermediate_size"]
+        self.shared = MLP(d, s, init) if s else None
+        self.shared_gate = init(d) if s and c["shared_expert_gate"] else None
+
+    def experts(self, x, counts):
+        if self.grouped:  # bf16 CUTLASS grouped GEMM; offs = end row of each expert's group
+            offs, bf = counts.cumsum(0).to(torch.int32), torch.bfloat16
+            h = torch._grouped_mm(x.to(bf), self.w1_exp.to(bf), offs=offs)
+            return torch._grouped_mm(swiglu(h), self.w2_exp.to(bf), offs=offs)
+        parts = torch.split(x, [int(n) for n in counts.tolist()])
+        return torch.cat([swiglu(xe @ self.w1_exp[i]) @ self.w2_exp[i] for i, xe in enumerate(parts)])
+
+    def forward(self, x):
+        b, s, d = x.shape
+        x = x.reshape(b * s, d)
+        k = self.c["router_topk"]
+        with torch.autocast(x.device.type, enabled=False):
+            logits = x.float() @ self.router.float()
+            weights, experts, loss, counts = route(logits, self.c, self.expert_bias, s)
+        order = experts.reshape(-1).argsort(stable=True)  # sorted row -> flat (token, slot)
+        y = self.experts(x[order // k], counts)
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+        y = (y[inv].view(b * s, k, d).float() * weights[..., None]).sum(1).to(x.dtype)
+        if self.shared is not None:
+            ys = self.shared(x)
+            if self.shared_gate is not None:
+                ys = (ys.float() * torch.sigmoid(x.float() @ self.shared_gate.float())[:, None]).to(ys.dtype)
+            y = y + ys
+        return y.view(b, s, d), loss, counts.detach()
+
+
+class Block(nn.Module):
+    def __init__(self, m, c, moe: bool, init: Init, grouped: bool):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(m["d_model"], m["norm_eps"], init), Attention(m, init)
+        self.mlp_norm = RMSNorm(m["d_model"], m["norm_eps"], init)
+        self.mlp = MoE(m, c, init, grouped) if moe else MLP(m["d_model"], m["ffn_hidden_size"], init)
+
+    def forward(self, x, cos, sin):  # -> (x, router loss, routed counts); None, None for a dense layer
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        y = self.mlp(self.mlp_norm(x))
+        return (x + y[0], *y[1:]) if isinstance(y, tuple) else (x + y, None, None)
+
+
+class GPT(nn.Module):
+    """forward(inputs, targets) -> (loss = CE + router losses, CE, routed counts [L_moe, E])."""
+
+    def __init__(self, m, c, init: Init, compute_dtype, grouped: bool):
+        super().__init__()
+        self.m, self.cdt = m, compute_dtype
+        self.embed = init(m["vocab_size"], m["d_model"])
+        self.blocks = nn.ModuleList(Block(m, c, is_moe_layer(c, i), init, grouped)
+                                    for i in range(m["num_layers"]))
+        self.final_norm = RMSNorm(m["d_model"], m["norm_eps"], init)
+        self.head = None if m["tie_embeddings"] else init(m["d_model"], m["vocab_size"])
+
+    def forward(self, inputs, targets):
+        m = self.m
+        x = F.embedding(inputs, self.embed).to(self.cdt)
+        cos, sin = rope_tables(inputs.shape[1], m["head_dim"] or m["d_model"] // m["num_heads"],
+                               m["rope_theta"], inputs.device)
+        aux, counts = x.new_zeros((), dtype=torch.float32), []
+        for blk in self.blocks:
+            x, loss, cnt = blk(x, cos, sin)
+            if loss is not None:
+                aux, counts = aux + loss, counts + [cnt]
+        logits = self.final_norm(x) @ (self.embed.t() if self.head is None else self.head)
+        ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        return ce + aux, ce, torch.stack(counts) if counts else None
+
+
+def param_counts(model: GPT, c: dict | None) -> dict:
+    """moe_jax.metrics.param_counts: total; active = routed experts × top-k/E, input embedding excluded."""
+    frac = c["router_topk"] / c["num_experts"] if c else 1.0
+    total = active = 0.0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        if name == "embed" and not model.m["tie_embeddings"]:
+            continue
+        active += p.numel() * (frac if name.endswith(("w1_exp", "w2_exp")) else 1.0)
+    return {"total": int(total), "active": int(active), "embedding": model.m["vocab_size"] * model.m["d_model"]}
+
+
+def build_model(m, c, device="meta", param_dtype=torch.float32, compute_dtype=torch.float32, grouped=False):
+    return GPT(m, c, Init(device, param_dtype, m["init_std"]), compute_dtype, grouped)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="mixtral_small", help="preset name or .yaml path")
+    ap.add_argument("--param-dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="bf16 params, or fp32 master weights with bf16 autocast (CPU: always fp32)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--d-model", type=int)
+    ap.add_argument("--tiny", action="store_true", help="toy widths (d_model 64, vocab 512), same structure")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--experts", choices=("grouped", "loop"), default=None,
+                    help="grouped = torch._grouped_mm (default on CUDA), loop = per-expert matmuls")
+    ap.add_argument("--sdpa", choices=("auto", "flash", "cudnn", "efficient", "math"), default="auto")
+    ap.add_argument("--peak-tflops", type=float, help="bf16 dense peak (default: by device name)")
+    ap.add_argument("--out", default=None)
+    return ap.parse_args(argv)
+
+
+def time_steps(step, warmup, steps, cuda):
+    """(first step's seconds, compile included; seconds of each timed step, between CUDA events on a GPU
+    with no host sync in between; every step's loss)."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def mark():
+        if not cuda:
+            return time.perf_counter()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    t0 = time.perf_counter()
+    losses = [step()]
+    sync()
+    first = time.perf_counter() - t0
+    losses += [step() for _ in range(warmup - 1)]
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    marks = [mark()]
+    for _ in range(steps):
+        losses.append(step())
+        marks.append(mark())
+    sync()
+    times = [(a.elapsed_time(z) / 1e3 if cuda else z - a) for a, z in zip(marks, marks[1:])]
+    return first, times, [float(x) for x in losses]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    if cuda:  # fp32 matmuls (the router) may use TF32, as XLA's default precision does
+        torch.set_float32_matmul_precision("high")
+    else:  # toy sizes only; OpenMP threads spinning against a busy host cost seconds per step
+        torch.set_num_threads(1)
+    m, c, tc, cfg = resolve(load_preset(args.config), args)
+    fp32_master = args.param_dtype == "fp32" or not cuda
+    pdt, cdt = (torch.float32 if fp32_master else torch.bfloat16), (torch.bfloat16 if cuda else torch.float32)
+    grouped = (args.experts or ("grouped" if cuda else "loop")) == "grouped"
+    torch.manual_seed(0)
+    model = build_model(m, c, dev, pdt, cdt, grouped)
+    counts = param_counts(model, c)
+    b, s = tc["batch_size"], tc["seq_len"]
+    flops_tok = 6.0 * counts["active"] + 6.0 * m["num_layers"] * m["d_model"] * s
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
+    moe_layers = [blk.mlp for blk in model.blocks if isinstance(blk.mlp, MoE)]
+    tokens = torch.randint(0, m["vocab_size"], (b, s + 1), device=dev)
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    use_compile = cuda and not args.no_compile
+    fwd = [torch.compile(model) if use_compile else model]
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda and fp32_master):
+            loss, _, routed = fwd[0](inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=cuda)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # aux-loss-free balancing: bias += rate * sign(mean - count)
+            for j, layer in enumerate(moe_layers):
+                if layer.expert_bias is not None:
+                    cnt = routed[j].float()
+                    layer.expert_bias += c["router_bias_update_rate"] * torch.sign(cnt.mean() - cnt)
+        return loss.detach()
+
+    run, note = contextlib.ExitStack(), None  # the SDPA backend choice holds for the whole run
+    if args.sdpa != "auto":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        names = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+        run.enter_context(sdpa_kernel(getattr(SDPBackend, names.get(args.sdpa, "MATH"))))
+    with run:
+        try:
+            first, times, losses = time_steps(step, args.warmup, args.steps, cuda)
+        except Exception as e:  # noqa: BLE001 — a compile failure must not cost the reference number
+            if not use_compile:
+                raise
+            note = f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); eager instead"
+            print("WARNING:", note, file=sys.stderr, flush=True)
+            opt.zero_grad(set_to_none=True)
+            fwd[0], use_compile = model, False
+            first, times, losses = time_steps(step, args.warmup, args.steps, cuda)
+    med = statistics.median(times)
+    tok_s = b * s / med
+    tflops = tok_s * flops_tok / 1e12
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    try:
+        graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values()) if use_compile else None
+    except Exception:  # noqa: BLE001 — internal counters
+        graph_breaks = None
+    gib = (lambda x: x / 2**30) if cuda else (lambda x: None)
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "command": "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
+        "preset": Path(args.config).stem, "config": cfg, "param_dtype": "fp32" if fp32_master else "bf16",
+        "compile": use_compile, "compile_note": note, "graph_breaks": graph_breaks,
+        "experts": "grouped_mm" if grouped else "loop", "sdpa": args.sdpa, "batch": b, "seq": s,
+        "layers": m["num_layers"], "params": counts, "flops_per_token": flops_tok,
+        "step_time_s": med, "step_times_ms": [round(1e3 * t, 3) for t in times], "tokens_per_s": tok_s,
+        "tflops": tflops, "peak_tflops": peak, "mfu": tflops / peak if peak else None,
+        "first_step_s": first, "compile_s": max(first - med, 0.0),
+        # peak over the timed steps (reset after warm-up); the whole process's peak is reserved memory
+        "peak_memory_gib": gib(torch.cuda.max_memory_allocated()) if cuda else None,
+        "reserved_memory_gib": gib(torch.cuda.max_memory_reserved()) if cuda else None,
+        "losses": losses,
+    }
+    mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
+    mem = "n/a" if not cuda else f"{res['peak_memory_gib']:.1f}"
+    print(f"torch_ref {res['preset']} {res['param_dtype']} params: {1e3 * med:.1f} ms/step | {tok_s:.0f} tok/s | "
+          f"{tflops:.1f} TFLOP/s | MFU {mfu} | peak mem {mem} GiB | compile {res['compile_s']:.1f} s | "
+          f"{counts['total'] / 1e9:.3f}B / {counts['active'] / 1e9:.3f}B params | loss "
+          f"{losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    stem = f"torch_ref_{res['preset']}_{res['date'][:10]}_{name.replace(' ', '_')}"
+    out = Path(args.out) if args.out else ROOT / "experiments" / "results" / f"{stem}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    res["out"] = str(out)
+    return res
+
+
+if __name__ == "__main__":
+    r = main()
+    sys.exit(0 if all(math.isfinite(x) for x in r["losses"]) else 1)

@@ -1,0 +1,118 @@
+"""experiments/profile_model.py runs end to end on CPU (tiny_moe; the trace has no GPU kernels there) and
+sorts kernels into the categories the GPU report uses."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import profile_model  # noqa: E402
+
+
+def test_profile_model_runs_on_cpu(tmp_path):
+    out = tmp_path / "profile.json"
+    profile_model.main(["--config", "tiny_moe", "--steps", "2", "--wall-steps", "2", "--out", str(out),
+                        "train.batch_size=2", "train.seq_len=32"])
+    res = json.loads(out.read_text())
+    assert res["wall_ms"] > 0 and res["compile_s"] > 0 and res["traced_steps"] == 2
+    assert set(res["categories"]) == set(profile_model.CATEGORY_NAMES)
+    assert res["overrides"] == ["train.batch_size=2", "train.seq_len=32"] and res["params"]["active"] > 0
+    assert res["events_source"] in (None, "host XLA:CPU ops")  # no GPU here
+    if res["events"]:  # XLA:CPU op events: joined to the compiled HLO, and the optimizer found by source
+        assert res["hlo_mapped_share"] > 0.9
+        assert res["categories"]["optimizer"]["ms_per_step"] > 0
+        assert sum(c["share"] for c in res["categories"].values()) == pytest.approx(1.0)
+        assert sum(bool(r["op_name"] and r["source"]) for r in res["top_kernels"]) > len(res["top_kernels"]) / 2
+
+
+@pytest.mark.parametrize("kernel,op_name,want", [
+    ("gmm_fwd_kernel", "", "grouped GEMM"),
+    ("gmm_wgrad_kernel", "jit(step)/while/body/closed_call/transpose(jvp())/pallas_call", "grouped GEMM"),
+    ("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_NNT", "", "dense GEMM"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas",
+     "jit(step)/while/body/closed_call/jvp(bsd,dnh->bsnh)/dot_general", "dense GEMM"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "",
+     "attention"),
+    ("loop_multiply_fusion", "jit(step)/while/body/closed_call/transpose(jvp(dot_product_attention))/mul",
+     "attention"),
+    ("loop_gather_fusion", "", "gather/scatter"),
+    ("input_scatter_fusion", "", "gather/scatter"),
+    ("loop_multiply_fusion", "", "elementwise/fusion"),
+    ("loop_convert_fusion_3", "jit(step)/while/body/closed_call/jvp()/convert_element_type", "elementwise/fusion"),
+    ("input_reduce_fusion", "", "reductions"),
+    ("loop_transpose_fusion", "", "copies/transposes"),
+    ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "", "collectives"),
+    ("some_unknown_kernel", "", "other"),
+])
+def test_category(kernel, op_name, want):
+    assert profile_model.category(kernel, op_name) == want
+
+
+def test_category_uses_source_and_hlo_op():
+    adam = "optax/_src/transform.py:294 scale_by_adam.<locals>.update_fn < moe_jax/train.py:123 step"
+    assert profile_model.category("loop_multiply_fusion", "jit(step)/mul", "multiply_fusion.3", adam) == "optimizer"
+    gmm = "ops/grouped_matmul.py:46 _xla_fwd < moe_jax/experts.py:18 grouped_ffn"
+    assert profile_model.category("dot_general.3", "jit(step)/jvp()/dot_general", "dot_general.3", gmm) == \
+        "grouped GEMM"
+    assert profile_model.category("ynn_fusion.7", "jit(step)/jvp(bsd,dnh->bsnh)/dot_general") == "dense GEMM"
+    assert profile_model.category("MemcpyD2D", "", "") == "copies/transposes"
+    assert profile_model.category("loop_add_fusion", "", "all-reduce.1") == "collectives"
+
+
+def test_hlo_metadata_and_busy_time():
+    text = """HloModule jit_step
+
+FileNames
+1 "/x/site-packages/optax/_src/transform.py"
+2 "/repo/moe_jax/train.py"
+
+FunctionNames
+1 "scale_by_adam.<locals>.update_fn"
+2 "make_train_step.<locals>.step"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=294 end_line=294 column=1 end_column=2}
+2 {file_name_id=2 function_name_id=2 line=123 end_line=123 column=1 end_column=2}
+
+StackFrames
+1 {file_location_id=2 parent_frame_id=1}
+2 {file_location_id=1 parent_frame_id=2}
+
+ENTRY %main.1 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0), metadata={op_name="state.params"}
+  ROOT %multiply_fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, calls=%f, metadata={op_name="jit(step)/mul" \
+stack_frame_id=2}
+}
+"""
+    meta = profile_model.hlo_metadata(text)
+    assert meta["multiply_fusion.3"] == {
+        "op_name": "jit(step)/mul", "source": "optax/_src/transform.py:294 scale_by_adam.<locals>.update_fn",
+        "frames": ["optax/_src/transform.py:294 scale_by_adam.<locals>.update_fn",
+                   "moe_jax/train.py:123 make_train_step.<locals>.step"]}
+    assert profile_model._instruction("multiply_fusion_3", {}, meta) == "multiply_fusion.3"
+    ev = [("a", 0, 10, {}), ("b", 5, 10, {}), ("c", 20, 5, {}), ("d", 21, 2, {})]  # overlapping streams
+    assert profile_model._busy_ns(ev) == 15 + 5
+
+
+def test_split_time_keeps_each_hlo_op_of_a_shared_kernel():
+    """GPU-like events: one cuBLAS kernel behind a projection and an attention dot, a fusion found by
+    its kernel name alone (no hlo_op stat, as inside a command buffer), and an unknown kernel."""
+    meta = {"custom-call.1": {"op_name": "jit(step)/jvp(bsd,dnh->bsnh)/dot_general", "source": "m.py:1 f",
+                              "frames": ["m.py:1 f"]},
+            "custom-call.2": {"op_name": "jit(step)/jvp(vmap(BTNH,BSNH->BNTS))/dot_general", "source": "m.py:2 f",
+                              "frames": ["m.py:2 f"]},
+            "loop_multiply_fusion.3": {"op_name": "jit(step)/mul", "source": "optax/_src/transform.py:1 u",
+                                       "frames": ["optax/_src/transform.py:1 u", "moe_jax/train.py:2 step"]}}
+    events = [("nvjet_tst_a", 0, 3_000_000, {"hlo_op": "custom-call.1"}),
+              ("nvjet_tst_a", 3_000_000, 1_000_000, {"hlo_op": "custom-call.2"}),
+              ("loop_multiply_fusion_3", 4_000_000, 500_000, {}),
+              ("mystery", 5_000_000, 500_000, {})]
+    split, top, mapped = profile_model.split_time(events, meta, steps=1, top=3)
+    assert split["dense GEMM"]["ms_per_step"] == pytest.approx(3.0)
+    assert split["attention"]["ms_per_step"] == pytest.approx(1.0)
+    assert split["optimizer"]["ms_per_step"] == pytest.approx(0.5) and split["other"]["share"] == pytest.approx(0.1)
+    assert mapped == pytest.approx(0.9)
+    assert [(r["kernel"], r["hlo_op"], r["category"]) for r in top] == [
+        ("nvjet_tst_a", "custom-call.1", "dense GEMM"), ("nvjet_tst_a", "custom-call.2", "attention"),
+        ("loop_multiply_fusion_3", "loop_multiply_fusion.3", "optimizer")]
