@@ -234,7 +234,7 @@ def main():
         configs.update(json.loads(args.configs))
     path = pathlib.Path(args.out)
     table = json.loads(path.read_text()) if path.exists() else {}
-    dev = tuning.device_key()
+    dev = tuning.own_key()  # this device's own entry (device_key may fall back to the H100's)
     entry = table.setdefault(dev, {"fwd": {}, "wgrad": {}})
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     kinds = args.kinds.split(",")

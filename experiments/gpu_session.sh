@@ -15,6 +15,10 @@
 #   eplayers — (2+ GPUs) the layer bench with 4 MoE layers per step (per-step costs spread as in a model)
 #   epsm   — (2+ GPUs) the compiled step's collectives, then the layer step with async all-reduce/
 #            all-gather off, and with MOE_JAX_SM_MARGIN SMs left free by the persistent kernels
+#   fast   — whole-model speed, ours beside the PyTorch reference in the same call: per preset in
+#            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
+#            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
+#            adds overrides to ours; FAST_TESTS=1 first runs the ops' tests on the GPU
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
@@ -80,6 +84,25 @@ case "${1:-}" in
         --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_$tag.json" > "$OUT/ep_$tag.log" 2>&1
       echo "== $tag rc=$?"; grep "^layer" "$OUT/ep_$tag.log" | cut -c1-140
     done ;;
+  fast)
+    if [ "${FAST_TESTS:-0}" = 1 ]; then
+      timeout -s KILL 150 python3 -m pytest -q -p no:cacheprovider -x tests/test_permute.py \
+        tests/test_cross_entropy.py "tests/test_moe.py::test_layer_through_grouped_gemm_backend" \
+        > "$OUT/fast_tests.log" 2>&1; echo "tests rc=$?"; tail -3 "$OUT/fast_tests.log"
+    fi
+    for preset in ${FAST_PRESETS:-mixtral_small}; do
+      for pd in ${FAST_PARAMS:-bf16}; do
+        dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
+        tag="${preset}_$(date +%F)_h200_${pd}"
+        timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" \
+          "model.param_dtype=$dt" ${FAST_EXTRA:-} --out "experiments/results/profile_$tag.json" \
+          > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
+        grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${FAST_LINES:-40}
+        timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/torch_reference.py --config "$preset" \
+          --param-dtype "$pd" --out "experiments/results/torch_ref_$tag.json" \
+          > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
+      done
+    done ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
@@ -87,7 +110,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|fast"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0

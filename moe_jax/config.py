@@ -19,6 +19,8 @@ NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16")
 ROUTER_DTYPES = ("float32", "float64")
 GEMM_BACKENDS = ("auto", "pallas", "xla", "reference")
+ATTENTION_IMPLS = ("auto", "cudnn", "xla")
+REMAT_MODES = ("none", "full", "selective")
 
 
 def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
@@ -194,8 +196,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.02
-    remat: bool = False
-    attention_impl: str | None = None  # None = jax.nn.dot_product_attention picks; "cudnn" / "xla"
+    remat: str | bool = "none"    # none | full | selective (moe_jax.model); true/false = full/none
+    attention_impl: str = "auto"  # auto (cuDNN flash where it runs, else XLA) | cudnn | xla
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
     qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)
     moe: MoEConfig | None = None
@@ -220,7 +222,12 @@ class ModelConfig:
         _choice(c, "activation", self.activation, ACTIVATIONS)
         _choice(c, "dtype", self.dtype, DTYPES)
         _choice(c, "param_dtype", self.param_dtype, DTYPES)
-        _choice(c, "attention_impl", self.attention_impl, (None, "cudnn", "xla"))
+        if self.attention_impl is None:  # earlier configs: None let JAX pick (XLA)
+            object.__setattr__(self, "attention_impl", "auto")
+        _choice(c, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
+        _choice(c, "remat", self.remat, REMAT_MODES)
         if not self.norm_eps > 0:
             _fail(c, "norm_eps", self.norm_eps, "must be > 0")
         if not self.init_std > 0:

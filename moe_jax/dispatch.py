@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routing import Assignment
-from ops import permute as ops_permute
+from ops.permute import inverse, permute as permute_rows, unpermute as unpermute_rows
 
 
 @flax.struct.dataclass
@@ -45,7 +45,7 @@ def sort_by_expert(a: Assignment, *, capacity: int | None = None) -> Permutation
     e = a.num_experts
     flat_e = jnp.where(a.kept, a.experts, e).reshape(-1)
     order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)   # sorted row -> flat assignment
-    rank = ops_permute.inverse(order, t * k)                      # flat assignment -> sorted row
+    rank = inverse(order, t * k)                      # flat assignment -> sorted row
     if capacity is None:
         return Permutation(dest=rank.reshape(t, k), src=order, group_sizes=a.tokens_per_expert,
                            num_rows=t * k)
@@ -53,7 +53,7 @@ def sort_by_expert(a: Assignment, *, capacity: int | None = None) -> Permutation
     pos_in_expert = rank - starts[jnp.minimum(flat_e, e - 1)]
     n = e * capacity
     dest = jnp.where(flat_e < e, flat_e * capacity + pos_in_expert, n).astype(jnp.int32)
-    return Permutation(dest=dest.reshape(t, k), src=ops_permute.inverse(dest, n),
+    return Permutation(dest=dest.reshape(t, k), src=inverse(dest, n),
                        group_sizes=jnp.full((e,), capacity, jnp.int32), num_rows=n)
 
 
@@ -64,7 +64,7 @@ def sort_rows(x_TD: jax.Array, a: Assignment, *, probs_on_input: bool = False,
     `moe_apply_probs_on_input`, top-1). Gradients are gathers (`ops.permute`)."""
     perm = sort_by_expert(a, capacity=capacity)
     gates = a.weights if probs_on_input else None
-    return ops_permute.permute(x_TD, perm.dest, perm.src, gates), perm
+    return permute_rows(x_TD, perm.dest, perm.src, gates), perm
 
 
 def unsort_rows(y_RD: jax.Array, perm: Permutation, a: Assignment, *, probs_on_input: bool = False
@@ -72,7 +72,7 @@ def unsort_rows(y_RD: jax.Array, perm: Permutation, a: Assignment, *, probs_on_i
     """Inverse of `sort_rows`: each token's rows summed over its k slots, weighted by the gates
     (by `kept` alone when they were applied on the input); dropped slots add nothing."""
     w = a.kept.astype(jnp.float32) if probs_on_input else a.weights
-    return ops_permute.unpermute(y_RD, perm.dest, perm.src, w)
+    return unpermute_rows(y_RD, perm.dest, perm.src, w)
 
 
 def permute(x_TD: jax.Array, a: Assignment, *, capacity: int | None = None

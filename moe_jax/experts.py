@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import ops
 from moe_jax.config import ModelConfig
@@ -16,8 +17,8 @@ def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: 
     """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs."""
     e, d, n, f = w1_EDnF.shape
     h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend)
-    h = activate(h.reshape(-1, n, f), activation)
-    return ops.grouped_matmul(h, w2_EFD, group_sizes_E, backend=backend)
+    h = activate(checkpoint_name(h, "gmm_out").reshape(-1, n, f), activation)
+    return checkpoint_name(ops.grouped_matmul(h, w2_EFD, group_sizes_E, backend=backend), "gmm_out")
 
 
 class GroupedExperts(nnx.Module):

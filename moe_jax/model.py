@@ -1,75 +1,49 @@
 """GPT: token embedding, pre-norm blocks of causal GQA attention (RoPE) and a dense MLP or MoE layer
-(per `moe.layer_freq`), final norm, LM head (tied or untied)."""
+(per `moe.layer_freq`), final norm, LM head (tied or untied).
+
+Layers are stored as stacks: each run of consecutive layers of one kind (dense or MoE) is one `Block`
+whose parameters carry a leading layer axis (logical name `layers`), applied with one
+`jax.lax.scan`, so compile time does not grow with depth. `GPT.layer(i)` gives layer i as a plain
+`Block` (a copy of its slice), `unstack_layers` / `stack_layers` convert a state's pure dict between
+the stacked form and a per-layer `blocks: {i: ...}` view (checkpoint converters use it).
+
+`ModelConfig.remat`: "none"; "full" (each layer's activations recomputed in the backward pass);
+"selective" (matmul, grouped-GEMM and attention outputs saved, the elementwise work between them —
+norms, RoPE, activations, casts — recomputed).
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax import parallel
+from moe_jax.attention import Attention, apply_rope, rope_tables  # noqa: F401  (re-exported)
 from moe_jax.config import ModelConfig
 from moe_jax.layers import MLP, Norm, param
 from moe_jax.moe import MoELayer
 
-
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [S, H] for rotate-half RoPE (the Llama / Hugging Face convention)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
-
-
-def apply_rope(x_BSNH: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
-    h = x_BSNH.shape[-1] // 2
-    xf = x_BSNH.astype(jnp.float32)
-    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
-    out = xf * cos_SH[None, :, None, :] + rot * sin_SH[None, :, None, :]
-    return out.astype(x_BSNH.dtype)
-
-
-class Attention(nnx.Module):
-    """Causal grouped-query attention through `jax.nn.dot_product_attention` (cuDNN flash on GPU)."""
-
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, n, kv, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
-        std, pd = cfg.init_std, cfg.param_dtype
-        self.wq_DNH = param(rngs, (d, n, h), ("embed", "heads", None), std, pd)
-        self.wk_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", None), std, pd)
-        self.wv_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", None), std, pd)
-        self.wo_NHD = param(rngs, (n, h, d), ("heads", None, "embed"), std, pd)
-        self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.attention_impl
-        zeros = lambda *shape, axes: nnx.Param(jnp.zeros(shape, pd), logical_axes=axes)  # noqa: E731
-        self.bq_NH = zeros(n, h, axes=("heads", None)) if cfg.attention_bias else None
-        self.bk_KH = zeros(kv, h, axes=("kv_heads", None)) if cfg.attention_bias else None
-        self.bv_KH = zeros(kv, h, axes=("kv_heads", None)) if cfg.attention_bias else None
-        self.q_norm = Norm(cfg, h) if cfg.qk_norm else None
-        self.k_norm = Norm(cfg, h) if cfg.qk_norm else None
-
-    def _proj(self, x, w, b, norm):
-        y = jnp.einsum("bsd,dnh->bsnh", x, w[...].astype(self.dtype))
-        if b is not None:
-            y = y + b[...].astype(self.dtype)[None, None]
-        return y if norm is None else norm(y)
-
-    def __call__(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
-        dt = self.dtype
-        x = x_BSD.astype(dt)
-        q = apply_rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH)
-        k = apply_rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH)
-        v = self._proj(x, self.wv_DKH, self.bv_KH, None)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.impl)
-        return jnp.einsum("bsnh,nhd->bsd", o, self.wo_NHD[...].astype(dt))
+# names the selective remat policy saves (besides dot products without batch dimensions)
+SAVED_NAMES = ("attn_out", "gmm_out")
+REMAT_POLICIES = {
+    "full": None,
+    "selective": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)),
+}
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block; the feed-forward is dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, is_moe: bool, *, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg, cfg.d_model)
         self.attn = Attention(cfg, rngs=rngs)
         self.mlp_norm = Norm(cfg, cfg.d_model)
-        self.is_moe = cfg.is_moe_layer(layer)
-        self.mlp = MoELayer(cfg, rngs=rngs) if self.is_moe else MLP(cfg, cfg.ffn_hidden_size, rngs=rngs)
+        self.is_moe = is_moe
+        self.mlp = MoELayer(cfg, rngs=rngs) if is_moe else MLP(cfg, cfg.ffn_hidden_size, rngs=rngs)
 
     def __call__(self, x_BSD, cos_SH, sin_SH, rng=None, layout=None):
         x = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH)
@@ -81,9 +55,37 @@ class Block(nnx.Module):
         return x + y.astype(x.dtype), aux
 
 
+def layer_runs(cfg: ModelConfig) -> tuple[tuple[bool, int, int], ...]:
+    """(is_moe, first layer, number of layers) of each run of consecutive layers of one kind."""
+    runs: list[list] = []
+    for i in range(cfg.num_layers):
+        kind = cfg.is_moe_layer(i)
+        if runs and runs[-1][0] == kind:
+            runs[-1][2] += 1
+        else:
+            runs.append([kind, i, 1])
+    return tuple(tuple(r) for r in runs)
+
+
+def _stacked_block(cfg: ModelConfig, is_moe: bool, n: int, rngs: nnx.Rngs) -> Block:
+    """n Blocks as one, every Variable with a leading layer axis (logical name `layers`)."""
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=n)
+    def create(rngs):
+        return Block(cfg, is_moe, rngs=rngs)
+
+    block = create(rngs)
+    for _, var in nnx.to_flat_state(nnx.state(block)):
+        axes = var.get_metadata().get("logical_axes")
+        if axes is not None:
+            var.set_metadata(logical_axes=("layers",) + tuple(axes))
+    return block
+
+
 class GPT(nnx.Module):
     """Decoder-only LM. `__call__(tokens[B,S], *, rng, layout) -> (logits[B,S,V], aux)`; `layout`
-    shards the MoE layers across its MoE mesh (see `MoELayer`).
+    shards the MoE layers across its MoE mesh (see `MoELayer`). `hidden` stops before the LM head
+    (for a loss fused with it), `head()` is the [D, V] head weight.
 
     aux: `losses` (each router loss summed over MoE layers), and per MoE layer (stacked, [L_moe, ...]):
     `tokens_per_expert`, `routed_counts`, `dropped`.
@@ -93,46 +95,109 @@ class GPT(nnx.Module):
         self.cfg = cfg
         self.embed_VD = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std,
                               cfg.param_dtype)
-        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.runs = layer_runs(cfg)
+        self.stacks = nnx.List([_stacked_block(cfg, moe, n, rngs) for moe, _, n in self.runs])
         self.final_norm = Norm(cfg, cfg.d_model)
         self.head_DV = (None if cfg.tie_embeddings else
                         param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                               cfg.param_dtype))
 
-    def __call__(self, tokens_BS: jax.Array, *, rng: jax.Array | None = None, layout=None):
-        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
-        x = jnp.take(self.embed_VD[...], tokens_BS, axis=0).astype(dt)
+    def hidden(self, tokens_BS: jax.Array, *, rng: jax.Array | None = None, layout=None):
+        """Final-norm activations [B,S,D] (before the LM head) and aux."""
+        cfg = self.cfg
+        x = jnp.take(self.embed_VD[...], tokens_BS, axis=0).astype(jnp.dtype(cfg.dtype))
         cos, sin = rope_tables(tokens_BS.shape[1], cfg.head_dim_, cfg.rope_theta)
         layer_aux = []
-        for i, block in enumerate(self.blocks):
-            r = None if rng is None else jax.random.fold_in(rng, i)
-            call = _remat_call if cfg.remat else type(block).__call__
-            x, aux = call(block, x, cos, sin, r, layout=layout)
+        for stack, (_, first, n) in zip(self.stacks, self.runs):
+            x, aux = _scan_stack(stack, x, cos, sin, rng, first, layout, cfg.remat)
             if aux is not None:
                 layer_aux.append(aux)
-        x = self.final_norm(x)
-        head = self.embed_VD[...].T if self.head_DV is None else self.head_DV[...]
-        logits = x @ head.astype(dt)
-        return logits, collect_aux(layer_aux)
+        return self.final_norm(x), collect_aux(layer_aux)
+
+    def head(self) -> jax.Array:
+        """The LM head weight [D, V] (the embedding's transpose when tied), in the compute dtype."""
+        w = self.embed_VD[...].T if self.head_DV is None else self.head_DV[...]
+        return w.astype(jnp.dtype(self.cfg.dtype))
+
+    def __call__(self, tokens_BS: jax.Array, *, rng: jax.Array | None = None, layout=None):
+        x, aux = self.hidden(tokens_BS, rng=rng, layout=layout)
+        return x @ self.head(), aux
+
+    def layer(self, i: int) -> Block:
+        """Layer i as a plain Block: a copy of its slice of the stack (changing it changes nothing
+        here)."""
+        s, j = layer_position(self.cfg, i)
+        graphdef, state = nnx.split(self.stacks[s])
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[j], state))
+
+    def layers(self) -> list[Block]:
+        """Every layer as a plain Block (copies; see `layer`)."""
+        return [self.layer(i) for i in range(self.cfg.num_layers)]
 
 
-def _remat_call(block, *args, layout=None):
-    """block(*args) with its activations recomputed in the backward pass: a pure jax.checkpoint
-    over the block's state. A block's forward mutates no state, so none is written back (nnx.remat
-    writes every Variable back, and raised TraceContextError on an ExpertBias traced outside it)."""
-    graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda state, *a: nnx.merge(graphdef, state)(*a, layout=layout))(state, *args)
+def _scan_stack(stack: Block, x, cos, sin, rng, first: int, layout, remat: str):
+    """x through the stack's layers in order (one scan step per layer); aux stacked per layer."""
+    graphdef, state = nnx.split(stack)
+
+    def body(x, xs):
+        layer_state, i = xs
+        r = None if rng is None else jax.random.fold_in(rng, i)
+        return nnx.merge(graphdef, layer_state)(x, cos, sin, r, layout=layout)
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return jax.lax.scan(body, x, (state, first + jnp.arange(n, dtype=jnp.int32)))
+
+
+def layer_position(cfg: ModelConfig, i: int) -> tuple[int, int]:
+    """(stack, index in the stack) of layer i."""
+    if not 0 <= i < cfg.num_layers:
+        raise IndexError(f"layer {i} out of range for num_layers={cfg.num_layers}")
+    for s, (_, first, n) in enumerate(layer_runs(cfg)):
+        if first <= i < first + n:
+            return s, i - first
+    raise AssertionError("unreachable")
 
 
 def collect_aux(layer_aux: list[dict]) -> dict:
-    """Sum router losses over layers; stack per-layer routing statistics."""
+    """Sum router losses over layers; concatenate per-layer routing statistics (stacks in order)."""
     if not layer_aux:
         return {"losses": {}}
     losses: dict[str, jax.Array] = {}
     for a in layer_aux:
         for name, v in a["losses"].items():
-            losses[name] = losses.get(name, 0.0) + v
+            losses[name] = losses.get(name, 0.0) + jnp.sum(v)
     out = {"losses": losses}
     for key in ("tokens_per_expert", "routed_counts", "dropped"):
-        out[key] = jnp.stack([a[key] for a in layer_aux])
+        out[key] = jnp.concatenate([a[key] for a in layer_aux])
     return out
+
+
+# ------------------------------------------------------------------ per-layer view of a state
+def _take(a, j):
+    if isinstance(a, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+    return a[j]
+
+
+def unstack_layers(pure: dict, cfg: ModelConfig) -> dict:
+    """A GPT state's pure dict (`nnx.State.to_pure_dict`) with `stacks` replaced by per-layer
+    `blocks: {i: layer dict}` (slices; abstract leaves give abstract slices)."""
+    out = {k: v for k, v in pure.items() if k != "stacks"}
+    out["blocks"] = {}
+    for i in range(cfg.num_layers):
+        s, j = layer_position(cfg, i)
+        out["blocks"][i] = jax.tree.map(lambda a: _take(a, j), pure["stacks"][s])
+    return out
+
+
+def stack_layers(pure: dict, cfg: ModelConfig) -> dict:
+    """Inverse of `unstack_layers`: per-layer `blocks` stacked back into `stacks`."""
+    out: dict[str, Any] = {k: v for k, v in pure.items() if k != "blocks"}
+    out["stacks"] = {}
+    for s, (_, first, n) in enumerate(layer_runs(cfg)):
+        layers = [pure["blocks"][i] for i in range(first, first + n)]
+        out["stacks"][s] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return out
+

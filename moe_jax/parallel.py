@@ -30,7 +30,7 @@ MOE_AXES = ("edata", "expert", "etensor")
 RULES: dict[str, Any] = {
     # dense parameters (dense mesh): FSDP over the model dim, TP over heads / hidden / vocab
     "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
-    "norm": None,
+    "norm": None, "layers": None,  # "layers": the leading axis of stacked (scanned) layers
     # routed-expert parameters (MoE mesh): EP over experts, ETP over the expert hidden dim
     "exp": "expert", "embed_moe": None, "mlp_moe": "etensor",
     # activations

@@ -261,7 +261,8 @@ def route(logits_TE: jax.Array, cfg: MoEConfig, *, expert_bias=None, rng=None, s
 
 
 def update_expert_bias(bias_E: jax.Array, tokens_per_expert_E: jax.Array, rate: float) -> jax.Array:
-    """Aux-loss-free balancing step: bias += rate · sign(mean(count) − count)."""
+    """Aux-loss-free balancing step: bias += rate · sign(mean(count) − count), over the last axis
+    (leading axes: independent layers)."""
     counts = tokens_per_expert_E.astype(jnp.float32)
-    delta = rate * jnp.sign(counts.mean() - counts)
+    delta = rate * jnp.sign(counts.mean(-1, keepdims=True) - counts)
     return (bias_E + delta.astype(bias_E.dtype)).astype(bias_E.dtype)

@@ -12,8 +12,12 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
+from ops.grouped_matmul import resolve_backend
+from ops.tuning import table_note
+
 from moe_jax import distributed, metrics as M
 from moe_jax import ep, parallel
+from moe_jax.attention import resolve_impl
 from moe_jax.checkpoint import Checkpointer, abstract_state
 from moe_jax.config import Config
 from moe_jax.presets import to_dict
@@ -24,6 +28,15 @@ from moe_jax.train import init_sharded_state, init_state, make_train_step
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def kernels_note(mc) -> str:
+    """Which attention kernel and grouped-GEMM tuning the model runs with here (for the log)."""
+    note = f"attention {resolve_impl(mc.attention_impl, mc.dtype, (mc.head_dim_,))}"
+    if mc.moe is not None:
+        gemm = resolve_backend(mc.moe.grouped_gemm_backend, mc.dtype)
+        note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
+    return note
 
 
 def _fmt_rate(x: float) -> str:
@@ -82,7 +95,7 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     n_dev = 1 if layout is None else layout.num_devices
     log(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active "
         f"({len(mc.moe_layers)} MoE layers) | {jax.devices()[0].device_kind} | "
-        f"{tokens_per_step} tokens/step | {flops_tok / 1e9:.3f} GFLOP/token")
+        f"{tokens_per_step} tokens/step | {flops_tok / 1e9:.3f} GFLOP/token | {kernels_note(mc)}")
 
     writer = M.Writer(out / "tb" if tc.tensorboard and not benchmark and main else None)
     load_LE = None

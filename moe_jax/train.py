@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import ops
+
 from moe_jax import parallel
 from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.model import GPT
@@ -43,7 +45,8 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def cross_entropy(logits_BSV: jax.Array, targets_BS: jax.Array) -> jax.Array:
-    """Mean token cross-entropy, computed in float32."""
+    """Mean token cross-entropy of given logits, computed in float32 (the train step fuses it with
+    the LM head instead: `ops.linear_cross_entropy`)."""
     logits = logits_BSV.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     gold = jnp.take_along_axis(logits, targets_BS[..., None], axis=-1)[..., 0]
@@ -77,9 +80,13 @@ def init_sharded_state(cfg: ModelConfig, tc: TrainConfig, layout: parallel.Layou
 
 
 def _update_expert_biases(model: GPT, routed_counts_LE: jax.Array) -> None:
-    """One aux-loss-free bias step per MoE layer from the step's routed counts."""
-    for j, block in enumerate(b for b in model.blocks if b.is_moe):
-        block.mlp.router.update_bias(routed_counts_LE[j])
+    """One aux-loss-free bias step per MoE layer from the step's routed counts (rows: the MoE
+    layers in order, as the stacks hold them)."""
+    j = 0
+    for stack, (is_moe, _, n) in zip(model.stacks, model.runs):
+        if is_moe:
+            stack.mlp.router.update_bias(routed_counts_LE[j:j + n])
+            j += n
 
 
 def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
@@ -95,8 +102,9 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
 
     def loss_fn(params, rest, inputs, targets, rng):
         model = nnx.merge(graphdef, params, rest)
-        logits, aux = model(inputs, rng=rng, layout=layout)
-        ce = cross_entropy(logits, targets)
+        x_BSD, aux = model.hidden(inputs, rng=rng, layout=layout)
+        ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(),
+                                      targets.reshape(-1))  # no [B, S, V] logits in memory
         total = ce + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
         return total, (ce, aux)
 

@@ -41,7 +41,7 @@ from flax import nnx
 
 from moe_jax.config import ModelConfig
 from moe_jax.layers import GATED
-from moe_jax.model import GPT
+from moe_jax.model import GPT, stack_layers, unstack_layers
 
 # ModelConfig fields that may differ between the dense source and the MoE target.
 FREE_FIELDS = ("moe", "dtype", "param_dtype", "remat", "attention_impl", "init_std")
@@ -117,7 +117,8 @@ def _slices(w1_DnF, w2_FD, G: int, E: int):
 
 def upcycle_params(dense_params: dict, dense: ModelConfig, moe: ModelConfig, moe_params: dict, *,
                    scale_mode: str = "exact", seed: int = 0) -> dict:
-    """Fill `moe_params` (a pure dict of a GPT(moe) state) from `dense_params`; returns it."""
+    """Fill `moe_params` from `dense_params`; returns it. Both are pure dicts of GPT states in the
+    per-layer view (`model.unstack_layers`: `blocks: {i: layer}`)."""
     p = plan(dense, moe, scale_mode)
     m, G, c = moe.moe, p.granularity, p.scale
     gated = m.activation in GATED
@@ -170,11 +171,11 @@ def upcycle(dense_model: GPT, moe_cfg: ModelConfig, *, scale_mode: str = "exact"
     plan(dense_cfg, moe_cfg, scale_mode)
     model = GPT(moe_cfg, rngs=nnx.Rngs(seed))
     state = nnx.state(model)
-    pure = state.to_pure_dict()
-    dense = nnx.state(dense_model, nnx.Param).to_pure_dict()
+    pure = unstack_layers(state.to_pure_dict(), moe_cfg)   # per-layer `blocks` views
+    dense = unstack_layers(nnx.state(dense_model, nnx.Param).to_pure_dict(), dense_cfg)
     new = upcycle_params(dense, dense_cfg, moe_cfg, pure, scale_mode=scale_mode, seed=seed)
     _check_same_shapes(new, pure)
     new = jax.tree.map(lambda x, ref: jnp.asarray(x, ref.dtype), new, pure)
-    state.replace_by_pure_dict(new)
+    state.replace_by_pure_dict(stack_layers(new, moe_cfg))
     nnx.update(model, state)
     return model

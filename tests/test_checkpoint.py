@@ -115,9 +115,9 @@ def test_reshard_on_restore_ep4_ep2_ep1(tmp_path):
 
     target = C.abstract_state(init, parallel.tree_shardings(init, layout_b))
     state = ck.restore(target)
-    w1 = state.params["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
-    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
-    assert w1.sharding == mu.sharding and w1.sharding.spec[0] == "expert"
+    w1 = state.params["stacks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    mu = state.opt_state[1][0].mu["stacks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    assert w1.sharding == mu.sharding and w1.sharding.spec[1] == "expert"  # [layers, E, ...]
     assert w1.sharding.mesh.shape["expert"] == 2
     state, l2 = run(step_fn, state, data, 1)
     ck.save(state)
@@ -155,8 +155,8 @@ def test_config_mismatch_names_the_shapes(saved):
     with pytest.raises(C.CheckpointError) as e:
         C.Checkpointer(path).restore(target)
     msg = str(e.value)
-    assert "params/blocks/0/mlp/experts/w1_EDnF/value: checkpoint (4, 32, 2, 16) float32 vs model " \
-           "(4, 32, 2, 24) float32" in msg
+    assert "params/stacks/0/mlp/experts/w1_EDnF/value: checkpoint (1, 4, 32, 2, 16) float32 vs " \
+           "model (1, 4, 32, 2, 24) float32" in msg
     assert "opt_state" in msg and "different config" in msg
 
 
@@ -233,8 +233,8 @@ def test_restore_into_parallel_layout(saved):
     layout = parallel.make_layout(ParallelConfig(data=4, fsdp=1, tensor=2, expert=4), cfg.model)
     restored = C.Checkpointer(path).restore(
         C.abstract_state(state, parallel.tree_shardings(state, layout)))
-    w1 = restored.params["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
-    mu = restored.opt_state[1][0].mu["blocks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    w1 = restored.params["stacks"][0]["mlp"]["experts"]["w1_EDnF"][...]
+    mu = restored.opt_state[1][0].mu["stacks"][0]["mlp"]["experts"]["w1_EDnF"][...]
     assert w1.sharding == mu.sharding and w1.sharding.mesh.shape["expert"] == 4
     assert restored.params["embed_VD"][...].sharding.spec[0] == "tensor"
     leaves_equal(restored, state)

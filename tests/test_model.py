@@ -29,14 +29,14 @@ def test_forward_shapes_and_aux():
     model = GPT(cfg, rngs=nnx.Rngs(0))
     logits, aux = model(tokens())
     assert logits.shape == (2, 16, 64) and bool(jnp.all(jnp.isfinite(logits)))
-    assert [b.is_moe for b in model.blocks] == [False, True, True]
+    assert [b.is_moe for b in model.layers()] == [False, True, True]
     assert aux["tokens_per_expert"].shape == (2, 4)
     assert set(aux["losses"]) == {"aux_loss", "z_loss"}
     # summed over the MoE layers: recompute layer by layer
     x = jnp.take(model.embed_VD[...], tokens(), axis=0)
     cos, sin = rope_tables(16, cfg.head_dim_, cfg.rope_theta)
     total = 0.0
-    for block in model.blocks:
+    for block in model.layers():
         x, a = block(x, cos, sin)
         if a is not None:
             total += a["losses"]["aux_loss"]
@@ -84,13 +84,13 @@ def test_tied_embeddings_dense_and_layernorm():
     assert aux == {"losses": {}}
     x = jnp.take(model.embed_VD[...], tokens(), axis=0)
     cos, sin = rope_tables(16, cfg.head_dim_, cfg.rope_theta)
-    for block in model.blocks:
+    for block in model.layers():
         x, _ = block(x, cos, sin)
     np.testing.assert_allclose(logits, model.final_norm(x) @ model.embed_VD[...].T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("expert_bias", [False, True])
-def test_remat_same_loss_and_grads(expert_bias):
+@pytest.mark.parametrize("expert_bias,mode", [(False, True), (True, True), (True, "selective")])
+def test_remat_same_loss_and_grads(expert_bias, mode):
     """Also with the non-Param state traced (as in the train step, under jit): remat with an
     aux-loss-free ExpertBias raised TraceContextError on the deepseek_small preset."""
     cfg = small_cfg()
@@ -98,7 +98,7 @@ def test_remat_same_loss_and_grads(expert_bias):
         cfg = dataclasses.replace(cfg, moe=dataclasses.replace(
             cfg.moe, router_score_function="sigmoid", router_enable_expert_bias=True))
     graphdef, params, rest = nnx.split(GPT(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    graphdef_r, _, _ = nnx.split(GPT(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0)), nnx.Param, ...)
+    graphdef_r, _, _ = nnx.split(GPT(dataclasses.replace(cfg, remat=mode), rngs=nnx.Rngs(0)), nnx.Param, ...)
 
     def loss(p, rest, g):
         return jnp.mean(nnx.merge(g, p, rest)(tokens())[0] ** 2)
@@ -136,7 +136,7 @@ def test_dropped_token_passes_through_the_block_residual():
     """A token every slot of which is dropped leaves the MoE block with only the attention residual."""
     cfg = small_cfg(moe=MoEConfig(num_experts=4, router_topk=1, ffn_hidden_size=16, layer_freq=(1, 1, 1),
                                   expert_capacity_factor=0.25, token_drop_policy="position"))
-    block = GPT(cfg, rngs=nnx.Rngs(0)).blocks[0]
+    block = GPT(cfg, rngs=nnx.Rngs(0)).layer(0)
     x = jax.random.normal(jax.random.key(3), (2, 16, cfg.d_model))
     cos, sin = rope_tables(16, cfg.head_dim_, cfg.rope_theta)
     out, aux = block(x, cos, sin)
@@ -148,3 +148,52 @@ def test_dropped_token_passes_through_the_block_residual():
                                   np.asarray(after_attn).reshape(-1, cfg.d_model)[dropped])
     assert not np.allclose(np.asarray(out).reshape(-1, cfg.d_model)[~dropped],
                            np.asarray(after_attn).reshape(-1, cfg.d_model)[~dropped])
+
+
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
+    """Consecutive layers of one kind are one stack run by one scan: the train step's jaxpr has the
+    same size at 4 and 16 layers (compile time stays flat), and the layers' parameters are stacked."""
+    from moe_jax.config import TrainConfig
+    from moe_jax.train import init_state, make_train_step
+    tc = TrainConfig(batch_size=2, seq_len=16)
+
+    def jaxpr_len(layers):
+        cfg = small_cfg(num_layers=layers, moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=16,
+                                                         layer_freq=(0,) + (1,) * (layers - 1)))
+        model = GPT(cfg, rngs=nnx.Rngs(0))
+        assert model.runs == ((False, 0, 1), (True, 1, layers - 1))
+        assert model.stacks[1].attn.wq_DNH.shape[0] == layers - 1
+        graphdef, state = init_state(model, tc)
+        batch = {"inputs": tokens(), "targets": tokens(seed=1)}
+        return _count_eqns(jax.make_jaxpr(make_train_step(graphdef, tc, jit=False))(state, batch).jaxpr)
+    assert jaxpr_len(4) == jaxpr_len(16)
+
+
+def _count_eqns(jaxpr) -> int:
+    """Equations of a jaxpr, nested ones (scan/cond/custom_vjp bodies) included."""
+    def subs(v):
+        if hasattr(v, "eqns"):
+            return [v]
+        if hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+            return [v.jaxpr]
+        if isinstance(v, (tuple, list)):
+            return [j for x in v for j in subs(x)]
+        return []
+    return len(jaxpr.eqns) + sum(_count_eqns(j) for e in jaxpr.eqns for v in e.params.values()
+                                 for j in subs(v))
+
+
+def test_layer_views_and_stacking_round_trip():
+    cfg = small_cfg()
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    from moe_jax.model import stack_layers, unstack_layers
+    pure = nnx.state(model).to_pure_dict()
+    per_layer = unstack_layers(pure, cfg)
+    assert sorted(per_layer["blocks"]) == [0, 1, 2] and "stacks" not in per_layer
+    np.testing.assert_array_equal(per_layer["blocks"][2]["attn"]["wq_DNH"],
+                                  model.layer(2).attn.wq_DNH[...])
+    back = stack_layers(per_layer, cfg)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(pure)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(IndexError, match="layer 3"):
+        model.layer(3)

@@ -64,10 +64,10 @@ def test_sharded_steps_match_unsharded(par):
     got, state = _losses(_cfg(**par), sharded=True)
     np.testing.assert_allclose(got, ref, rtol=2e-5)
     # the optimizer moments are sharded like their params
-    w1 = state.params["blocks"][1]["mlp"]["experts"]["w1_EDnF"]
-    mu = state.opt_state[1][0].mu["blocks"][1]["mlp"]["experts"]["w1_EDnF"]
+    w1 = state.params["stacks"][1]["mlp"]["experts"]["w1_EDnF"]
+    mu = state.opt_state[1][0].mu["stacks"][1]["mlp"]["experts"]["w1_EDnF"]
     assert w1[...].sharding.spec == mu[...].sharding.spec
-    assert w1[...].sharding.spec[0] == "expert"
-    assert w1[...].addressable_shards[0].data.shape[0] == 8 // par["expert"]
-    wq = state.params["blocks"][0]["attn"]["wq_DNH"][...]
-    assert tuple(wq.sharding.spec)[:2] == ("fsdp", "tensor")
+    assert w1[...].sharding.spec[1] == "expert"  # [layers, E, D, n, F]
+    assert w1[...].addressable_shards[0].data.shape[1] == 8 // par["expert"]
+    wq = state.params["stacks"][0]["attn"]["wq_DNH"][...]
+    assert tuple(wq.sharding.spec)[1:3] == ("fsdp", "tensor")

@@ -60,7 +60,7 @@ def _copy_jax_weights(model, tmodel):
     put(tmodel.embed, model.embed_VD[...])
     put(tmodel.head, model.head_DV[...])
     put(tmodel.final_norm.scale, model.final_norm.scale[...])
-    for jb, tb in zip(model.blocks, tmodel.blocks):
+    for jb, tb in zip(model.layers(), tmodel.blocks):
         for name in ("attn_norm", "mlp_norm"):
             put(getattr(tb, name).scale, getattr(jb, name).scale[...])
         for w in ("wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD"):

@@ -79,17 +79,17 @@ def test_layout_round_robin_and_router_groups(dense):
     for mode, (s1, s2) in {"exact": (1.0, 4.0), "megatron": (4 ** (1 / 3), 4 ** (1 / 3))}.items():
         up = upcycle(model, cfg, scale_mode=mode)
         for i in range(2):
-            w1d, w2d = model.blocks[i].mlp.w1_DnF[...], model.blocks[i].mlp.w2_FD[...]
-            ex = up.blocks[i].mlp.experts
+            w1d, w2d = model.layer(i).mlp.w1_DnF[...], model.layer(i).mlp.w2_FD[...]
+            ex = up.layer(i).mlp.experts
             for e in range(8):
                 sl = slice((e % 4) * 16, (e % 4 + 1) * 16)  # gate and up split alike
                 np.testing.assert_allclose(ex.w1_EDnF[...][e], w1d[:, :, sl] * s1, rtol=1e-6)
                 np.testing.assert_allclose(ex.w2_EFD[...][e], w2d[sl] * s2, rtol=1e-6)
-            w = up.blocks[i].mlp.router.w_DE[...]
+            w = up.layer(i).mlp.router.w_DE[...]
             for v in range(2):  # a virtual group's experts share one row; groups differ
                 assert all(jnp.array_equal(w[:, 4 * v], w[:, 4 * v + j]) for j in range(4))
             assert not jnp.array_equal(w[:, 0], w[:, 4])
-            np.testing.assert_array_equal(up.blocks[i].attn.wq_DNH[...], model.blocks[i].attn.wq_DNH[...])
+            np.testing.assert_array_equal(up.layer(i).attn.wq_DNH[...], model.layer(i).attn.wq_DNH[...])
         np.testing.assert_array_equal(up.embed_VD[...], model.embed_VD[...])
     # megatron's split scale is close (silu is nearly linear near 0) but not exact for SwiGLU
     err = max_rel(upcycle(model, cfg, scale_mode="megatron")(TOKENS)[0], ref)

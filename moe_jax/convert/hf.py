@@ -25,7 +25,7 @@ from safetensors.flax import save_file
 
 from moe_jax.config import ModelConfig
 from moe_jax.convert.hf_config import config_from_hf, config_to_hf, pick_arch
-from moe_jax.model import GPT
+from moe_jax.model import GPT, stack_layers, unstack_layers
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -180,7 +180,7 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
     arch = hf["model_type"]
     abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    pure = state.to_pure_dict()
+    pure = unstack_layers(state.to_pure_dict(), cfg)  # per-layer `blocks` view of the stacks
     r = _Reader(path)
     filled = set()
     for name, ours, conv in tensor_map(cfg, arch):
@@ -204,7 +204,7 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
     missing = sorted("/".join(map(str, p)) for p in flat_paths if p not in filled)
     if missing:
         raise ValueError(f"{path}: no tensors for {missing[:10]}")
-    state.replace_by_pure_dict(pure)
+    state.replace_by_pure_dict(stack_layers(pure, cfg))
     return cfg, nnx.merge(graphdef, state)
 
 
@@ -215,7 +215,7 @@ def save_hf(model: GPT, cfg: ModelConfig, path: str | Path, *, arch: str | None 
     arch = arch or pick_arch(cfg)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    pure = nnx.state(model).to_pure_dict()
+    pure = unstack_layers(nnx.state(model).to_pure_dict(), cfg)
 
     def get(p):
         d = pure

@@ -203,8 +203,11 @@ def run(routed, x_TD: jax.Array, a: Assignment, experts: nnx.Module, m: MoEConfi
                          f"edata*expert*overlap_chunks = {shards}")
     graphdef, state = nnx.split(experts)
     leaves, treedef = jax.tree.flatten(state)
-    names = [v.get_metadata().get("logical_axes") or () for v in
-             jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))]
+    variables = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    # logical names of each array's dims (a layer of a scanned stack keeps the stack's leading
+    # `layers` name in its metadata: the trailing names are the array's)
+    names = [tuple(v.get_metadata().get("logical_axes") or (None,) * v.ndim)[-v.ndim:]
+             for v in variables]
     tok = _spec(mesh, ("act_tokens_moe",))
     a_spec = Assignment(weights=tok, experts=tok, kept=tok, tokens_per_expert=P())
     body = functools.partial(_body, routed=routed, graphdef=graphdef, treedef=treedef, m=m,

@@ -19,13 +19,38 @@ def _table(name):
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def device_key(device=None) -> str:
+HOPPER_KINDS = ("H200", "H100", "H800", "H20", "GH200")  # the same SM (sm_90); H20: fewer of them
+
+
+def own_key(device=None) -> str:
+    """The table key that names `device` itself (what an autotune run on it writes)."""
     device = device or jax.devices()[0]
     kind = device.device_kind.upper()
-    for key in ("H200", "H100"):
-        if key in kind:
-            return key
+    return next((k for k in HOPPER_KINDS if k in kind), device.device_kind)
+
+
+def device_key(device=None) -> str:
+    """The table entry for `device`: its own (e.g. "H200") when the table has one; any other Hopper
+    part takes the H100's (same SM: the tiles and pipelines that win are the same); anything else
+    "default" (untuned; `table_note` says so)."""
+    device = device or jax.devices()[0]
+    table = _table("grouped_matmul")
+    own = own_key(device)
+    if own in table:
+        return own
+    if own in HOPPER_KINDS and "H100" in table:
+        return "H100"
     return "default"
+
+
+def table_note(device=None) -> str:
+    """One line for the run log: which tuning table the grouped GEMM uses on `device`."""
+    device = device or jax.devices()[0]
+    key = device_key(device)
+    if key == "default":
+        return f"untuned default tiles: no tuning table for {device.device_kind}"
+    own = key.upper() in device.device_kind.upper()
+    return f"{key} tuning table" + ("" if own else f", used for {device.device_kind}")
 
 
 def shape_class(m, k, n, g) -> str:

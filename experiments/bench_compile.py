@@ -1,0 +1,94 @@
+"""Compile time of the train step against depth (BENCHMARKS.md §3: nearly flat with the layers
+scanned; target: 16 layers within 1.35x of 4 on CPU, 48 within 1.3x of 12 on the GPU).
+
+  PYTHONPATH=. python experiments/bench_compile.py --config tiny_moe --layers 4,16
+  PYTHONPATH=. python experiments/bench_compile.py --config mixtral_small --layers 12,48 model.param_dtype=bfloat16
+
+Each depth repeats the preset's layer pattern (its first layer kept as is, e.g. a first dense layer);
+the step is lowered and compiled (no run), and the JSON records seconds per depth and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from moe_jax.model import GPT  # noqa: E402
+from moe_jax.presets import load_config  # noqa: E402
+from moe_jax.train import init_state, make_train_step  # noqa: E402
+
+
+def depth_overrides(cfg, layers: int) -> list[str]:
+    """num_layers=layers, with a layer_freq list pattern extended by repeating its last entry."""
+    out = [f"model.num_layers={layers}"]
+    if cfg.model.moe is not None and isinstance(cfg.model.moe.layer_freq, tuple):
+        lf = list(cfg.model.moe.layer_freq)
+        out.append(f"moe.layer_freq={(lf + [lf[-1]] * layers)[:layers]}".replace(" ", ""))
+    return out
+
+
+def compile_seconds(cfg) -> tuple[float, float]:
+    """(lower seconds, compile seconds) of the jitted train step on abstract state and batch."""
+    tc = cfg.train
+    graphdef, state = init_state_abstract(cfg)
+    batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32) for k in ("inputs", "targets")}
+    step = make_train_step(graphdef, tc)
+    t0 = time.perf_counter()
+    lowered = step.lower(state, batch)
+    t1 = time.perf_counter()
+    lowered.compile()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def init_state_abstract(cfg):
+    """(graphdef, abstract TrainState) without allocating parameters."""
+    box = {}
+
+    def make():
+        graphdef, state = init_state(GPT(cfg.model, rngs=nnx.Rngs(0)), cfg.train)
+        box["graphdef"] = graphdef
+        return state
+    state = jax.eval_shape(make)
+    return box["graphdef"], state
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny_moe")
+    ap.add_argument("--layers", default="4,16", help="comma list of depths")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    base = load_config(args.config, args.overrides)
+    rows = []
+    for n in (int(v) for v in args.layers.split(",")):
+        cfg = load_config(args.config, list(args.overrides) + depth_overrides(base, n))
+        lower_s, compile_s = compile_seconds(cfg)
+        rows.append({"layers": n, "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
+                     "total_s": round(lower_s + compile_s, 2)})
+        print(f"layers {n:>3}: lower {lower_s:6.1f} s, compile {compile_s:6.1f} s", flush=True)
+    for r in rows[1:]:
+        r["ratio_to_first"] = round(r["total_s"] / rows[0]["total_s"], 3)
+        print(f"{r['layers']} vs {rows[0]['layers']} layers: {r['ratio_to_first']:.2f}x")
+    dev = jax.devices()[0].device_kind.replace(" ", "_")
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
+                                           f"compile_{Path(args.config).stem}_{stamp:%Y-%m-%d}_{dev}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": stamp.isoformat(timespec="seconds"), "device": jax.devices()[0].device_kind,
+                               "jax": jax.__version__, "config": args.config, "overrides": args.overrides,
+                               "command": "python " + " ".join(sys.argv), "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Causal grouped-query attention with rotary position embeddings, and the choice of its kernel.
+
+`ModelConfig.attention_impl`: "cudnn" (cuDNN flash attention through `jax.nn.dot_product_attention`:
+never materialises the [S, S] scores), "xla" (XLA's einsum + softmax: scores in HBM), or "auto" (the
+default): cuDNN where it runs — an NVIDIA GPU of compute capability >= 8.0, bf16/fp16 activations,
+head dims that are multiples of 8 up to 128 (256 on Hopper) — else XLA.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from moe_jax.config import ModelConfig
+from moe_jax.layers import Norm, param
+
+CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _compute_capability(device) -> tuple[int, ...]:
+    cc = getattr(device, "compute_capability", None)
+    try:
+        return tuple(int(x) for x in str(cc).split("."))
+    except ValueError:
+        return (0,)
+
+
+def resolve_impl(impl: str, dtype, head_dims: tuple[int, ...], device=None) -> str:
+    """The attention kernel `impl` ("auto" | "cudnn" | "xla") means for activations of `dtype` and
+    these head dims on `device` (default: the first device)."""
+    if impl != "auto":
+        return impl
+    device = device or jax.devices()[0]
+    if device.platform != "gpu":
+        return "xla"
+    cc = _compute_capability(device)  # CUDA's "9.0"; other GPUs' do not parse: (0,)
+    h_max = 256 if cc >= (9,) else 128
+    ok = (cc >= (8,) and jnp.dtype(dtype) in CUDNN_DTYPES
+          and all(h % 8 == 0 and h <= h_max for h in head_dims))
+    return "cudnn" if ok else "xla"
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [S, H] for rotate-half RoPE (the Llama / Hugging Face convention)."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x_BSNH: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
+    h = x_BSNH.shape[-1] // 2
+    xf = x_BSNH.astype(jnp.float32)
+    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
+    out = xf * cos_SH[None, :, None, :] + rot * sin_SH[None, :, None, :]
+    return out.astype(x_BSNH.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention (optional q/k/v biases and q/k RMSNorm), RoPE on q and k."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, kv, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
+        std, pd = cfg.init_std, cfg.param_dtype
+        self.wq_DNH = param(rngs, (d, n, h), ("embed", "heads", None), std, pd)
+        self.wk_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", None), std, pd)
+        self.wv_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", None), std, pd)
+        self.wo_NHD = param(rngs, (n, h, d), ("heads", None, "embed"), std, pd)
+        self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.attention_impl
+        zeros = lambda *shape, axes: nnx.Param(jnp.zeros(shape, pd), logical_axes=axes)  # noqa: E731
+        self.bq_NH = zeros(n, h, axes=("heads", None)) if cfg.attention_bias else None
+        self.bk_KH = zeros(kv, h, axes=("kv_heads", None)) if cfg.attention_bias else None
+        self.bv_KH = zeros(kv, h, axes=("kv_heads", None)) if cfg.attention_bias else None
+        self.q_norm = Norm(cfg, h) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, h) if cfg.qk_norm else None
+
+    def _proj(self, x, w, b, norm):
+        y = jnp.einsum("bsd,dnh->bsnh", x, w[...].astype(self.dtype))
+        if b is not None:
+            y = y + b[...].astype(self.dtype)[None, None]
+        return y if norm is None else norm(y)
+
+    def __call__(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
+        dt = self.dtype
+        x = x_BSD.astype(dt)
+        q = apply_rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH)
+        k = apply_rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH)
+        v = self._proj(x, self.wv_DKH, self.bv_KH, None)
+        impl = resolve_impl(self.impl, q.dtype, (q.shape[-1], v.shape[-1]))
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        o = checkpoint_name(o, "attn_out")
+        return jnp.einsum("bsnh,nhd->bsd", o, self.wo_NHD[...].astype(dt))

@@ -1,0 +1,112 @@
+"""Mean token cross-entropy of a linear LM head, without the [T, V] float32 logits in memory.
+
+`linear_cross_entropy(x_TD, w_DV, targets_T)` = mean_t( logsumexp(x_t @ w) − (x_t @ w)[target_t] ).
+
+The plain form materialises logits [T, V] (bf16 from the matmul, then float32 for the softmax; at
+T=16384, V=32000 that is 1 GiB + 2 GiB, and the same again for their gradient). Here the tokens go
+through in chunks of C rows (`jax.lax.scan`): each chunk's logits [C, V] are made, reduced to the loss,
+and turned at once into the chunk's gradients — dx_c = softmax'·w^T and dw += x_c^T·softmax' — since
+the loss is the end of the graph and its cotangent is a scalar (the backward pass only scales them).
+The FLOPs are the plain form's (one logits matmul, two gradient matmuls); peak memory is one
+chunk's logits. Backends: "chunked" (that), "reference" (plain, autodiff), "auto" (= "chunked").
+Under a mesh with the vocabulary split over `tensor`, XLA partitions the chunk matmuls and the
+logsumexp reduction (vocab-parallel) like any other op.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "chunked", "reference")
+CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk
+
+
+def reference_linear_cross_entropy(x_TD, w_DV, targets_T):
+    logits = jnp.dot(x_TD, w_DV, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    gold = jnp.take_along_axis(logits, targets_T[:, None], axis=-1)[:, 0]
+    return jnp.mean(lse - gold)
+
+
+def chunk_rows(t: int, v: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """The largest divisor of t whose float32 logits [C, V] fit `chunk_bytes` (at least 1)."""
+    target = max(1, chunk_bytes // (4 * v))
+    return max(c for c in range(1, min(t, target) + 1) if t % c == 0) if target < t else t
+
+
+def _chunks(x_TD, targets_T, c):
+    t = x_TD.shape[0]
+    return x_TD.reshape(t // c, c, -1), targets_T.reshape(t // c, c)
+
+
+def _loss_and_grads(x_TD, w_DV, targets_T, c):
+    """(sum of token losses, dx [T, D], dw [D, V] float32) — gradients of the sum."""
+    xs, ts = _chunks(x_TD, targets_T, c)
+
+    def body(dw, xt):
+        x, tg = xt
+        logits = jnp.dot(x, w_DV, preferred_element_type=jnp.float32)          # [C, V]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        gold = jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0]
+        p = jnp.exp(logits - lse[:, None])
+        dlogits = (p - jax.nn.one_hot(tg, w_DV.shape[1], dtype=p.dtype)).astype(x.dtype)
+        dx = jnp.dot(dlogits, w_DV.T, preferred_element_type=jnp.float32).astype(x.dtype)
+        dw = dw + jnp.dot(x.T, dlogits, preferred_element_type=jnp.float32)
+        return dw, (jnp.sum(lse - gold), dx)
+
+    dw0 = jnp.zeros(w_DV.shape, jnp.float32)
+    dw, (losses, dx) = jax.lax.scan(body, dw0, (xs, ts))
+    return jnp.sum(losses), dx.reshape(x_TD.shape), dw
+
+
+def _loss_only(x_TD, w_DV, targets_T, c):
+    xs, ts = _chunks(x_TD, targets_T, c)
+
+    def body(total, xt):
+        x, tg = xt
+        logits = jnp.dot(x, w_DV, preferred_element_type=jnp.float32)
+        gold = jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0]
+        return total + jnp.sum(jax.nn.logsumexp(logits, axis=-1) - gold), None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts))[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked(x_TD, w_DV, targets_T, c):
+    return _loss_only(x_TD, w_DV, targets_T, c) / x_TD.shape[0]
+
+
+def _chunked_fwd(x_TD, w_DV, targets_T, c):
+    total, dx, dw = _loss_and_grads(x_TD, w_DV, targets_T, c)
+    return total / x_TD.shape[0], (dx, dw.astype(w_DV.dtype), x_TD.shape[0])
+
+
+def _chunked_bwd(c, res, g):
+    dx, dw, t = res
+    scale = g / t
+    return (dx * scale.astype(dx.dtype)).astype(dx.dtype), (dw * scale.astype(dw.dtype)), None
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def linear_cross_entropy(x_TD, w_DV, targets_T, *, backend: str = "auto",
+                         chunk: int | None = None) -> jax.Array:
+    """Mean over T of the cross-entropy of logits x_TD @ w_DV against targets_T (float32 scalar).
+    `chunk`: rows per chunk (must divide T; default from `CHUNK_BYTES`)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"linear_cross_entropy: backend={backend!r} is invalid: one of {list(BACKENDS)}")
+    if x_TD.ndim != 2 or w_DV.ndim != 2 or targets_T.shape != x_TD.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: needs x [T, D], w [D, V], targets [T]; got "
+                         f"{x_TD.shape}, {w_DV.shape}, {targets_T.shape}")
+    if x_TD.shape[1] != w_DV.shape[0]:
+        raise ValueError(f"linear_cross_entropy: x has D={x_TD.shape[1]} but w has {w_DV.shape[0]} rows")
+    targets_T = targets_T.astype(jnp.int32)
+    if backend == "reference":
+        return reference_linear_cross_entropy(x_TD, w_DV, targets_T)
+    c = chunk or chunk_rows(x_TD.shape[0], w_DV.shape[1])
+    if x_TD.shape[0] % c:
+        raise ValueError(f"linear_cross_entropy: chunk={c} must divide T={x_TD.shape[0]}")
+    return _chunked(x_TD, w_DV, targets_T, c)
