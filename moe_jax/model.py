@@ -108,8 +108,9 @@ class GPT(nnx.Module):
         x = jnp.take(self.embed_VD[...], tokens_BS, axis=0).astype(jnp.dtype(cfg.dtype))
         cos, sin = rope_tables(tokens_BS.shape[1], cfg.head_dim_, cfg.rope_theta)
         layer_aux = []
+        run = _scan_stack if cfg.scan_layers else _loop_stack
         for stack, (_, first, n) in zip(self.stacks, self.runs):
-            x, aux = _scan_stack(stack, x, cos, sin, rng, first, layout, cfg.remat)
+            x, aux = run(stack, x, cos, sin, rng, first, layout, cfg.remat)
             if aux is not None:
                 layer_aux.append(aux)
         return self.final_norm(x), collect_aux(layer_aux)
@@ -148,6 +149,24 @@ def _scan_stack(stack: Block, x, cos, sin, rng, first: int, layout, remat: str):
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     n = jax.tree.leaves(state)[0].shape[0]
     return jax.lax.scan(body, x, (state, first + jnp.arange(n, dtype=jnp.int32)))
+
+
+def _loop_stack(stack: Block, x, cos, sin, rng, first: int, layout, remat: str):
+    """`_scan_stack` as a Python loop over the layers (each a static slice of the stack): one copy
+    of the layer in the program per layer."""
+    graphdef, state = nnx.split(stack)
+
+    def layer(x, layer_state, i):
+        r = None if rng is None else jax.random.fold_in(rng, i)
+        return nnx.merge(graphdef, layer_state)(x, cos, sin, r, layout=layout)
+
+    if remat != "none":
+        layer = jax.checkpoint(layer, policy=REMAT_POLICIES[remat], static_argnums=2)
+    auxs = []
+    for j in range(jax.tree.leaves(state)[0].shape[0]):
+        x, aux = layer(x, jax.tree.map(lambda a: a[j], state), first + j)
+        auxs.append(aux)
+    return x, (None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs))
 
 
 def layer_position(cfg: ModelConfig, i: int) -> tuple[int, int]:

@@ -122,12 +122,17 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
             grads_acc, i = carry
             (total, (ce, aux)), grads = grad_fn(state.params, state.model_state, xs["inputs"],
                                                 xs["targets"], jax.random.fold_in(step_rng, i))
-            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / accum, grads_acc, grads)
-            return (grads_acc, i + 1), (total, ce, aux)
+            if grads_acc is not None:
+                grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / accum, grads_acc, grads)
+            return (grads, i + 1), (total, ce, aux)
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, _), (total, ce, aux) = jax.lax.scan(micro_step, (zeros, 0), micro)
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        if accum == 1:  # the gradients as they come: no float32 accumulator (three passes over them)
+            (grads, _), out = micro_step((None, 0), jax.tree.map(lambda x: x[0], micro))
+            total, ce, aux = jax.tree.map(lambda v: v[None], out)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, _), (total, ce, aux) = jax.lax.scan(micro_step, (zeros, 0), micro)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
