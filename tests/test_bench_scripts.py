@@ -50,3 +50,15 @@ def test_profile_split_by_kernel_kind():
     assert profile_ep._busy_ns(ev) == 15 + 5
     tl = [["a", 0.0, 10.0], ["b", 12.0, 3.0], ["c", 14.0, 1.0], ["d", 20.0, 1.0]]
     assert profile_ep.gaps(tl) == (7.0, [(5.0, "d"), (2.0, "b")])
+
+
+def test_bench_ops_and_compile_run_on_cpu(tmp_path):
+    import bench_compile
+    import bench_ops
+    assert bench_ops.main(["--shape", "tiny", "--reps", "2", "--out", str(tmp_path / "ops.json")]) == 0
+    rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
+    assert len(rows) == 6 and all(r["xla_plain_ms"] > 0 for r in rows)
+    assert bench_compile.main(["--config", "tiny_moe", "--layers", "2,3", "--out", str(tmp_path / "c.json"),
+                               "model.d_model=32", "train.batch_size=2", "train.seq_len=16"]) == 0
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert [r["layers"] for r in res["rows"]] == [2, 3] and res["rows"][1]["ratio_to_first"] > 0

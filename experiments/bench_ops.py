@@ -1,0 +1,160 @@
+"""Fused ops against the plain JAX that XLA fuses by itself (BENCHMARKS.md §2), on the GPU.
+
+  PYTHONPATH=. python experiments/bench_ops.py [--shape mixtral|deepseek] [--reps 20] [--out PATH]
+
+Each row times an op's forward + backward (`jax.vjp` with a random cotangent) for both backends of
+the op in `ops/` (ours, and "reference": the formula with plain autodiff, what XLA makes of it), and
+gives the bytes the op must move at least (inputs read once, outputs written once) over the time, as
+a share of the device-to-device copy bandwidth measured in the same run (the ceiling). Ops without a
+kernel of ours (RMSNorm, RoPE) are timed as XLA fuses them, against the same ceiling.
+Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V=32000) or
+`deepseek_small` (k=6, F=1408).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from moe_jax.attention import apply_rope, rope_tables  # noqa: E402
+from ops import permute as P  # noqa: E402
+from ops.activations import gated  # noqa: E402
+from ops.cross_entropy import linear_cross_entropy  # noqa: E402
+from timing import median_seconds  # noqa: E402
+
+SHAPES = {"mixtral": dict(T=16384, k=2, E=8, D=2048, F=4096, V=32000),
+          "deepseek": dict(T=16384, k=6, E=64, D=2048, F=1408, V=32000),
+          "tiny": dict(T=2048, k=2, E=4, D=64, F=128, V=512)}  # CPU smoke test
+BF16 = jnp.bfloat16
+
+
+def _nbytes(*arrays) -> int:
+    return int(sum(a.size * a.dtype.itemsize for a in arrays))
+
+
+def fwd_bwd(f, *args):
+    """jit(fwd + vjp with a random cotangent) of f over its float args, and the bytes it must move."""
+    out = jax.eval_shape(f, *args)
+    ct = jax.random.normal(jax.random.key(9), out.shape, jnp.float32).astype(out.dtype)
+
+    @jax.jit
+    def run(*a):
+        y, vjp = jax.vjp(f, *a)
+        return y, vjp(ct)
+    return run, ct
+
+
+def routing(key, T, k, E):
+    """A random dropless routing's permutation maps (dest [T,k], src [T*k]) and gates."""
+    experts = jax.vmap(lambda kk: jax.random.permutation(kk, E)[:k])(jax.random.split(key, T))
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    dest = P.inverse(order, T * k).reshape(T, k)
+    w = jax.nn.softmax(jax.random.normal(jax.random.fold_in(key, 1), (T, k)), axis=-1)
+    return dest, order, w
+
+
+def copy_ceiling(reps: int) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second) on 1 GiB."""
+    x = jax.random.normal(jax.random.key(0), (2**28 if jax.devices()[0].platform == "gpu" else 2**22,),
+                          jnp.float32)
+    f = jax.jit(lambda x: x * 1.0 + 0.0)
+    t = median_seconds(f, x, iters=reps)
+    return 2 * x.nbytes / t
+
+
+def rows(shape: dict, reps: int):
+    T, k, D, F, V = shape["T"], shape["k"], shape["D"], shape["F"], shape["V"]
+    key = jax.random.key(0)
+    dest, src, w = routing(key, T, k, shape["E"])
+    x = jax.random.normal(jax.random.fold_in(key, 2), (T, D), BF16)
+    y = jax.random.normal(jax.random.fold_in(key, 3), (T * k, D), BF16)
+    h = jax.random.normal(jax.random.fold_in(key, 4), (T * k, 2, F), BF16)
+    wv = (0.02 * jax.random.normal(jax.random.fold_in(key, 5), (D, V))).astype(BF16)
+    tg = jax.random.randint(jax.random.fold_in(key, 6), (T,), 0, V)
+    scale = jnp.ones((D,), jnp.float32)
+    seq = min(T, 2048)
+    cos, sin = rope_tables(seq, 128, 10000.0)
+    q = jax.random.normal(jax.random.fold_in(key, 7), (T // seq, seq, 16, 128), BF16)
+
+    def rms(x):
+        xf = x.astype(jnp.float32)
+        return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-5) * scale[None]).astype(x.dtype)
+
+    out = []
+    for name, f_of_backend, args, min_bytes in (
+        ("permute [T,D] -> [T*k,D]", lambda b: (lambda x: P.permute(x, dest, src, backend=b)), (x,),
+         2 * (_nbytes(x) + _nbytes(y))),          # fwd: read x, write rows; bwd: read drows, write dx
+        ("unpermute [T*k,D] -> [T,D]", lambda b: (lambda y: P.unpermute(y, dest, src, w, backend=b)),
+         (y,), 2 * (_nbytes(x) + _nbytes(y)) + _nbytes(y)),  # bwd also re-reads y for the gates
+        ("swiglu [R,2,F] -> [R,F]", lambda b: (lambda h: gated(h, "swiglu", backend=b)), (h,),
+         _nbytes(h) + _nbytes(h) // 2 + _nbytes(h) // 2 + 2 * _nbytes(h)),  # fwd r/w; bwd r dy,h w dh
+    ):
+        row = {"op": name, "min_bytes": min_bytes}
+        for backend in ("xla", "reference"):
+            run, _ = fwd_bwd(f_of_backend(backend), *args)
+            t = median_seconds(run, *args, iters=reps)
+            row[f"{'ours' if backend == 'xla' else 'xla_plain'}_ms"] = 1e3 * t
+        out.append(row)
+    for name, f, args, min_bytes in (
+        ("rmsnorm [T,D] fwd+bwd", rms, (x,), 4 * _nbytes(x)),
+        ("rope q [B,S,N,H] fwd+bwd", lambda q: apply_rope(q, cos, sin), (q,), 4 * _nbytes(q)),
+    ):
+        run, _ = fwd_bwd(f, *args)
+        out.append({"op": name, "min_bytes": min_bytes, "xla_plain_ms": 1e3 * median_seconds(run, *args, iters=reps)})
+    # cross-entropy of the LM head: time and the peak memory of the step's temporaries
+    ce = {"op": f"lm head + cross-entropy [T,D]x[D,V] fwd+bwd (V={V})"}
+    for backend in ("chunked", "reference"):
+        g = jax.jit(jax.value_and_grad(lambda x, w: linear_cross_entropy(x, w, tg, backend=backend),
+                                       argnums=(0, 1)))
+        t = median_seconds(g, x, wv, iters=reps)
+        mem = g.lower(x, wv).compile().memory_analysis()
+        ce[f"{'ours' if backend == 'chunked' else 'xla_plain'}_ms"] = 1e3 * t
+        ce[f"{'ours' if backend == 'chunked' else 'xla_plain'}_temp_gib"] = (
+            None if mem is None else mem.temp_size_in_bytes / 2**30)
+    ce["tflops_ours"] = 6 * T * D * V / (ce["ours_ms"] * 1e-3) / 1e12
+    out.append(ce)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    ceiling = copy_ceiling(args.reps)
+    table = rows(SHAPES[args.shape], args.reps)
+    print(f"copy ceiling {ceiling / 1e12:.2f} TB/s on {jax.devices()[0].device_kind}")
+    print(f"{'op':<46} {'ours ms':>9} {'XLA ms':>9} {'ours/XLA':>9} {'% of copy':>10}")
+    for r in table:
+        best = r.get("ours_ms", r.get("xla_plain_ms"))
+        if "min_bytes" in r:
+            r["share_of_copy"] = r["min_bytes"] / (best * 1e-3) / ceiling
+        speed = f"{r['xla_plain_ms'] / r['ours_ms']:.2f}x" if "ours_ms" in r else "-"
+        share = f"{100 * r['share_of_copy']:.0f}%" if "share_of_copy" in r else "-"
+        ours = f"{r['ours_ms']:.3f}" if "ours_ms" in r else "-"
+        print(f"{r['op']:<46} {ours:>9} {r['xla_plain_ms']:>9.3f} {speed:>9} {share:>10}")
+    dev = jax.devices()[0].device_kind.replace(" ", "_")
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
+                                           f"ops_{args.shape}_{stamp:%Y-%m-%d}_{dev}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": stamp.isoformat(timespec="seconds"), "device": jax.devices()[0].device_kind,
+                               "jax": jax.__version__, "command": "python " + " ".join(sys.argv),
+                               "shape": SHAPES[args.shape], "copy_bytes_per_s": ceiling, "rows": table},
+                              indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
