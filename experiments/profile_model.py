@@ -228,7 +228,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     compiled = step.lower(state, put(batches[0])).compile()
     compile_s = time.perf_counter() - t0
-    meta = hlo_metadata(compiled.as_text())
+    hlo_text = compiled.as_text()
+    meta = hlo_metadata(hlo_text)
+    hlo_summary = summarize_hlo(hlo_text)
+    print("compiled step:", json.dumps(hlo_summary), flush=True)
     box = {"state": state, "i": 0}
     del state
 
@@ -274,7 +277,8 @@ def main(argv=None) -> dict:
            "traced_steps": args.steps, "events_source": source, "events": len(events),
            "event_stats_found": stats_found, "hlo_mapped_share": mapped,
            "gpu_busy_ms": busy, "gpu_span_ms": span, "idle_ms": None if busy is None else wall_ms - busy,
-           "peak_memory_gib": M.peak_memory_gib(), "categories": split, "top_kernels": top}
+           "peak_memory_gib": M.peak_memory_gib(), "hlo": hlo_summary, "categories": split,
+           "top_kernels": top}
     report(res)
     out = Path(args.out) if args.out else (Path(__file__).parent / "results" / (
         f"profile_{Path(args.config).stem}_{res['date'][:10]}_{device.replace(' ', '_')}.json"))
@@ -282,6 +286,19 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(res, indent=2))
     print(f"-> {out}")
     return res
+
+
+def summarize_hlo(text: str) -> dict:
+    """Counts in the compiled step's HLO that say whether XLA changed the program's work: custom
+    calls by target (the Pallas kernels are `mosaic_gpu_v2`, cuBLAS `__cublas$...`, cuDNN attention
+    `__cudnn$...`), instructions XLA rematerialized (`.remat` names), while loops, copies."""
+    targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', text))
+    names = re.findall(r"^\s*(?:ROOT )?%?([\w.\-]+) = ", text, flags=re.M)
+    return {"custom_calls": dict(targets.most_common(12)),
+            "remat_instructions": sum(".remat" in n for n in names),
+            "while_loops": len(re.findall(r" while\(", text)),
+            "copies": len(re.findall(r" copy\(", text)),
+            "dynamic_update_slices": len(re.findall(r"dynamic-update-slice\(", text))}
 
 
 def report(res: dict) -> None:

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
-from ops.activations import gated
 
 GATED = ("swiglu", "geglu")
 
@@ -25,8 +24,10 @@ def n_in(activation: str) -> int:
 
 def activate(h_xnF: jax.Array, activation: str) -> jax.Array:
     """Apply the activation to fc1 output shaped [..., n_in, F] (gate first for gated units)."""
-    if activation in GATED:  # one-pass backward (ops.activations)
-        return gated(h_xnF, activation)
+    if activation == "swiglu":
+        return jax.nn.silu(h_xnF[..., 0, :]) * h_xnF[..., 1, :]
+    if activation == "geglu":
+        return jax.nn.gelu(h_xnF[..., 0, :], approximate=True) * h_xnF[..., 1, :]
     if activation == "gelu":
         return jax.nn.gelu(h_xnF[..., 0, :], approximate=True)
     if activation == "squared_relu":
