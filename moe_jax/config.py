@@ -197,7 +197,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: str | bool = "none"    # none | full | selective (moe_jax.model); true/false = full/none
-    scan_layers: bool = True      # run each stack of layers as one lax.scan (else a Python loop)
+    scan_layers: bool = False     # true: each run of like layers is one lax.scan (flat compile time,
+                                  # slower step); false: a Python loop over the layers (moe_jax.model)
     attention_impl: str = "auto"  # auto (cuDNN flash where it runs, else XLA) | cudnn | xla
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
     qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)

@@ -1,11 +1,14 @@
 """GPT: token embedding, pre-norm blocks of causal GQA attention (RoPE) and a dense MLP or MoE layer
 (per `moe.layer_freq`), final norm, LM head (tied or untied).
 
-Layers are stored as stacks: each run of consecutive layers of one kind (dense or MoE) is one `Block`
-whose parameters carry a leading layer axis (logical name `layers`), applied with one
-`jax.lax.scan`, so compile time does not grow with depth. `GPT.layer(i)` gives layer i as a plain
-`Block` (a copy of its slice), `unstack_layers` / `stack_layers` convert a state's pure dict between
-the stacked form and a per-layer `blocks: {i: ...}` view (checkpoint converters use it).
+Layers are stored as stacks: `Block`s whose parameters carry a leading layer axis (logical name
+`layers`). With `ModelConfig.scan_layers` each run of consecutive layers of one kind (dense or MoE) is
+one stack, applied with one `jax.lax.scan`: compile time does not grow with depth, but each step pays
+for XLA copying the layers' saved activations into (and out of) the scan's stacked buffers. Without
+it (the default: the faster step, measured in ops/NOTES_fusions.md), every layer is a stack of one,
+applied in a Python loop: the program holds one copy of the layer per layer. `GPT.layer(i)` gives layer
+i as a plain `Block` (a copy), `unstack_layers` / `stack_layers` convert a state's pure dict between
+the stacks and a per-layer `blocks: {i: ...}` view (checkpoint converters use it).
 
 `ModelConfig.remat`: "none"; "full" (each layer's activations recomputed in the backward pass);
 "selective" (matmul, grouped-GEMM and attention outputs saved, the elementwise work between them —
@@ -56,11 +59,12 @@ class Block(nnx.Module):
 
 
 def layer_runs(cfg: ModelConfig) -> tuple[tuple[bool, int, int], ...]:
-    """(is_moe, first layer, number of layers) of each run of consecutive layers of one kind."""
+    """(is_moe, first layer, number of layers) of each stack: with `scan_layers`, each run of
+    consecutive layers of one kind; without, every layer on its own (a stack of one)."""
     runs: list[list] = []
     for i in range(cfg.num_layers):
         kind = cfg.is_moe_layer(i)
-        if runs and runs[-1][0] == kind:
+        if runs and runs[-1][0] == kind and cfg.scan_layers:
             runs[-1][2] += 1
         else:
             runs.append([kind, i, 1])
@@ -152,8 +156,8 @@ def _scan_stack(stack: Block, x, cos, sin, rng, first: int, layout, remat: str):
 
 
 def _loop_stack(stack: Block, x, cos, sin, rng, first: int, layout, remat: str):
-    """`_scan_stack` as a Python loop over the layers (each a static slice of the stack): one copy
-    of the layer in the program per layer."""
+    """`_scan_stack` as a Python loop over the stack's layers (static slices; a stack of one layer,
+    as `scan_layers=False` makes them, is sliced for free)."""
     graphdef, state = nnx.split(stack)
 
     def layer(x, layer_state, i):

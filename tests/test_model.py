@@ -158,8 +158,9 @@ def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
     tc = TrainConfig(batch_size=2, seq_len=16)
 
     def jaxpr_len(layers):
-        cfg = small_cfg(num_layers=layers, moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=16,
-                                                         layer_freq=(0,) + (1,) * (layers - 1)))
+        cfg = small_cfg(num_layers=layers, scan_layers=True,
+                        moe=MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=16,
+                                      layer_freq=(0,) + (1,) * (layers - 1)))
         model = GPT(cfg, rngs=nnx.Rngs(0))
         assert model.runs == ((False, 0, 1), (True, 1, layers - 1))
         assert model.stacks[1].attn.wq_DNH.shape[0] == layers - 1
@@ -183,8 +184,9 @@ def _count_eqns(jaxpr) -> int:
                                  for j in subs(v))
 
 
-def test_layer_views_and_stacking_round_trip():
-    cfg = small_cfg()
+@pytest.mark.parametrize("scan", [False, True])
+def test_layer_views_and_stacking_round_trip(scan):
+    cfg = small_cfg(scan_layers=scan)
     model = GPT(cfg, rngs=nnx.Rngs(0))
     from moe_jax.model import stack_layers, unstack_layers
     pure = nnx.state(model).to_pure_dict()
