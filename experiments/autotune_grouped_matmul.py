@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from ops import gmm_pallas as P
 from ops import tuning
-from ops.grouped_matmul import _xla_fwd, _xla_wgrad
+from ops.grouped_matmul import xla_fwd, xla_wgrad
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_grouped_matmul import group_sizes  # noqa: E402
@@ -98,12 +98,12 @@ def check(name, m=4096, k=1024, n=2048, e=8):
             jnp.bfloat16)
         cfg = dataclasses.replace(P.FwdConfig(), **over)
         got = P.gmm_fwd(x, w, gs, tr, jnp.bfloat16, cfg=cfg)
-        want = _xla_fwd(x, w, gs, tr, jnp.float32)
+        want = xla_fwd(x, w, gs, tr, jnp.float32)
     else:
         dy = jax.random.normal(ks[2], (m, n), jnp.float32).astype(jnp.bfloat16)
         cfg = dataclasses.replace(P.WgradConfig(), **over)
         got = P.gmm_wgrad(x, dy, gs, jnp.bfloat16, cfg=cfg)
-        want = _xla_wgrad(x, dy, gs, jnp.float32)
+        want = xla_wgrad(x, dy, gs, jnp.float32)
     ok, err, zeros_ok = valid(kind, got, want, sizes, tol=1e-2)
     print(f"CHECK {name} {(m, k, n, e)}: {'OK' if ok else 'FAIL'} rel_err={err:.2e} "
           f"zeros_ok={zeros_ok}", flush=True)
@@ -152,13 +152,13 @@ def sweep(kind, e, m, k, n, configs, reps, log, patterns=("dirichlet",)):
     x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
     if kind == "fwd":
         w = (jax.random.normal(ks[1], (e, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-        ref_fn = jax.jit(lambda x, w, gs: _xla_fwd(x, w, gs, False, jnp.bfloat16))
+        ref_fn = jax.jit(lambda x, w, gs: xla_fwd(x, w, gs, False, jnp.bfloat16))
         make = lambda c: jax.jit(lambda x, w, gs: P.gmm_fwd(x, w, gs, False, jnp.bfloat16,
                                                             cfg=c))
         base = P.FwdConfig()
     else:
         w = jax.random.normal(ks[2], (m, n), jnp.float32).astype(jnp.bfloat16)  # dy
-        ref_fn = jax.jit(lambda a, b, gs: _xla_wgrad(a, b, gs, jnp.bfloat16))
+        ref_fn = jax.jit(lambda a, b, gs: xla_wgrad(a, b, gs, jnp.bfloat16))
         make = lambda c: jax.jit(lambda a, b, gs: P.gmm_wgrad(a, b, gs, jnp.bfloat16, cfg=c))
         base = P.WgradConfig()
     cases = []  # (pattern, sizes, args, reference)

@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from moe_jax.attention import apply_rope, rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402

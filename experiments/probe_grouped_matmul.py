@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ops import gmm_pallas as P, gmm_pallas_fwd, gmm_pallas_pipeline, tuning
-from ops.grouped_matmul import _xla_fwd
+from ops.grouped_matmul import xla_fwd
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_grouped_matmul import ROWS, group_sizes  # noqa: E402
@@ -111,7 +111,7 @@ def main():
         w0 = w[0].T if tr else w[0]
         t_dense = device_ms(jax.jit(lambda a, b: a @ b), x, w0, calls=args.calls)
         sizes = {p: group_sizes(e, m, p) for p in args.patterns.split(",")}
-        refs = {p: jax.jit(lambda x, w, gs: _xla_fwd(x, w, gs, tr, jnp.float32))(
+        refs = {p: jax.jit(lambda x, w, gs: xla_fwd(x, w, gs, tr, jnp.float32))(
             x, w, jnp.asarray(s)) for p, s in sizes.items()}
         base = tuning.fwd_config(m, k, n, e)
         print(f"== {name} E={e} {k}->{n}{' (transposed rhs)' if tr else ''}: dense "

@@ -138,8 +138,8 @@ def _chunk_rows(row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
 
 
 def _exchange_sms() -> int:
-    from ops.gmm_pallas_common import _num_sms
-    return _num_sms(False)
+    from ops.gmm_pallas_common import num_sms
+    return num_sms(False)
 
 
 def _pallas(x, out_rows, in_off, send_sizes, out_off, recv_sizes, *, axis_name, num_sms,

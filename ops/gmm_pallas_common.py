@@ -46,7 +46,7 @@ class WgradConfig:
     group_tiles: bool = True   # ring only: row steps start at the group's first row (8-aligned)
 
 
-def _transforms(dtype, minor_elems):
+def smem_transforms(dtype, minor_elems):
     swizzle = plgpu.find_swizzle(minor_elems * jnp.dtype(dtype).itemsize * 8)
     elems = swizzle // jnp.dtype(dtype).itemsize
     return (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle))
@@ -67,15 +67,15 @@ def grid_sms(count: int) -> int:
     return max(1, count - min(sm_margin(), count - 1))
 
 
-def _num_sms(interpret):
+def num_sms(interpret):
     return 2 if interpret else grid_sms(jax.devices()[0].core_count)
 
 
-def _compiler_params():
+def compiler_params():
     return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
 
 
-def _interpret_params(interpret):
+def interpret_params(interpret):
     if not interpret:
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams

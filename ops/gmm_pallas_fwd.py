@@ -15,8 +15,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import gmm_pallas_pipeline as pipeline
-from ops.gmm_pallas_common import (ROW_ALIGN, FwdConfig, _compiler_params, _interpret_params,
-                                   _num_sms, _transforms)
+from ops.gmm_pallas_common import (ROW_ALIGN, FwdConfig, compiler_params, interpret_params,
+                                   num_sms, smem_transforms)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -100,8 +100,8 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
     k_iters = k // tk
     stages = cfg.max_concurrent_steps
     table, count = segment_table(group_sizes, m, tm, cfg.group_tiles)
-    in_tf = _transforms(lhs.dtype, tk)
-    rhs_tf = _transforms(rhs.dtype, tk if transpose_rhs else cn)
+    in_tf = smem_transforms(lhs.dtype, tk)
+    rhs_tf = smem_transforms(rhs.dtype, tk if transpose_rhs else cn)
     rhs_block = (cn, tk) if transpose_rhs else (tk, cn)
 
     def body(table_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem):
@@ -191,9 +191,9 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
 
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-        grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        grid=(num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
         kernel_name="gmm_fwd_t" if transpose_rhs else "gmm_fwd",  # named in profiles
-        compiler_params=_compiler_params(), interpret=_interpret_params(interpret))
+        compiler_params=compiler_params(), interpret=interpret_params(interpret))
     return kernel(table, count, lhs, rhs)
 
 

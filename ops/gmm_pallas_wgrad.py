@@ -13,8 +13,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ops import gmm_pallas_pipeline as pipeline
-from ops.gmm_pallas_common import (MEMORY_REGISTERS, ROW_ALIGN, WgradConfig, _compiler_params,
-                                   _interpret_params, _num_sms, _transforms)
+from ops.gmm_pallas_common import (MEMORY_REGISTERS, ROW_ALIGN, WgradConfig, compiler_params,
+                                   interpret_params, num_sms, smem_transforms)
 
 
 # ----------------------------------------------------------------------------- wgrad
@@ -60,9 +60,9 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     first = starts - starts % (ROW_ALIGN if group_tiles else tr)
     nsteps = jnp.where(sizes > 0, (ends - first + tr - 1) // tr, 0)
     table = jnp.stack([starts, ends, first, nsteps]).astype(jnp.int32)
-    a_tf = _transforms(a.dtype, tr if a_transposed else ca)
-    b_tf = _transforms(b.dtype, cb)
-    o_tf = _transforms(out_dtype, tb)
+    a_tf = smem_transforms(a.dtype, tr if a_transposed else ca)
+    b_tf = smem_transforms(b.dtype, cb)
+    o_tf = smem_transforms(out_dtype, tb)
     a_block = (ca, tr) if a_transposed else (tr, ca)
 
     def step(wg, a_s, b_s, acc_ref, row_blk0, lo, hi):
@@ -205,7 +205,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     body = body_ring if cfg.ring else body_per_item
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((g, adim, bdim), out_dtype),
-        grid=(_num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        grid=(num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
         kernel_name="gmm_wgrad_ring" if cfg.ring else "gmm_wgrad",  # named in profiles
-        compiler_params=_compiler_params(), interpret=_interpret_params(interpret))
+        compiler_params=compiler_params(), interpret=interpret_params(interpret))
     return kernel(table, a, b)

@@ -38,7 +38,7 @@ def group_onehot(group_sizes, m):
 
 
 # ----------------------------------------------------------------------------- xla
-def _xla_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype):
+def xla_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype):
     contract_rhs = 2 if transpose_rhs else 1
     dn = lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(([1], [contract_rhs]), ([], [])),
@@ -49,7 +49,7 @@ def _xla_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype):
     return _mask_tail(y, group_sizes).astype(out_dtype)
 
 
-def _xla_wgrad(a, b, group_sizes, out_dtype):
+def xla_wgrad(a, b, group_sizes, out_dtype):
     """[G,A,B] with out[g] = a_g^T b_g (a[M,A], b[M,B]); ragged contraction over rows."""
     dn = lax.RaggedDotDimensionNumbers(
         dot_dimension_numbers=(([0], [0]), ([], [])),
@@ -80,7 +80,7 @@ def _mask_tail(x, group_sizes):
 def _impl(backend, interpret):
     """(fwd, wgrad) functions of a kernel backend."""
     if backend == "xla":
-        return _xla_fwd, _xla_wgrad
+        return xla_fwd, xla_wgrad
     from ops import gmm_pallas  # imported lazily: needs Mosaic GPU modules
     return (functools.partial(gmm_pallas.gmm_fwd, interpret=interpret),
             functools.partial(gmm_pallas.gmm_wgrad, interpret=interpret))

@@ -397,7 +397,7 @@ def test_table_configs_lower_for_cuda(dev, kind, name, cfg, monkeypatch):
         pytest.skip("JAX 0.10's Mosaic lowering cannot slice the transposed operand of wgrad split "
                     "'a' (SubViewOp on transposed memrefs); it lowers and runs on 0.11 (the device)")
     for mod in (gmm_pallas_fwd, gmm_pallas_wgrad):
-        monkeypatch.setattr(mod, "_num_sms", lambda interpret: 132)
+        monkeypatch.setattr(mod, "num_sms", lambda interpret: 132)
     x = jnp.ones((1000, 1408), jnp.bfloat16)
     gs = jnp.array([300, 0, 500, 100], jnp.int32)  # sum < M, an empty group
     if kind == "fwd":
@@ -439,7 +439,7 @@ def test_sm_margin_env(monkeypatch):
     from ops import gmm_pallas_common as common
     assert common.grid_sms(132) == 132
     monkeypatch.setenv("MOE_JAX_SM_MARGIN", "4")
-    assert (common.grid_sms(132), common.grid_sms(3), common._num_sms(True)) == (128, 1, 2)
+    assert (common.grid_sms(132), common.grid_sms(3), common.num_sms(True)) == (128, 1, 2)
     monkeypatch.setenv("MOE_JAX_SM_MARGIN", "-1")
     with pytest.raises(ValueError, match="MOE_JAX_SM_MARGIN"):
         common.grid_sms(132)
@@ -469,7 +469,7 @@ def test_kernel_outputs_typed_invariant_keep_per_device_gradients(monkeypatch):
                 (lhs.shape[0], n), out_dtype, lhs, rhs, gs)
 
         def wgrad(a, b, gs, out_dtype):
-            return host(lambda a, b, g: gm._xla_wgrad(a, b, g, jnp.float32),
+            return host(lambda a, b, g: gm.xla_wgrad(a, b, g, jnp.float32),
                         (gs.shape[0], a.shape[1], b.shape[1]), out_dtype, a, b, gs)
         return fwd, wgrad
 

@@ -52,7 +52,7 @@ def test_category(kernel, op_name, want):
 def test_category_uses_source_and_hlo_op():
     adam = "optax/_src/transform.py:294 scale_by_adam.<locals>.update_fn < moe_jax/train.py:123 step"
     assert profile_model.category("loop_multiply_fusion", "jit(step)/mul", "multiply_fusion.3", adam) == "optimizer"
-    gmm = "ops/grouped_matmul.py:46 _xla_fwd < moe_jax/experts.py:18 grouped_ffn"
+    gmm = "ops/grouped_matmul.py:46 xla_fwd < moe_jax/experts.py:18 grouped_ffn"
     assert profile_model.category("dot_general.3", "jit(step)/jvp()/dot_general", "dot_general.3", gmm) == \
         "grouped GEMM"
     assert profile_model.category("ynn_fusion.7", "jit(step)/jvp(bsd,dnh->bsnh)/dot_general") == "dense GEMM"
