@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import parallel
 from moe_jax.attention import Attention, apply_rope, rope_tables  # noqa: F401  (re-exported)
 from moe_jax.config import ModelConfig
 from moe_jax.layers import MLP, Norm, param

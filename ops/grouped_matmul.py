@@ -2,7 +2,8 @@
 
 `grouped_matmul(lhs[M,K], rhs[G,K,N], group_sizes[G])` -> [M,N]. Rows past sum(group_sizes) are zero.
 Backends: "reference" (plain JAX, autodiff), "xla" (lax.ragged_dot), "pallas" (Mosaic GPU, Hopper;
-bf16/fp16 only), "auto" (pallas for bf16/fp16 on Hopper, xla elsewhere and for float32). "xla" and "pallas" share one custom_vjp:
+bf16/fp16 only), "auto" (pallas for bf16/fp16 on Hopper, xla elsewhere and for float32).
+"xla" and "pallas" share one custom_vjp:
   dgrad: dlhs = grouped_matmul(dy, rhs, transposed)       wgrad: drhs[g] = lhs_g^T dy_g -> [G,K,N]
 """
 from __future__ import annotations
