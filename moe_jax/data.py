@@ -95,7 +95,7 @@ class TokenDataset(_Batches):
             src = self.file.bin_path if self.file is not None else "the token array"
             raise ValueError(f"the {split} split of {src} has {self.stop - self.start} tokens "
                              f"(of {n}, val_fraction={val_fraction}); it needs at least "
-                             f"seq_len+1 = {self.seq_len + 1}")
+                             f"seq_len+1 = {self.seq_len + 1}: use more text or a smaller train.seq_len")
 
     @property
     def num_tokens(self) -> int:
@@ -160,4 +160,9 @@ def make_dataset(train_cfg: Any, vocab_size: int, split: str = "train", *,
         raise ValueError(f"TrainConfig.data={data!r}: the token file's vocab_size={f.vocab_size} "
                          f"is larger than the model's vocab_size={vocab_size}; raise "
                          f"model.vocab_size to at least {f.vocab_size}")
+    top = f.max_token()
+    if top is not None and top >= vocab_size:
+        raise ValueError(f"TrainConfig.data={data!r}: {f.bin_path} holds token id {top}, outside the "
+                         f"model's vocab_size={vocab_size} (its header claims vocab_size={f.vocab_size}); "
+                         f"raise model.vocab_size above {top} or re-create the file")
     return TokenDataset(f, **kw)
