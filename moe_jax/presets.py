@@ -78,7 +78,7 @@ def _set(raw: dict, section: str, key: str, value: Any) -> None:
         sec[key] = value
 
 
-def _locate(key: str) -> tuple[str, str]:
+def locate(key: str) -> tuple[str, str]:
     """(section, key there) of an override key: `section.key`, `section.field.sub`, or a bare key
     (or `field.sub`) that exactly one section has; an alias resolves to its field."""
     head, _, rest = key.partition(".")
@@ -184,7 +184,7 @@ def apply_overrides(raw: dict[str, dict], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. moe.router_topk=4)")
         key, text = item.split("=", 1)
-        section, name = _locate(key)
+        section, name = locate(key)
         where, field = _field(section, name)
         _set(raw, section, name, parse_typed(text, field_kinds(field), where))
     return raw

@@ -147,6 +147,10 @@ def write_tokens(path: str | os.PathLike, tokens: Any, vocab_size: int, tokenize
 REMAKE = "re-create it with experiments/prepare_data.py (or moe_jax.data.write_tokens)"
 
 
+class TokenFileError(ValueError):
+    """A token file that cannot be used: missing, damaged, or not matching the model."""
+
+
 class TokenFile:
     """A token file opened read-only: `.tokens` is a 1-D `np.memmap`; `.header` the parsed .json.
 
@@ -158,38 +162,38 @@ class TokenFile:
         self.bin_path, self.json_path = token_paths(path)
         jp = self.json_path
         if not jp.exists():
-            raise ValueError(f"token file header {jp} not found: {REMAKE}")
+            raise TokenFileError(f"token file header {jp} not found: {REMAKE}")
         try:
             h = json.loads(jp.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"token file header {jp} is not valid JSON ({e}): {REMAKE}") from None
+            raise TokenFileError(f"token file header {jp} is not valid JSON ({e}): {REMAKE}") from None
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             got = h.get("format") if isinstance(h, dict) else type(h).__name__
-            raise ValueError(f"token file header {jp}: format={got!r}, expected {FORMAT!r}: {REMAKE}")
+            raise TokenFileError(f"token file header {jp}: format={got!r}, expected {FORMAT!r}: {REMAKE}")
         if h.get("version") != VERSION:
-            raise ValueError(f"token file header {jp}: version={h.get('version')!r}, this code reads "
+            raise TokenFileError(f"token file header {jp}: version={h.get('version')!r}, this code reads "
                              f"version {VERSION}: {REMAKE}")
         for k in ("num_tokens", "vocab_size"):
             if not isinstance(h.get(k), int) or isinstance(h[k], bool) or h[k] < 0:
-                raise ValueError(f"token file header {jp}: {k}={h.get(k)!r} must be a non-negative int: "
+                raise TokenFileError(f"token file header {jp}: {k}={h.get(k)!r} must be a non-negative int: "
                                  f"{REMAKE}")
         if h.get("dtype") not in ("uint16", "uint32"):
-            raise ValueError(f"token file header {jp}: dtype={h.get('dtype')!r}, expected 'uint16' or "
+            raise TokenFileError(f"token file header {jp}: dtype={h.get('dtype')!r}, expected 'uint16' or "
                              f"'uint32': {REMAKE}")
         if h["dtype"] == "uint16" and h["vocab_size"] > 1 << 16:
-            raise ValueError(f"token file header {jp}: vocab_size={h['vocab_size']} does not fit uint16: "
+            raise TokenFileError(f"token file header {jp}: vocab_size={h['vocab_size']} does not fit uint16: "
                              f"{REMAKE}")
         mt = h.get("max_token")
         if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or not 0 <= mt < h["vocab_size"]):
-            raise ValueError(f"token file header {jp}: max_token={mt!r} must be an int in "
+            raise TokenFileError(f"token file header {jp}: max_token={mt!r} must be an int in "
                              f"[0, vocab_size={h['vocab_size']}): {REMAKE}")
         self.header = h
         dtype = np.dtype("<u2" if h["dtype"] == "uint16" else "<u4")
         if not self.bin_path.exists():
-            raise ValueError(f"token data {self.bin_path} not found (its header {jp} exists): {REMAKE}")
+            raise TokenFileError(f"token data {self.bin_path} not found (its header {jp} exists): {REMAKE}")
         size, want = self.bin_path.stat().st_size, h["num_tokens"] * dtype.itemsize
         if size != want:
-            raise ValueError(f"token data {self.bin_path} is {size} bytes, but its header says "
+            raise TokenFileError(f"token data {self.bin_path} is {size} bytes, but its header says "
                              f"{h['num_tokens']} tokens x {dtype.itemsize} bytes ({h['dtype']}) = {want} "
                              f"bytes (truncated or corrupt): {REMAKE}")
         self.tokens = (np.memmap(self.bin_path, dtype=dtype, mode="r") if want
