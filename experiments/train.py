@@ -79,8 +79,10 @@ def _parser() -> argparse.ArgumentParser:
 def _config(args, overrides):
     """The run's config: the preset and overrides, or, resuming, the run's own config and overrides."""
     if args.resume or args.resume_from is not None:
-        stored = runs.stored_config(out_dir_of(args.config, overrides, DEFAULT_PRESET), args.resume_from)
-        return resume_config(args.config, overrides, stored_raw=stored, default_preset=DEFAULT_PRESET)
+        out_dir = out_dir_of(args.config, overrides, DEFAULT_PRESET)
+        stored = runs.stored_config(out_dir, args.resume_from)
+        return resume_config(args.config, overrides, stored_raw=stored, out_dir=out_dir,
+                             default_preset=DEFAULT_PRESET)
     return load_config(args.config or DEFAULT_PRESET, overrides)
 
 

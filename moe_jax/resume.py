@@ -119,11 +119,12 @@ def check_resume(stored_raw: dict | None, cfg: Config, *, where: str, allow_func
     return changes
 
 
-def resume_config(preset: str | None, overrides: Sequence[str], *, stored_raw: dict | None,
+def resume_config(preset: str | None, overrides: Sequence[str], *, stored_raw: dict | None, out_dir: str,
                   default_preset: str = "tiny_moe") -> Config:
-    """The config a resume runs with: the run's own (`stored_raw`, from its checkpoint) unless a
-    `preset` is named, then `overrides`; the checkpoint settings (`train.checkpoint`,
-    `checkpoint_every`, `keep_checkpoints`, `keep_every`) come from the run unless overridden."""
+    """The config a resume of the run in `out_dir` runs with: the run's own (`stored_raw`, from its
+    checkpoint) unless a `preset` is named, then `overrides`; the checkpoint settings
+    (`train.checkpoint`, `checkpoint_every`, `keep_checkpoints`, `keep_every`) come from the run unless
+    overridden, and `train.out_dir` is where the run is (it may have been moved)."""
     if stored_raw is None:
         return build_config(apply_overrides(load_raw(preset or default_preset), overrides))
     raw = {s: (dict(v) if isinstance(v, dict) else v) for s, v in stored_raw.items()}
@@ -135,6 +136,7 @@ def resume_config(preset: str | None, overrides: Sequence[str], *, stored_raw: d
             if ("train", k) not in given and k in (stored_raw.get("train") or {}):
                 train[k] = stored_raw["train"][k]
         raw["train"] = train
+    raw["train"] = {**(raw.get("train") or {}), "out_dir": out_dir}
     return build_config(apply_overrides(raw, overrides))
 
 

@@ -107,6 +107,30 @@ class _Steps:
         self.restart_clock()
 
 
+def _all_or_none(error: BaseException | None) -> None:
+    """Raise `error`; with several processes, on all of them when any has one (process 0 alone takes
+    the lock and cleans up: the others must not wait for it at a collective)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        if failed.any() and error is None:
+            raise runs.RunDirError(f"process {int(np.argmax(failed))} refused train.out_dir (see its error)")
+    if error is not None:
+        raise error
+
+
+def init_run_state(cfg: Config, layout: parallel.Layout | None):
+    """(graphdef, TrainState, state shardings or None, param counts) of a run: on one device the model
+    is built and split; with a layout the state is created directly in its shards."""
+    mc, tc = cfg.model, cfg.train
+    if layout is None:
+        model = GPT(mc, rngs=nnx.Rngs(tc.seed))
+        graphdef, state = init_state(model, tc)
+        return graphdef, state, None, M.param_counts(model)
+    counts = M.param_counts(nnx.eval_shape(lambda: GPT(mc, rngs=nnx.Rngs(tc.seed))))
+    return (*init_sharded_state(mc, tc, layout), counts)
+
+
 def _validate_run_dir(cfg: Config, out: Path, *, resume: bool, resume_step: int | None, overwrite: bool,
                       allow_config_change: bool, log) -> int | None:
     """Checks before anything is written: the checkpoint to resume (returned; None = start fresh) and
@@ -151,16 +175,25 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     out = Path(tc.out_dir)
     data = make_dataset(tc, mc.vocab_size)  # token files are checked before any model is built
     layout = parallel.layout_for(cfg)  # None on one device; else the mesh over all hosts' devices
-    lock = runs.RunLock.acquire(out, log=log) if main else contextlib.nullcontext()
+    lock, error = contextlib.nullcontext(), None
+    if main:
+        try:
+            lock = runs.RunLock.acquire(out, log=log)
+        except runs.RunDirError as e:
+            error = e
+    _all_or_none(error)
     with lock:
-        start_ckpt = _validate_run_dir(cfg, out, resume=resume, resume_step=resume_step, overwrite=overwrite,
-                                       allow_config_change=allow_config_change, log=log)
+        try:
+            start_ckpt = _validate_run_dir(cfg, out, resume=resume, resume_step=resume_step,
+                                           overwrite=overwrite, allow_config_change=allow_config_change, log=log)
+            error = None
+        except (runs.RunDirError, CheckpointError, ValueError) as e:
+            error = e
+        _all_or_none(error)
         # -- validation passed: from here on the run directory is written
         if main and overwrite and not resume:
             runs.clear_run(out, log=log)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("moe_jax.runner: run directory ready")
+        _all_or_none(None)  # the others wait for process 0's clean-up
         return _train(cfg, data, layout, out, start_ckpt=start_ckpt, resume=resume, benchmark=benchmark,
                       progress=progress, log=log, main=main)
 
@@ -168,21 +201,14 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
 def _train(cfg: Config, data, layout, out: Path, *, start_ckpt: int | None, resume: bool, benchmark: bool,
            progress: bool, log, main: bool) -> dict:
     tc, mc = cfg.train, cfg.model
+    if layout is not None:
+        disp = ""
+        if mc.moe is not None and layout.moe_mesh.shape["expert"] > 1:
+            row = jax.ShapeDtypeStruct((1, mc.d_model), jnp.dtype(mc.dtype))
+            disp = f" | dispatcher {ep.resolve_type(mc.moe.dispatcher.type, row)}"
+        log(f"mesh: {layout.describe()}{disp}")
     try:
-        if layout is None:
-            model = GPT(mc, rngs=nnx.Rngs(tc.seed))
-            counts = M.param_counts(model)
-            graphdef, state = init_state(model, tc)
-            shardings = None
-            del model
-        else:
-            counts = M.param_counts(nnx.eval_shape(lambda: GPT(mc, rngs=nnx.Rngs(tc.seed))))
-            graphdef, state, shardings = init_sharded_state(mc, tc, layout)
-            disp = ""
-            if mc.moe is not None and layout.moe_mesh.shape["expert"] > 1:
-                row = jax.ShapeDtypeStruct((1, mc.d_model), jnp.dtype(mc.dtype))
-                disp = f" | dispatcher {ep.resolve_type(mc.moe.dispatcher.type, row)}"
-            log(f"mesh: {layout.describe()}{disp}")
+        graphdef, state, shardings, counts = init_run_state(cfg, layout)
     except Exception as e:  # noqa: BLE001
         oom = _out_of_memory(e, cfg, "creating the model and optimizer state")
         if oom:
