@@ -318,7 +318,10 @@ def _train(cfg: Config, data, layout, out: Path, *, start_ckpt: int | None, resu
             log(f"interrupted after step {fields['step']}; " +
                 (f"the latest checkpoint is step {latest[-1]}" if latest else "no checkpoint was saved"))
         if status != "finished":
-            record.write(status, message, **fields)
+            try:
+                record.write(status, message, **fields)
+            except OSError as e:  # e.g. the disk is full: keep the error that stopped the run
+                log(f"error: could not write {out / 'summary.json'}: {e.strerror or e}")
     if close_error is not None:
         raise close_error
     if status == "nonfinite":
