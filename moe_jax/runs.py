@@ -6,6 +6,7 @@ Sits above `checkpoint`, `presets`, `model` and `train`: none of them imports it
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -128,7 +129,8 @@ class RunLock:
             raise RunDirError(f"{what}={out} is not writable: {e.strerror or e}; choose another {what}") \
                 from None
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _read(path: Path) -> dict | None:
@@ -182,7 +184,7 @@ class RunLock:
 def clear_run(out: Path, *, log=print) -> None:
     """Remove a previous run's outputs from `out` (its checkpoints, logs and TensorBoard events)."""
     removed = []
-    for name in ("checkpoints", "tb"):
+    for name in ("checkpoints", "superseded", "tb"):
         if (out / name).exists():
             shutil.rmtree(out / name)
             removed.append(name + "/")
