@@ -3,8 +3,8 @@
   PYTHONPATH=. python experiments/profile_model.py --config mixtral_small [section.key=value ...] \
       [--steps 3] [--wall-steps 10] [--top 25] [--out PATH]
 
-Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, `init_state` or
-`init_sharded_state`, `make_train_step`), compiles the step ahead of time (its HLO text maps each
+Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, `init_run_state`,
+`make_train_step`), compiles the step ahead of time (its HLO text maps each
 kernel back to its HLO instruction, op_name and Python source line), times `--wall-steps` steps, then
 traces `--steps` steps with jax.profiler. Prints GPU time per step by category (`CATEGORIES`), the top
 kernels, step wall time, GPU busy time (union over streams) and idle = wall - busy, peak memory;
@@ -27,13 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from moe_jax import metrics as M, parallel  # noqa: E402
 from moe_jax.data import make_dataset  # noqa: E402
-from moe_jax.model import GPT  # noqa: E402
 from moe_jax.presets import load_config  # noqa: E402
-from moe_jax.train import init_sharded_state, init_state, make_train_step  # noqa: E402
+from moe_jax.runner import init_run_state  # noqa: E402
+from moe_jax.train import make_train_step  # noqa: E402
 from timing import event_stats, gpu_events_with_stats, trace  # noqa: E402
 
 # op_name parts of attention: the cuDNN primitives (dot_product_attention_fwd/_bwd) and the einsums of
@@ -198,15 +197,7 @@ def build(config: str, overrides):
                                *overrides])
     mc, tc = cfg.model, cfg.train
     layout = parallel.layout_for(cfg)
-    if layout is None:
-        model = GPT(mc, rngs=nnx.Rngs(tc.seed))
-        counts = M.param_counts(model)
-        graphdef, state = init_state(model, tc)
-        shardings = None
-        del model
-    else:
-        counts = M.param_counts(nnx.eval_shape(lambda: GPT(mc, rngs=nnx.Rngs(tc.seed))))
-        graphdef, state, shardings = init_sharded_state(mc, tc, layout)
+    graphdef, state, shardings, counts = init_run_state(cfg, layout)
     step = make_train_step(graphdef, tc, layout=layout, shardings=shardings)
     return cfg, state, step, make_dataset(tc, mc.vocab_size), counts, layout
 

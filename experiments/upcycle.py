@@ -23,7 +23,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import yaml  # noqa: E402
 
-from moe_jax.checkpoint import Checkpointer, CheckpointError  # noqa: E402
+from moe_jax import runs  # noqa: E402
+from moe_jax.checkpoint import Checkpointer, CheckpointError, quiet_failed_reads  # noqa: E402
 from moe_jax.runs import load_model  # noqa: E402
 from moe_jax.presets import apply_overrides, build_config, load_raw, to_dict  # noqa: E402
 from moe_jax.train import init_state  # noqa: E402
@@ -43,9 +44,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the router's virtual-group rows")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
     args = ap.parse_args(argv)
+    quiet_failed_reads()  # a damaged checkpoint: one error line, not thousands
     jax.config.update("jax_default_matmul_precision", "highest")
 
-    try:
+    out = Path(args.out)
+    try:  # refused before any work, and nothing is written until the checkpoint is
+        runs.check_out_dir(out, "--out")
+        held = runs.checkpoint_steps(out)
+        if held or (out / "config.yaml").exists():
+            what = f"the checkpoints {held}" if held else "a run (config.yaml)"
+            raise runs.RunDirError(f"--out {out} already holds {what}; choose a new --out")
         if args.dense:
             dense_cfg, dense = load_model(args.dense, args.step)
             dense_model_cfg = dense_cfg.model
@@ -59,7 +67,7 @@ def main(argv=None) -> int:
         cfg = build_config(raw)
         p = plan(dense_model_cfg, cfg.model, args.scale)
         model = upcycle(dense, cfg.model, scale_mode=args.scale, seed=args.seed)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
+    except (ValueError, CheckpointError, FileNotFoundError, runs.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -79,17 +87,18 @@ def main(argv=None) -> int:
     print(f"check: max |dense - upcycled| logits = {diff:.3e} (max |dense| = {scale:.3e}, "
           f"relative {diff / scale:.2e}) on a [2, {seq}] batch")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     _, state = init_state(model, cfg.train)  # fresh optimizer, step 0, data position 0
-    ck = Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
-    if ck.all_steps():
-        print(f"error: {ck.directory} already holds checkpoints {ck.all_steps()}; choose a new --out",
-              file=sys.stderr)
-        return 2
-    ck.save(state, config=to_dict(cfg))
-    ck.close()
+    try:
+        with runs.RunLock.acquire(out, what="--out"):
+            ck = Checkpointer(out / "checkpoints", keep=cfg.train.keep_checkpoints)
+            try:
+                ck.save(state, config=to_dict(cfg))
+            finally:
+                ck.close()
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    except (CheckpointError, runs.RunDirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {ck.directory / '0'}; continue with:\n  python experiments/train.py "
           f"--config {out / 'config.yaml'} --resume")
     return 0

@@ -14,7 +14,10 @@ expert-bias state).
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,75 @@ FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, from a different model, or unreadable."""
+    """A checkpoint is missing, from a different model, unreadable, or could not be written."""
+
+
+class NonFiniteStateError(CheckpointError):
+    """A state holding NaN/inf values was about to be saved (it is not)."""
+
+
+def short_error(e: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line: the first line of the message, TensorStore specs cut, long
+    messages shortened to their end (where the file and the reason are)."""
+    text = (str(e).strip().splitlines() or [""])[0].split(" [tensorstore_spec", 1)[0]
+    text = text if len(text) <= limit else "..." + text[-limit:]
+    return f"{type(e).__name__}: {text}"
+
+
+class _DropOrphanedTaskErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "exception was never retrieved" not in record.getMessage()
+
+
+def _closed_loop_hook(previous):
+    """`sys.unraisablehook` that drops `RuntimeError: Event loop is closed` and passes the rest on."""
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+    hook.quiet_failed_reads = True
+    return hook
+
+
+def quiet_failed_reads() -> None:
+    """For command-line tools: after a failed restore, Orbax's other reads fail or finish too, and each
+    one is reported when its task is garbage-collected (asyncio's log) or when its callback finds
+    Orbax's event loop closed (a traceback printed from TensorStore's threads): thousands of lines for
+    one damaged checkpoint, whose first error `Checkpointer.restore` raises already. Drop exactly
+    those reports (a process-wide logging filter and `sys.unraisablehook` wrapper)."""
+    log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropOrphanedTaskErrors) for f in log.filters):
+        log.addFilter(_DropOrphanedTaskErrors())
+    if not getattr(sys.unraisablehook, "quiet_failed_reads", False):
+        sys.unraisablehook = _closed_loop_hook(sys.unraisablehook)
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (its own, a cause or context, at any depth), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+_DISK_ERRORS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+                errno.EROFS: "Read-only file system", errno.EACCES: "Permission denied"}
+
+
+def _save_error(e: BaseException, where: Path) -> CheckpointError:
+    """A failed (possibly async) save as one line naming the path and what to do."""
+    os_err = _os_error(e)
+    text = str(e)
+    for code, name in _DISK_ERRORS.items():
+        if (os_err is not None and os_err.errno == code) or name in text:
+            path = (os_err.filename if os_err is not None and os_err.filename else None) or where
+            return CheckpointError(f"saving a checkpoint under {where} failed: {name} ({path}); free space "
+                                   f"or fix the permissions there, or set another train.out_dir, then "
+                                   f"continue with --resume")
+    return CheckpointError(f"saving a checkpoint under {where} failed: {short_error(e)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,9 +178,9 @@ def _bits_u32(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def _fingerprints(flat: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """Per leaf: sum_i bits_i * (2i+1) mod 2^32 over row-major index i: position-aware and
-    independent of the sharding (no reshapes, so it runs on any layout)."""
+    independent of the sharding (no reshapes, so it runs on any layout); and whether it is finite."""
     def fp(x):
         b = _bits_u32(x)
         idx, stride = jnp.zeros(b.shape, jnp.uint32), 1
@@ -117,16 +188,26 @@ def _fingerprints(flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
             idx = idx + jax.lax.broadcasted_iota(jnp.uint32, b.shape, d) * jnp.uint32(stride % 2**32)
             stride *= b.shape[d]
         return jnp.sum(b * (idx * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
-    return {k: fp(v) for k, v in flat.items()}
+
+    def finite(x):
+        return jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return {k: fp(v) for k, v in flat.items()}, {k: finite(v) for k, v in flat.items()}
 
 
 def fingerprints(flat: dict[str, jax.Array]) -> dict[str, int]:
-    return {k: int(v) for k, v in jax.device_get(_fingerprints(flat)).items()}
+    return {k: int(v) for k, v in jax.device_get(_fingerprints(flat)[0]).items()}
 
 
 def manifest(flat: dict[str, Any], *, with_fingerprints: bool = True) -> dict[str, dict]:
-    fps = fingerprints(flat) if with_fingerprints else {}
-    return {k: {"shape": list(v.shape), "dtype": str(v.dtype), **({"fp": fps[k]} if fps else {})}
+    """Every leaf's shape, dtype and fingerprint; raises NonFiniteStateError naming the leaves that
+    hold NaN/inf (computed in the same pass as the fingerprints)."""
+    fps = {}
+    if with_fingerprints:
+        fps, finite = jax.device_get(_fingerprints(flat))
+        bad = [k for k, ok in finite.items() if not ok]
+        if bad:
+            raise NonFiniteStateError(f"{len(bad)} of {len(flat)} arrays hold NaN/inf values, e.g. {bad[:3]}")
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype), **({"fp": int(fps[k])} if fps else {})}
             for k, v in flat.items()}
 
 
@@ -179,19 +260,43 @@ class Checkpointer:
 
     # -- save
     def save(self, state, *, config: dict | None = None, force: bool = True) -> bool:
-        """Start an (async) save of `state` at its step; returns when the arrays are safe to donate."""
+        """Start an (async) save of `state` at its step; returns when the arrays are safe to donate.
+
+        A state with NaN/inf values is refused (NonFiniteStateError, nothing written); a failed
+        write (a full disk, no permission) raises a one-line CheckpointError naming the path, here or
+        from the next `save`/`wait`/`close` when the write was async."""
         step = int(jax.device_get(state.step))
         flat = flatten(state)
-        meta = {"format": FORMAT, "step": step, "config": config, "leaves": manifest(flat)}
-        return self._mgr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(_nest(flat)), meta=ocp.args.JsonSave(meta)), force=force)
+        try:
+            leaves = manifest(flat)
+        except NonFiniteStateError as e:
+            raise NonFiniteStateError(f"not saving checkpoint {self.directory / str(step)}: {e}") from None
+        meta = {"format": FORMAT, "step": step, "config": config, "leaves": leaves}
+        try:
+            return self._mgr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_nest(flat)), meta=ocp.args.JsonSave(meta)), force=force)
+        except Exception as e:  # noqa: BLE001 — a pending async save's error surfaces here too
+            raise _save_error(e, self.directory) from e
 
     def wait(self) -> None:
-        self._mgr.wait_until_finished()
+        try:
+            self._mgr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise _save_error(e, self.directory) from e
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
-        self._mgr.close()
+        """Wait for pending saves, release Orbax's threads, then raise the saves' error, if any."""
+        error = None
+        try:
+            self.wait()
+        except CheckpointError as e:
+            error = e
+        try:
+            self._mgr.close()
+        except Exception as e:  # noqa: BLE001 — the same failed save, reported again
+            error = error or _save_error(e, self.directory)
+        if error is not None:
+            raise error
 
     # -- restore
     def resolve(self, step: int | None) -> int:
@@ -206,17 +311,7 @@ class Checkpointer:
         return step
 
     def metadata(self, step: int | None = None) -> dict:
-        step = self.resolve(step)
-        path = self.directory / str(step) / "meta" / "metadata"
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} has no readable manifest "
-                                  f"({path}): {e}") from e
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} has format "
-                                  f"{meta.get('format')!r}, expected {FORMAT}")
-        return meta
+        return read_metadata(self.directory / str(self.resolve(step)))
 
     def restore(self, target, step: int | None = None, *, verify: bool = True):
         """Restore step (default: latest) into the structure, shapes and shardings of `target`
@@ -234,7 +329,8 @@ class Checkpointer:
             if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
                 raise  # out of (device) memory: not the checkpoint's fault
             raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be read "
-                                  f"(truncated or corrupted?): {type(e).__name__}: {e}") from e
+                                  f"(truncated or corrupted?): {short_error(e)}; resume from another "
+                                  f"step (--resume-from) or another copy") from e
         flat = _unnest(dict(out["state"]))
         missing = sorted(set(abstract) - set(flat))
         if missing:
@@ -248,6 +344,20 @@ class Checkpointer:
                                       f"{len(bad)} arrays differ from their saved fingerprints, "
                                       f"e.g. {bad[:5]}")
         return unflatten(flat, target)
+
+
+def read_metadata(step_dir: str | Path) -> dict:
+    """The manifest of the checkpoint in `step_dir` (format, step, run config, leaves), read without
+    starting a checkpoint manager."""
+    path = Path(step_dir) / "meta" / "metadata"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {step_dir} has no readable manifest ({path}): {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"checkpoint {step_dir} has format {got!r}, expected {FORMAT}")
+    return meta
 
 
 def check_compatible(saved: dict[str, dict], flat_target: dict[str, Any], *, where: str) -> None:

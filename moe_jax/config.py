@@ -32,6 +32,38 @@ def _choice(cls: str, field: str, value: Any, options: Sequence[str]) -> None:
         _fail(cls, field, value, f"must be one of {list(options)}")
 
 
+# Field types, read from the annotations ("int", "float | None", "int | tuple[int, ...]", ...).
+_TYPE_CHECKS = {
+    "bool": lambda v: isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "str": lambda v: isinstance(v, str),
+    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_TYPE_CHECKS["int"](x) for x in v),
+}
+_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a finite number",
+               "str": "a string", "tuple[int, ...]": "a list of integers", "None": "null"}
+
+
+def field_kinds(field: dataclasses.Field) -> list[str]:
+    """The alternatives of a field's annotation: `float | None` -> ["float", "None"]."""
+    return [t.strip() for t in str(field.type).split("|")]
+
+
+def describe_kinds(kinds: Sequence[str]) -> str:
+    return " or ".join(_TYPE_NAMES.get(k, k) for k in kinds)
+
+
+def _check_types(cls: str, obj: Any) -> None:
+    """Every scalar field holds a value of its annotated type (an int passes as a float); nested
+    config fields are left to their own checks."""
+    for f in dataclasses.fields(obj):
+        kinds, v = field_kinds(f), getattr(obj, f.name)
+        if not any(k in _TYPE_CHECKS for k in kinds) or (v is None and "None" in kinds):
+            continue
+        if not any(_TYPE_CHECKS[k](v) for k in kinds if k in _TYPE_CHECKS):
+            _fail(cls, f.name, v, f"must be {describe_kinds(kinds)}")
+
+
 def _positive(cls: str, obj: Any, *fields: str) -> None:
     for f in fields:
         v = getattr(obj, f)
@@ -54,16 +86,12 @@ class DispatchConfig:
 
     def __post_init__(self):
         c = "MoEConfig.dispatcher"
+        _check_types(c, self)
         _choice(c, "type", self.type, DISPATCHER_TYPES)
         _choice(c, "ragged_impl", self.ragged_impl, RAGGED_IMPLS)
         _positive(c, self, "overlap_chunks")
-        bf = self.buffer_factor
-        if bf is not None and (isinstance(bf, bool) or not isinstance(bf, (int, float)) or not bf > 0):
-            _fail(c, "buffer_factor", bf, "must be a number > 0, or None for the worst-case buffer")
-        for f in ("fallback",) + (("expert_major",) if self.expert_major is not None else ()):
-            if not isinstance(getattr(self, f), bool):
-                _fail(c, f, getattr(self, f), "must be true or false" +
-                      (" (or null: automatic)" if f == "expert_major" else ""))
+        if self.buffer_factor is not None and not self.buffer_factor > 0:
+            _fail(c, "buffer_factor", self.buffer_factor, "must be a number > 0, or None for the worst-case buffer")
         if self.expert_major and self.type not in ("alltoall_ragged", "auto"):
             _fail(c, "expert_major", True, f"needs type='alltoall_ragged' (got {self.type!r})")
 
@@ -108,6 +136,7 @@ class MoEConfig:
             _fail(c, "dispatcher", self.dispatcher, "must be a DispatchConfig (or a mapping of its fields)")
         if isinstance(self.layer_freq, list):
             object.__setattr__(self, "layer_freq", tuple(self.layer_freq))
+        _check_types(c, self)
         _positive(c, self, "num_experts", "router_topk", "ffn_hidden_size")
         if self.router_topk > self.num_experts:
             _fail(c, "router_topk", self.router_topk,
@@ -199,7 +228,8 @@ class ModelConfig:
     remat: str | bool = "none"    # none | full | selective (moe_jax.model); true/false = full/none
     scan_layers: bool = False     # true: each run of like layers is one lax.scan (flat compile time,
                                   # slower step); false: a Python loop over the layers (moe_jax.model)
-    attention_impl: str = "auto"  # auto (cuDNN flash where it runs, else XLA) | cudnn | xla
+    attention_impl: str | None = "auto"  # auto (cuDNN flash where it runs, else XLA) | cudnn | xla;
+    # None (earlier configs) means auto
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
     qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)
     moe: MoEConfig | None = None
@@ -208,6 +238,9 @@ class ModelConfig:
         c = "ModelConfig"
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            _fail(c, "moe", self.moe, "must be a MoEConfig (or a mapping of its fields), or None")
+        _check_types(c, self)
         _positive(c, self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                   "ffn_hidden_size", "max_seq_len")
         if self.head_dim is not None:
@@ -282,16 +315,33 @@ class TrainConfig:
     keep_checkpoints: int = 3
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = off)
     checkpoint: bool = False
+    skip_nonfinite_steps: int = 0  # steps with a non-finite loss/grad norm skipped (no update) before stopping
 
     def __post_init__(self):
         c = "TrainConfig"
+        _check_types(c, self)
         _positive(c, self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
                   "keep_checkpoints")
+        for f in ("seed", "skip_nonfinite_steps"):
+            if getattr(self, f) < 0:
+                _fail(c, f, getattr(self, f), "must be >= 0")
+        for f in ("b1", "b2"):
+            if not 0 <= getattr(self, f) < 1:
+                _fail(c, f, getattr(self, f), "must be in [0, 1)")
+        if not self.eps > 0:
+            _fail(c, "eps", self.eps, "must be > 0")
+        if self.weight_decay < 0:
+            _fail(c, "weight_decay", self.weight_decay, "must be >= 0")
+        for f in ("out_dir", "data"):
+            if not getattr(self, f).strip():
+                _fail(c, f, getattr(self, f), "must not be empty")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            _fail(c, "peak_tflops", self.peak_tflops, "must be > 0, or None to look it up")
         if self.warmup_steps < 0:
             _fail(c, "warmup_steps", self.warmup_steps, "must be >= 0")
         if self.checkpoint_every < 0:
             _fail(c, "checkpoint_every", self.checkpoint_every, "must be >= 0")
-        if not isinstance(self.keep_every, int) or self.keep_every < 0:
+        if self.keep_every < 0:
             _fail(c, "keep_every", self.keep_every, "must be an integer >= 0 (0 = off)")
         if not self.lr > 0:
             _fail(c, "lr", self.lr, "must be > 0")
@@ -314,9 +364,10 @@ class ParallelConfig:
     expert_tensor: int = 1     # ETP: the expert hidden dim split over this many devices (MoE mesh)
 
     def __post_init__(self):
+        _check_types("ParallelConfig", self)
         for f in ("data", "fsdp", "tensor", "expert"):
             v = getattr(self, f)
-            if not isinstance(v, int) or (v <= 0 and v != -1):
+            if v <= 0 and v != -1:
                 _fail("ParallelConfig", f, v, "must be a positive integer or -1 (fill)")
         _positive("ParallelConfig", self, "expert_tensor")
         if sum(getattr(self, f) == -1 for f in ("data", "fsdp", "tensor", "expert")) > 1:
@@ -332,6 +383,9 @@ class Config:
     parallel: ParallelConfig = ParallelConfig()
 
     def __post_init__(self):
+        for f, cls in (("model", ModelConfig), ("train", TrainConfig), ("parallel", ParallelConfig)):
+            if not isinstance(getattr(self, f), cls):
+                _fail("Config", f, getattr(self, f), f"must be a {cls.__name__}")
         if self.train.seq_len > self.model.max_seq_len:
             _fail("TrainConfig", "seq_len", self.train.seq_len,
                   f"must be <= model.max_seq_len ({self.model.max_seq_len})")

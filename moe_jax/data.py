@@ -12,9 +12,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from moe_jax.tokens import (BYTE_VOCAB, EOS, EOS_TEXT, TokenFile, TokenWriter, collect_files,  # noqa: F401
-                            decode, embedded_corpus, encode, prepare, resolve_cache_dir, token_paths,
-                            write_tokens)
+from moe_jax.tokens import (BYTE_VOCAB, EOS, EOS_TEXT, TokenFile, TokenFileError, TokenWriter,  # noqa: F401
+                            collect_files, decode, embedded_corpus, encode, prepare, resolve_cache_dir,
+                            token_paths, write_tokens)
 
 def _check_seed(seed: int, i: int) -> None:
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -93,9 +93,9 @@ class TokenDataset(_Batches):
         self.seed, self.split = int(seed), split
         if self.stop - self.start < self.seq_len + 1:
             src = self.file.bin_path if self.file is not None else "the token array"
-            raise ValueError(f"the {split} split of {src} has {self.stop - self.start} tokens "
+            raise TokenFileError(f"the {split} split of {src} has {self.stop - self.start} tokens "
                              f"(of {n}, val_fraction={val_fraction}); it needs at least "
-                             f"seq_len+1 = {self.seq_len + 1}")
+                             f"seq_len+1 = {self.seq_len + 1}: use more text or a smaller train.seq_len")
 
     @property
     def num_tokens(self) -> int:
@@ -151,13 +151,18 @@ def make_dataset(train_cfg: Any, vocab_size: int, split: str = "train", *,
     else:
         bin_path, json_path = token_paths(data)
         if not (bin_path.exists() or json_path.exists()):
-            raise ValueError(f"TrainConfig.data={data!r} is invalid: no token file at {bin_path}; "
+            raise TokenFileError(f"TrainConfig.data={data!r} is invalid: no token file at {bin_path}; "
                              f"use 'embedded', 'synthetic', or a file made by "
                              f"experiments/prepare_data.py")
         path = bin_path
     f = TokenFile(path)
     if f.vocab_size > vocab_size:
-        raise ValueError(f"TrainConfig.data={data!r}: the token file's vocab_size={f.vocab_size} "
+        raise TokenFileError(f"TrainConfig.data={data!r}: the token file's vocab_size={f.vocab_size} "
                          f"is larger than the model's vocab_size={vocab_size}; raise "
                          f"model.vocab_size to at least {f.vocab_size}")
+    top = f.max_token()
+    if top is not None and top >= vocab_size:
+        raise TokenFileError(f"TrainConfig.data={data!r}: {f.bin_path} holds token id {top}, outside the "
+                         f"model's vocab_size={vocab_size} (its header claims vocab_size={f.vocab_size}); "
+                         f"raise model.vocab_size above {top} or re-create the file")
     return TokenDataset(f, **kw)

@@ -236,8 +236,14 @@ def layout_for(cfg) -> Layout | None:
     if n == 1 or (not explicit and jax.devices()[0].platform == "cpu"):
         return None
     tc = cfg.train
-    return make_layout(cfg.parallel, cfg.model, batch_size=tc.batch_size // tc.grad_accum,
-                       seq_len=tc.seq_len)
+    sizes, micro = resolve_sizes(cfg.parallel, n), tc.batch_size // tc.grad_accum
+    shards = sizes["data"] * sizes["fsdp"]
+    if tc.grad_accum > 1 and micro % shards:  # name what the user set, not the micro-batch
+        raise ValueError(f"TrainConfig.batch_size={tc.batch_size} is invalid with grad_accum={tc.grad_accum}: "
+                         f"each micro-batch (batch_size/grad_accum = {micro}) must be divisible by "
+                         f"data*fsdp = {shards}; use a batch_size that is a multiple of "
+                         f"{shards * tc.grad_accum}, or a smaller grad_accum")
+    return make_layout(cfg.parallel, cfg.model, batch_size=micro, seq_len=tc.seq_len)
 
 
 def put_batch(batch: dict, layout: Layout) -> dict:

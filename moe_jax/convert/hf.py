@@ -107,8 +107,11 @@ class _Reader:
 
     def __init__(self, path: Path):
         index = path / "model.safetensors.index.json"
+        self._open: dict[Path, Any] = {}
         if index.exists():
-            wm = json.loads(index.read_text())["weight_map"]
+            wm = _read_json(index).get("weight_map")
+            if not isinstance(wm, dict):
+                raise ValueError(f"{index} has no 'weight_map' mapping of tensor names to files")
             self.where = {k: path / f for k, f in wm.items()}
         else:
             files = sorted(path.glob("*.safetensors"))
@@ -116,41 +119,78 @@ class _Reader:
                 raise FileNotFoundError(f"no *.safetensors (or model.safetensors.index.json) in {path}")
             self.where = {}
             for f in files:
-                with safe_open(f, "flax") as fh:
-                    self.where.update({k: f for k in fh.keys()})
+                self.where.update({k: f for k in self._file(f).keys()})
         self.used: set[str] = set()
-        self._open: dict[Path, Any] = {}
+
+    def _file(self, f: Path):
+        if f not in self._open:
+            try:
+                self._open[f] = safe_open(f, "flax")
+            except Exception as e:  # noqa: BLE001 — safetensors raises its own error types
+                raise ValueError(f"{f} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                                 f"re-download or re-export it") from None
+        return self._open[f]
 
     def has(self, name: str) -> bool:
         return name in self.where
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, shape: tuple | None = None) -> np.ndarray:
+        """The tensor `name`; with `shape`, checked against it first (the one config.json implies)."""
         if name not in self.where:
             raise ValueError(f"tensor {name!r} is missing from the checkpoint")
-        f = self.where[name]
-        if f not in self._open:
-            self._open[f] = safe_open(f, "flax")
+        f = self._file(self.where[name])
         self.used.add(name)
-        return self._open[f].get_tensor(name)
+        try:
+            if shape is not None:
+                got = tuple(f.get_slice(name).get_shape())
+                if got != tuple(shape):
+                    raise ValueError(f"tensor {name} in {self.where[name]} has shape {got}, but config.json "
+                                     f"implies {tuple(shape)} (hidden_size, heads, intermediate sizes, vocab)")
+            return f.get_tensor(name)
+        except ValueError:
+            raise
+        except Exception as e:  # noqa: BLE001 — a truncated or damaged file
+            raise ValueError(f"tensor {name} in {self.where[name]} cannot be read ({type(e).__name__}: "
+                             f"{e}); re-download or re-export the checkpoint") from None
 
     def unused(self) -> list[str]:
         return sorted(k for k in self.where if k not in self.used and not k.endswith(IGNORED_SUFFIXES))
 
 
-def _gate_up_down(r: _Reader, names: dict) -> tuple:
-    return r.get(names["gate"]), r.get(names["up"]), r.get(names["down"])
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {path.name} in {path.parent} (not a Hugging Face checkpoint directory?)") \
+            from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got a {type(value).__name__}")
+    return value
 
 
-def _read_experts(r: _Reader, names: list[dict], prefix: str):
+def _gate_up_down(r: _Reader, names: dict, d: int, f: int) -> tuple:
+    """One MLP's HF gate [F, D], up [F, D], down [D, F]."""
+    return r.get(names["gate"], (f, d)), r.get(names["up"], (f, d)), r.get(names["down"], (d, f))
+
+
+def _read_experts(r: _Reader, names: list[dict], prefix: str, d: int, f: int):
     fused = prefix.rsplit(".experts.", 1)[0] + ".experts"
     if r.has(f"{fused}.gate_up_proj"):  # transformers >= 5 in-memory layout: [E, 2F, D], [E, D, F]
-        gu, down = r.get(f"{fused}.gate_up_proj"), r.get(f"{fused}.down_proj")
-        f = gu.shape[1] // 2
+        e = len(names)
+        gu, down = r.get(f"{fused}.gate_up_proj", (e, 2 * f, d)), r.get(f"{fused}.down_proj", (e, d, f))
         w1 = jnp.stack([gu[:, :f].transpose(0, 2, 1), gu[:, f:].transpose(0, 2, 1)], axis=2)
         return w1, down.transpose(0, 2, 1)
-    gates, ups, downs = zip(*(_gate_up_down(r, n) for n in names))
+    gates, ups, downs = zip(*(_gate_up_down(r, n, d, f) for n in names))
     w1 = jnp.stack([jnp.stack(gates).transpose(0, 2, 1), jnp.stack(ups).transpose(0, 2, 1)], axis=2)
     return w1, jnp.stack(downs).transpose(0, 2, 1)
+
+
+def _get(tree: dict, path: tuple):
+    for k in path:
+        tree = tree[k]
+    return tree
 
 
 def _set(tree: dict, path: tuple, value, dtype) -> None:
@@ -175,8 +215,12 @@ def _paths(tree: dict, prefix: tuple = ()):
 def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, GPT]:
     """Load a local Hugging Face checkpoint directory into our GPT (weights cast to `dtype`)."""
     path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
-    cfg = config_from_hf(hf, dtype=dtype)
+    config_file = path / "config.json"
+    hf = _read_json(config_file)
+    try:
+        cfg = config_from_hf(hf, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
     arch = hf["model_type"]
     abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -185,17 +229,20 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
     filled = set()
     for name, ours, conv in tensor_map(cfg, arch):
         if conv == "mlp":
-            g, u, dn = _gate_up_down(r, name)
+            d, _, f = _get(pure, ours + ("w1_DnF",)).shape
+            g, u, dn = _gate_up_down(r, name, d, f)
             _set(pure, ours + ("w1_DnF",), jnp.stack([g.T, u.T], axis=1), dtype)
             _set(pure, ours + ("w2_FD",), dn.T, dtype)
             filled.update({ours + ("w1_DnF",), ours + ("w2_FD",)})
         elif conv == "experts":
-            w1, w2 = _read_experts(r, name, name[0]["gate"])
+            _, d, _, f = _get(pure, ours + ("w1_EDnF",)).shape
+            w1, w2 = _read_experts(r, name, name[0]["gate"], d, f)
             _set(pure, ours + ("w1_EDnF",), w1, dtype)
             _set(pure, ours + ("w2_EFD",), w2, dtype)
             filled.update({ours + ("w1_EDnF",), ours + ("w2_EFD",)})
         else:
-            _set(pure, ours, conv[0](r.get(name)), dtype)
+            hf_shape = jax.eval_shape(conv[1], _get(pure, ours)).shape  # what config.json implies
+            _set(pure, ours, conv[0](r.get(name, hf_shape)), dtype)
             filled.add(ours)
     if r.unused():
         raise ValueError(f"{path}: {len(r.unused())} tensors have no place in a {arch} model as configured "

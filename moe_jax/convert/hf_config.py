@@ -16,22 +16,55 @@ def _bad(field: str, value, why: str) -> ValueError:
     return ValueError(f"Hugging Face config field {field}={value!r} is not supported: {why}")
 
 
+class _Fields(dict):
+    """A config.json mapping whose missing required fields raise a ValueError naming them."""
+
+    def __missing__(self, key):
+        raise ValueError(f"Hugging Face config lacks the required field {key!r}")
+
+
 def _rope_theta(hf: dict) -> float:
-    rp = hf.get("rope_parameters")
-    if rp is not None:  # transformers >= 5
-        if rp.get("rope_type", "default") != "default":
-            raise _bad("rope_parameters.rope_type", rp.get("rope_type"), "only 'default' RoPE is implemented")
-        if rp.get("partial_rotary_factor", 1.0) != 1.0:
-            raise _bad("rope_parameters.partial_rotary_factor", rp["partial_rotary_factor"], "must be 1.0")
-        return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    rs = hf.get("rope_scaling")
-    if rs is not None and rs.get("rope_type", rs.get("type", "default")) != "default":
-        raise _bad("rope_scaling", rs, "RoPE scaling is not implemented")
-    return float(hf.get("rope_theta", 10000.0))
+    """RoPE theta, read as transformers (5.x) reads it: a non-empty `rope_scaling` (the older name)
+    takes precedence over `rope_parameters`; either may be nested per layer type; any rope_type other
+    than 'default' is refused."""
+    name = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rp = hf.get(name) or {}
+    if not isinstance(rp, dict):
+        raise _bad(name, rp, "must be a mapping")
+    nested = [v for v in rp.values() if isinstance(v, dict)]
+    thetas = set()
+    for params in nested or [rp]:
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise _bad(f"{name}.rope_type", kind, "only 'default' RoPE is implemented (no RoPE scaling)")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise _bad(f"{name}.partial_rotary_factor", params["partial_rotary_factor"], "must be 1.0")
+        thetas.add(float(params.get("rope_theta", hf.get("rope_theta", 10000.0))))
+    if len(thetas) > 1:
+        raise _bad(f"{name}.rope_theta", sorted(thetas), "one RoPE theta for every layer is implemented")
+    return thetas.pop()
 
 
 def config_from_hf(hf: dict, *, dtype: str = "float32") -> ModelConfig:
-    """ModelConfig for a Hugging Face config dict (raises ValueError naming any unsupported field)."""
+    """ModelConfig for a Hugging Face config dict (raises ValueError naming any unsupported, missing or
+    invalid field)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"a Hugging Face config must be a JSON object, got a {type(hf).__name__}")
+    hf = _Fields(hf)
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts_per_tok"):
+        v = hf.get(f)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise _bad(f, v, "must be a positive integer")
+    try:
+        return _config_from_hf(hf, dtype)
+    except ValueError as e:
+        if str(e).startswith("Hugging Face config"):
+            raise
+        raise ValueError(f"Hugging Face config: {e}") from None  # e.g. ModelConfig's own checks
+
+
+def _config_from_hf(hf: _Fields, dtype: str) -> ModelConfig:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise _bad("model_type", mt, f"supported: {list(SUPPORTED)}")
