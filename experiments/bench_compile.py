@@ -10,12 +10,11 @@ the step is lowered and compiled (no run), and the JSON records seconds per dept
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
@@ -25,6 +24,7 @@ from flax import nnx  # noqa: E402
 from moe_jax.model import GPT  # noqa: E402
 from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.train import init_state, make_train_step  # noqa: E402
+from timing import write_result  # noqa: E402
 
 
 def depth_overrides(cfg, layers: int) -> list[str]:
@@ -79,14 +79,8 @@ def main(argv=None) -> int:
     for r in rows[1:]:
         r["ratio_to_first"] = round(r["total_s"] / rows[0]["total_s"], 3)
         print(f"{r['layers']} vs {rows[0]['layers']} layers: {r['ratio_to_first']:.2f}x")
-    dev = jax.devices()[0].device_kind.replace(" ", "_")
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
-                                           f"compile_{Path(args.config).stem}_{stamp:%Y-%m-%d}_{dev}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": stamp.isoformat(timespec="seconds"), "device": jax.devices()[0].device_kind,
-                               "jax": jax.__version__, "config": args.config, "overrides": args.overrides,
-                               "command": "python " + " ".join(sys.argv), "rows": rows}, indent=2))
+    write_result("compile", Path(args.config).stem, {"config": args.config, "overrides": args.overrides,
+                                                     "rows": rows}, args.out)
     return 0
 
 

@@ -13,8 +13,6 @@ Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import jax.numpy as jnp  # noqa: E402
 from moe_jax.attention import apply_rope, rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
 from ops.cross_entropy import linear_cross_entropy  # noqa: E402
-from timing import median_seconds  # noqa: E402
+from timing import median_seconds, write_result  # noqa: E402
 
 SHAPES = {"mixtral": dict(T=16384, k=2, E=8, D=2048, F=4096, V=32000),
           "deepseek": dict(T=16384, k=6, E=64, D=2048, F=1408, V=32000),
@@ -142,15 +140,8 @@ def main(argv=None) -> int:
         share = f"{100 * r['share_of_copy']:.0f}%" if "share_of_copy" in r else "-"
         ours = f"{r['ours_ms']:.3f}" if "ours_ms" in r else "-"
         print(f"{r['op']:<46} {ours:>9} {r['xla_plain_ms']:>9.3f} {speed:>9} {share:>10}")
-    dev = jax.devices()[0].device_kind.replace(" ", "_")
-    stamp = datetime.datetime.now(datetime.timezone.utc)
-    out = Path(args.out) if args.out else (Path(__file__).parent / "results" /
-                                           f"ops_{args.shape}_{stamp:%Y-%m-%d}_{dev}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": stamp.isoformat(timespec="seconds"), "device": jax.devices()[0].device_kind,
-                               "jax": jax.__version__, "command": "python " + " ".join(sys.argv),
-                               "shape": SHAPES[args.shape], "copy_bytes_per_s": ceiling, "rows": table},
-                              indent=2, default=float))
+    write_result("ops", args.shape, {"shape": SHAPES[args.shape], "copy_bytes_per_s": ceiling,
+                                     "rows": table}, args.out)
     return 0
 
 

@@ -29,14 +29,7 @@ def median_seconds(fn: Callable, *args, iters: int = 20, warmup: int = 2,
 def gpu_events(data, device: int = 0):
     """[(name, start ns, duration ns)] of GPU `device`'s kernel/memcpy stream events in a
     jax.profiler trace (a `jax.profiler.ProfileData`), sorted by start."""
-    out = []
-    for plane in data.planes:
-        if plane.name != f"/device:GPU:{device}":
-            continue
-        for line in plane.lines:
-            if "stream" in line.name.lower():
-                out += [(ev.name, ev.start_ns, ev.duration_ns) for ev in line.events]
-    return sorted(out, key=lambda e: e[1])
+    return [(name, start, dur) for name, start, dur, _ in gpu_events_with_stats(data, device, stats=False)]
 
 
 def trace(fn: Callable, *args, calls: int = 1):
@@ -59,16 +52,18 @@ def device_ms(fn: Callable, *args, calls: int = 5) -> float | None:
     return sum(d for _, _, d in ev) / calls / 1e6 if ev else None
 
 
-def gpu_events_with_stats(data, device: int = 0):
+def gpu_events_with_stats(data, device: int = 0, *, stats: bool = True):
     """`gpu_events` with each event's stats: [(name, start ns, duration ns, {stat: value})] (stat
-    names as the profiler writes them, e.g. hlo_op, hlo_module, kernel_details; bytes decoded)."""
+    names as the profiler writes them, e.g. hlo_op, hlo_module, kernel_details; bytes decoded;
+    `stats=False`: empty dicts)."""
     out = []
     for plane in data.planes:
         if plane.name != f"/device:GPU:{device}":
             continue
         for line in plane.lines:
             if "stream" in line.name.lower():
-                out += [(ev.name, ev.start_ns, ev.duration_ns, event_stats(ev)) for ev in line.events]
+                out += [(ev.name, ev.start_ns, ev.duration_ns, event_stats(ev) if stats else {})
+                        for ev in line.events]
     return sorted(out, key=lambda e: e[1])
 
 
@@ -79,3 +74,21 @@ def event_stats(ev) -> dict:
         if name is not None:
             out[name] = value.decode(errors="replace") if isinstance(value, bytes) else value
     return out
+
+
+def write_result(kind: str, name: str, payload: dict, out: str | None = None):
+    """Write a benchmark's JSON (with date, device, JAX version and the command) to `out`, or to
+    experiments/results/<kind>_<name>_<date>_<device>.json; returns the path."""
+    import datetime
+    import json
+    import sys
+    from pathlib import Path
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    dev = jax.devices()[0].device_kind
+    path = Path(out) if out else (Path(__file__).parent / "results" /
+                                  f"{kind}_{name}_{stamp:%Y-%m-%d}_{dev.replace(' ', '_')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": stamp.isoformat(timespec="seconds"), "device": dev,
+                                "jax": jax.__version__, "command": "python " + " ".join(sys.argv),
+                                **payload}, indent=2, default=float))
+    return path
