@@ -49,7 +49,7 @@ def test_grad_accumulation_matches_full_batch():
     out = []
     for tc in (tc1, tc2):
         graphdef, state = init_state(GPT(cfg, rngs=nnx.Rngs(0)), tc)
-        new, m = make_train_step(graphdef, tc, jit=False)(state, b)
+        new, m = make_train_step(graphdef, tc)(state, b)
         out.append((new.params, float(m["loss"]), np.asarray(m["tokens_per_expert"])))
     np.testing.assert_allclose(out[0][1], out[1][1], rtol=1e-5)
     np.testing.assert_array_equal(out[0][2], out[1][2])
