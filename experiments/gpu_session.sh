@@ -15,6 +15,9 @@
 #   eplayers — (2+ GPUs) the layer bench with 4 MoE layers per step (per-step costs spread as in a model)
 #   epsm   — (2+ GPUs) the compiled step's collectives, then the layer step with async all-reduce/
 #            all-gather off, and with MOE_JAX_SM_MARGIN SMs left free by the persistent kernels
+#   autotune — the grouped-GEMM table for this GPU (own_key: "H200" on the H200): the forward sweep over
+#            every shape class, then the wgrad sweep with the cross-item ring; the table lands in $OUT
+#            after each sweep (a run cut short keeps what it measured)
 #   fast   — whole-model speed, ours beside the PyTorch reference in the same call: per preset in
 #            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
@@ -103,6 +106,13 @@ case "${1:-}" in
           > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
     done ;;
+  autotune)
+    timeout -s KILL ${AUTOTUNE_FWD_S:-330} python3 experiments/autotune_grouped_matmul.py --kinds fwd \
+      --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_fwd.log" 2>&1; echo "fwd rc=$?"
+    grep "^PICK" "$OUT/autotune_fwd.log"
+    timeout -s KILL ${AUTOTUNE_WGRAD_S:-220} python3 experiments/autotune_grouped_matmul.py --kinds wgrad --ring \
+      --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_wgrad.log" 2>&1; echo "wgrad rc=$?"
+    grep "^PICK" "$OUT/autotune_wgrad.log"; cp ops/tuning/grouped_matmul.json "$OUT/" ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
@@ -110,7 +120,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|fast"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0
