@@ -1,0 +1,37 @@
+"""The grouped-GEMM tuning table's device lookup: own entries, the Hopper fallback, untuned devices."""
+from types import SimpleNamespace
+
+import pytest
+
+from ops import tuning
+
+
+def dev(kind):
+    return SimpleNamespace(device_kind=kind, platform="gpu")
+
+
+@pytest.mark.parametrize("kind, own, key", [
+    ("NVIDIA H200", "H200", "H200"),                    # tuned on the H200 itself (2026-12-02)
+    ("NVIDIA H100 80GB HBM3", "H100", "H100"),
+    ("NVIDIA H800", "H800", "H100"),                    # same SM: the H100's table
+    ("NVIDIA H20", "H20", "H100"),
+    ("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-80GB", "default"),
+])
+def test_device_key(kind, own, key):
+    assert tuning.own_key(dev(kind)) == own
+    assert tuning.device_key(dev(kind)) == key
+
+
+def test_table_note_names_the_table_and_untuned_devices():
+    assert tuning.table_note(dev("NVIDIA H200")) == "H200 tuning table"
+    assert tuning.table_note(dev("NVIDIA H800")) == "H100 tuning table, used for NVIDIA H800"
+    assert "untuned default tiles" in tuning.table_note(dev("NVIDIA A100-SXM4-80GB"))
+
+
+def test_every_tuned_entry_covers_the_shape_classes():
+    """Each device entry holds a fwd and a wgrad config for every class the autotune sweeps."""
+    table = tuning._table("grouped_matmul")
+    classes = {"g>16,n<2048,k<4096", "g>16,n>=2048,k<4096", "g<=16,n>=2048,k<4096", "g<=16,n>=2048,k>=4096"}
+    for key in ("H100", "H200"):
+        for kernel in ("fwd", "wgrad"):
+            assert classes <= set(table[key][kernel]), (key, kernel)
