@@ -4,9 +4,11 @@ an embedded default corpus (Python's own stdlib sources, no network). Batches li
 Token file `<name>.bin` + `<name>.json`: the .bin holds raw little-endian tokens (uint16 when
 vocab_size <= 65536, else uint32); the .json header is
 `{"format": "moe_jax.tokens", "version": 1, "dtype": "uint16", "num_tokens": N, "vocab_size": V,
-"max_token": M, "tokenizer": "bytes", "sources": [...]}` (`max_token`, the largest id in the file, lets
-a reader range-check the ids without a scan; files written before it existed get a scan). Both are
-written to temporary names and renamed into place.
+"max_token": M, "tokenizer": {...}, "sources": [...]}` (`max_token`, the largest id in the file, lets
+a reader range-check the ids without a scan; files written before it existed get a scan). "tokenizer" is
+the tokenizer's record (`moe_jax.tokenizer`: kind, name, vocab_size, eos_id, bos_id, sha256); older files
+say "bytes" there, which means the byte tokenizer. Both are written to temporary names and renamed into
+place.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ VERSION = 1
 EOS = 256
 BYTE_VOCAB = 257
 EOS_TEXT = "\n<|eos|>\n"
+# what a token file records for this tokenizer (`moe_jax.tokenizer.ByteTokenizer().meta()`)
+BYTES_TOKENIZER = {"kind": "bytes", "name": "bytes", "vocab_size": BYTE_VOCAB, "eos_id": EOS, "bos_id": None,
+                   "sha256": None}
 
 
 def encode(text: str | bytes) -> np.ndarray:
@@ -74,7 +79,7 @@ class TokenWriter:
         w.write(tokens, source="a.txt")
     """
 
-    def __init__(self, path: str | os.PathLike, vocab_size: int, tokenizer: str = "bytes"):
+    def __init__(self, path: str | os.PathLike, vocab_size: int, tokenizer: str | dict = "bytes"):
         if not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0 or vocab_size > 1 << 32:
             raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an int in [1, 2**32]")
         self.bin_path, self.json_path = token_paths(path)
@@ -135,7 +140,7 @@ class TokenWriter:
             self.abort()
 
 
-def write_tokens(path: str | os.PathLike, tokens: Any, vocab_size: int, tokenizer: str = "bytes",
+def write_tokens(path: str | os.PathLike, tokens: Any, vocab_size: int, tokenizer: str | dict = "bytes",
                  sources: Sequence[str] = ()) -> Path:
     """Write a token file (`<name>.bin` + `<name>.json`); returns the .bin path."""
     with TokenWriter(path, vocab_size, tokenizer) as w:
@@ -209,6 +214,12 @@ class TokenFile:
     vocab_size = property(lambda self: self.header["vocab_size"])
     num_tokens = property(lambda self: self.header["num_tokens"])
     tokenizer = property(lambda self: self.header.get("tokenizer"))
+
+    @property
+    def tokenizer_meta(self) -> dict:
+        """The tokenizer record (`moe_jax.tokenizer`); files without one (or with "bytes") are bytes."""
+        t = self.header.get("tokenizer")
+        return dict(t) if isinstance(t, dict) else dict(BYTES_TOKENIZER)
     sources = property(lambda self: self.header.get("sources", []))
 
     def __len__(self) -> int:
