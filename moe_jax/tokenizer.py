@@ -328,6 +328,21 @@ def save_run_tokenizer(run_dir: str | os.PathLike, tok: Tokenizer) -> None:
     save_tokenizer(tok, Path(run_dir) / RUN_SUBDIR)
 
 
+def record_run_tokenizer(run_dir: str | os.PathLike, meta: dict) -> str | None:
+    """Save the tokenizer a token file records (`meta`) as the run's. Where its files cannot be found
+    any more, only the record is kept; the returned warning says so (else None)."""
+    try:
+        tok = tokenizer_from_meta(meta)
+    except (ValueError, ImportError) as e:
+        d = Path(run_dir) / RUN_SUBDIR
+        d.mkdir(parents=True, exist_ok=True)
+        (d / META_NAME).write_text(json.dumps(meta, indent=1))
+        return (f"warning: {e}; {d} keeps the tokenizer's record only (generate/evaluate will need the "
+                f"tokenizer's files)")
+    save_run_tokenizer(run_dir, tok)
+    return None
+
+
 def run_tokenizer_meta(run_dir: str | os.PathLike) -> dict | None:
     """The tokenizer record of a run, or None when it has none (synthetic data; runs before records)."""
     p = Path(run_dir) / RUN_SUBDIR / META_NAME
@@ -350,7 +365,8 @@ def same_tokenizer(a: dict, b: dict) -> bool:
     return not (a.get("sha256") and b.get("sha256")) or a["sha256"] == b["sha256"]
 
 
-def check_same_tokenizer(expected: dict, got: dict, what: str) -> None:
-    """ValueError naming both when `got` is not the `expected` tokenizer; `what` names `got`'s owner."""
+def check_same_tokenizer(expected: dict, got: dict, what: str, expected_what: str = "the expected") -> None:
+    """ValueError naming both when `got` is not the `expected` tokenizer: "`what` uses tokenizer <got>,
+    not `expected_what` <expected>"."""
     if not same_tokenizer(expected, got):
-        raise ValueError(f"{what} uses tokenizer {describe(got)}, not the expected {describe(expected)}")
+        raise ValueError(f"{what} uses tokenizer {describe(got)}, not {expected_what} {describe(expected)}")

@@ -1,5 +1,6 @@
-"""Token files: a memmapped token-file format, a byte-level tokenizer, `prepare` for local text, and
-an embedded default corpus (Python's own stdlib sources, no network). Batches live in `data.py`.
+"""Token files: a memmapped token-file format, a byte-level tokenizer, and an embedded default corpus
+(Python's own stdlib sources, no network). Batches live in `data.py`, corpus preparation in
+`prepare.py`, the other tokenizers in `tokenizer.py`.
 
 Token file `<name>.bin` + `<name>.json`: the .bin holds raw little-endian tokens (uint16 when
 vocab_size <= 65536, else uint32); the .json header is
@@ -12,8 +13,6 @@ place.
 """
 from __future__ import annotations
 
-import fnmatch
-import glob as globlib
 import json
 import os
 import sys
@@ -231,82 +230,6 @@ class TokenFile:
 
 
 # ---------------------------------------------------------------------------------------------
-# prepare: local text files -> token file.
-
-DEFAULT_GLOB = "*.py,*.txt,*.md"
-DEFAULT_SKIP_DIRS = ("__pycache__", "node_modules")  # plus every hidden dir (.git, .venv, ...)
-
-
-def _walk(root: Path, patterns: Sequence[str], skip_dirs: Sequence[str]) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if any(fnmatch.fnmatch(f, p) for p in patterns)]
-    return found
-
-
-def collect_files(inputs: Sequence[str | os.PathLike], glob: str = DEFAULT_GLOB,
-                  skip_dirs: Sequence[str] = DEFAULT_SKIP_DIRS) -> list[Path]:
-    """Expand files, directories (walked in sorted order, files matching `glob`, a comma-separated
-    list of name patterns) and glob patterns, in input order, without duplicates."""
-    patterns = [p.strip() for p in glob.split(",") if p.strip()]
-    out: list[Path] = []
-    for item in inputs:
-        s = str(item)
-        if any(c in s for c in "*?["):
-            matches = [Path(m) for m in sorted(globlib.glob(s, recursive=True))]
-            if not matches:
-                raise ValueError(f"input pattern {s!r} matched nothing")
-        elif Path(s).exists():
-            matches = [Path(s)]
-        else:
-            raise ValueError(f"input {s!r} does not exist")
-        for m in matches:
-            out += _walk(m, patterns, skip_dirs) if m.is_dir() else [m] if m.is_file() else []
-    seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
-
-
-def prepare(inputs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
-            glob: str = DEFAULT_GLOB, max_bytes: int | None = None,
-            skip_dirs: Sequence[str] = DEFAULT_SKIP_DIRS, progress: bool = True,
-            verbose: bool = True) -> Path:
-    """Tokenize local text files (byte tokenizer, EOS after each file) into a token file.
-
-    `max_bytes` caps the text taken: the corpus is the first `max_bytes` bytes of the files in
-    order (the last file may be cut). Returns the .bin path.
-    """
-    from tqdm.auto import tqdm
-
-    if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes={max_bytes} is invalid: must be > 0 (None for no cap)")
-    files = collect_files(inputs, glob, skip_dirs)
-    if not files:
-        raise ValueError(f"no input files matched {glob!r} under {[str(i) for i in inputs]}")
-    sizes = [f.stat().st_size for f in files]
-    total = sum(sizes) if max_bytes is None else min(sum(sizes), max_bytes)
-    taken = 0
-    with TokenWriter(out_path, BYTE_VOCAB, "bytes") as w, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
-                 disable=not progress) as bar:
-        for f, size in zip(files, sizes):
-            if max_bytes is not None and taken >= max_bytes:
-                break
-            data = f.read_bytes()
-            if max_bytes is not None:
-                data = data[:max_bytes - taken]
-            w.write(np.append(encode(data), np.uint16(EOS)), source=str(f))
-            taken += len(data)
-            bar.update(len(data))
-    if verbose:
-        mb = w.num_tokens * w.dtype.itemsize / 1e6
-        print(f"prepared {w.bin_path}: {len(w.sources)} files, {w.num_tokens:,} tokens, "
-              f"{mb:.1f} MB", file=sys.stderr)
-    return w.bin_path
-
-
-# ---------------------------------------------------------------------------------------------
 # Embedded default corpus: the Python standard library's own sources.
 
 EMBEDDED_MAX_BYTES = 8 * 1024 * 1024
@@ -334,5 +257,6 @@ def embedded_corpus(cache_dir: str | os.PathLike | None = None, *,
         raise ValueError(f"no Python standard library sources at {stdlib} for the embedded corpus; "
                          f"use data='synthetic' or a token file from experiments/prepare_data.py")
     print(f"moe_jax: building the embedded corpus from {stdlib} into {out} (once)", file=sys.stderr)
+    from moe_jax.prepare import prepare  # prepare imports this module
     return prepare([stdlib], out, glob="*.py", max_bytes=max_bytes, skip_dirs=STDLIB_SKIP_DIRS,
-                   progress=progress, verbose=True)
+                   progress=progress, verbose=True, workers=1)
