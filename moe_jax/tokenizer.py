@@ -28,6 +28,7 @@ RUN_SUBDIR = "tokenizer"
 # special tokens tried, in order, when nothing names the EOS / BOS token (a bare tokenizer.json)
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|bos|>")
+TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base")  # without tiktoken
 
 
 def _need(module: str):
@@ -255,7 +256,7 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
             return HFTokenizer(p, name=s)
         raise ValueError(f"tokenizer {s!r} is a file but not a tokenizer.json")
     names = _tiktoken_names()
-    if s in names:
+    if s in names or s in TIKTOKEN_NAMES:
         return _tiktoken(s)
     kinds = f"a tiktoken encoding name ({', '.join(names)})" if names else \
         "a tiktoken encoding name (tiktoken is not installed: pip install -e \".[data]\")"
