@@ -285,8 +285,8 @@ def tokenizer_from_meta(meta: dict, base_dir: str | os.PathLike | None = None) -
         path = base / HF_FILE if base is not None and (base / HF_FILE).is_file() else Path(meta.get("path", ""))
         if not path.is_file():
             raise ValueError(f"the tokenizer file of {describe(meta)} is gone: {path} not found")
-        tok = HFTokenizer(path, name=meta.get("name"), eos=meta.get("eos_id"), bos=meta.get("bos_id"))
-        tok.bos_id, tok.eos_id = meta.get("bos_id"), meta.get("eos_id")  # the record's, even if None
+        tok = HFTokenizer(path, name=meta.get("name"))
+        tok.eos_id, tok.bos_id = meta.get("eos_id"), meta.get("bos_id")  # the record's, even if None
     elif kind == "tiktoken":
         if base is not None and (base / TIKTOKEN_FILE).is_file():
             tiktoken = _need("tiktoken")
