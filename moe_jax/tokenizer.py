@@ -242,14 +242,15 @@ def _hf_dir(d: Path, spec: str) -> HFTokenizer:
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """"bytes", a tokenizer.json, an HF checkpoint directory, a saved tokenizer directory (meta.json,
-    e.g. `<run>/tokenizer`), or a tiktoken encoding name. Anything else: one ValueError."""
+    e.g. `<run>/tokenizer`, or the run directory), or a tiktoken encoding name. Else one ValueError."""
     s = str(spec)
     if s == "bytes":
         return ByteTokenizer()
     p = Path(s).expanduser()
     if p.is_dir():
-        if (p / META_NAME).is_file():
-            return tokenizer_from_meta(_read_meta(p / META_NAME), base_dir=p)
+        for d in (p, p / RUN_SUBDIR):  # a saved tokenizer, or a run directory holding one
+            if (d / META_NAME).is_file():
+                return tokenizer_from_meta(_read_meta(d / META_NAME), base_dir=d)
         return _hf_dir(p, s)
     if p.is_file():
         if p.suffix == ".json":
