@@ -332,7 +332,15 @@ def save_run_tokenizer(run_dir: str | os.PathLike, tok: Tokenizer) -> None:
 
 def record_run_tokenizer(run_dir: str | os.PathLike, meta: dict) -> str | None:
     """Save the tokenizer a token file records (`meta`) as the run's. Where its files cannot be found
-    any more, only the record is kept; the returned warning says so (else None)."""
+    any more, only the record is kept; the returned warning says so (else None). A run that keeps this
+    tokenizer already (a resume) is left as it is."""
+    recorded = run_tokenizer_meta(run_dir)
+    if recorded is not None and same_tokenizer(recorded, meta):
+        try:
+            run_tokenizer(run_dir)
+            return None
+        except (ValueError, ImportError):
+            pass  # its files are damaged: save it again
     try:
         tok = tokenizer_from_meta(meta)
     except (ValueError, ImportError) as e:

@@ -265,6 +265,7 @@ def test_training_refuses_a_vocab_too_big_and_a_resume_with_another_tokenizer(bp
     assert tok.meta()["sha256"] == data.TokenFile(hf_file).tokenizer_meta["sha256"]
     assert tok.decode(tok.encode("router 日本語")) == "router 日本語"
     assert T.load_tokenizer(out).meta() == T.load_tokenizer(out / "tokenizer").meta() == tok.meta()
+    assert T.record_run_tokenizer(out, data.TokenFile(hf_file).tokenizer_meta) is None  # a resume: kept as is
     capsys.readouterr()
     assert cli("--resume", f"train.data={byte_file}", "train.steps=2", f"train.out_dir={out}") == 1
     err = capsys.readouterr().err.strip()
