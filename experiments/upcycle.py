@@ -26,6 +26,7 @@ import yaml  # noqa: E402
 from moe_jax import runs  # noqa: E402
 from moe_jax.checkpoint import Checkpointer, CheckpointError, quiet_failed_reads  # noqa: E402
 from moe_jax.runs import load_model  # noqa: E402
+from moe_jax.tokenizer import describe, load_tokenizer, run_tokenizer, run_tokenizer_meta, save_run_tokenizer  # noqa: E402
 from moe_jax.presets import apply_overrides, build_config, load_raw, to_dict  # noqa: E402
 from moe_jax.train import init_state  # noqa: E402
 from moe_jax.upcycle import plan, upcycle  # noqa: E402
@@ -96,12 +97,34 @@ def main(argv=None) -> int:
             finally:
                 ck.close()
             (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+            print(_keep_tokenizer(args, out))
     except (CheckpointError, runs.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {ck.directory / '0'}; continue with:\n  python experiments/train.py "
           f"--config {out / 'config.yaml'} --resume")
     return 0
+
+
+def _keep_tokenizer(args, out: Path) -> str:
+    """The upcycled run keeps the dense model's tokenizer (the HF directory's tokenizer files, or the
+    dense run's): a resume on data of another tokenizer is refused, generate/evaluate find it."""
+    try:
+        if args.hf:
+            if not (Path(args.hf) / "tokenizer.json").is_file():
+                return (f"tokenizer: none recorded ({args.hf} has no tokenizer.json); prepare the data with the "
+                        f"tokenizer the checkpoint was trained with")
+            tok = load_tokenizer(args.hf)
+        else:
+            dense_dir = Path(args.dense).parent if Path(args.dense).name == "checkpoints" else Path(args.dense)
+            if run_tokenizer_meta(dense_dir) is None:
+                return "tokenizer: the dense run records none (bytes or synthetic data)"
+            tok = run_tokenizer(dense_dir)
+    except (ValueError, ImportError) as e:
+        return f"tokenizer: none recorded ({e})"
+    save_run_tokenizer(out, tok)
+    return (f"tokenizer: {describe(tok.meta())}, kept in {out / 'tokenizer'}; prepare data with "
+            f"experiments/prepare_data.py ... --tokenizer {out / 'tokenizer'}")
 
 
 if __name__ == "__main__":
