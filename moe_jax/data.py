@@ -3,7 +3,7 @@
 
 Batches are numpy (`{"inputs": int32[B,S], "targets": int32[B,S]}`); batch `i` depends only on
 (seed, i), so resuming at step i reproduces the run exactly. The token-file format, the tokenizer and
-corpus preparation live in `moe_jax.tokens` and are re-exported here.
+corpus preparation live in `moe_jax.tokens` and `moe_jax.prepare` and are re-exported here.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from moe_jax.prepare import collect_files, prepare  # noqa: F401
+from moe_jax.tokenizer import describe
 from moe_jax.tokens import (BYTE_VOCAB, EOS, EOS_TEXT, TokenFile, TokenFileError, TokenWriter,  # noqa: F401
-                            collect_files, decode, embedded_corpus, encode, prepare, resolve_cache_dir,
-                            token_paths, write_tokens)
+                            decode, embedded_corpus, encode, resolve_cache_dir, token_paths, write_tokens)
+
 
 def _check_seed(seed: int, i: int) -> None:
     if not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -157,9 +159,9 @@ def make_dataset(train_cfg: Any, vocab_size: int, split: str = "train", *,
         path = bin_path
     f = TokenFile(path)
     if f.vocab_size > vocab_size:
-        raise TokenFileError(f"TrainConfig.data={data!r}: the token file's vocab_size={f.vocab_size} "
-                         f"is larger than the model's vocab_size={vocab_size}; raise "
-                         f"model.vocab_size to at least {f.vocab_size}")
+        raise TokenFileError(f"TrainConfig.data={data!r}: the token file's vocab_size={f.vocab_size} is larger "
+                         f"than the model's vocab_size={vocab_size} (its tokenizer: "
+                         f"{describe(f.tokenizer_meta)}); raise model.vocab_size to at least {f.vocab_size}")
     top = f.max_token()
     if top is not None and top >= vocab_size:
         raise TokenFileError(f"TrainConfig.data={data!r}: {f.bin_path} holds token id {top}, outside the "

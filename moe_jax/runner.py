@@ -25,6 +25,8 @@ from moe_jax.presets import to_dict
 from moe_jax.data import make_dataset
 from moe_jax.model import GPT
 from moe_jax.resume import check_resume
+from moe_jax.tokenizer import check_same_tokenizer, record_run_tokenizer, run_tokenizer_meta
+from moe_jax.tokens import TokenFileError
 from moe_jax.train import init_sharded_state, init_state, make_train_step
 
 
@@ -144,10 +146,23 @@ def init_run_state(cfg: Config, layout: parallel.Layout | None):
     return (*init_sharded_state(mc, tc, layout), counts)
 
 
+def _check_run_tokenizer(cfg: Config, out: Path, tok_meta: dict | None) -> None:
+    """A resumed run must read data made with its own tokenizer (where both are recorded)."""
+    recorded = run_tokenizer_meta(out)
+    if tok_meta is None or recorded is None:
+        return
+    try:
+        check_same_tokenizer(recorded, tok_meta, f"train.data={cfg.train.data}", f"run {out}'s tokenizer")
+    except ValueError as e:
+        raise TokenFileError(f"{e}: prepare the data with that tokenizer (prepare_data.py --tokenizer "
+                             f"{out / 'tokenizer'}) or start a new run") from None
+
+
 def _validate_run_dir(cfg: Config, out: Path, *, resume: bool, resume_step: int | None, overwrite: bool,
-                      allow_config_change: bool, log) -> int | None:
-    """Checks before anything is written: the checkpoint to resume (returned; None = start fresh) and
-    its config against `cfg`, or, for a fresh run, that `out` holds no other run's checkpoints."""
+                      allow_config_change: bool, log, tok_meta: dict | None = None) -> int | None:
+    """Checks before anything is written: the checkpoint to resume (returned; None = start fresh), its
+    config against `cfg` and its tokenizer against the data's (`tok_meta`), or, for a fresh run, that
+    `out` holds no other run's checkpoints."""
     steps = runs.checkpoint_steps(out)
     if not resume:
         if steps and not overwrite:
@@ -160,6 +175,7 @@ def _validate_run_dir(cfg: Config, out: Path, *, resume: bool, resume_step: int 
         log(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
         return None
     step = steps[-1] if resume_step is None else resume_step
+    _check_run_tokenizer(cfg, out, tok_meta)
     check_resume(stored, cfg, where=str(out / "checkpoints" / str(step)),
                  allow_function_change=allow_config_change, log=log)
     return step
@@ -187,6 +203,7 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         log, progress = (lambda *_, **__: None), False
     out = Path(tc.out_dir)
     data = make_dataset(tc, mc.vocab_size)  # token files are checked before any model is built
+    tok_meta = data.file.tokenizer_meta if getattr(data, "file", None) is not None else None
     layout = parallel.layout_for(cfg)  # None on one device; else the mesh over all hosts' devices
     lock, error = contextlib.nullcontext(), None
     if main:
@@ -198,7 +215,8 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
     with lock:
         try:
             start_ckpt = _validate_run_dir(cfg, out, resume=resume, resume_step=resume_step,
-                                           overwrite=overwrite, allow_config_change=allow_config_change, log=log)
+                                           overwrite=overwrite, allow_config_change=allow_config_change, log=log,
+                                           tok_meta=tok_meta)
             error = None
         except (runs.RunDirError, CheckpointError, ValueError) as e:
             error = e
@@ -206,6 +224,10 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         # -- validation passed: from here on the run directory is written
         if main and overwrite and not resume:
             runs.clear_run(out, log=log)
+        if main and tok_meta is not None:  # the run keeps its tokenizer (generate, evaluate, resume)
+            warning = record_run_tokenizer(out, tok_meta)
+            if warning:
+                log(warning)
         _all_or_none(None)  # the others wait for process 0's clean-up
         return _train(cfg, data, layout, out, start_ckpt=start_ckpt, resume=resume, benchmark=benchmark,
                       progress=progress, log=log, main=main)

@@ -182,9 +182,10 @@ class RunLock:
 
 
 def clear_run(out: Path, *, log=print) -> None:
-    """Remove a previous run's outputs from `out` (its checkpoints, logs and TensorBoard events)."""
+    """Remove a previous run's outputs from `out` (its checkpoints, logs, TensorBoard events and
+    tokenizer)."""
     removed = []
-    for name in ("checkpoints", "superseded", "tb"):
+    for name in ("checkpoints", "superseded", "tb", "tokenizer"):
         if (out / name).exists():
             shutil.rmtree(out / name)
             removed.append(name + "/")

@@ -1,17 +1,18 @@
-"""Token files: a memmapped token-file format, a byte-level tokenizer, `prepare` for local text, and
-an embedded default corpus (Python's own stdlib sources, no network). Batches live in `data.py`.
+"""Token files: a memmapped token-file format, a byte-level tokenizer, and an embedded default corpus
+(Python's own stdlib sources, no network). Batches live in `data.py`, corpus preparation in
+`prepare.py`, the other tokenizers in `tokenizer.py`.
 
 Token file `<name>.bin` + `<name>.json`: the .bin holds raw little-endian tokens (uint16 when
 vocab_size <= 65536, else uint32); the .json header is
 `{"format": "moe_jax.tokens", "version": 1, "dtype": "uint16", "num_tokens": N, "vocab_size": V,
-"max_token": M, "tokenizer": "bytes", "sources": [...]}` (`max_token`, the largest id in the file, lets
-a reader range-check the ids without a scan; files written before it existed get a scan). Both are
-written to temporary names and renamed into place.
+"max_token": M, "tokenizer": {...}, "sources": [...]}` (`max_token`, the largest id in the file, lets
+a reader range-check the ids without a scan; files written before it existed get a scan). "tokenizer" is
+the tokenizer's record (`moe_jax.tokenizer`: kind, name, vocab_size, eos_id, bos_id, sha256); older files
+say "bytes" there, which means the byte tokenizer. Both are written to temporary names and renamed into
+place.
 """
 from __future__ import annotations
 
-import fnmatch
-import glob as globlib
 import json
 import os
 import sys
@@ -31,6 +32,9 @@ VERSION = 1
 EOS = 256
 BYTE_VOCAB = 257
 EOS_TEXT = "\n<|eos|>\n"
+# what a token file records for this tokenizer (`moe_jax.tokenizer.ByteTokenizer().meta()`)
+BYTES_TOKENIZER = {"kind": "bytes", "name": "bytes", "vocab_size": BYTE_VOCAB, "eos_id": EOS, "bos_id": None,
+                   "sha256": None}
 
 
 def encode(text: str | bytes) -> np.ndarray:
@@ -74,7 +78,7 @@ class TokenWriter:
         w.write(tokens, source="a.txt")
     """
 
-    def __init__(self, path: str | os.PathLike, vocab_size: int, tokenizer: str = "bytes"):
+    def __init__(self, path: str | os.PathLike, vocab_size: int, tokenizer: str | dict = "bytes"):
         if not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0 or vocab_size > 1 << 32:
             raise ValueError(f"vocab_size={vocab_size!r} is invalid: must be an int in [1, 2**32]")
         self.bin_path, self.json_path = token_paths(path)
@@ -135,7 +139,7 @@ class TokenWriter:
             self.abort()
 
 
-def write_tokens(path: str | os.PathLike, tokens: Any, vocab_size: int, tokenizer: str = "bytes",
+def write_tokens(path: str | os.PathLike, tokens: Any, vocab_size: int, tokenizer: str | dict = "bytes",
                  sources: Sequence[str] = ()) -> Path:
     """Write a token file (`<name>.bin` + `<name>.json`); returns the .bin path."""
     with TokenWriter(path, vocab_size, tokenizer) as w:
@@ -209,6 +213,12 @@ class TokenFile:
     vocab_size = property(lambda self: self.header["vocab_size"])
     num_tokens = property(lambda self: self.header["num_tokens"])
     tokenizer = property(lambda self: self.header.get("tokenizer"))
+
+    @property
+    def tokenizer_meta(self) -> dict:
+        """The tokenizer record (`moe_jax.tokenizer`); files without one (or with "bytes") are bytes."""
+        t = self.header.get("tokenizer")
+        return dict(t) if isinstance(t, dict) else dict(BYTES_TOKENIZER)
     sources = property(lambda self: self.header.get("sources", []))
 
     def __len__(self) -> int:
@@ -217,82 +227,6 @@ class TokenFile:
     def __repr__(self) -> str:
         return (f"TokenFile({str(self.bin_path)!r}, num_tokens={self.num_tokens}, "
                 f"vocab_size={self.vocab_size}, tokenizer={self.tokenizer!r})")
-
-
-# ---------------------------------------------------------------------------------------------
-# prepare: local text files -> token file.
-
-DEFAULT_GLOB = "*.py,*.txt,*.md"
-DEFAULT_SKIP_DIRS = ("__pycache__", "node_modules")  # plus every hidden dir (.git, .venv, ...)
-
-
-def _walk(root: Path, patterns: Sequence[str], skip_dirs: Sequence[str]) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
-        found += [Path(dirpath) / f for f in sorted(filenames)
-                  if any(fnmatch.fnmatch(f, p) for p in patterns)]
-    return found
-
-
-def collect_files(inputs: Sequence[str | os.PathLike], glob: str = DEFAULT_GLOB,
-                  skip_dirs: Sequence[str] = DEFAULT_SKIP_DIRS) -> list[Path]:
-    """Expand files, directories (walked in sorted order, files matching `glob`, a comma-separated
-    list of name patterns) and glob patterns, in input order, without duplicates."""
-    patterns = [p.strip() for p in glob.split(",") if p.strip()]
-    out: list[Path] = []
-    for item in inputs:
-        s = str(item)
-        if any(c in s for c in "*?["):
-            matches = [Path(m) for m in sorted(globlib.glob(s, recursive=True))]
-            if not matches:
-                raise ValueError(f"input pattern {s!r} matched nothing")
-        elif Path(s).exists():
-            matches = [Path(s)]
-        else:
-            raise ValueError(f"input {s!r} does not exist")
-        for m in matches:
-            out += _walk(m, patterns, skip_dirs) if m.is_dir() else [m] if m.is_file() else []
-    seen: set[Path] = set()
-    return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
-
-
-def prepare(inputs: Sequence[str | os.PathLike], out_path: str | os.PathLike, *,
-            glob: str = DEFAULT_GLOB, max_bytes: int | None = None,
-            skip_dirs: Sequence[str] = DEFAULT_SKIP_DIRS, progress: bool = True,
-            verbose: bool = True) -> Path:
-    """Tokenize local text files (byte tokenizer, EOS after each file) into a token file.
-
-    `max_bytes` caps the text taken: the corpus is the first `max_bytes` bytes of the files in
-    order (the last file may be cut). Returns the .bin path.
-    """
-    from tqdm.auto import tqdm
-
-    if max_bytes is not None and max_bytes <= 0:
-        raise ValueError(f"max_bytes={max_bytes} is invalid: must be > 0 (None for no cap)")
-    files = collect_files(inputs, glob, skip_dirs)
-    if not files:
-        raise ValueError(f"no input files matched {glob!r} under {[str(i) for i in inputs]}")
-    sizes = [f.stat().st_size for f in files]
-    total = sum(sizes) if max_bytes is None else min(sum(sizes), max_bytes)
-    taken = 0
-    with TokenWriter(out_path, BYTE_VOCAB, "bytes") as w, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
-                 disable=not progress) as bar:
-        for f, size in zip(files, sizes):
-            if max_bytes is not None and taken >= max_bytes:
-                break
-            data = f.read_bytes()
-            if max_bytes is not None:
-                data = data[:max_bytes - taken]
-            w.write(np.append(encode(data), np.uint16(EOS)), source=str(f))
-            taken += len(data)
-            bar.update(len(data))
-    if verbose:
-        mb = w.num_tokens * w.dtype.itemsize / 1e6
-        print(f"prepared {w.bin_path}: {len(w.sources)} files, {w.num_tokens:,} tokens, "
-              f"{mb:.1f} MB", file=sys.stderr)
-    return w.bin_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,5 +257,6 @@ def embedded_corpus(cache_dir: str | os.PathLike | None = None, *,
         raise ValueError(f"no Python standard library sources at {stdlib} for the embedded corpus; "
                          f"use data='synthetic' or a token file from experiments/prepare_data.py")
     print(f"moe_jax: building the embedded corpus from {stdlib} into {out} (once)", file=sys.stderr)
+    from moe_jax.prepare import prepare  # prepare imports this module
     return prepare([stdlib], out, glob="*.py", max_bytes=max_bytes, skip_dirs=STDLIB_SKIP_DIRS,
-                   progress=progress, verbose=True)
+                   progress=progress, verbose=True, workers=1)
