@@ -142,7 +142,9 @@ def _report(summary: dict, cfg) -> None:
               f"raise train.steps to continue")
         return
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    print(f"loss {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])} over {summary['step']} steps; "
+    val = (f"; val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}) at step {summary['val_step']}"
+           if "val_loss" in summary else "")
+    print(f"loss {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])} over {summary['step']} steps{val}; "
           f"outputs in {cfg.train.out_dir}")
 
 

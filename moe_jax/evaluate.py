@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,9 +20,11 @@ from flax import nnx
 import ops
 
 from moe_jax import metrics as M
-from moe_jax import parallel
+from moe_jax import parallel, runs
+from moe_jax.checkpoint import CheckpointError
 from moe_jax.config import ModelConfig, capacity
 from moe_jax.model import GPT
+from moe_jax.tokenizer import load_tokenizer, run_tokenizer
 from moe_jax.train import split_model
 
 
@@ -102,3 +105,22 @@ def evaluate(step, params, rest, dataset, num_batches: int, mc: ModelConfig,
         out["val_dropped"] = dropped
         out["val_imbalance"] = float(M.imbalance(counts_LE).max())
     return out
+
+
+def load_for_inference(run: str | None = None, hf: str | None = None, step: int | None = None):
+    """(Config or None, GPT, Tokenizer) from a run directory (its latest or `step` checkpoint and its
+    tokenizer, `<run>/tokenizer/`) or a local Hugging Face checkpoint directory (its tokenizer files);
+    the Config is the run's (None for `hf`). Raises CheckpointError / ValueError naming the problem."""
+    from moe_jax.convert.hf import load_hf
+
+    if (run is None) == (hf is None):
+        raise ValueError("give a run directory or a Hugging Face directory (one of them)")
+    if hf is not None:
+        if not Path(hf).is_dir():
+            raise CheckpointError(f"--hf {hf}: no such directory")
+        _, model = load_hf(hf)
+        return None, model, load_tokenizer(hf)
+    if not Path(run).is_dir():
+        raise CheckpointError(f"--run {run}: no such directory (give a train.out_dir that holds checkpoints/)")
+    cfg, model = runs.load_model(run, step)
+    return cfg, model, run_tokenizer(run)
