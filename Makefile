@@ -1,30 +1,39 @@
 # `make train` and `make test` work on a fresh machine: they create .venv and install on first use.
+# `make train` installs what training needs (the package); `make test` adds pytest, the data extra
+# (tokenizers, tiktoken, pyarrow) and the Hugging Face test deps.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+TRAIN_STAMP := $(VENV)/.installed-train
+TEST_STAMP  := $(VENV)/.installed-test
 PRESET ?= tiny_moe
 # Hugging Face interop test deps (CPU torch). `make test HF_DEPS=` skips them (tests marked hf then skip).
 HF_DEPS ?= torch==2.13.0 transformers
 
 .PHONY: train test test-all install clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test]"
+
+$(TRAIN_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $(TRAIN_STAMP)
+
+$(TEST_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[test,data]"
 	$(if $(strip $(HF_DEPS)),$(BIN)/python -m pip install -q $(HF_DEPS) || echo "note: HF extras not installed: tests marked hf will skip")
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
-install: $(STAMP)
+install: $(TRAIN_STAMP)
 
-train: $(STAMP)
+train: $(TRAIN_STAMP)
 	$(BIN)/python experiments/train.py --config $(PRESET) $(ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu and not slow" $(ARGS)
 
-test-all: $(STAMP)
+test-all: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 clean:

@@ -26,29 +26,10 @@ import yaml  # noqa: E402
 from moe_jax import runs  # noqa: E402
 from moe_jax.checkpoint import Checkpointer, CheckpointError, quiet_failed_reads  # noqa: E402
 from moe_jax.runs import load_model  # noqa: E402
+from moe_jax.tokenizer import describe, load_tokenizer, run_tokenizer, run_tokenizer_meta, save_run_tokenizer  # noqa: E402
 from moe_jax.presets import apply_overrides, build_config, load_raw, to_dict  # noqa: E402
-from moe_jax.tokenizer import (describe, load_tokenizer, run_tokenizer, run_tokenizer_meta,  # noqa: E402
-                               save_run_tokenizer)
 from moe_jax.train import init_state  # noqa: E402
 from moe_jax.upcycle import plan, upcycle  # noqa: E402
-
-
-def keep_tokenizer(args, out: Path) -> str:
-    """Give the new run the source's tokenizer (the HF directory's, or the dense run's record), so that
-    generate/evaluate decode with it and a resume refuses data made with another; a note for the log."""
-    try:
-        if args.hf:
-            tok = load_tokenizer(args.hf)
-        else:
-            dense_run = Path(args.dense)
-            dense_run = dense_run.parent if dense_run.name == "checkpoints" else dense_run
-            if run_tokenizer_meta(dense_run) is None:
-                return ""
-            tok = run_tokenizer(dense_run)
-    except (ValueError, ImportError) as e:
-        return f" (no tokenizer kept: {e})"
-    save_run_tokenizer(out, tok)
-    return f" and its tokenizer ({describe(tok.meta())})"
 
 
 def main(argv=None) -> int:
@@ -116,13 +97,34 @@ def main(argv=None) -> int:
             finally:
                 ck.close()
             (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            note = keep_tokenizer(args, out)
+            print(_keep_tokenizer(args, out))
     except (CheckpointError, runs.RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {ck.directory / '0'}{note}; continue with:\n  python experiments/train.py "
+    print(f"wrote {ck.directory / '0'}; continue with:\n  python experiments/train.py "
           f"--config {out / 'config.yaml'} --resume [train.data=TOKENS.bin]")
     return 0
+
+
+def _keep_tokenizer(args, out: Path) -> str:
+    """The upcycled run keeps the dense model's tokenizer (the HF directory's tokenizer files, or the
+    dense run's): a resume on data of another tokenizer is refused, generate/evaluate find it."""
+    try:
+        if args.hf:
+            if not (Path(args.hf) / "tokenizer.json").is_file():
+                return (f"tokenizer: none recorded ({args.hf} has no tokenizer.json); prepare the data with the "
+                        f"tokenizer the checkpoint was trained with")
+            tok = load_tokenizer(args.hf)
+        else:
+            dense_dir = Path(args.dense).parent if Path(args.dense).name == "checkpoints" else Path(args.dense)
+            if run_tokenizer_meta(dense_dir) is None:
+                return "tokenizer: the dense run records none (bytes or synthetic data)"
+            tok = run_tokenizer(dense_dir)
+    except (ValueError, ImportError) as e:
+        return f"tokenizer: none recorded ({e})"
+    save_run_tokenizer(out, tok)
+    return (f"tokenizer: {describe(tok.meta())}, kept in {out / 'tokenizer'}; prepare data with "
+            f"experiments/prepare_data.py ... --tokenizer {out / 'tokenizer'}")
 
 
 if __name__ == "__main__":

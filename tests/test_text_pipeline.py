@@ -95,7 +95,7 @@ def test_hf_checkpoint_upcycled_trained_on_its_tokenizer_and_sampled(tmp_path):
                             "moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=32",
                             "moe.layer_freq=[0,1]", "train.batch_size=2", "train.seq_len=16",
                             "train.heatmap=false", "train.tensorboard=false", "train.log_every=1")
-    assert rc == 0 and "and its tokenizer (hf " in text, err
+    assert rc == 0 and "tokenizer: hf " in text, err
     tokens = tmp_path / "data" / "corpus.bin"
     prepare(str(corpus(tmp_path / "text")), "--out", str(tokens), "--tokenizer", str(hf))
     rc, text, err = run_cli(script("train"), "--no-progress", "--config", str(run / "config.yaml"), "--resume",
