@@ -66,6 +66,7 @@ def train_generate(tmp_path, tok_spec, vocab: int, prompt: str):
     return text
 
 
+@pytest.mark.slow
 def test_bpe_tokenizer_to_generated_text(tmp_path):
     pytest.importorskip("tokenizers")
     train_generate(tmp_path, bpe(tmp_path / "tokenizer.json"), 320, "the router")
