@@ -99,7 +99,7 @@ def check_prompt(prompt_ids, vocab_size: int) -> np.ndarray:
     if bad.size:
         b, j = bad[0]
         raise ValueError(f"prompt token id {int(p[b, j])} (position {j}) is outside the model's vocabulary "
-                         f"[0, {vocab_size}): the prompt was encoded with another tokenizer")
+                         f"[0, {vocab_size})")
     return p.astype(np.int32)
 
 
