@@ -138,3 +138,23 @@ def test_generate_script_and_refusals(eval_run, tmp_path):
     (tmp_path / "empty").mkdir()
     rc, _, err = run_cli(gen, "--run", str(tmp_path / "empty"), "--prompt", "ab")
     assert rc == 1 and err.startswith("error: no checkpoint found in ") and err.count("\n") == 1, err
+
+
+@pytest.mark.slow
+def test_sharded_evaluation_matches_one_device(tmp_path):
+    """Evaluation inside a run on 8 devices (data=8, expert=2: the eval step jitted with the state's
+    shardings, the MoE layer across the expert axis) gives the single-device numbers."""
+    args = ["--no-progress", "model.d_model=32", "model.num_layers=2", "moe.layer_freq=[0,1]", "model.num_heads=2",
+            "model.num_kv_heads=1", "model.ffn_hidden_size=32", "moe.ffn_hidden_size=16", "moe.num_experts=4",
+            "moe.expert_capacity_factor=1.0", "train.data=synthetic", "train.batch_size=8", "train.seq_len=16",
+            "train.steps=1", "train.eval_every=1", "train.eval_batches=2", "train.tensorboard=false",
+            "train.heatmap=false"]
+    vals = []
+    for name, extra in (("one", []), ("eight", ["parallel.data=8", "parallel.expert=2"])):
+        rc, text, err = run_cli(script("train"), *args, *extra, f"train.out_dir={tmp_path / name}")
+        assert rc == 0 and "val loss" in text, err
+        vals.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    assert "mesh: 8 devices" in text
+    for k in ("val_loss", "val_aux_loss", "val_z_loss"):
+        assert vals[1][k] == pytest.approx(vals[0][k], rel=1e-5), k
+    assert vals[1]["val_dropped"] == vals[0]["val_dropped"]
