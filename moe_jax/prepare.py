@@ -170,13 +170,15 @@ def _worker_encode(docs: list[str | bytes]) -> np.ndarray:
 
 
 def _encoded(tok: Tokenizer, chunks: Iterator, workers: int) -> Iterator[tuple[np.ndarray, float]]:
-    """Encode the chunks in order, in `workers` processes (spawned: no fork of a threaded parent),
-    at most 2 tasks per worker in flight."""
-    if workers <= 1:
+    """Encode the chunks in order, in `workers` processes, at most 2 tasks per worker in flight. The
+    workers are forked, or spawned where JAX is loaded (it runs threads a fork must not copy; spawned
+    workers import the caller's main module, which must then guard its code with `__main__`)."""
+    if workers <= 1 or tok.kind == "bytes":  # bytes: a copy, faster here than sending it to a worker
         for docs, progress in chunks:
             yield encode_documents(tok, docs), progress
         return
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tok,)) as pool:
+    method = "spawn" if "jax" in sys.modules else "fork"
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (tok,)) as pool:
         pending: deque = deque()
         for docs, progress in chunks:
             pending.append((pool.apply_async(_worker_encode, (docs,)), progress))

@@ -3,6 +3,7 @@ and checkpoints, inside a run directory that one run at a time writes (`moe_jax.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from moe_jax.data import make_dataset
 from moe_jax.evaluate import evaluate, make_eval_step
 from moe_jax.model import GPT
 from moe_jax.resume import check_resume
-from moe_jax.tokenizer import check_same_tokenizer, record_run_tokenizer, run_tokenizer_meta
+from moe_jax.tokenizer import RUN_SUBDIR, check_same_tokenizer, record_run_tokenizer, run_tokenizer_meta
 from moe_jax.tokens import TokenFileError
 from moe_jax.train import init_sharded_state, init_state, make_train_step
 
@@ -240,6 +241,8 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
             warning = record_run_tokenizer(out, tok_meta)
             if warning:
                 log(warning)
+        elif main and not resume:  # synthetic data: no tokenizer; drop a stale one of an earlier attempt
+            shutil.rmtree(out / RUN_SUBDIR, ignore_errors=True)
         _all_or_none(None)  # the others wait for process 0's clean-up
         return _train(cfg, data, val_data, layout, out, start_ckpt=start_ckpt, resume=resume, benchmark=benchmark,
                       progress=progress, log=log, main=main)

@@ -28,6 +28,7 @@ RUN_SUBDIR = "tokenizer"
 # special tokens tried, in order, when nothing names the EOS / BOS token (a bare tokenizer.json)
 EOS_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 BOS_NAMES = ("<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>", "<|bos|>")
+TIKTOKEN_NAMES = ("gpt2", "r50k_base", "p50k_base", "p50k_edit", "cl100k_base", "o200k_base")  # without tiktoken
 
 
 def _need(module: str):
@@ -241,21 +242,22 @@ def _hf_dir(d: Path, spec: str) -> HFTokenizer:
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """"bytes", a tokenizer.json, an HF checkpoint directory, a saved tokenizer directory (meta.json,
-    e.g. `<run>/tokenizer`), or a tiktoken encoding name. Anything else: one ValueError."""
+    e.g. `<run>/tokenizer`, or the run directory), or a tiktoken encoding name. Else one ValueError."""
     s = str(spec)
     if s == "bytes":
         return ByteTokenizer()
     p = Path(s).expanduser()
     if p.is_dir():
-        if (p / META_NAME).is_file():
-            return tokenizer_from_meta(_read_meta(p / META_NAME), base_dir=p)
+        for d in (p, p / RUN_SUBDIR):  # a saved tokenizer, or a run directory holding one
+            if (d / META_NAME).is_file():
+                return tokenizer_from_meta(_read_meta(d / META_NAME), base_dir=d)
         return _hf_dir(p, s)
     if p.is_file():
         if p.suffix == ".json":
             return HFTokenizer(p, name=s)
         raise ValueError(f"tokenizer {s!r} is a file but not a tokenizer.json")
     names = _tiktoken_names()
-    if s in names:
+    if s in names or s in TIKTOKEN_NAMES:
         return _tiktoken(s)
     kinds = f"a tiktoken encoding name ({', '.join(names)})" if names else \
         "a tiktoken encoding name (tiktoken is not installed: pip install -e \".[data]\")"
@@ -284,8 +286,8 @@ def tokenizer_from_meta(meta: dict, base_dir: str | os.PathLike | None = None) -
         path = base / HF_FILE if base is not None and (base / HF_FILE).is_file() else Path(meta.get("path", ""))
         if not path.is_file():
             raise ValueError(f"the tokenizer file of {describe(meta)} is gone: {path} not found")
-        tok = HFTokenizer(path, name=meta.get("name"), eos=meta.get("eos_id"), bos=meta.get("bos_id"))
-        tok.bos_id, tok.eos_id = meta.get("bos_id"), meta.get("eos_id")  # the record's, even if None
+        tok = HFTokenizer(path, name=meta.get("name"))
+        tok.eos_id, tok.bos_id = meta.get("eos_id"), meta.get("bos_id")  # the record's, even if None
     elif kind == "tiktoken":
         if base is not None and (base / TIKTOKEN_FILE).is_file():
             tiktoken = _need("tiktoken")
@@ -330,7 +332,15 @@ def save_run_tokenizer(run_dir: str | os.PathLike, tok: Tokenizer) -> None:
 
 def record_run_tokenizer(run_dir: str | os.PathLike, meta: dict) -> str | None:
     """Save the tokenizer a token file records (`meta`) as the run's. Where its files cannot be found
-    any more, only the record is kept; the returned warning says so (else None)."""
+    any more, only the record is kept; the returned warning says so (else None). A run that keeps this
+    tokenizer already (a resume) is left as it is."""
+    recorded = run_tokenizer_meta(run_dir)
+    if recorded is not None and same_tokenizer(recorded, meta):
+        try:
+            run_tokenizer(run_dir)
+            return None
+        except (ValueError, ImportError):
+            pass  # its files are damaged: save it again
     try:
         tok = tokenizer_from_meta(meta)
     except (ValueError, ImportError) as e:

@@ -225,8 +225,9 @@ class TokenFile:
         return self.num_tokens
 
     def __repr__(self) -> str:
+        t = self.tokenizer_meta
         return (f"TokenFile({str(self.bin_path)!r}, num_tokens={self.num_tokens}, "
-                f"vocab_size={self.vocab_size}, tokenizer={self.tokenizer!r})")
+                f"vocab_size={self.vocab_size}, tokenizer={t['kind']}:{t['name']})")
 
 
 # ---------------------------------------------------------------------------------------------

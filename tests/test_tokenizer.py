@@ -264,9 +264,25 @@ def test_training_refuses_a_vocab_too_big_and_a_resume_with_another_tokenizer(bp
     tok = T.run_tokenizer(out)
     assert tok.meta()["sha256"] == data.TokenFile(hf_file).tokenizer_meta["sha256"]
     assert tok.decode(tok.encode("router 日本語")) == "router 日本語"
+    assert T.load_tokenizer(out).meta() == T.load_tokenizer(out / "tokenizer").meta() == tok.meta()
+    assert T.record_run_tokenizer(out, data.TokenFile(hf_file).tokenizer_meta) is None  # a resume: kept as is
     capsys.readouterr()
     assert cli("--resume", f"train.data={byte_file}", "train.steps=2", f"train.out_dir={out}") == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: train.data={byte_file} uses tokenizer bytes 'bytes' (vocab 257), not run "
                           f"{out}'s tokenizer hf '{bpe_copy}' (vocab "), err
     assert "\n" not in err and T.run_tokenizer(out).kind == "hf"
+
+
+@pytest.mark.parametrize("module,spec", [("tokenizers", "bpe"), ("tiktoken", "cl100k_base"),
+                                         ("pyarrow", "bytes")])
+def test_a_missing_extra_is_named(bpe_path, tmp_path, monkeypatch, capsys, module, spec):
+    for m in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, m, None)  # `import module` now raises ImportError
+    src = tmp_path / "src"
+    write_sources(src, np.random.default_rng(4))
+    with pytest.raises(SystemExit) as e:
+        prepare_cli()([str(src / "c.parquet"), "--out", str(tmp_path / "o"), "--workers", "1", "--no-progress",
+                       "--tokenizer", str(bpe_path) if spec == "bpe" else spec])
+    msg = str(e.value.code)
+    assert msg.startswith("prepare_data: error: ") and f"`{module}`" in msg and 'pip install -e ".[data]"' in msg
