@@ -5,6 +5,7 @@ Examples:
   python experiments/train.py --config mixtral_small train.steps=50 --benchmark
   python experiments/train.py moe.router_topk=1 moe.expert_capacity_factor=1.25 train.lr=1e-3
   python experiments/train.py train.checkpoint=true train.checkpoint_every=50 train.out_dir=runs/a
+  python experiments/train.py train.data=data/web.bin train.eval_every=100   # + held-out loss/ppl every 100 steps
   python experiments/train.py --resume train.out_dir=runs/a train.steps=500     # continue that run
   python experiments/train.py --resume-from 100 train.out_dir=runs/a train.lr=1e-4  # from an older step
   python experiments/train.py --config mixtral_small parallel.expert=4 parallel.fsdp=4 parallel.data=1  # 4 GPUs
@@ -142,7 +143,9 @@ def _report(summary: dict, cfg) -> None:
               f"raise train.steps to continue")
         return
     fmt = lambda x: "n/a" if x is None else f"{x:.4f}"  # noqa: E731
-    print(f"loss {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])} over {summary['step']} steps; "
+    val = (f"; val loss {summary['val_loss']:.4f} (ppl {summary['val_ppl']:.2f}) at step {summary['val_step']}"
+           if "val_loss" in summary else "")
+    print(f"loss {fmt(summary['first_loss'])} -> {fmt(summary['last_loss'])} over {summary['step']} steps{val}; "
           f"outputs in {cfg.train.out_dir}")
 
 

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {ck.directory / '0'}; continue with:\n  python experiments/train.py "
-          f"--config {out / 'config.yaml'} --resume")
+          f"--config {out / 'config.yaml'} --resume [train.data=TOKENS.bin]")
     return 0
 
 

@@ -81,13 +81,20 @@ class Attention(nnx.Module):
             y = y + b[...].astype(self.dtype)[None, None]
         return y if norm is None else norm(y)
 
-    def __call__(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
-        dt = self.dtype
-        x = x_BSD.astype(dt)
+    def qkv(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array):
+        """q [B,S,N,H], k and v [B,S,K,H] in the compute dtype, RoPE applied to q and k (the
+        positions are those of `cos_SH`/`sin_SH`; a KV-cache decode passes its slice of them)."""
+        x = x_BSD.astype(self.dtype)
         q = apply_rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH)
         k = apply_rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH)
-        v = self._proj(x, self.wv_DKH, self.bv_KH, None)
+        return q, k, self._proj(x, self.wv_DKH, self.bv_KH, None)
+
+    def out(self, o_BSNH: jax.Array) -> jax.Array:
+        """The output projection of attention values [B,S,N,H] -> [B,S,D]."""
+        return jnp.einsum("bsnh,nhd->bsd", o_BSNH, self.wo_NHD[...].astype(self.dtype))
+
+    def __call__(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
+        q, k, v = self.qkv(x_BSD, cos_SH, sin_SH)
         impl = resolve_impl(self.impl, q.dtype, (q.shape[-1], v.shape[-1]))
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-        o = checkpoint_name(o, "attn_out")
-        return jnp.einsum("bsnh,nhd->bsd", o, self.wo_NHD[...].astype(dt))
+        return self.out(checkpoint_name(o, "attn_out"))

@@ -316,6 +316,8 @@ class TrainConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this (0 = off)
     checkpoint: bool = False
     skip_nonfinite_steps: int = 0  # steps with a non-finite loss/grad norm skipped (no update) before stopping
+    eval_every: int = 0        # held-out loss every this many steps and at the end (0 = off)
+    eval_batches: int = 8      # validation batches per evaluation (the same ones each time)
 
     def __post_init__(self):
         c = "TrainConfig"
@@ -349,6 +351,11 @@ class TrainConfig:
             _fail(c, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if self.grad_clip is not None and not self.grad_clip > 0:
             _fail(c, "grad_clip", self.grad_clip, "must be > 0, or None to disable")
+        for f in ("eval_every", "eval_batches"):
+            if getattr(self, f) < 0:
+                _fail(c, f, getattr(self, f), "must be an integer >= 0 (eval_every=0: no evaluation)")
+        if self.eval_every and not self.eval_batches:
+            _fail(c, "eval_batches", 0, f"must be >= 1 when eval_every={self.eval_every} (or set eval_every=0)")
         if self.batch_size % self.grad_accum:
             _fail(c, "grad_accum", self.grad_accum, f"must divide batch_size ({self.batch_size})")
 

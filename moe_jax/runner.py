@@ -24,6 +24,7 @@ from moe_jax.checkpoint import Checkpointer, CheckpointError, NonFiniteStateErro
 from moe_jax.config import Config
 from moe_jax.presets import to_dict
 from moe_jax.data import make_dataset
+from moe_jax.evaluate import evaluate, make_eval_step
 from moe_jax.model import GPT
 from moe_jax.resume import check_resume
 from moe_jax.tokenizer import RUN_SUBDIR, check_same_tokenizer, record_run_tokenizer, run_tokenizer_meta
@@ -71,13 +72,15 @@ class _Steps:
                  flops_tok: float, peak: float | None):
         self.cfg, self.record, self.writer, self.write = cfg, record, writer, write
         self.n_dev, self.flops_tok, self.peak = n_dev, flops_tok, peak
-        self.load_LE, self.skipped = None, 0
+        self.load_LE, self.skipped, self.last_val = None, 0, {}
         self.t_last, self.tok_since = time.perf_counter(), 0
 
     def restart_clock(self) -> None:
         self.t_last, self.tok_since = time.perf_counter(), 0
 
-    def consume(self, n: int, m: dict) -> None:
+    def consume(self, n: int, m: dict, val: dict | None = None) -> None:
+        """Record step n's metrics `m`; `val` (an evaluation after step n, `moe_jax.evaluate`) joins
+        the history row, forces the log line and goes to TensorBoard under `val/`."""
         tc, mc = self.cfg.train, self.cfg.model
         loss, gnorm = float(m["loss"]), float(m["grad_norm"])
         if not (np.isfinite(loss) and np.isfinite(gnorm)):
@@ -98,8 +101,11 @@ class _Steps:
             self.load_LE = counts_LE if self.load_LE is None else self.load_LE + counts_LE
             row["imbalance"] = float(M.imbalance(counts_LE).max())
             row["dropped"] = int(np.asarray(m["dropped"]).sum())
+        if val:
+            row.update(val)
+            self.last_val = {"val_step": n, **val}
         self.record.append(row)
-        if n % tc.log_every and n != tc.steps:
+        if n % tc.log_every and n != tc.steps and not val:
             return
         now = time.perf_counter()
         tok_s = self.tok_since / max(now - self.t_last, 1e-9)
@@ -108,8 +114,12 @@ class _Steps:
         aux = {k: float(v) for k, v in m.items() if k.endswith("loss") and k != "loss"}
         aux_s = "".join(f" | {k} {v:.4f}" for k, v in aux.items())
         bal = f" | imbalance {row['imbalance']:.2f}" if "imbalance" in row else ""
+        val_s = ""
+        if val:
+            val_s = f" | val loss {val['val_loss']:.4f} ppl {val['val_ppl']:.2f}"
+            val_s += f" dropped {val['val_dropped']}" if "val_dropped" in val else ""
         self.write(f"step {n:>6} | loss {loss:.4f}{aux_s} | lr {float(m['lr']):.2e} | "
-                   f"{_fmt_rate(tok_s)} tok/s | {tflops:.2f} TFLOP/s/dev | MFU {mfu}{bal}")
+                   f"{_fmt_rate(tok_s)} tok/s | {tflops:.2f} TFLOP/s/dev | MFU {mfu}{bal}{val_s}")
         sc = {"loss/total": loss, "loss/ce": row["ce"], "opt/lr": float(m["lr"]), "opt/grad_norm": gnorm,
               "perf/tokens_per_s": tok_s, "perf/tflops_per_device": tflops,
               **{f"loss/{k}": v for k, v in aux.items()}}
@@ -119,6 +129,7 @@ class _Steps:
                 sc[f"moe/layer{layer}/imbalance"] = float(M.imbalance(c[None])[0])
                 sc.update({f"moe/layer{layer}/tokens_expert{e}": float(v) for e, v in enumerate(c)})
             sc["moe/dropped"] = row["dropped"]
+        sc.update({f"val/{k[4:]}": v for k, v in (val or {}).items()})
         self.writer.scalars(n, sc)
         self.restart_clock()
 
@@ -204,6 +215,7 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         log, progress = (lambda *_, **__: None), False
     out = Path(tc.out_dir)
     data = make_dataset(tc, mc.vocab_size)  # token files are checked before any model is built
+    val_data = make_dataset(tc, mc.vocab_size, split="val") if tc.eval_every and not benchmark else None
     tok_meta = data.file.tokenizer_meta if getattr(data, "file", None) is not None else None
     layout = parallel.layout_for(cfg)  # None on one device; else the mesh over all hosts' devices
     lock, error = contextlib.nullcontext(), None
@@ -232,11 +244,11 @@ def train(cfg: Config, *, benchmark: bool = False, progress: bool = True, log=pr
         elif main and not resume:  # synthetic data: no tokenizer; drop a stale one of an earlier attempt
             shutil.rmtree(out / RUN_SUBDIR, ignore_errors=True)
         _all_or_none(None)  # the others wait for process 0's clean-up
-        return _train(cfg, data, layout, out, start_ckpt=start_ckpt, resume=resume, benchmark=benchmark,
+        return _train(cfg, data, val_data, layout, out, start_ckpt=start_ckpt, resume=resume, benchmark=benchmark,
                       progress=progress, log=log, main=main)
 
 
-def _train(cfg: Config, data, layout, out: Path, *, start_ckpt: int | None, resume: bool, benchmark: bool,
+def _train(cfg: Config, data, val_data, layout, out: Path, *, start_ckpt: int | None, resume: bool, benchmark: bool,
            progress: bool, log, main: bool) -> dict:
     tc, mc = cfg.train, cfg.model
     if layout is not None:
@@ -264,6 +276,7 @@ def _train(cfg: Config, data, layout, out: Path, *, start_ckpt: int | None, resu
     if main:  # the run's config, once the checkpoint it continues has been read
         (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     step_fn = make_train_step(graphdef, tc, layout=layout, shardings=shardings)
+    eval_fn = None if val_data is None else make_eval_step(mc, layout=layout, shardings=shardings)
     tokens_per_step = tc.batch_size * tc.seq_len
     flops_tok = M.flops_per_token(mc, counts["active"], tc.seq_len)
     peak = tc.peak_tflops or M.peak_tflops()
@@ -314,10 +327,19 @@ def _train(cfg: Config, data, layout, out: Path, *, start_ckpt: int | None, resu
                 steps.restart_clock()
             pending = (i + 1, m)
             bar.update(1)
-            if ckpt is not None and tc.checkpoint and tc.checkpoint_every and (i + 1) % tc.checkpoint_every == 0:
-                steps.consume(*pending)  # this step's loss and grad norm are finite, or we stop unsaved
+            val = None
+            if eval_fn is not None and ((i + 1) % tc.eval_every == 0 or i + 1 == tc.steps):
+                val = evaluate(eval_fn, state.params, state.model_state, val_data, tc.eval_batches, mc,
+                               layout=layout)
+                steps.consume(*pending, val=val)
                 pending = None
+            if ckpt is not None and tc.checkpoint and tc.checkpoint_every and (i + 1) % tc.checkpoint_every == 0:
+                if pending is not None:
+                    steps.consume(*pending)  # this step's loss and grad norm are finite, or we stop unsaved
+                    pending = None
                 save()
+            if val is not None:
+                steps.restart_clock()  # keep evaluation out of the throughput numbers
         if pending is not None:
             steps.consume(*pending)
         if ckpt is not None and tc.checkpoint and saved_at != int(state.step):
@@ -347,7 +369,7 @@ def _train(cfg: Config, data, layout, out: Path, *, start_ckpt: int | None, resu
                     log(f"error: {e}")
         latest = runs.checkpoint_steps(out)
         fields.update(step=record.segment["end_step"], checkpoints=latest,
-                      trained_steps=record.segment["end_step"] - start)
+                      trained_steps=record.segment["end_step"] - start, **steps.last_val)
         if status == "nonfinite":
             message += (f"; the latest checkpoint is step {latest[-1]} ({out / 'checkpoints' / str(latest[-1])}): "
                         f"continue with --resume or --resume-from STEP and a lower train.lr" if latest
