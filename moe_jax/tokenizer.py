@@ -157,8 +157,9 @@ class TiktokenTokenizer(Tokenizer):
 
     kind = "tiktoken"
 
-    def __init__(self, enc: Any):
+    def __init__(self, enc: Any, path: str | os.PathLike | None = None):
         self.enc, self.name = enc, enc.name
+        self.path = None if path is None else Path(path).resolve()  # a saved directory it came from
         self.vocab_size = enc.n_vocab
         special = enc._special_tokens  # noqa: SLF001 - tiktoken exposes no public getter for the mapping
         self.eos_id = next((special[t] for t in EOS_NAMES if t in special), None)
@@ -179,8 +180,9 @@ class TiktokenTokenizer(Tokenizer):
         return self.enc.decode(ids, errors="replace")
 
     def meta(self) -> dict:
-        return {**super().meta(), "sha256": sha256_bytes(self.ranks_file()), "pat_str": self.enc._pat_str,  # noqa: SLF001
+        meta = {**super().meta(), "sha256": sha256_bytes(self.ranks_file()), "pat_str": self.enc._pat_str,  # noqa: SLF001
                 "special_tokens": dict(self.enc._special_tokens)}  # noqa: SLF001
+        return meta if self.path is None else {**meta, "path": str(self.path)}
 
     def __getstate__(self):  # pickled into worker processes without the cached ranks file
         return {**self.__dict__, "_ranks": None}
@@ -289,13 +291,17 @@ def tokenizer_from_meta(meta: dict, base_dir: str | os.PathLike | None = None) -
         tok = HFTokenizer(path, name=meta.get("name"))
         tok.eos_id, tok.bos_id = meta.get("eos_id"), meta.get("bos_id")  # the record's, even if None
     elif kind == "tiktoken":
+        if base is None and meta.get("path"):  # built locally and saved: rebuild from that directory
+            base = Path(meta["path"])
+            if not (base / TIKTOKEN_FILE).is_file():
+                raise ValueError(f"the tokenizer file of {describe(meta)} is gone: {base / TIKTOKEN_FILE} not found")
         if base is not None and (base / TIKTOKEN_FILE).is_file():
             tiktoken = _need("tiktoken")
             from tiktoken.load import load_tiktoken_bpe
             enc = tiktoken.Encoding(name=meta["name"], pat_str=meta["pat_str"],
                                     mergeable_ranks=load_tiktoken_bpe(str(base / TIKTOKEN_FILE)),
                                     special_tokens=meta.get("special_tokens", {}))
-            tok = TiktokenTokenizer(enc)
+            tok = TiktokenTokenizer(enc, path=base)
         else:
             tok = _tiktoken(meta.get("name"))
         path = base / TIKTOKEN_FILE if base is not None else meta.get("name")

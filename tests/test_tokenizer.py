@@ -108,7 +108,8 @@ def test_tiktoken_encoding_saved_and_prepared(tmp_path):
     (tmp_path / "t.txt").write_text(x)
     out = P.prepare([tmp_path / "t.txt"], tmp_path / "o", tokenizer=d, workers=1, progress=False, verbose=False)
     f = data.TokenFile(out)
-    assert f.tokenizer_meta == tok.meta() and f.tokenizer_meta["kind"] == "tiktoken"
+    assert f.tokenizer_meta == {**tok.meta(), "path": str(d.resolve())}  # loaded from d: d recorded
+    assert f.tokenizer_meta["kind"] == "tiktoken"
     assert np.array_equal(f.tokens, np.append(tok.encode(x), 259))
     back = T.tokenizer_from_meta(f.tokenizer_meta, base_dir=d)
     assert back.decode(f.tokens[:-1]) == x and back.decode([104, 9999]) == "h\ufffd"
@@ -286,3 +287,17 @@ def test_a_missing_extra_is_named(bpe_path, tmp_path, monkeypatch, capsys, modul
                        "--tokenizer", str(bpe_path) if spec == "bpe" else spec])
     msg = str(e.value.code)
     assert msg.startswith("prepare_data: error: ") and f"`{module}`" in msg and 'pip install -e ".[data]"' in msg
+
+
+def test_tiktoken_saved_locally_is_rebuilt_from_its_record(tmp_path):
+    """A tiktoken encoding built here and saved: a token file's record (no base dir) finds the files."""
+    pytest.importorskip("tiktoken")
+    d = T.save_tokenizer(T.TiktokenTokenizer(mini_encoding()), tmp_path / "tk")
+    meta = T.load_tokenizer(d).meta()
+    assert meta["path"] == str(d.resolve())
+    tok = T.tokenizer_from_meta(meta)
+    text = "the expert routes the token"
+    assert tok.decode(tok.encode(text)) == text and T.same_tokenizer(tok.meta(), meta)
+    (d / T.TIKTOKEN_FILE).unlink()
+    with pytest.raises(ValueError, match="is gone"):
+        T.tokenizer_from_meta(meta)
