@@ -1,5 +1,5 @@
-"""GPT: token embedding, pre-norm blocks of causal GQA attention (RoPE) and a dense MLP or MoE layer
-(per `moe.layer_freq`), final norm, LM head (tied or untied).
+"""GPT: token embedding, pre-norm blocks of causal attention (GQA, or MLA per `attention_type`; RoPE)
+and a dense MLP or MoE layer (per `moe.layer_freq`), final norm, LM head (tied or untied).
 
 Layers are stored as stacks: `Block`s whose parameters carry a leading layer axis (logical name
 `layers`). With `ModelConfig.scan_layers` each run of consecutive layers of one kind (dense or MoE) is
@@ -25,7 +25,9 @@ from flax import nnx
 from moe_jax.attention import Attention, apply_rope, rope_tables  # noqa: F401  (re-exported)
 from moe_jax.config import ModelConfig
 from moe_jax.layers import MLP, Norm, param
+from moe_jax.mla import MLAttention
 from moe_jax.moe import MoELayer
+from moe_jax.rope import model_rope_tables
 
 # names the selective remat policy saves (besides dot products without batch dimensions)
 SAVED_NAMES = ("attn_out", "gmm_out")
@@ -42,7 +44,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, is_moe: bool, *, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg, cfg.d_model)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = MLAttention(cfg, rngs=rngs) if cfg.attention_type == "mla" else Attention(cfg, rngs=rngs)
         self.mlp_norm = Norm(cfg, cfg.d_model)
         self.is_moe = is_moe
         self.mlp = MoELayer(cfg, rngs=rngs) if is_moe else MLP(cfg, cfg.ffn_hidden_size, rngs=rngs)
@@ -109,7 +111,7 @@ class GPT(nnx.Module):
         """Final-norm activations [B,S,D] (before the LM head) and aux."""
         cfg = self.cfg
         x = jnp.take(self.embed_VD[...], tokens_BS, axis=0).astype(jnp.dtype(cfg.dtype))
-        cos, sin = rope_tables(tokens_BS.shape[1], cfg.head_dim_, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg, tokens_BS.shape[1])
         layer_aux = []
         run = _scan_stack if cfg.scan_layers else _loop_stack
         for stack, (_, first, n) in zip(self.stacks, self.runs):
