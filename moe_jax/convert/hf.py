@@ -12,6 +12,7 @@ so q/k need no permutation.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from safetensors.flax import save_file
 
 from moe_jax.config import ModelConfig
 from moe_jax.convert.hf_config import config_from_hf, config_to_hf, pick_arch
+from moe_jax.convert.hf_deepseek import DEEPSEEK
 from moe_jax.model import GPT, stack_layers, unstack_layers
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -61,41 +63,101 @@ def _mlp_names(hf_prefix: str, arch: str, expert: int | None = None) -> dict:
     return {"gate": f"{hf_prefix}.{g}.weight", "up": f"{hf_prefix}.{u}.weight", "down": f"{hf_prefix}.{d}.weight"}
 
 
-def tensor_map(cfg: ModelConfig, arch: str) -> list[tuple[str, tuple, Any]]:
-    """[(hf_name, our path tuple, (to_ours, to_hf) or a special tag)] for every tensor."""
+def _deinterleave(y: int) -> np.ndarray:
+    """Rotary rows (x0, x1, x2, ...) interleaved -> (x0, x2, ..., x1, x3, ...) rotate-half order."""
+    return np.concatenate([np.arange(0, y, 2), np.arange(1, y, 2)])
+
+
+def _rope_rows(w, lead: int, y: int, inverse: bool):
+    """Permute the last `y` of each group of `lead + y` entries on w's last axis (a rope part)."""
+    perm = _deinterleave(y)
+    perm = np.argsort(perm) if inverse else perm
+    idx = np.concatenate([np.arange(lead), lead + perm])
+    return w[..., idx]
+
+
+def _mla_entries(cfg: ModelConfig, a: str, b: tuple, interleave: bool) -> list:
+    """HF DeepSeek MLA tensors <-> `mla.MLAttention` (q/k rope rows de-interleaved when `interleave`)."""
+    d, n = cfg.d_model, cfg.num_heads
+    z, y, u, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    perm = (lambda w, lead: _rope_rows(w, lead, y, False)) if interleave else (lambda w, lead: w)
+    unperm = (lambda w, lead: _rope_rows(w, lead, y, True)) if interleave else (lambda w, lead: w)
+    at = b + ("attn",)
+
+    def q_conv(rows_in: int):  # HF [N*(Z+Y), in] <-> ours [in, N, Z+Y]
+        return (lambda w: perm(w.T.reshape(rows_in, n, z + y), z),
+                lambda w: unperm(w, z).reshape(rows_in, -1).T)
+
+    out = []
+    if cfg.q_lora_rank is None:
+        out.append((f"{a}.q_proj.weight", at + ("wq_DNH",), q_conv(d)))
+    else:
+        q = cfg.q_lora_rank
+        out += [(f"{a}.q_a_proj.weight", at + ("wq_a_DQ",), (lambda w: w.T, lambda w: w.T)),
+                (f"{a}.q_a_layernorm.weight", at + ("q_norm", "scale"), _same((q,))),
+                (f"{a}.q_b_proj.weight", at + ("wq_b_QNH",), q_conv(q))]
+    kv_a = (lambda w: (w[:c].T, perm(w[c:].T, 0)),
+            lambda w_dc, w_dy: jnp.concatenate([w_dc.T, unperm(w_dy, 0).T], axis=0))
+    kv_b = (lambda w: (w.reshape(n, z + u, c)[:, :z].transpose(2, 0, 1),
+                       w.reshape(n, z + u, c)[:, z:].transpose(2, 0, 1)),
+            lambda wk, wv: jnp.concatenate([wk, wv], axis=2).transpose(1, 2, 0).reshape(n * (z + u), c))
+    out += [(f"{a}.kv_a_proj_with_mqa.weight", (at + ("wkv_a_DC",), at + ("wk_rope_DY",)), ("multi",) + kv_a),
+            (f"{a}.kv_a_layernorm.weight", at + ("kv_norm", "scale"), _same((c,))),
+            (f"{a}.kv_b_proj.weight", (at + ("wk_b_CNZ",), at + ("wv_b_CNU",)), ("multi",) + kv_b),
+            (f"{a}.o_proj.weight", at + ("wo_NUD",), _lin_in_split((n, u, d)))]
+    return out
+
+
+def _gqa_entries(cfg: ModelConfig, a: str, b: tuple) -> list:
     d, n, kv, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
+    out = [(f"{a}.q_proj.weight", b + ("attn", "wq_DNH"), _lin((d, n, h))),
+           (f"{a}.k_proj.weight", b + ("attn", "wk_DKH"), _lin((d, kv, h))),
+           (f"{a}.v_proj.weight", b + ("attn", "wv_DKH"), _lin((d, kv, h))),
+           (f"{a}.o_proj.weight", b + ("attn", "wo_NHD"), _lin_in_split((n, h, d)))]
+    if cfg.attention_bias:
+        out += [(f"{a}.q_proj.bias", b + ("attn", "bq_NH"), _flat((n, h))),
+                (f"{a}.k_proj.bias", b + ("attn", "bk_KH"), _flat((kv, h))),
+                (f"{a}.v_proj.bias", b + ("attn", "bv_KH"), _flat((kv, h)))]
+    if cfg.qk_norm:
+        out += [(f"{a}.q_norm.weight", b + ("attn", "q_norm", "scale"), _same((h,))),
+                (f"{a}.k_norm.weight", b + ("attn", "k_norm", "scale"), _same((h,)))]
+    return out
+
+
+def block_entries(cfg: ModelConfig, arch: str, p: str, b: tuple, is_moe: bool, interleave: bool) -> list:
+    """The tensors of one decoder block: HF prefix `p` (e.g. `model.layers.3`), our path `b`."""
+    d, a = cfg.d_model, f"{p}.self_attn"
+    out = [(f"{p}.input_layernorm.weight", b + ("attn_norm", "scale"), _same((d,))),
+           (f"{p}.post_attention_layernorm.weight", b + ("mlp_norm", "scale"), _same((d,)))]
+    out += _mla_entries(cfg, a, b, interleave) if cfg.attention_type == "mla" else _gqa_entries(cfg, a, b)
+    if not is_moe:
+        return out + [(_mlp_names(f"{p}.mlp", arch), b + ("mlp",), "mlp")]
+    m = cfg.moe
+    moe_p = f"{p}.block_sparse_moe" if arch == "mixtral" else f"{p}.mlp"
+    out.append((f"{moe_p}.gate.weight", b + ("mlp", "router", "w_DE"), (lambda w: w.T, lambda w: w.T)))
+    out.append(([_mlp_names(f"{moe_p}.experts.{e}", arch, e) for e in range(m.num_experts)],
+                b + ("mlp", "experts"), "experts"))
+    if arch in DEEPSEEK:
+        out.append((_mlp_names(f"{moe_p}.shared_experts", arch), b + ("mlp", "shared", "mlp"), "mlp"))
+        if arch == "deepseek_v3":
+            out.append((f"{moe_p}.gate.e_score_correction_bias", b + ("mlp", "router", "expert_bias"), "bias"))
+    elif m.shared_expert_intermediate_size:
+        out.append((_mlp_names(f"{moe_p}.shared_expert", arch), b + ("mlp", "shared", "mlp"), "mlp"))
+        out.append((f"{moe_p}.shared_expert_gate.weight", b + ("mlp", "shared", "gate_D"),
+                    (lambda w: w.reshape(-1), lambda w: w.reshape(1, -1))))
+    return out
+
+
+def tensor_map(cfg: ModelConfig, arch: str, *, rope_interleave: bool = True) -> list[tuple[str, tuple, Any]]:
+    """[(hf_name, our path tuple, (to_ours, to_hf) or a special tag)] for every tensor of the main model
+    (MTP modules: `mtp_tensor_map`). `rope_interleave`: DeepSeek's q/k rope rows are interleaved."""
+    d = cfg.d_model
     out = [("model.embed_tokens.weight", ("embed_VD",), _same((cfg.vocab_size, d))),
            ("model.norm.weight", ("final_norm", "scale"), _same((d,)))]
     if not cfg.tie_embeddings:
         out.append(("lm_head.weight", ("head_DV",), (lambda w: w.T, lambda w: w.T)))
     for i in range(cfg.num_layers):
-        p, b = f"model.layers.{i}", ("blocks", i)
-        a = f"{p}.self_attn"
-        out += [(f"{p}.input_layernorm.weight", b + ("attn_norm", "scale"), _same((d,))),
-                (f"{p}.post_attention_layernorm.weight", b + ("mlp_norm", "scale"), _same((d,))),
-                (f"{a}.q_proj.weight", b + ("attn", "wq_DNH"), _lin((d, n, h))),
-                (f"{a}.k_proj.weight", b + ("attn", "wk_DKH"), _lin((d, kv, h))),
-                (f"{a}.v_proj.weight", b + ("attn", "wv_DKH"), _lin((d, kv, h))),
-                (f"{a}.o_proj.weight", b + ("attn", "wo_NHD"), _lin_in_split((n, h, d)))]
-        if cfg.attention_bias:
-            out += [(f"{a}.q_proj.bias", b + ("attn", "bq_NH"), _flat((n, h))),
-                    (f"{a}.k_proj.bias", b + ("attn", "bk_KH"), _flat((kv, h))),
-                    (f"{a}.v_proj.bias", b + ("attn", "bv_KH"), _flat((kv, h)))]
-        if cfg.qk_norm:
-            out += [(f"{a}.q_norm.weight", b + ("attn", "q_norm", "scale"), _same((h,))),
-                    (f"{a}.k_norm.weight", b + ("attn", "k_norm", "scale"), _same((h,)))]
-        if not cfg.is_moe_layer(i):
-            out.append((_mlp_names(f"{p}.mlp", arch), b + ("mlp",), "mlp"))
-            continue
-        m = cfg.moe
-        moe_p = f"{p}.block_sparse_moe" if arch == "mixtral" else f"{p}.mlp"
-        out.append((f"{moe_p}.gate.weight", b + ("mlp", "router", "w_DE"), (lambda w: w.T, lambda w: w.T)))
-        out.append(([_mlp_names(f"{moe_p}.experts.{e}", arch, e) for e in range(m.num_experts)],
-                     b + ("mlp", "experts"), "experts"))
-        if m.shared_expert_intermediate_size:
-            out.append((_mlp_names(f"{moe_p}.shared_expert", arch), b + ("mlp", "shared", "mlp"), "mlp"))
-            out.append((f"{moe_p}.shared_expert_gate.weight", b + ("mlp", "shared", "gate_D"),
-                        (lambda w: w.reshape(-1), lambda w: w.reshape(1, -1))))
+        out += block_entries(cfg, arch, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), rope_interleave)
     return out
 
 
@@ -212,22 +274,9 @@ def _paths(tree: dict, prefix: tuple = ()):
             yield prefix + (k,)
 
 
-def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, GPT]:
-    """Load a local Hugging Face checkpoint directory into our GPT (weights cast to `dtype`)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    hf = _read_json(config_file)
-    try:
-        cfg = config_from_hf(hf, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from None
-    arch = hf["model_type"]
-    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    pure = unstack_layers(state.to_pure_dict(), cfg)  # per-layer `blocks` view of the stacks
-    r = _Reader(path)
-    filled = set()
-    for name, ours, conv in tensor_map(cfg, arch):
+def _load_entries(r: _Reader, pure: dict, entries: list, dtype: str, filled: set) -> None:
+    """Read `entries` (see `tensor_map`) from `r` into the pure state dict `pure`, noting what was filled."""
+    for name, ours, conv in entries:
         if conv == "mlp":
             d, _, f = _get(pure, ours + ("w1_DnF",)).shape
             g, u, dn = _gate_up_down(r, name, d, f)
@@ -240,10 +289,38 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
             _set(pure, ours + ("w1_EDnF",), w1, dtype)
             _set(pure, ours + ("w2_EFD",), w2, dtype)
             filled.update({ours + ("w1_EDnF",), ours + ("w2_EFD",)})
+        elif conv == "bias":  # router state: stays float32 whatever the weights' dtype
+            _set(pure, ours, r.get(name, _get(pure, ours).shape), "float32")
+            filled.add(ours)
+        elif conv[0] == "multi":  # one HF tensor <-> several of ours
+            hf_shape = jax.eval_shape(conv[2], *(_get(pure, o) for o in ours)).shape
+            for o, v in zip(ours, conv[1](r.get(name, hf_shape))):
+                _set(pure, o, v, dtype)
+                filled.add(o)
         else:
             hf_shape = jax.eval_shape(conv[1], _get(pure, ours)).shape  # what config.json implies
             _set(pure, ours, conv[0](r.get(name, hf_shape)), dtype)
             filled.add(ours)
+
+
+def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, GPT]:
+    """Load a local Hugging Face checkpoint directory into our GPT (weights cast to `dtype`)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    hf = _read_json(config_file)
+    try:
+        cfg = config_from_hf(hf, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    arch, interleave = hf["model_type"], hf.get("rope_interleave", True)
+    r = _Reader(path)
+    if cfg.mtp_num_layers and not r.has(f"model.layers.{cfg.num_layers}.eh_proj.weight"):
+        cfg = dataclasses.replace(cfg, mtp_num_layers=0)  # e.g. transformers' save_pretrained drops them
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    pure = unstack_layers(state.to_pure_dict(), cfg)  # per-layer `blocks` view of the stacks
+    filled: set = set()
+    _load_entries(r, pure, tensor_map(cfg, arch, rope_interleave=interleave), dtype, filled)
     if r.unused():
         raise ValueError(f"{path}: {len(r.unused())} tensors have no place in a {arch} model as configured "
                          f"(an unsupported feature?): {r.unused()[:10]}")
@@ -253,6 +330,27 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
         raise ValueError(f"{path}: no tensors for {missing[:10]}")
     state.replace_by_pure_dict(stack_layers(pure, cfg))
     return cfg, nnx.merge(graphdef, state)
+
+
+def _save_entries(get, entries: list, tensors: dict) -> None:
+    """HF tensors for `entries` (see `tensor_map`), reading ours with `get(path)`, into `tensors`."""
+    for name, ours, conv in entries:
+        if conv == "mlp":
+            w1, w2 = get(ours + ("w1_DnF",)), get(ours + ("w2_FD",))
+            tensors.update({name["gate"]: w1[:, 0].T, name["up"]: w1[:, 1].T, name["down"]: w2.T})
+        elif conv == "experts":
+            w1, w2 = get(ours + ("w1_EDnF",)), get(ours + ("w2_EFD",))
+            for e, nm in enumerate(name):
+                tensors.update({nm["gate"]: w1[e, :, 0].T, nm["up"]: w1[e, :, 1].T, nm["down"]: w2[e].T})
+        elif conv == "bias":  # a model without expert bias exports zeros (the same routing)
+            try:
+                tensors[name] = get(ours)
+            except KeyError:
+                tensors[name] = np.zeros(get(ours[:-1] + ("w_DE",)).shape[-1], np.float32)
+        elif conv[0] == "multi":
+            tensors[name] = np.asarray(conv[2](*(get(o) for o in ours)))
+        else:
+            tensors[name] = np.asarray(conv[1](get(ours)))
 
 
 def save_hf(model: GPT, cfg: ModelConfig, path: str | Path, *, arch: str | None = None,
@@ -271,16 +369,7 @@ def save_hf(model: GPT, cfg: ModelConfig, path: str | Path, *, arch: str | None 
         return np.asarray(jax.device_get(d), np.float32)
 
     tensors: dict[str, np.ndarray] = {}
-    for name, ours, conv in tensor_map(cfg, arch):
-        if conv == "mlp":
-            w1, w2 = get(ours + ("w1_DnF",)), get(ours + ("w2_FD",))
-            tensors.update({name["gate"]: w1[:, 0].T, name["up"]: w1[:, 1].T, name["down"]: w2.T})
-        elif conv == "experts":
-            w1, w2 = get(ours + ("w1_EDnF",)), get(ours + ("w2_EFD",))
-            for e, nm in enumerate(name):
-                tensors.update({nm["gate"]: w1[e, :, 0].T, nm["up"]: w1[e, :, 1].T, nm["down"]: w2[e].T})
-        else:
-            tensors[name] = conv[1](get(ours))
+    _save_entries(get, tensor_map(cfg, arch), tensors)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     shards, cur, size = [], {}, 0
     for k in sorted(tensors):

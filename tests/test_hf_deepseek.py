@@ -1,0 +1,171 @@
+"""DeepSeek-V2/V3 Hugging Face interop: tiny random transformers models (MLA, group-limited routing, shared
+experts, expert bias, YaRN) load into our GPT with matching fp32 logits, our export loads back into
+transformers with the same logits, and the MTP modules DeepSeek stores after the last layer survive
+load_hf -> save_hf byte for byte."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.hf
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from moe_jax.convert.hf import load_hf, save_hf  # noqa: E402
+from moe_jax.convert.hf_config import config_from_hf, config_to_hf  # noqa: E402
+
+V = 96
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+              qk_nope_head_dim=16, v_head_dim=12, first_k_dense_replace=1, max_position_embeddings=64)
+YARN = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8,
+            beta_fast=32.0, beta_slow=1.0)
+V3 = dict(n_routed_experts=8, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+          routed_scaling_factor=2.5, norm_topk_prob=True)
+V2 = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, routed_scaling_factor=1.5)
+CASES = {  # name: (model_type, extra config)
+    "v3": ("deepseek_v3", V3),
+    "v3_no_q_lora_yarn": ("deepseek_v3", dict(V3, q_lora_rank=None, rope_parameters=dict(
+        YARN, mscale=1.0, mscale_all_dim=1.0))),
+    "v3_yarn_mscale": ("deepseek_v3", dict(V3, rope_parameters=dict(YARN, mscale=0.9, mscale_all_dim=0.7))),
+    "v2_group_limited_yarn": ("deepseek_v2", dict(V2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                                  rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    "v2_greedy_no_q_lora": ("deepseek_v2", dict(V2, q_lora_rank=None, first_k_dense_replace=0)),
+}
+CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+           "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM")}
+
+
+def hf_model(mt, extra, seed=0, **over):
+    cfg_cls, model_cls = CLASSES[mt]
+    cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra, **over})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg).eval()
+    with torch.no_grad():  # every tensor random, the V3 router's score-correction bias included
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.1)
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens).long()).logits.float().numpy()
+
+
+def ours_logits(model, tokens):
+    return np.asarray(model(jnp.asarray(tokens))[0], np.float32)
+
+
+def rel_err(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+TOKENS = np.random.default_rng(0).integers(0, V, (2, 20))  # 20 > YaRN's original 8 positions
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deepseek_load_and_save_match_transformers(case, tmp_path):
+    mt, extra = CASES[case]
+    hf = hf_model(mt, extra)
+    ref = hf_logits(hf, TOKENS)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg, model = load_hf(tmp_path / "hf")
+    assert cfg.attention_type == "mla" and cfg.moe.num_experts == 8 and cfg.mtp_num_layers == 0
+    assert (cfg.q_lora_rank is None) == ("no_q_lora" in case)
+    assert (cfg.rope_scaling is not None) == ("yarn" in case)
+    assert rel_err(ours_logits(model, TOKENS), ref) < 1e-4
+
+    save_hf(model, cfg, tmp_path / "ours")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(back).__name__ == CLASSES[mt][1]
+    assert rel_err(hf_logits(back, TOKENS), ref) < 1e-4
+
+
+def _with_mtp(tmp_path):
+    """A DeepSeek-V3 checkpoint with one MTP module stored as DeepSeek does (`model.layers.2.*`): its
+    block is layer 2 of a 3-layer model of the same config, its embed/head copies of the main ones."""
+    hf = hf_model("deepseek_v3", V3)
+    hf.save_pretrained(tmp_path / "hf")
+    donor = hf_model("deepseek_v3", V3, seed=1, num_hidden_layers=3)
+    t = load_file(tmp_path / "hf" / "model.safetensors")
+    rng = np.random.default_rng(1)
+    for k, v in donor.state_dict().items():
+        if k.startswith("model.layers.2."):
+            t[k] = v.numpy().copy()
+    d = COMMON["hidden_size"]
+    t.update({"model.layers.2.enorm.weight": rng.normal(size=d).astype(np.float32),
+              "model.layers.2.hnorm.weight": rng.normal(size=d).astype(np.float32),
+              "model.layers.2.eh_proj.weight": rng.normal(0, 0.1, (d, 2 * d)).astype(np.float32),
+              "model.layers.2.shared_head.norm.weight": rng.normal(size=d).astype(np.float32),
+              "model.layers.2.shared_head.head.weight": t["lm_head.weight"],
+              "model.layers.2.embed_tokens.weight": t["model.embed_tokens.weight"]})
+    save_file(t, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    return hf, t
+
+
+def test_mtp_modules_survive_load_and_save(tmp_path):
+    pytest.importorskip("moe_jax.mtp")
+    hf, tensors = _with_mtp(tmp_path)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    cfg, model = load_hf(tmp_path / "hf")
+    assert cfg.mtp_num_layers == 1
+    assert rel_err(ours_logits(model, TOKENS), hf_logits(hf, TOKENS)) < 1e-4  # logits: main head only
+    save_hf(model, cfg, tmp_path / "ours")
+    back = load_file(tmp_path / "ours" / "model.safetensors")
+    assert sorted(back) == sorted(tensors)
+    mtp = [k for k in tensors if k.startswith("model.layers.2.")]
+    assert len(mtp) > 20
+    for k in mtp:
+        assert back[k].tobytes() == tensors[k].tobytes(), k
+
+
+def test_mtp_copy_of_the_head_must_match(tmp_path):
+    pytest.importorskip("moe_jax.mtp")
+    _, t = _with_mtp(tmp_path)
+    t["model.layers.2.shared_head.head.weight"] = t["lm_head.weight"] + 1
+    save_file(t, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="shared_head.head.weight"):
+        load_hf(tmp_path / "hf")
+
+
+def test_router_fields_map_both_ways():
+    hf = dict(COMMON, model_type="deepseek_v3", **V3)
+    cfg = config_from_hf(hf)
+    m = cfg.moe
+    assert (m.router_score_function, m.router_enable_expert_bias, m.router_num_groups, m.router_group_topk,
+            m.router_topk_scaling_factor, m.shared_expert_intermediate_size, m.layer_freq) == \
+        ("sigmoid", True, 4, 2, 2.5, 16, (0, 1))
+    back = config_to_hf(cfg)
+    for k in ("n_group", "topk_group", "routed_scaling_factor", "first_k_dense_replace", "n_shared_experts",
+              "norm_topk_prob", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim"):
+        assert back[k] == hf[k], k
+    v2 = config_from_hf(dict(COMMON, model_type="deepseek_v2", **V2)).moe
+    assert (v2.router_score_function, v2.router_pre_softmax, v2.router_num_groups) == ("softmax", True, None)
+    assert config_to_hf(config_from_hf(dict(COMMON, model_type="deepseek_v2", **V2)))["model_type"] == "deepseek_v2"
+
+
+@pytest.mark.parametrize("mt,field,value,match", [
+    ("deepseek_v3", "topk_group", 1, "topk_group=1"),              # k // topk_group = 4: not top-2 groups
+    ("deepseek_v3", "norm_topk_prob", False, "norm_topk_prob=False"),
+    ("deepseek_v3", "scoring_func", "softmax", "scoring_func='softmax'"),
+    ("deepseek_v3", "topk_method", "greedy", "topk_method='greedy'"),
+    ("deepseek_v3", "moe_layer_freq", 2, "moe_layer_freq=2"),
+    ("deepseek_v3", "num_key_value_heads", 2, "num_key_value_heads=2"),
+    ("deepseek_v3", "attention_bias", True, "attention_bias=True"),
+    ("deepseek_v3", "rms_norm_eps", 1e-5, "rms_norm_eps=1e-05"),
+    ("deepseek_v3", "rope_parameters", dict(YARN, attention_factor=1.2), "attention_factor=1.2"),
+    ("deepseek_v3", "rope_parameters", {"rope_type": "dynamic", "factor": 2.0}, "rope_type='dynamic'"),
+    ("deepseek_v2", "norm_topk_prob", True, "norm_topk_prob=True"),
+    ("deepseek_v2", "topk_method", "noaux_tc", "topk_method='noaux_tc'"),
+])
+def test_unsupported_deepseek_fields_are_named(mt, field, value, match):
+    hf = dict(COMMON, model_type=mt, **(V3 if mt == "deepseek_v3" else V2))
+    hf[field] = value
+    with pytest.raises(ValueError, match=match):
+        config_from_hf(hf)
