@@ -92,12 +92,11 @@ def _with_mtp(tmp_path):
     block is layer 2 of a 3-layer model of the same config, its embed/head copies of the main ones."""
     hf = hf_model("deepseek_v3", V3)
     hf.save_pretrained(tmp_path / "hf")
-    donor = hf_model("deepseek_v3", V3, seed=1, num_hidden_layers=3)
+    hf_model("deepseek_v3", V3, seed=1, num_hidden_layers=3).save_pretrained(tmp_path / "donor")
+    donor = load_file(tmp_path / "donor" / "model.safetensors")  # the on-disk layout: one tensor per expert
     t = load_file(tmp_path / "hf" / "model.safetensors")
     rng = np.random.default_rng(1)
-    for k, v in donor.state_dict().items():
-        if k.startswith("model.layers.2."):
-            t[k] = v.numpy().copy()
+    t.update({k: v for k, v in donor.items() if k.startswith("model.layers.2.")})
     d = COMMON["hidden_size"]
     t.update({"model.layers.2.enorm.weight": rng.normal(size=d).astype(np.float32),
               "model.layers.2.hnorm.weight": rng.normal(size=d).astype(np.float32),
@@ -123,6 +122,8 @@ def test_mtp_modules_survive_load_and_save(tmp_path):
     assert len(mtp) > 20
     for k in mtp:
         assert back[k].tobytes() == tensors[k].tobytes(), k
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()  # ignores MTP
+    assert rel_err(hf_logits(reloaded, TOKENS), hf_logits(hf, TOKENS)) < 1e-4
 
 
 def test_mtp_copy_of_the_head_must_match(tmp_path):

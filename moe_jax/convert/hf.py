@@ -25,7 +25,7 @@ from safetensors.flax import save_file
 
 from moe_jax.config import ModelConfig
 from moe_jax.convert.hf_config import config_from_hf, config_to_hf, pick_arch
-from moe_jax.convert.hf_tensors import tensor_map
+from moe_jax.convert.hf_tensors import mtp_tensor_map, tensor_map
 from moe_jax.model import GPT, stack_layers, unstack_layers
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -162,6 +162,10 @@ def _load_entries(r: _Reader, pure: dict, entries: list, dtype: str, filled: set
         elif conv == "bias":  # router state: stays float32 whatever the weights' dtype
             _set(pure, ours, r.get(name, _get(pure, ours).shape), "float32")
             filled.add(ours)
+        elif conv[0] == "copy":  # an MTP module's copy of the main embedding / head: must be equal
+            if not np.array_equal(np.asarray(r.get(name)), np.asarray(r.get(conv[1]))):
+                raise ValueError(f"tensor {name} differs from {conv[1]}: the MTP modules share the main "
+                                 f"model's embedding and LM head here")
         elif conv[0] == "multi":  # one HF tensor <-> several of ours
             hf_shape = jax.eval_shape(conv[2], *(_get(pure, o) for o in ours)).shape
             for o, v in zip(ours, conv[1](r.get(name, hf_shape))):
@@ -190,7 +194,8 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
     graphdef, state = nnx.split(abstract)
     pure = unstack_layers(state.to_pure_dict(), cfg)  # per-layer `blocks` view of the stacks
     filled: set = set()
-    _load_entries(r, pure, tensor_map(cfg, arch, rope_interleave=interleave), dtype, filled)
+    entries = tensor_map(cfg, arch, rope_interleave=interleave)
+    _load_entries(r, pure, entries + mtp_tensor_map(cfg, arch, rope_interleave=interleave), dtype, filled)
     if r.unused():
         raise ValueError(f"{path}: {len(r.unused())} tensors have no place in a {arch} model as configured "
                          f"(an unsupported feature?): {r.unused()[:10]}")
@@ -217,6 +222,8 @@ def _save_entries(get, entries: list, tensors: dict) -> None:
                 tensors[name] = get(ours)
             except KeyError:
                 tensors[name] = np.zeros(get(ours[:-1] + ("w_DE",)).shape[-1], np.float32)
+        elif conv[0] == "copy":
+            tensors[name] = tensors[conv[1]]
         elif conv[0] == "multi":
             tensors[name] = np.asarray(conv[2](*(get(o) for o in ours)))
         else:
@@ -239,7 +246,7 @@ def save_hf(model: GPT, cfg: ModelConfig, path: str | Path, *, arch: str | None 
         return np.asarray(jax.device_get(d), np.float32)
 
     tensors: dict[str, np.ndarray] = {}
-    _save_entries(get, tensor_map(cfg, arch), tensors)
+    _save_entries(get, tensor_map(cfg, arch) + mtp_tensor_map(cfg, arch), tensors)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     shards, cur, size = [], {}, 0
     for k in sorted(tensors):

@@ -143,3 +143,22 @@ def tensor_map(cfg: ModelConfig, arch: str, *, rope_interleave: bool = True) -> 
     for i in range(cfg.num_layers):
         out += block_entries(cfg, arch, f"model.layers.{i}", ("blocks", i), cfg.is_moe_layer(i), rope_interleave)
     return out
+
+
+def mtp_tensor_map(cfg: ModelConfig, arch: str, *, rope_interleave: bool = True) -> list:
+    """DeepSeek's MTP modules, stored after the last layer (`model.layers.{num_layers + k}`) <->
+    `model.mtp[k]` (`moe_jax.mtp.MTPModule`). Their `embed_tokens` / `shared_head.head` are copies of the
+    main model's (tag ("copy", main tensor name)): checked equal on load, written on save."""
+    d, out = cfg.d_model, []
+    head = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+    eh = (lambda w: jnp.stack([w[:, :d].T, w[:, d:].T]), lambda w: jnp.concatenate([w[0].T, w[1].T], axis=1))
+    for k in range(cfg.mtp_num_layers):
+        p, b = f"model.layers.{cfg.num_layers + k}", ("mtp", k)
+        out += [(f"{p}.enorm.weight", b + ("enorm", "scale"), _same((d,))),
+                (f"{p}.hnorm.weight", b + ("hnorm", "scale"), _same((d,))),
+                (f"{p}.eh_proj.weight", b + ("eh_proj_nDD",), eh),
+                (f"{p}.shared_head.norm.weight", b + ("final_norm", "scale"), _same((d,))),
+                (f"{p}.embed_tokens.weight", None, ("copy", "model.embed_tokens.weight")),
+                (f"{p}.shared_head.head.weight", None, ("copy", head))]
+        out += block_entries(cfg, arch, p, b + ("block",), cfg.is_moe_layer(cfg.num_layers - 1), rope_interleave)
+    return out
