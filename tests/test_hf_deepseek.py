@@ -170,3 +170,37 @@ def test_unsupported_deepseek_fields_are_named(mt, field, value, match):
     hf[field] = value
     with pytest.raises(ValueError, match=match):
         config_from_hf(hf)
+
+
+def test_mtp_module_matches_a_torch_computation(tmp_path):
+    """The loaded MTP module computes DeepSeek's h' = block(eh_proj([enorm(e); hnorm(h)])), logits =
+    head(shared_head.norm(h')) as transformers' own modules (the donor's layer 2) do."""
+    pytest.importorskip("moe_jax.mtp")
+    from moe_jax.rope import model_rope_tables
+    hf, t = _with_mtp(tmp_path)
+    cfg, model = load_hf(tmp_path / "hf")
+    e_tok = np.random.default_rng(2).integers(0, V, TOKENS.shape)
+
+    h, _ = model.trunk(jnp.asarray(TOKENS))
+    cos, sin = model_rope_tables(cfg, TOKENS.shape[1])
+    _, normed, _ = model.mtp[0](h, jnp.take(model.embed_VD[...], jnp.asarray(e_tok), axis=0), cos, sin)
+    ours = np.asarray(normed @ model.head())
+
+    donor = hf_model("deepseek_v3", V3, seed=1, num_hidden_layers=3)  # the same block weights as layer 2
+    norm = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3RMSNorm
+    p = "model.layers.2."
+    with torch.no_grad():
+        seen = []  # the last layer's output: the final norm's input
+        hook = hf.model.norm.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+        hf(torch.from_numpy(TOKENS).long())
+        hook.remove()
+        h_t = seen[0]
+        n = {k: norm(32) for k in ("enorm", "hnorm", "shared_head.norm")}
+        for k, m in n.items():
+            m.weight.copy_(torch.from_numpy(t[p + k + ".weight"]))
+        e = hf.model.embed_tokens(torch.from_numpy(e_tok).long())
+        x = torch.cat([n["enorm"](e), n["hnorm"](h_t)], dim=-1) @ torch.from_numpy(t[p + "eh_proj.weight"]).T
+        pos = torch.arange(TOKENS.shape[1])[None]
+        x = donor.model.layers[2](x, position_embeddings=hf.model.rotary_emb(x, pos), position_ids=pos)
+        ref = hf.lm_head(n["shared_head.norm"](x)).numpy()
+    assert rel_err(ours, ref) < 1e-4
