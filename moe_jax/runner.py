@@ -90,6 +90,8 @@ class _Steps:
                        f"train.skip_nonfinite_steps={tc.skip_nonfinite_steps})")
             return
         row = {"step": n, "loss": loss, "ce": float(m["ce"])}
+        if "mtp_loss" in m:
+            row["mtp_loss"] = float(m["mtp_loss"])
         if "routed_counts" in m:
             counts_LE = np.asarray(m["routed_counts"])
             self.load_LE = counts_LE if self.load_LE is None else self.load_LE + counts_LE
