@@ -109,7 +109,6 @@ def _with_mtp(tmp_path):
 
 
 def test_mtp_modules_survive_load_and_save(tmp_path):
-    pytest.importorskip("moe_jax.mtp")
     hf, tensors = _with_mtp(tmp_path)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
     cfg, model = load_hf(tmp_path / "hf")
@@ -127,7 +126,6 @@ def test_mtp_modules_survive_load_and_save(tmp_path):
 
 
 def test_mtp_copy_of_the_head_must_match(tmp_path):
-    pytest.importorskip("moe_jax.mtp")
     _, t = _with_mtp(tmp_path)
     t["model.layers.2.shared_head.head.weight"] = t["lm_head.weight"] + 1
     save_file(t, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
@@ -175,7 +173,6 @@ def test_unsupported_deepseek_fields_are_named(mt, field, value, match):
 def test_mtp_module_matches_a_torch_computation(tmp_path):
     """The loaded MTP module computes DeepSeek's h' = block(eh_proj([enorm(e); hnorm(h)])), logits =
     head(shared_head.norm(h')) as transformers' own modules (the donor's layer 2) do."""
-    pytest.importorskip("moe_jax.mtp")
     from moe_jax.rope import model_rope_tables
     hf, t = _with_mtp(tmp_path)
     cfg, model = load_hf(tmp_path / "hf")
@@ -204,3 +201,31 @@ def test_mtp_module_matches_a_torch_computation(tmp_path):
         x = donor.model.layers[2](x, position_embeddings=hf.model.rotary_emb(x, pos), position_ids=pos)
         ref = hf.lm_head(n["shared_head.norm"](x)).numpy()
     assert rel_err(ours, ref) < 1e-4
+
+
+def test_tiny_deepseek_v3_preset_exports_to_transformers(tmp_path):
+    """Our own DeepSeek-V3 model (the preset, with the two settings HF needs; every parameter and the
+    expert bias random) -> save_hf -> transformers: the same logits; load_hf gives back the same state,
+    MTP module included."""
+    import jax
+    from flax import nnx
+
+    from moe_jax.model import GPT
+    from moe_jax.presets import load_config
+    cfg = load_config("tiny_deepseek_v3", ["model.norm_eps=1e-6", "moe.router_group_topk=1"]).model
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), state)
+    model = nnx.merge(graphdef, state)
+    save_hf(model, cfg, tmp_path / "ours")
+    hf_cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert (hf_cfg["model_type"], hf_cfg["num_nextn_predict_layers"], hf_cfg["first_k_dense_replace"]) == \
+        ("deepseek_v3", 1, 1)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    tokens = TOKENS % cfg.vocab_size
+    ours = nnx.jit(lambda m, t: m(t)[0])(model, jnp.asarray(tokens))
+    assert rel_err(hf_logits(back, tokens), np.asarray(ours)) < 1e-4
+    cfg2, model2 = load_hf(tmp_path / "ours")
+    assert cfg2.mtp_num_layers == 1 and cfg2.moe.router_group_topk == 1
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(nnx.state(model2))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
