@@ -30,7 +30,8 @@ CASES = {  # name: (model_type, extra config)
     "v3": ("deepseek_v3", V3),
     "v3_no_q_lora_yarn": ("deepseek_v3", dict(V3, q_lora_rank=None, rope_parameters=dict(
         YARN, mscale=1.0, mscale_all_dim=1.0))),
-    "v3_yarn_mscale": ("deepseek_v3", dict(V3, rope_parameters=dict(YARN, mscale=0.9, mscale_all_dim=0.7))),
+    "v3_not_interleaved_yarn_mscale": ("deepseek_v3", dict(V3, rope_interleave=False, rope_parameters=dict(
+        YARN, mscale=0.9, mscale_all_dim=0.7))),
     "v2_group_limited_yarn": ("deepseek_v2", dict(V2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                                   rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
     "v2_greedy_no_q_lora": ("deepseek_v2", dict(V2, q_lora_rank=None, first_k_dense_replace=0)),
@@ -149,6 +150,16 @@ def test_router_fields_map_both_ways():
     assert config_to_hf(config_from_hf(dict(COMMON, model_type="deepseek_v2", **V2)))["model_type"] == "deepseek_v2"
 
 
+def test_dense_mla_and_mtp_config_round_trips():
+    from moe_jax.config import ModelConfig
+    cfg = ModelConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4, ffn_hidden_size=48, norm_eps=1e-6,
+                      attention_type="mla", q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=12, mtp_num_layers=2, max_seq_len=64)
+    hf = config_to_hf(cfg)
+    assert (hf["model_type"], hf["first_k_dense_replace"], hf["num_nextn_predict_layers"]) == ("deepseek_v3", 2, 2)
+    assert config_from_hf(hf) == cfg
+
+
 @pytest.mark.parametrize("mt,field,value,match", [
     ("deepseek_v3", "topk_group", 1, "topk_group=1"),              # k // topk_group = 4: not top-2 groups
     ("deepseek_v3", "norm_topk_prob", False, "norm_topk_prob=False"),
@@ -203,6 +214,7 @@ def test_mtp_module_matches_a_torch_computation(tmp_path):
     assert rel_err(ours, ref) < 1e-4
 
 
+@pytest.mark.slow  # ~20 s on 2 shared cores
 def test_tiny_deepseek_v3_preset_exports_to_transformers(tmp_path):
     """Our own DeepSeek-V3 model (the preset, with the two settings HF needs; every parameter and the
     expert bias random) -> save_hf -> transformers: the same logits; load_hf gives back the same state,
