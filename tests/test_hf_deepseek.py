@@ -150,6 +150,45 @@ def test_router_fields_map_both_ways():
     assert config_to_hf(config_from_hf(dict(COMMON, model_type="deepseek_v2", **V2)))["model_type"] == "deepseek_v2"
 
 
+# the published config.json files (weights' quantization_config left out)
+DEEPSEEK_V3_JSON = dict(
+    architectures=["DeepseekV3ForCausalLM"], aux_loss_alpha=0.001, ep_size=1, first_k_dense_replace=3,
+    hidden_act="silu", hidden_size=7168, intermediate_size=18432, kv_lora_rank=512, max_position_embeddings=163840,
+    model_type="deepseek_v3", moe_intermediate_size=2048, moe_layer_freq=1, n_group=8, n_routed_experts=256,
+    n_shared_experts=1, norm_topk_prob=True, num_attention_heads=128, num_experts_per_tok=8, num_hidden_layers=61,
+    num_key_value_heads=128, num_nextn_predict_layers=1, q_lora_rank=1536, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, rms_norm_eps=1e-06, rope_scaling=dict(
+        beta_fast=32, beta_slow=1, factor=40, mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=4096,
+        type="yarn"), rope_theta=10000, routed_scaling_factor=2.5, scoring_func="sigmoid", seq_aux=True,
+    tie_word_embeddings=False, topk_group=4, topk_method="noaux_tc", v_head_dim=128, vocab_size=129280)
+DEEPSEEK_V2_LITE_JSON = dict(
+    architectures=["DeepseekV2ForCausalLM"], aux_loss_alpha=0.001, first_k_dense_replace=1, hidden_act="silu",
+    hidden_size=2048, intermediate_size=10944, kv_lora_rank=512, max_position_embeddings=163840,
+    model_type="deepseek_v2", moe_intermediate_size=1408, moe_layer_freq=1, n_group=1, n_routed_experts=64,
+    n_shared_experts=2, norm_topk_prob=False, num_attention_heads=16, num_experts_per_tok=6, num_hidden_layers=27,
+    num_key_value_heads=16, q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, rms_norm_eps=1e-06,
+    rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=0.707, mscale_all_dim=0.707,
+                      original_max_position_embeddings=4096, type="yarn"), rope_theta=10000,
+    routed_scaling_factor=1.0, scoring_func="softmax", seq_aux=True, tie_word_embeddings=False, topk_group=1,
+    topk_method="greedy", v_head_dim=128, vocab_size=102400)
+
+
+def test_published_deepseek_configs_map():
+    v3 = config_from_hf(DEEPSEEK_V3_JSON)
+    m = v3.moe
+    assert (v3.num_layers, v3.q_lora_rank, v3.mtp_num_layers, v3.rope_scaling.factor, v3.rope_scaling.mscale_all_dim,
+            m.num_experts, m.router_topk, m.router_num_groups, m.router_group_topk, m.router_topk_scaling_factor,
+            m.shared_expert_intermediate_size, m.layer_freq[:4], m.router_load_balancing_type) == \
+        (61, 1536, 1, 40.0, 1.0, 256, 8, 8, 4, 2.5, 2048, (0, 0, 0, 1), "seq_aux_loss")
+    assert config_from_hf(config_to_hf(v3)) == v3
+    lite = config_from_hf(DEEPSEEK_V2_LITE_JSON)
+    assert (lite.q_lora_rank, lite.moe.router_pre_softmax, lite.moe.router_num_groups, lite.mtp_num_layers) == \
+        (None, True, None, 0)
+    assert config_from_hf(config_to_hf(lite)) == lite
+    with pytest.raises(ValueError, match="quantization_config='fp8'"):
+        config_from_hf(dict(DEEPSEEK_V3_JSON, quantization_config={"quant_method": "fp8"}))
+
+
 def test_dense_mla_and_mtp_config_round_trips():
     from moe_jax.config import ModelConfig
     cfg = ModelConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=4, ffn_hidden_size=48, norm_eps=1e-6,

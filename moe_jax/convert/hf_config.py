@@ -124,6 +124,10 @@ def _config_from_hf(hf: _Fields, dtype: str) -> ModelConfig:
     act = hf.get("hidden_act", "silu")
     if act not in ACTS:
         raise _bad("hidden_act", act, f"supported: {sorted(ACTS)}")
+    if hf.get("quantization_config"):
+        q = hf["quantization_config"]
+        raise _bad("quantization_config", q.get("quant_method", q) if isinstance(q, dict) else q,
+                   "quantized weights (e.g. fp8 with weight_scale_inv) are not read: dequantize the checkpoint first")
     for f in ("mlp_bias",):
         if hf.get(f):
             raise _bad(f, hf[f], "MLP biases are not implemented")
