@@ -75,8 +75,12 @@ def test_deepseek_load_and_save_match_transformers(case, tmp_path):
     mt, extra = CASES[case]
     hf = hf_model(mt, extra)
     ref = hf_logits(hf, TOKENS)
-    hf.save_pretrained(tmp_path / "hf")
-    cfg, model = load_hf(tmp_path / "hf")
+    hf.save_pretrained(tmp_path / "hf")  # V3: config.json names an MTP layer (transformers' default), no tensors
+    if mt == "deepseek_v3":
+        with pytest.warns(UserWarning, match="MTP layers but the checkpoint holds none"):
+            cfg, model = load_hf(tmp_path / "hf")
+    else:
+        cfg, model = load_hf(tmp_path / "hf")
     assert cfg.attention_type == "mla" and cfg.moe.num_experts == 8 and cfg.mtp_num_layers == 0
     assert (cfg.q_lora_rank is None) == ("no_q_lora" in case)
     assert (cfg.rope_scaling is not None) == ("yarn" in case)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,9 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
     arch, interleave = hf["model_type"], hf.get("rope_interleave", True)
     r = _Reader(path)
     if cfg.mtp_num_layers and not r.has(f"model.layers.{cfg.num_layers}.eh_proj.weight"):
-        cfg = dataclasses.replace(cfg, mtp_num_layers=0)  # e.g. transformers' save_pretrained drops them
+        warnings.warn(f"{path}: config.json names {cfg.mtp_num_layers} MTP layers but the checkpoint holds none "
+                      f"(transformers' save_pretrained drops them): loaded with mtp_num_layers=0", stacklevel=2)
+        cfg = dataclasses.replace(cfg, mtp_num_layers=0)
     abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     pure = unstack_layers(state.to_pure_dict(), cfg)  # per-layer `blocks` view of the stacks
