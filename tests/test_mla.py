@@ -188,3 +188,18 @@ def test_mla_cudnn_matches_xla_bf16(dims):
     assert rel(fwd[0](state, x), fwd[1](state, x)) < 2e-2
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         assert rel(a, b) < 3e-2
+
+
+def test_deepseek_v3_small_attention_params_and_flops():
+    from moe_jax import metrics
+    from moe_jax.presets import load_config
+    cfg = load_config("deepseek_v3_small").model
+    model = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    attn = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(model.mtp[0].block.attn, nnx.Param)))
+    d, n = 2048, 16
+    assert attn == (d * 768 + 768 + 768 * n * 192          # query latent, its norm, per-head q
+                    + d * 512 + 512 + d * 64                # key/value latent, its norm, shared rotary key
+                    + 512 * n * (128 + 128) + n * 128 * d)  # per-head k_nope and v, output
+    active = metrics.param_counts(model)["active"]
+    assert metrics.flops_per_token(cfg, active, 2048) == (6 * active + 3 * 9 * 2048 * n * (192 + 128)
+                                                          + 6 * d * 32000)
