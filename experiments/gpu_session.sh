@@ -15,6 +15,8 @@
 #   eplayers — (2+ GPUs) the layer bench with 4 MoE layers per step (per-step costs spread as in a model)
 #   epsm   — (2+ GPUs) the compiled step's collectives, then the layer step with async all-reduce/
 #            all-gather off, and with MOE_JAX_SM_MARGIN SMs left free by the persistent kernels
+#   dsv3   — the MLA GPU tests (cuDNN vs XLA), then train benchmarks of DSV3_PRESETS (deepseek_v3_small;
+#            add deepseek_small to compare) through the plain command; DSV3_EXTRA adds overrides
 #   fast   — whole-model speed, ours beside the PyTorch reference in the same call: per preset in
 #            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
@@ -103,6 +105,15 @@ case "${1:-}" in
           > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
     done ;;
+  dsv3)
+    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mla.py --durations=4 \
+      > "$OUT/dsv3_tests.log" 2>&1; echo "tests rc=$?"; tail -8 "$OUT/dsv3_tests.log"
+    for preset in ${DSV3_PRESETS:-deepseek_v3_small}; do
+      log="$OUT/train_$preset.log"
+      timeout -s KILL ${DSV3_TIMEOUT:-300} python3 experiments/train.py --config "$preset" --benchmark --no-progress \
+        train.steps=30 train.log_every=10 ${DSV3_EXTRA:-} > "$log" 2>&1; echo "== $preset rc=$?"
+      grep -v "^[WI][0-9]" "$log" | tail -8
+    done ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
@@ -110,7 +121,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|fast"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|fast|dsv3"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0

@@ -12,10 +12,12 @@ RoPE is rotate-half on the Y rotary dims (`moe_jax.rope`: a converter from DeepS
 checkpoints permutes the rotary rows of wq/wq_b and wk_rope). HF's `kv_a_proj_with_mqa` is
 (wkv_a, wk_rope) stacked; its `kv_b_proj` is (wk_b, wv_b) per head.
 
-Kernel: `jax.nn.dot_product_attention` (cuDNN flash where `attention.resolve_impl` allows, XLA elsewhere),
-which takes one head dim for q, k and v: v is zero-padded to the q/k head dim Z+Y and the output's
-padding sliced off (if v_head_dim were larger, q and k are zero-padded instead: zeros add nothing to
-the scores). The training path expands the latent to per-head keys/values (no weight absorption).
+Kernel: `jax.nn.dot_product_attention` (cuDNN flash where `attention.resolve_impl` allows, XLA elsewhere).
+Its shape checks take one head dim for q, k and v (cuDNN >= 9.10 itself runs q/k != v dims on Hopper,
+but only JAX's private cuDNN module exposes that), so v is zero-padded to the q/k head dim Z+Y and the
+output's padding sliced off: DeepSeek's 192/128 dims cost p·v FLOPs for 192 (if v_head_dim were
+larger, q and k are zero-padded instead: zeros add nothing to the scores). The training path expands
+the latent to per-head keys and values (no weight absorption; that is an inference optimisation).
 """
 from __future__ import annotations
 
