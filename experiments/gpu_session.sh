@@ -18,6 +18,9 @@
 #   autotune — the grouped-GEMM table for this GPU (own_key: "H200" on the H200): the forward sweep over
 #            every shape class, then the wgrad sweep with the cross-item ring; the table lands in $OUT
 #            after each sweep (a run cut short keeps what it measured)
+#   dsv3   — the MLA GPU tests (cuDNN vs XLA), then profile_model.py (step time, MFU, peak memory, GPU
+#            time by category) of DSV3_PRESETS (deepseek_v3_small) with DSV3_PARAMS (bf16) parameters;
+#            DSV3_EXTRA adds overrides
 #   fast   — whole-model speed, ours beside the PyTorch reference in the same call: per preset in
 #            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
@@ -113,6 +116,19 @@ case "${1:-}" in
     timeout -s KILL ${AUTOTUNE_WGRAD_S:-220} python3 experiments/autotune_grouped_matmul.py --kinds wgrad --ring \
       --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_wgrad.log" 2>&1; echo "wgrad rc=$?"
     grep "^PICK" "$OUT/autotune_wgrad.log"; cp ops/tuning/grouped_matmul.json "$OUT/" ;;
+  dsv3)
+    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mla.py --durations=4 \
+      > "$OUT/dsv3_tests.log" 2>&1; echo "tests rc=$?"; tail -8 "$OUT/dsv3_tests.log"
+    for preset in ${DSV3_PRESETS:-deepseek_v3_small}; do
+      for pd in ${DSV3_PARAMS:-bf16}; do
+        dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
+        tag="${preset}_$(date +%F)_h200_${pd}"
+        timeout -s KILL ${DSV3_TIMEOUT:-300} python3 experiments/profile_model.py --config "$preset" \
+          "model.param_dtype=$dt" ${DSV3_EXTRA:-} --out "experiments/results/profile_$tag.json" \
+          > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
+        grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${DSV3_LINES:-30}
+      done
+    done ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
@@ -120,7 +136,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|dsv3"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0

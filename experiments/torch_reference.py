@@ -47,7 +47,8 @@ MOE_DEFAULTS = dict(num_experts=8, router_topk=2, ffn_hidden_size=1024, router_s
 UNSUPPORTED = {("model", "norm"): "rmsnorm", ("model", "activation"): "swiglu", ("model", "attention_bias"): False,
                ("model", "qk_norm"): False, ("moe", "activation"): "swiglu", ("moe", "router_pre_softmax"): False,
                ("moe", "expert_capacity_factor"): None, ("moe", "input_jitter_eps"): None,
-               ("moe", "router_force_load_balancing"): False}
+               ("moe", "router_force_load_balancing"): False, ("model", "attention_type"): "gqa",
+               ("model", "mtp_num_layers"): 0, ("model", "rope_scaling"): None}
 
 
 def load_preset(name: str) -> dict:

@@ -9,6 +9,8 @@ Shape suffixes on names (`x_BSD`, `w1_EDnF`, `counts_PE`), one meaning per lette
     k router slots per token (top-k)          n fc1 projections (2 for gated activations)
     R rows of an expert-sorted buffer (a device's dispatched or received rows)
     P devices of the `expert` mesh axis (sources / destinations of an exchange)
+    MLA (moe_jax.mla): Q query latent (q_lora_rank)  C key/value latent (kv_lora_rank)
+        Z per-head q/k dims without RoPE  Y with RoPE  U value dims (H = Z + Y for its q and k)
 """
 from moe_jax.config import Config, ModelConfig, MoEConfig, ParallelConfig, TrainConfig
 from moe_jax.presets import load_config

@@ -14,6 +14,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax.config import ModelConfig
 from moe_jax.layers import Norm, param
+from moe_jax.rope import apply_rope, rope_tables  # noqa: F401  (re-exported; they live in moe_jax.rope)
 
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -39,22 +40,6 @@ def resolve_impl(impl: str, dtype, head_dims: tuple[int, ...], device=None) -> s
     ok = (cc >= (8,) and jnp.dtype(dtype) in CUDNN_DTYPES
           and all(h % 8 == 0 and h <= h_max for h in head_dims))
     return "cudnn" if ok else "xla"
-
-
-def rope_tables(seq_len: int, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [S, H] for rotate-half RoPE (the Llama / Hugging Face convention)."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    ang = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    return jnp.cos(ang), jnp.sin(ang)
-
-
-def apply_rope(x_BSNH: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array) -> jax.Array:
-    h = x_BSNH.shape[-1] // 2
-    xf = x_BSNH.astype(jnp.float32)
-    rot = jnp.concatenate([-xf[..., h:], xf[..., :h]], axis=-1)
-    out = xf * cos_SH[None, :, None, :] + rot * sin_SH[None, :, None, :]
-    return out.astype(x_BSNH.dtype)
 
 
 class Attention(nnx.Module):

@@ -21,6 +21,9 @@ ROUTER_DTYPES = ("float32", "float64")
 GEMM_BACKENDS = ("auto", "pallas", "xla", "reference")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 REMAT_MODES = ("none", "full", "selective")
+ATTENTION_TYPES = ("gqa", "mla")
+ROPE_SCALING_TYPES = ("yarn", "linear")
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
@@ -206,6 +209,38 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScalingConfig:
+    """RoPE scaling (Hugging Face `rope_scaling` meanings; tables in `moe_jax.rope`). YAML:
+    `model: {rope_scaling: {type: yarn, factor: 40, ...}}`; overrides: `model.rope_scaling.factor=8`."""
+
+    type: str = "yarn"            # yarn | linear
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # yarn: the pre-training context length
+    beta_fast: float = 32.0       # yarn: rotations where the ramp starts (extrapolation above)
+    beta_slow: float = 1.0        # yarn: rotations where it ends (interpolation below)
+    mscale: float | None = None   # yarn: attention factor = mscale(factor, mscale)/mscale(factor, mscale_all_dim)
+    mscale_all_dim: float | None = None  # yarn: also MLA's softmax scale *= mscale(factor, mscale_all_dim)^2
+
+    def __post_init__(self):
+        c = "RopeScalingConfig"
+        _check_types(c, self)
+        _choice(c, "type", self.type, ROPE_SCALING_TYPES)
+        if not self.factor >= 1:
+            _fail(c, "factor", self.factor, "must be >= 1")
+        if self.type == "yarn":
+            if self.original_max_position_embeddings is None:
+                _fail(c, "original_max_position_embeddings", None, "yarn needs it (a positive integer)")
+            _positive(c, self, "original_max_position_embeddings")
+            if not self.beta_fast > self.beta_slow > 0:
+                _fail(c, "beta_fast", self.beta_fast,
+                      f"yarn needs beta_fast > beta_slow > 0 (beta_slow={self.beta_slow})")
+        for f in ("mscale", "mscale_all_dim"):
+            v = getattr(self, f)
+            if v is not None and (self.type != "yarn" or v < 0):
+                _fail(c, f, v, "only yarn takes it, as a number >= 0 (or None)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """GPT architecture. `moe=None` gives a dense model."""
 
@@ -232,6 +267,15 @@ class ModelConfig:
     # None (earlier configs) means auto
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
     qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)
+    rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE (moe_jax.rope)
+    attention_type: str = "gqa"   # gqa | mla (DeepSeek-V2/V3 multi-head latent attention, moe_jax.mla)
+    q_lora_rank: int | None = None        # mla: query latent rank (None: a plain query projection)
+    kv_lora_rank: int | None = None       # mla: compressed key/value latent rank
+    qk_nope_head_dim: int | None = None   # mla: per-head q/k dims without RoPE
+    qk_rope_head_dim: int | None = None   # mla: q/k dims with RoPE (the key's are shared by all heads)
+    v_head_dim: int | None = None         # mla: per-head value dims
+    mtp_num_layers: int = 0       # multi-token prediction modules (DeepSeek-V3; moe_jax.mtp); 0 = off
+    mtp_loss_scaling_factor: float = 0.1  # weight of the mean MTP loss in the training loss
     moe: MoEConfig | None = None
 
     def __post_init__(self):
@@ -240,19 +284,29 @@ class ModelConfig:
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             _fail(c, "moe", self.moe, "must be a MoEConfig (or a mapping of its fields), or None")
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScalingConfig(**self.rope_scaling))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScalingConfig):
+            _fail(c, "rope_scaling", self.rope_scaling,
+                  "must be a RopeScalingConfig (or a mapping of its fields), or None")
         _check_types(c, self)
         _positive(c, self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                   "ffn_hidden_size", "max_seq_len")
+        self._check_mla()
         if self.head_dim is not None:
             _positive(c, self, "head_dim")
-        elif self.d_model % self.num_heads:
+        elif self.d_model % self.num_heads and self.attention_type == "gqa":
             _fail(c, "num_heads", self.num_heads,
                   f"must divide d_model ({self.d_model}) unless head_dim is set")
-        if self.num_heads % self.num_kv_heads:
+        if self.num_heads % self.num_kv_heads and self.attention_type == "gqa":  # MLA does not use it
             _fail(c, "num_kv_heads", self.num_kv_heads,
                   f"must divide num_heads ({self.num_heads})")
-        if self.head_dim_ % 2:
+        if self.rope_dim % 2:
             _fail(c, "head_dim", self.head_dim_, "must be even for RoPE")
+        if self.mtp_num_layers < 0:
+            _fail(c, "mtp_num_layers", self.mtp_num_layers, "must be >= 0 (0 = off)")
+        if not self.mtp_loss_scaling_factor >= 0:
+            _fail(c, "mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, "must be >= 0")
         _choice(c, "norm", self.norm, NORMS)
         _choice(c, "activation", self.activation, ACTIVATIONS)
         _choice(c, "dtype", self.dtype, DTYPES)
@@ -272,9 +326,40 @@ class ModelConfig:
                 _fail("MoEConfig", "layer_freq", list(self.moe.layer_freq),
                       f"a pattern needs one entry per layer (num_layers={self.num_layers})")
 
+    def _check_mla(self) -> None:
+        c = "ModelConfig"
+        _choice(c, "attention_type", self.attention_type, ATTENTION_TYPES)
+        if self.attention_type == "mla" and self.head_dim is not None:
+            _fail(c, "head_dim", self.head_dim, "only applies to attention_type='gqa' (MLA's head dims are "
+                  "qk_nope_head_dim + qk_rope_head_dim and v_head_dim)")
+        if self.attention_type == "gqa":
+            for f in MLA_FIELDS:
+                if getattr(self, f) is not None:
+                    _fail(c, f, getattr(self, f), "only applies to attention_type='mla' (leave it null)")
+            return
+        for f in MLA_FIELDS[1:]:
+            if getattr(self, f) is None:
+                _fail(c, f, None, "attention_type='mla' needs it (a positive integer)")
+        _positive(c, self, *MLA_FIELDS[1:])
+        if self.q_lora_rank is not None:
+            _positive(c, self, "q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            _fail(c, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even for RoPE")
+        for f in ("attention_bias", "qk_norm"):
+            if getattr(self, f):
+                _fail(c, f, True, "not implemented with attention_type='mla'")
+
     @property
     def head_dim_(self) -> int:
+        """Per-head q/k dims (MLA: qk_nope_head_dim + qk_rope_head_dim)."""
+        if self.attention_type == "mla":
+            return self.qk_nope_head_dim + self.qk_rope_head_dim
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims RoPE rotates per head (MLA: qk_rope_head_dim)."""
+        return self.qk_rope_head_dim if self.attention_type == "mla" else self.head_dim_
 
     def is_moe_layer(self, i: int) -> bool:
         """Whether layer i is an MoE layer (Megatron's `--moe-layer-freq` semantics)."""

@@ -32,8 +32,19 @@ def param_counts(model: nnx.Module) -> dict[str, int]:
 
 
 def flops_per_token(cfg: ModelConfig, active_params: int, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6·N_active + 6·layers·d_model·seq (causal attention)."""
-    return 6.0 * active_params + 6.0 * cfg.num_layers * cfg.d_model * seq_len
+    """Model FLOPs per trained token (forward + backward):
+
+        6·N_active + 3·(L + D)·S·N·(H_qk + H_v) + 6·D·d_model·V
+
+    N_active: every matmul weight a token meets (MLA's projections, MTP's eh_proj and blocks included;
+    experts scaled by top-k/E); the second term causal attention (q·k and p·v, half the S×S scores) in
+    the L layers and D MTP blocks, with H_qk = H_v = head_dim for GQA and qk_nope+qk_rope / v_head_dim
+    for MLA (without the zero padding of v the kernel adds); the last, the LM head once more per MTP
+    module (N_active counts it once)."""
+    h_v = cfg.v_head_dim if cfg.attention_type == "mla" else cfg.head_dim_
+    mtp = cfg.mtp_num_layers
+    attn = 3.0 * (cfg.num_layers + mtp) * seq_len * cfg.num_heads * (cfg.head_dim_ + h_v)
+    return 6.0 * active_params + attn + 6.0 * mtp * cfg.d_model * cfg.vocab_size
 
 
 def peak_tflops(device: jax.Device | None = None) -> float | None:

@@ -1,5 +1,5 @@
-"""GPT: token embedding, pre-norm blocks of causal GQA attention (RoPE) and a dense MLP or MoE layer
-(per `moe.layer_freq`), final norm, LM head (tied or untied).
+"""GPT: token embedding, pre-norm blocks of causal attention (GQA, or MLA per `attention_type`; RoPE)
+and a dense MLP or MoE layer (per `moe.layer_freq`), final norm, LM head (tied or untied).
 
 Layers are stored as stacks: `Block`s whose parameters carry a leading layer axis (logical name
 `layers`). With `ModelConfig.scan_layers` each run of consecutive layers of one kind (dense or MoE) is
@@ -25,7 +25,10 @@ from flax import nnx
 from moe_jax.attention import Attention, apply_rope, rope_tables  # noqa: F401  (re-exported)
 from moe_jax.config import ModelConfig
 from moe_jax.layers import MLP, Norm, param
+from moe_jax.mla import MLAttention
 from moe_jax.moe import MoELayer
+from moe_jax.mtp import MTPModule
+from moe_jax.rope import model_rope_tables
 
 # names the selective remat policy saves (besides dot products without batch dimensions)
 SAVED_NAMES = ("attn_out", "gmm_out")
@@ -42,7 +45,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, is_moe: bool, *, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg, cfg.d_model)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = MLAttention(cfg, rngs=rngs) if cfg.attention_type == "mla" else Attention(cfg, rngs=rngs)
         self.mlp_norm = Norm(cfg, cfg.d_model)
         self.is_moe = is_moe
         self.mlp = MoELayer(cfg, rngs=rngs) if is_moe else MLP(cfg, cfg.ffn_hidden_size, rngs=rngs)
@@ -88,7 +91,9 @@ def _stacked_block(cfg: ModelConfig, is_moe: bool, n: int, rngs: nnx.Rngs) -> Bl
 class GPT(nnx.Module):
     """Decoder-only LM. `__call__(tokens[B,S], *, rng, layout) -> (logits[B,S,V], aux)`; `layout`
     shards the MoE layers across its MoE mesh (see `MoELayer`). `hidden` stops before the LM head
-    (for a loss fused with it), `head()` is the [D, V] head weight.
+    (for a loss fused with it), `trunk` before the final norm, `head()` is the [D, V] head weight.
+    `mtp`: the multi-token-prediction modules (`moe_jax.mtp`; None without), used by the training loss
+    only.
 
     aux: `losses` (each router loss summed over MoE layers), and per MoE layer (stacked, [L_moe, ...]):
     `tokens_per_expert`, `routed_counts`, `dropped`.
@@ -104,19 +109,27 @@ class GPT(nnx.Module):
         self.head_DV = (None if cfg.tie_embeddings else
                         param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std,
                               cfg.param_dtype))
+        last_moe = cfg.is_moe_layer(cfg.num_layers - 1)  # DeepSeek-V3: the MTP block is MoE
+        self.mtp = (nnx.List([MTPModule(cfg, Block(cfg, last_moe, rngs=rngs), rngs=rngs)
+                              for _ in range(cfg.mtp_num_layers)]) if cfg.mtp_num_layers else None)
 
     def hidden(self, tokens_BS: jax.Array, *, rng: jax.Array | None = None, layout=None):
         """Final-norm activations [B,S,D] (before the LM head) and aux."""
+        x, aux = self.trunk(tokens_BS, rng=rng, layout=layout)
+        return self.final_norm(x), aux
+
+    def trunk(self, tokens_BS: jax.Array, *, rng: jax.Array | None = None, layout=None):
+        """The last layer's output [B,S,D] (before the final norm; MTP starts from it) and aux."""
         cfg = self.cfg
         x = jnp.take(self.embed_VD[...], tokens_BS, axis=0).astype(jnp.dtype(cfg.dtype))
-        cos, sin = rope_tables(tokens_BS.shape[1], cfg.head_dim_, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg, tokens_BS.shape[1])
         layer_aux = []
         run = _scan_stack if cfg.scan_layers else _loop_stack
         for stack, (_, first, n) in zip(self.stacks, self.runs):
             x, aux = run(stack, x, cos, sin, rng, first, layout, cfg.remat)
             if aux is not None:
                 layer_aux.append(aux)
-        return self.final_norm(x), collect_aux(layer_aux)
+        return x, collect_aux(layer_aux)
 
     def head(self) -> jax.Array:
         """The LM head weight [D, V] (the embedding's transpose when tied), in the compute dtype."""

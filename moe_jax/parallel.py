@@ -31,6 +31,7 @@ RULES: dict[str, Any] = {
     # dense parameters (dense mesh): FSDP over the model dim, TP over heads / hidden / vocab
     "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
     "norm": None, "layers": None,  # "layers": the leading axis of stacked (scanned) layers
+    "q_lora": None, "kv_lora": None,  # MLA's low-rank latents: small, kept whole
     # routed-expert parameters (MoE mesh): EP over experts, ETP over the expert hidden dim
     "exp": "expert", "embed_moe": None, "mlp_moe": "etensor",
     # activations
@@ -108,7 +109,7 @@ def check_layout(sizes: dict[str, int], model: ModelConfig | None = None,
     if model is not None:
         if model.num_heads % tp:
             raise _err("tensor", tp, f"must divide num_heads ({model.num_heads})")
-        if model.num_kv_heads % tp:
+        if model.num_kv_heads % tp and model.attention_type == "gqa":
             raise _err("tensor", tp, f"must divide num_kv_heads ({model.num_kv_heads})")
         if model.ffn_hidden_size % tp and any(not model.is_moe_layer(i)
                                               for i in range(model.num_layers)):

@@ -1,10 +1,11 @@
 """YAML presets (package data: `moe_jax/configs/*.yaml`) and `section.key=value` overrides -> a
 validated `Config`.
 
-Sections: `model`, `moe`, `train`, `parallel`; `moe.dispatcher` is a nested mapping
-(`moe.dispatcher.type=alltoall`). Megatron's and earlier spellings are accepted and moved to their
-place: `moe.token_dispatcher_type` -> `moe.dispatcher.type`, `parallel.moe_overlap_chunks` ->
-`moe.dispatcher.overlap_chunks`, `parallel.moe_buffer_factor` -> `moe.dispatcher.buffer_factor`.
+Sections: `model`, `moe`, `train`, `parallel`; `moe.dispatcher` and `model.rope_scaling` are nested
+mappings (`moe.dispatcher.type=alltoall`, `model.rope_scaling.factor=4`, `model.rope_scaling=null`).
+Megatron's and earlier spellings are accepted and moved to their place: `moe.token_dispatcher_type` ->
+`moe.dispatcher.type`, `parallel.moe_overlap_chunks` -> `moe.dispatcher.overlap_chunks`,
+`parallel.moe_buffer_factor` -> `moe.dispatcher.buffer_factor`.
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ from typing import Any, Sequence
 import yaml
 
 from moe_jax.config import (Config, DispatchConfig, ModelConfig, MoEConfig, ParallelConfig,
-                            TrainConfig, describe_kinds, field_kinds)
+                            RopeScalingConfig, TrainConfig, describe_kinds, field_kinds)
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 SECTIONS = {"model": ModelConfig, "moe": MoEConfig, "train": TrainConfig, "parallel": ParallelConfig}
-NESTED = {("moe", "dispatcher"): DispatchConfig}  # (section, field) -> the dataclass of its mapping
+# (section, field) -> the dataclass of its mapping (a field that may be None also takes `field=null`)
+NESTED = {("moe", "dispatcher"): DispatchConfig, ("model", "rope_scaling"): RopeScalingConfig}
 # other spellings of a field -> (section, its path there)
 ALIASES = {("moe", "token_dispatcher_type"): ("moe", "dispatcher.type"),
            ("parallel", "moe_overlap_chunks"): ("moe", "dispatcher.overlap_chunks"),
@@ -36,11 +38,14 @@ def _field_names(cls) -> list[str]:
 def _keys(section: str) -> list[str]:
     """Every key a section takes: its fields, `field.sub` for nested ones, and the aliases."""
     out = []
-    for name in _field_names(SECTIONS[section]):
+    for f in dataclasses.fields(SECTIONS[section]):
+        name = f.name
         if name == "moe":
             continue
         nested = NESTED.get((section, name))
         out += [f"{name}.{sub}" for sub in _field_names(nested)] if nested else [name]
+        if nested and "None" in field_kinds(f):
+            out.append(name)
     return out + [k for s, k in ALIASES if s == section]
 
 
@@ -55,6 +60,8 @@ def _check_keys(section: str, values: dict) -> None:
     for k, v in values.items():
         nested = NESTED.get((section, k))
         if nested is not None:
+            if v is None and k in known:
+                continue
             if not isinstance(v, dict):
                 raise ValueError(f"{section}.{k} must be a mapping of {_field_names(nested)}, "
                                  f"got {v!r}")

@@ -22,11 +22,14 @@ SHAPE = {"model.vocab_size", "model.d_model", "model.num_layers", "model.num_hea
          "model.head_dim", "model.ffn_hidden_size", "model.tie_embeddings", "model.attention_bias",
          "model.qk_norm", "model.param_dtype", "model.norm", "model.moe", "moe.num_experts",
          "moe.ffn_hidden_size", "moe.shared_expert_intermediate_size", "moe.shared_expert_gate",
-         "moe.layer_freq", "moe.router_enable_expert_bias", "train.grad_clip"}
+         "moe.layer_freq", "moe.router_enable_expert_bias", "train.grad_clip", "model.attention_type",
+         "model.q_lora_rank", "model.kv_lora_rank", "model.qk_nope_head_dim", "model.qk_rope_head_dim",
+         "model.v_head_dim", "model.mtp_num_layers"}
 # model / moe fields that change neither shapes nor the function (numerics, kernels, training losses)
 FREE = {"model.dtype", "model.remat", "model.attention_impl", "model.init_std", "model.max_seq_len",
         "moe.grouped_gemm_backend", "moe.router_dtype", "moe.aux_loss_coeff", "moe.z_loss_coeff",
-        "moe.router_load_balancing_type", "moe.router_bias_update_rate", "moe.input_jitter_eps"}
+        "moe.router_load_balancing_type", "moe.router_bias_update_rate", "moe.input_jitter_eps",
+        "model.mtp_loss_scaling_factor"}
 FREE_PREFIXES = ("train.", "parallel.", "moe.dispatcher.")
 # the train settings a resume takes from the run unless the command line sets them
 CHECKPOINT_KEYS = ("checkpoint", "checkpoint_every", "keep_checkpoints", "keep_every")

@@ -42,7 +42,8 @@ class OutOfMemoryError(RuntimeError):
 
 def kernels_note(mc) -> str:
     """Which attention kernel and grouped-GEMM tuning the model runs with here (for the log)."""
-    note = f"attention {resolve_impl(mc.attention_impl, mc.dtype, (mc.head_dim_,))}"
+    dims = (max(mc.head_dim_, mc.v_head_dim),) if mc.attention_type == "mla" else (mc.head_dim_,)  # mla: v padded
+    note = f"attention {resolve_impl(mc.attention_impl, mc.dtype, dims)}"
     if mc.moe is not None:
         gemm = resolve_backend(mc.moe.grouped_gemm_backend, mc.dtype)
         note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
@@ -96,6 +97,8 @@ class _Steps:
                        f"train.skip_nonfinite_steps={tc.skip_nonfinite_steps})")
             return
         row = {"step": n, "loss": loss, "ce": float(m["ce"])}
+        if "mtp_loss" in m:
+            row["mtp_loss"] = float(m["mtp_loss"])
         if "routed_counts" in m:
             counts_LE = np.asarray(m["routed_counts"])
             self.load_LE = counts_LE if self.load_LE is None else self.load_LE + counts_LE

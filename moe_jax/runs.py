@@ -252,8 +252,10 @@ class RunRecord:
 
     def summary(self, **fields) -> dict:
         finite = [r["loss"] for r in self.history if r.get("loss") is not None]
+        mtp = [r["mtp_loss"] for r in self.history if r.get("mtp_loss") is not None]
+        extra = {"first_mtp_loss": mtp[0], "last_mtp_loss": mtp[-1]} if mtp else {}
         return {"status": self.segment["status"], "first_loss": finite[0] if finite else None,
-                "last_loss": finite[-1] if finite else None, **fields, "segments": self.segments}
+                "last_loss": finite[-1] if finite else None, **extra, **fields, "segments": self.segments}
 
     def write(self, status: str | None = None, message: str | None = None, **fields) -> dict:
         """Save history.json and summary.json (status: running | finished | nonfinite | error |

@@ -14,6 +14,7 @@ import ops
 from moe_jax import parallel
 from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.model import GPT
+from moe_jax.mtp import mtp_loss
 
 
 @flax.struct.dataclass
@@ -79,14 +80,21 @@ def init_sharded_state(cfg: ModelConfig, tc: TrainConfig, layout: parallel.Layou
     return graphdef, jax.jit(create, out_shardings=shardings)(), shardings
 
 
-def _update_expert_biases(model: GPT, routed_counts_LE: jax.Array) -> None:
+def _update_expert_biases(model: GPT, routed_counts_LE: jax.Array, mtp_counts=None) -> None:
     """One aux-loss-free bias step per MoE layer from the step's routed counts (rows: the MoE
-    layers in order, as the stacks hold them)."""
+    layers in order, as the stacks hold them; `mtp_counts` [D, E]: the MTP blocks', when MoE)."""
     j = 0
     for stack, (is_moe, _, n) in zip(model.stacks, model.runs):
         if is_moe:
             stack.mlp.router.update_bias(routed_counts_LE[j:j + n])
             j += n
+    if mtp_counts is not None:
+        for k, module in enumerate(model.mtp):
+            module.block.mlp.router.update_bias(mtp_counts[k])
+
+
+def _add_losses(losses: dict, more: dict) -> dict:
+    return {**losses, **{k: losses.get(k, 0.0) + v for k, v in more.items()}}
 
 
 def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
@@ -104,10 +112,18 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
 
     def loss_fn(params, rest, inputs, targets, rng):
         model = nnx.merge(graphdef, params, rest)
-        x_BSD, aux = model.hidden(inputs, rng=rng, layout=layout)
+        h_BSD, aux = model.trunk(inputs, rng=rng, layout=layout)
+        x_BSD = model.final_norm(h_BSD)
         ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(),
                                       targets.reshape(-1))  # no [B, S, V] logits in memory
-        total = ce + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+        total = ce
+        if model.mtp is not None:  # multi-token prediction: its loss scaled, its router losses as they are
+            mtp, mtp_aux = mtp_loss(model, h_BSD, targets, rng=rng, layout=layout)
+            total = total + model.cfg.mtp_loss_scaling_factor * mtp
+            aux = {**aux, "losses": _add_losses(aux["losses"], mtp_aux["losses"]), "mtp_loss": mtp}
+            if "routed_counts" in mtp_aux:
+                aux["mtp_routed_counts"] = mtp_aux["routed_counts"]
+        total = total + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
         return total, (ce, aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -143,10 +159,13 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
         metrics = {"loss": total.mean(), "ce": ce.mean(), "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step)}
         metrics.update({k: v.mean() for k, v in aux["losses"].items()})
+        if "mtp_loss" in aux:
+            metrics["mtp_loss"] = aux["mtp_loss"].mean()  # mean over the MTP modules, before scaling
         if "routed_counts" in aux:
             routed = aux["routed_counts"].sum(0)
             model = nnx.merge(graphdef, params, model_state)
-            _update_expert_biases(model, routed)
+            mtp_counts = aux["mtp_routed_counts"].sum(0) if "mtp_routed_counts" in aux else None
+            _update_expert_biases(model, routed, mtp_counts)
             model_state = split_model(model)[2]
             metrics.update(tokens_per_expert=aux["tokens_per_expert"].sum(0), routed_counts=routed,
                            dropped=aux["dropped"].sum(0))

@@ -120,39 +120,55 @@ def upcycle_params(dense_params: dict, dense: ModelConfig, moe: ModelConfig, moe
     """Fill `moe_params` from `dense_params`; returns it. Both are pure dicts of GPT states in the
     per-layer view (`model.unstack_layers`: `blocks: {i: layer}`)."""
     p = plan(dense, moe, scale_mode)
-    m, G, c = moe.moe, p.granularity, p.scale
-    gated = m.activation in GATED
     key = jax.random.key(seed)
     out = dict(moe_params)
     for name, v in dense_params.items():
-        if name != "blocks":
+        if name not in ("blocks", "mtp"):
             out[name] = v
     for i in range(moe.num_layers):
-        src, dst = dense_params["blocks"][i], dict(out["blocks"][i])
-        for name, v in src.items():
-            if name != "mlp" or not moe.is_moe_layer(i):
-                dst[name] = v
-        if moe.is_moe_layer(i):
-            w1, w2 = _slices(src["mlp"]["w1_DnF"], src["mlp"]["w2_FD"], G, m.num_experts)
-            if scale_mode == "exact":
-                w2 = w2 * c
-            elif gated or m.activation == "squared_relu":  # 3 factors of c^(1/3) (relu² is degree 2)
-                w1, w2 = w1 * c ** (1 / 3), w2 * c ** (1 / 3)
-            else:
-                w1, w2 = w1 * c ** 0.5, w2 * c ** 0.5
-            mlp = dict(dst["mlp"])
-            mlp["experts"] = dict(mlp["experts"], w1_EDnF=w1, w2_EFD=w2)
-            w_DE = mlp["router"]["w_DE"]
-            if p.router_init == "zero":
-                router = jnp.zeros_like(w_DE)
-            else:  # one random row per virtual group, shared by its G experts
-                base = moe.init_std * jax.random.normal(jax.random.fold_in(key, i),
-                                                        (w_DE.shape[0], m.num_experts // G), w_DE.dtype)
-                router = jnp.repeat(base, G, axis=1)
-            mlp["router"] = dict(mlp["router"], w_DE=router)
-            dst["mlp"] = mlp
+        dst = _upcycle_block(dense_params["blocks"][i], out["blocks"][i], moe, p, moe.is_moe_layer(i),
+                             jax.random.fold_in(key, i), scale_mode)
         out["blocks"] = {**out["blocks"], i: dst}
+    if moe.mtp_num_layers:  # each MTP module's block: MoE when the last layer is
+        mtp = dict(out["mtp"])
+        for k in range(moe.mtp_num_layers):
+            src, module = dense_params["mtp"][k], dict(mtp[k])
+            module.update({n: v for n, v in src.items() if n != "block"})
+            module["block"] = _upcycle_block(src["block"], module["block"], moe, p,
+                                             moe.is_moe_layer(moe.num_layers - 1),
+                                             jax.random.fold_in(key, moe.num_layers + k), scale_mode)
+            mtp[k] = module
+        out["mtp"] = mtp
     return out
+
+
+def _upcycle_block(src: dict, dst: dict, moe: ModelConfig, p: Plan, is_moe: bool, key, scale_mode: str) -> dict:
+    """One block's pure dict: attention and norms copied, the MLP sliced into experts when `is_moe`."""
+    m, G, c = moe.moe, p.granularity, p.scale
+    gated = m.activation in GATED
+    dst = dict(dst)
+    for name, v in src.items():
+        if name != "mlp" or not is_moe:
+            dst[name] = v
+    if is_moe:
+        w1, w2 = _slices(src["mlp"]["w1_DnF"], src["mlp"]["w2_FD"], G, m.num_experts)
+        if scale_mode == "exact":
+            w2 = w2 * c
+        elif gated or m.activation == "squared_relu":  # 3 factors of c^(1/3) (relu² is degree 2)
+            w1, w2 = w1 * c ** (1 / 3), w2 * c ** (1 / 3)
+        else:
+            w1, w2 = w1 * c ** 0.5, w2 * c ** 0.5
+        mlp = dict(dst["mlp"])
+        mlp["experts"] = dict(mlp["experts"], w1_EDnF=w1, w2_EFD=w2)
+        w_DE = mlp["router"]["w_DE"]
+        if p.router_init == "zero":
+            router = jnp.zeros_like(w_DE)
+        else:  # one random row per virtual group, shared by its G experts
+            base = moe.init_std * jax.random.normal(key, (w_DE.shape[0], m.num_experts // G), w_DE.dtype)
+            router = jnp.repeat(base, G, axis=1)
+        mlp["router"] = dict(mlp["router"], w_DE=router)
+        dst["mlp"] = mlp
+    return dst
 
 
 def _check_same_shapes(a: dict, b: dict, path: str = "") -> None:

@@ -1,6 +1,7 @@
 """Mean token cross-entropy of a linear LM head, without the [T, V] float32 logits in memory.
 
-`linear_cross_entropy(x_TD, w_DV, targets_T)` = mean_t( logsumexp(x_t @ w) − (x_t @ w)[target_t] ).
+`linear_cross_entropy(x_TD, w_DV, targets_T)` = mean_t( logsumexp(x_t @ w) − (x_t @ w)[target_t] );
+with `weights_T` (e.g. a 0/1 mask) the weighted mean Σ_t w_t·loss_t / Σ_t w_t.
 
 The plain form materialises logits [T, V] (bf16 from the matmul, then float32 for the softmax; at
 T=16384, V=32000 that is 1 GiB + 2 GiB, and the same again for their gradient). Here the tokens go
@@ -23,11 +24,13 @@ BACKENDS = ("auto", "chunked", "reference")
 CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk
 
 
-def reference_linear_cross_entropy(x_TD, w_DV, targets_T):
+def reference_linear_cross_entropy(x_TD, w_DV, targets_T, weights_T=None):
     logits = jnp.dot(x_TD, w_DV, preferred_element_type=jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     gold = jnp.take_along_axis(logits, targets_T[:, None], axis=-1)[:, 0]
-    return jnp.mean(lse - gold)
+    if weights_T is None:
+        return jnp.mean(lse - gold)
+    return jnp.sum(weights_T * (lse - gold)) / jnp.sum(weights_T)
 
 
 def chunk_rows(t: int, v: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -36,66 +39,68 @@ def chunk_rows(t: int, v: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     return max(c for c in range(1, min(t, target) + 1) if t % c == 0) if target < t else t
 
 
-def _chunks(x_TD, targets_T, c):
+def _chunks(x_TD, targets_T, weights_T, c):
     t = x_TD.shape[0]
-    return x_TD.reshape(t // c, c, -1), targets_T.reshape(t // c, c)
+    return x_TD.reshape(t // c, c, -1), targets_T.reshape(t // c, c), weights_T.reshape(t // c, c)
 
 
-def _loss_and_grads(x_TD, w_DV, targets_T, c):
-    """(sum of token losses, dx [T, D], dw [D, V] float32) — gradients of the sum."""
-    xs, ts = _chunks(x_TD, targets_T, c)
+def _loss_and_grads(x_TD, w_DV, targets_T, weights_T, c):
+    """(weighted sum of token losses, dx [T, D], dw [D, V] float32) — gradients of the sum."""
+    xs, ts, ws = _chunks(x_TD, targets_T, weights_T, c)
 
-    def body(dw, xt):
-        x, tg = xt
+    def body(dw, xtw):
+        x, tg, wt = xtw
         logits = jnp.dot(x, w_DV, preferred_element_type=jnp.float32)          # [C, V]
         lse = jax.nn.logsumexp(logits, axis=-1)
         gold = jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0]
         p = jnp.exp(logits - lse[:, None])
-        dlogits = (p - jax.nn.one_hot(tg, w_DV.shape[1], dtype=p.dtype)).astype(x.dtype)
+        dlogits = ((p - jax.nn.one_hot(tg, w_DV.shape[1], dtype=p.dtype)) * wt[:, None]).astype(x.dtype)
         dx = jnp.dot(dlogits, w_DV.T, preferred_element_type=jnp.float32).astype(x.dtype)
         dw = dw + jnp.dot(x.T, dlogits, preferred_element_type=jnp.float32)
-        return dw, (jnp.sum(lse - gold), dx)
+        return dw, (jnp.sum(wt * (lse - gold)), dx)
 
     dw0 = jnp.zeros(w_DV.shape, jnp.float32)
-    dw, (losses, dx) = jax.lax.scan(body, dw0, (xs, ts))
+    dw, (losses, dx) = jax.lax.scan(body, dw0, (xs, ts, ws))
     return jnp.sum(losses), dx.reshape(x_TD.shape), dw
 
 
-def _loss_only(x_TD, w_DV, targets_T, c):
-    xs, ts = _chunks(x_TD, targets_T, c)
+def _loss_only(x_TD, w_DV, targets_T, weights_T, c):
+    xs, ts, ws = _chunks(x_TD, targets_T, weights_T, c)
 
-    def body(total, xt):
-        x, tg = xt
+    def body(total, xtw):
+        x, tg, wt = xtw
         logits = jnp.dot(x, w_DV, preferred_element_type=jnp.float32)
         gold = jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(jax.nn.logsumexp(logits, axis=-1) - gold), None
+        return total + jnp.sum(wt * (jax.nn.logsumexp(logits, axis=-1) - gold)), None
 
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts))[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _chunked(x_TD, w_DV, targets_T, c):
-    return _loss_only(x_TD, w_DV, targets_T, c) / x_TD.shape[0]
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts, ws))[0]
 
 
-def _chunked_fwd(x_TD, w_DV, targets_T, c):
-    total, dx, dw = _loss_and_grads(x_TD, w_DV, targets_T, c)
-    return total / x_TD.shape[0], (dx, dw.astype(w_DV.dtype), x_TD.shape[0])
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked(x_TD, w_DV, targets_T, weights_T, c):
+    return _loss_only(x_TD, w_DV, targets_T, weights_T, c) / jnp.sum(weights_T)
+
+
+def _chunked_fwd(x_TD, w_DV, targets_T, weights_T, c):
+    total, dx, dw = _loss_and_grads(x_TD, w_DV, targets_T, weights_T, c)
+    den = jnp.sum(weights_T)
+    return total / den, (dx, dw.astype(w_DV.dtype), den)
 
 
 def _chunked_bwd(c, res, g):
-    dx, dw, t = res
-    scale = g / t
-    return (dx * scale.astype(dx.dtype)).astype(dx.dtype), (dw * scale.astype(dw.dtype)), None
+    dx, dw, den = res
+    scale = g / den
+    return (dx * scale.astype(dx.dtype)).astype(dx.dtype), (dw * scale.astype(dw.dtype)), None, None
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def linear_cross_entropy(x_TD, w_DV, targets_T, *, backend: str = "auto",
+def linear_cross_entropy(x_TD, w_DV, targets_T, weights_T=None, *, backend: str = "auto",
                          chunk: int | None = None) -> jax.Array:
-    """Mean over T of the cross-entropy of logits x_TD @ w_DV against targets_T (float32 scalar).
-    `chunk`: rows per chunk (must divide T; default from `CHUNK_BYTES`)."""
+    """Mean over T of the cross-entropy of logits x_TD @ w_DV against targets_T (float32 scalar);
+    with `weights_T` [T] (not differentiated; e.g. a 0/1 mask) the weighted mean. `chunk`: rows per
+    chunk (must divide T; default from `CHUNK_BYTES`)."""
     if backend not in BACKENDS:
         raise ValueError(f"linear_cross_entropy: backend={backend!r} is invalid: one of {list(BACKENDS)}")
     if x_TD.ndim != 2 or w_DV.ndim != 2 or targets_T.shape != x_TD.shape[:1]:
@@ -103,10 +108,14 @@ def linear_cross_entropy(x_TD, w_DV, targets_T, *, backend: str = "auto",
                          f"{x_TD.shape}, {w_DV.shape}, {targets_T.shape}")
     if x_TD.shape[1] != w_DV.shape[0]:
         raise ValueError(f"linear_cross_entropy: x has D={x_TD.shape[1]} but w has {w_DV.shape[0]} rows")
+    if weights_T is not None and weights_T.shape != targets_T.shape:
+        raise ValueError(f"linear_cross_entropy: weights must be [T] like targets; got {weights_T.shape}")
     targets_T = targets_T.astype(jnp.int32)
     if backend == "reference":
-        return reference_linear_cross_entropy(x_TD, w_DV, targets_T)
+        return reference_linear_cross_entropy(x_TD, w_DV, targets_T, weights_T)
     c = chunk or chunk_rows(x_TD.shape[0], w_DV.shape[1])
     if x_TD.shape[0] % c:
         raise ValueError(f"linear_cross_entropy: chunk={c} must divide T={x_TD.shape[0]}")
-    return _chunked(x_TD, w_DV, targets_T, c)
+    weights_T = (jnp.ones(targets_T.shape, jnp.float32) if weights_T is None
+                 else jax.lax.stop_gradient(weights_T.astype(jnp.float32)))
+    return _chunked(x_TD, w_DV, targets_T, weights_T, c)

@@ -316,3 +316,50 @@ def test_runner_resume_under_another_ep_layout(tmp_path):
         shutil.rmtree(tmp_path / "checkpoints" / "4")
         train(tiny(*base, *par), progress=False, log=lambda *a: None, resume=True)
         np.testing.assert_allclose(history(), full, rtol=2e-5, err_msg=str(par))
+
+
+MLA = ["model.attention_type=mla", "model.q_lora_rank=8", "model.kv_lora_rank=8", "model.qk_nope_head_dim=4",
+       "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.mtp_num_layers=1", "moe.layer_freq=[0,1]"]
+
+
+def test_mla_mtp_restore_into_parallel_layout(tmp_path):
+    """MLA and MTP parameters (and their optimizer moments) restore into a (tp2, ep2) layout, sharded
+    by their logical axes."""
+    cfg = tiny(*MLA)
+    _, state = fresh(cfg)
+    ck = C.Checkpointer(tmp_path, async_save=False)
+    ck.save(state)
+    layout = parallel.make_layout(ParallelConfig(data=-1, tensor=2, expert=2), cfg.model)
+    restored = ck.restore(C.abstract_state(state, parallel.tree_shardings(state, layout)))
+    ck.close()
+    leaves_equal(restored, state)
+    wk = restored.params["stacks"][0]["attn"]["wk_b_CNZ"][...]
+    mu = restored.opt_state[1][0].mu["stacks"][0]["attn"]["wk_b_CNZ"][...]
+    assert tuple(wk.sharding.spec) == (None, None, "tensor", None) and mu.sharding == wk.sharding
+    w1 = restored.params["mtp"][0]["block"]["mlp"]["experts"]["w1_EDnF"][...]
+    assert w1.sharding.spec[0] == "expert" and w1.sharding.mesh.shape["expert"] == 2
+
+
+@pytest.mark.slow
+def test_mla_mtp_state_reshards_on_restore(tmp_path):
+    """An MLA model with an (MoE) MTP module: trained under (fsdp2, ep4), saved, restored under (tp2,
+    ep2) with MLA and MTP parameters sharded by their logical axes; the next step's loss is the same."""
+    cfg = tiny(*MLA)
+    data = make_dataset(cfg.train, cfg.model.vocab_size)
+    graphdef, init = fresh(cfg)
+    step_fn = step_fn_for(cfg, graphdef)
+    layout_a = parallel.make_layout(ParallelConfig(data=-1, fsdp=2, expert=4), cfg.model)
+    layout_b = parallel.make_layout(ParallelConfig(data=-1, tensor=2, expert=2), cfg.model)
+    state, _ = run(step_fn, C.reshard(init, parallel.tree_shardings(init, layout_a)), data, 2)
+    ck = C.Checkpointer(tmp_path)
+    ck.save(state)
+    ck.wait()
+    restored = ck.restore(C.abstract_state(init, parallel.tree_shardings(init, layout_b)))
+    ck.close()
+    leaves_equal(restored, state)
+    wk = restored.params["stacks"][0]["attn"]["wk_b_CNZ"][...]
+    assert tuple(wk.sharding.spec) == (None, None, "tensor", None)  # [layers, C, N, Z]: heads over tensor
+    w1 = restored.params["mtp"][0]["block"]["mlp"]["experts"]["w1_EDnF"][...]
+    assert w1.sharding.spec[0] == "expert" and w1.sharding.mesh.shape["expert"] == 2
+    (_, la), (_, lb) = run(step_fn, state, data, 1), run(step_fn, restored, data, 1)
+    np.testing.assert_allclose(lb, la, rtol=2e-5)

@@ -42,3 +42,27 @@ def test_chunk_rows_and_errors():
         linear_cross_entropy(x, jnp.zeros((3, 5)), t)
     with pytest.raises(ValueError, match="backend"):
         linear_cross_entropy(x, w, t, backend="triton")
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_weighted_matches_reference_and_masked_subset(chunk):
+    T, D, V = 48, 16, 40
+    ks = jax.random.split(jax.random.key(7), 4)
+    x = jax.random.normal(ks[0], (T, D))
+    w = 0.3 * jax.random.normal(ks[1], (D, V))
+    tg = jax.random.randint(ks[2], (T,), 0, V)
+    wt = jax.random.uniform(ks[3], (T,)) * (jnp.arange(T) % 3 != 0)  # zeros and random weights
+
+    def f(x, w, backend):
+        return 3.0 * linear_cross_entropy(x, w, tg, wt, backend=backend, chunk=chunk)
+
+    l1, g1 = jax.value_and_grad(f, argnums=(0, 1))(x, w, "chunked")
+    l2, g2 = jax.value_and_grad(f, argnums=(0, 1))(x, w, "reference")
+    np.testing.assert_allclose(l1, l2, rtol=2e-6)
+    for a, b in zip(g1, g2):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # a 0/1 mask is the plain mean over the kept rows
+    keep = np.arange(T) < 30
+    masked = linear_cross_entropy(x, w, tg, jnp.asarray(keep, jnp.float32), chunk=chunk)
+    np.testing.assert_allclose(masked, linear_cross_entropy(x[:30], w, tg[:30], backend="reference"),
+                               rtol=2e-6)

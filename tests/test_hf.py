@@ -15,7 +15,11 @@ COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_la
 ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None, head_dim=16)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict()),
+    "llama_yarn": ("LlamaConfig", "LlamaForCausalLM", dict(rope_parameters=dict(  # 12 tokens > 8 positions
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8, mscale=0.9,
+        mscale_all_dim=0.7))),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_parameters=dict(  # linear RoPE scaling
+        rope_type="linear", rope_theta=10000.0, factor=3.0))),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16)),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                             sliding_window=None)),
@@ -88,8 +92,8 @@ def test_routing_semantics_map_to_moe_config():
 
 @pytest.mark.parametrize("field,value,match", [
     ("model_type", "gpt2", "model_type='gpt2'"),
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "rope_type"),
-    ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling"),
+    ("rope_parameters", {"rope_type": "llama3", "rope_theta": 1e4, "factor": 4.0}, "rope_type='llama3'"),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "rope_scaling.rope_type='dynamic'"),
     ("sliding_window", 16, "sliding_window=16"),
     ("hidden_act", "relu", "hidden_act='relu'"),
     ("mlp_bias", True, "mlp_bias"),

@@ -53,8 +53,8 @@ def _cut(fraction):
     (None, "[1, 2]", None, r"m/config.json must hold a JSON object"),
     (None, None, _cut(0.01), r"m/model.safetensors is not a readable safetensors file"),
     (None, None, _cut(0.66), r"m/model.safetensors is not a readable safetensors file"),
-    (lambda c: c.update(rope_scaling={"rope_type": "linear", "factor": 2.0}), None, None,
-     r"rope_scaling.rope_type='linear' is not supported"),
+    (lambda c: c.update(rope_scaling={"rope_type": "longrope", "factor": 2.0}), None, None,
+     r"rope_scaling.rope_type='longrope' is not supported"),
 ])
 def test_load_hf_errors_name_file_field_or_tensor(exported, tmp_path, edit, text, damage, match):
     with pytest.raises(ValueError, match=match):
@@ -69,8 +69,10 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers():
     assert config_from_hf(hf).rope_theta == 10000.0
     hf["rope_scaling"] = {"rope_type": "default", "rope_theta": 500000.0}
     assert config_from_hf(hf).rope_theta == 500000.0
+    hf["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    assert config_from_hf(hf).rope_scaling.factor == 4.0
     hf["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
-    with pytest.raises(ValueError, match=r"rope_scaling.rope_type='yarn' is not supported"):
+    with pytest.raises(ValueError, match=r"lacks the required field 'rope_scaling.original_max_position_emb"):
         config_from_hf(hf)
 
 

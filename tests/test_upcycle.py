@@ -161,3 +161,19 @@ def test_script_writes_a_resumable_checkpoint(dense, tmp_path, capsys):
     assert cli.main(args[:-1] + ["moe.router_topk=2"]) == 2
     assert "--out " + str(out) + " already holds the checkpoints [0, 1]" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_mla_with_mtp_upcycles_exactly():
+    """An MLA model with an MTP module: attention copied, the MTP block upcycled like the last layer;
+    step-0 logits and MTP loss equal the dense model's."""
+    from moe_jax.mtp import mtp_loss
+    dense_cfg = dataclasses.replace(DENSE, attention_type="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
+                                    qk_rope_head_dim=4, v_head_dim=4, mtp_num_layers=1)
+    model = GPT(dense_cfg, rngs=nnx.Rngs(0))
+    cfg = dataclasses.replace(dense_cfg, moe=MoEConfig(num_experts=8, router_topk=4, ffn_hidden_size=32))
+    up = upcycle(model, cfg)
+    assert up.mtp[0].block.is_moe
+    assert max_rel(up(TOKENS)[0], model(TOKENS)[0]) < 1e-5
+    inputs, targets = TOKENS[:, :-1], TOKENS[:, 1:]
+    ours, ref = (mtp_loss(m, m.trunk(inputs)[0], targets)[0] for m in (up, model))
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)

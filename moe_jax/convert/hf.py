@@ -3,16 +3,17 @@
 Local directories only (`config.json` + `model.safetensors`, or sharded with
 `model.safetensors.index.json`), read and written with the `safetensors` library; no torch needed.
 Architectures: Llama, Mistral, Qwen2, Qwen3 (dense); Mixtral; Qwen2-MoE (shared expert + sigmoid
-gate); Qwen3-MoE. Anything else — another `model_type`, RoPE scaling, sliding windows that bind,
-biases we do not have, unknown tensors — fails with a ValueError that names the field or tensor.
-
-Layouts: HF `nn.Linear` weights are [out, in]; ours are [in, ...out] with heads split out
-(`wq_DNH`), gate/up stacked as `w1_DnF[:, 0] = gate, [:, 1] = up`. RoPE is rotate-half on both sides,
-so q/k need no permutation.
+gate); Qwen3-MoE; DeepSeek-V2/V3 (MLA, with V3's MTP modules, which transformers itself drops, read and
+written straight from/to the safetensors). RoPE default, linear or YaRN. Anything else — another
+`model_type` or rope type, sliding windows that bind, biases we do not have, unknown tensors — fails with
+a ValueError that names the field or tensor. Config mapping: `hf_config.py` (`hf_deepseek.py`); tensor
+names and layouts: `hf_tensors.py`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,78 +26,10 @@ from safetensors.flax import save_file
 
 from moe_jax.config import ModelConfig
 from moe_jax.convert.hf_config import config_from_hf, config_to_hf, pick_arch
+from moe_jax.convert.hf_tensors import mtp_tensor_map, tensor_map
 from moe_jax.model import GPT, stack_layers, unstack_layers
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-# ---------------------------------------------------------------------------------------------
-# tensors: HF name -> (our path, to_ours, to_hf)
-
-def _lin(shape_ours):
-    """HF Linear [out, in] <-> ours [in, *out_split] (e.g. q_proj [N*H, D] <-> wq_DNH [D, N, H])."""
-    return (lambda w: w.T.reshape(shape_ours), lambda w: w.reshape(w.shape[0], -1).T)
-
-
-def _lin_in_split(shape_ours):
-    """HF Linear [out, in] <-> ours [*in_split, out] (o_proj [D, N*H] <-> wo_NHD [N, H, D])."""
-    return (lambda w: w.T.reshape(shape_ours), lambda w: w.reshape(-1, w.shape[-1]).T)
-
-
-def _same(shape):
-    return (lambda w: w.reshape(shape), lambda w: w)
-
-
-def _flat(shape):
-    """HF bias [N*H] <-> ours [N, H]."""
-    return (lambda w: w.reshape(shape), lambda w: w.reshape(-1))
-
-
-def _mlp_names(hf_prefix: str, arch: str, expert: int | None = None) -> dict:
-    """Our (gate, up, down) slots -> HF names for one MLP."""
-    if arch == "mixtral" and expert is not None:
-        g, u, d = "w1", "w3", "w2"
-    else:
-        g, u, d = "gate_proj", "up_proj", "down_proj"
-    return {"gate": f"{hf_prefix}.{g}.weight", "up": f"{hf_prefix}.{u}.weight", "down": f"{hf_prefix}.{d}.weight"}
-
-
-def tensor_map(cfg: ModelConfig, arch: str) -> list[tuple[str, tuple, Any]]:
-    """[(hf_name, our path tuple, (to_ours, to_hf) or a special tag)] for every tensor."""
-    d, n, kv, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
-    out = [("model.embed_tokens.weight", ("embed_VD",), _same((cfg.vocab_size, d))),
-           ("model.norm.weight", ("final_norm", "scale"), _same((d,)))]
-    if not cfg.tie_embeddings:
-        out.append(("lm_head.weight", ("head_DV",), (lambda w: w.T, lambda w: w.T)))
-    for i in range(cfg.num_layers):
-        p, b = f"model.layers.{i}", ("blocks", i)
-        a = f"{p}.self_attn"
-        out += [(f"{p}.input_layernorm.weight", b + ("attn_norm", "scale"), _same((d,))),
-                (f"{p}.post_attention_layernorm.weight", b + ("mlp_norm", "scale"), _same((d,))),
-                (f"{a}.q_proj.weight", b + ("attn", "wq_DNH"), _lin((d, n, h))),
-                (f"{a}.k_proj.weight", b + ("attn", "wk_DKH"), _lin((d, kv, h))),
-                (f"{a}.v_proj.weight", b + ("attn", "wv_DKH"), _lin((d, kv, h))),
-                (f"{a}.o_proj.weight", b + ("attn", "wo_NHD"), _lin_in_split((n, h, d)))]
-        if cfg.attention_bias:
-            out += [(f"{a}.q_proj.bias", b + ("attn", "bq_NH"), _flat((n, h))),
-                    (f"{a}.k_proj.bias", b + ("attn", "bk_KH"), _flat((kv, h))),
-                    (f"{a}.v_proj.bias", b + ("attn", "bv_KH"), _flat((kv, h)))]
-        if cfg.qk_norm:
-            out += [(f"{a}.q_norm.weight", b + ("attn", "q_norm", "scale"), _same((h,))),
-                    (f"{a}.k_norm.weight", b + ("attn", "k_norm", "scale"), _same((h,)))]
-        if not cfg.is_moe_layer(i):
-            out.append((_mlp_names(f"{p}.mlp", arch), b + ("mlp",), "mlp"))
-            continue
-        m = cfg.moe
-        moe_p = f"{p}.block_sparse_moe" if arch == "mixtral" else f"{p}.mlp"
-        out.append((f"{moe_p}.gate.weight", b + ("mlp", "router", "w_DE"), (lambda w: w.T, lambda w: w.T)))
-        out.append(([_mlp_names(f"{moe_p}.experts.{e}", arch, e) for e in range(m.num_experts)],
-                     b + ("mlp", "experts"), "experts"))
-        if m.shared_expert_intermediate_size:
-            out.append((_mlp_names(f"{moe_p}.shared_expert", arch), b + ("mlp", "shared", "mlp"), "mlp"))
-            out.append((f"{moe_p}.shared_expert_gate.weight", b + ("mlp", "shared", "gate_D"),
-                        (lambda w: w.reshape(-1), lambda w: w.reshape(1, -1))))
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,22 +145,9 @@ def _paths(tree: dict, prefix: tuple = ()):
             yield prefix + (k,)
 
 
-def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, GPT]:
-    """Load a local Hugging Face checkpoint directory into our GPT (weights cast to `dtype`)."""
-    path = Path(path)
-    config_file = path / "config.json"
-    hf = _read_json(config_file)
-    try:
-        cfg = config_from_hf(hf, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"{config_file}: {e}") from None
-    arch = hf["model_type"]
-    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    pure = unstack_layers(state.to_pure_dict(), cfg)  # per-layer `blocks` view of the stacks
-    r = _Reader(path)
-    filled = set()
-    for name, ours, conv in tensor_map(cfg, arch):
+def _load_entries(r: _Reader, pure: dict, entries: list, dtype: str, filled: set) -> None:
+    """Read `entries` (see `tensor_map`) from `r` into the pure state dict `pure`, noting what was filled."""
+    for name, ours, conv in entries:
         if conv == "mlp":
             d, _, f = _get(pure, ours + ("w1_DnF",)).shape
             g, u, dn = _gate_up_down(r, name, d, f)
@@ -240,10 +160,45 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
             _set(pure, ours + ("w1_EDnF",), w1, dtype)
             _set(pure, ours + ("w2_EFD",), w2, dtype)
             filled.update({ours + ("w1_EDnF",), ours + ("w2_EFD",)})
+        elif conv == "bias":  # router state: stays float32 whatever the weights' dtype
+            _set(pure, ours, r.get(name, _get(pure, ours).shape), "float32")
+            filled.add(ours)
+        elif conv[0] == "copy":  # an MTP module's copy of the main embedding / head: must be equal
+            if not np.array_equal(np.asarray(r.get(name)), np.asarray(r.get(conv[1]))):
+                raise ValueError(f"tensor {name} differs from {conv[1]}: the MTP modules share the main "
+                                 f"model's embedding and LM head here")
+        elif conv[0] == "multi":  # one HF tensor <-> several of ours
+            hf_shape = jax.eval_shape(conv[2], *(_get(pure, o) for o in ours)).shape
+            for o, v in zip(ours, conv[1](r.get(name, hf_shape))):
+                _set(pure, o, v, dtype)
+                filled.add(o)
         else:
             hf_shape = jax.eval_shape(conv[1], _get(pure, ours)).shape  # what config.json implies
             _set(pure, ours, conv[0](r.get(name, hf_shape)), dtype)
             filled.add(ours)
+
+
+def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, GPT]:
+    """Load a local Hugging Face checkpoint directory into our GPT (weights cast to `dtype`)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    hf = _read_json(config_file)
+    try:
+        cfg = config_from_hf(hf, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_file}: {e}") from None
+    arch, interleave = hf["model_type"], hf.get("rope_interleave", True)
+    r = _Reader(path)
+    if cfg.mtp_num_layers and not r.has(f"model.layers.{cfg.num_layers}.eh_proj.weight"):
+        warnings.warn(f"{path}: config.json names {cfg.mtp_num_layers} MTP layers but the checkpoint holds none "
+                      f"(transformers' save_pretrained drops them): loaded with mtp_num_layers=0", stacklevel=2)
+        cfg = dataclasses.replace(cfg, mtp_num_layers=0)
+    abstract = nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    pure = unstack_layers(state.to_pure_dict(), cfg)  # per-layer `blocks` view of the stacks
+    filled: set = set()
+    entries = tensor_map(cfg, arch, rope_interleave=interleave)
+    _load_entries(r, pure, entries + mtp_tensor_map(cfg, arch, rope_interleave=interleave), dtype, filled)
     if r.unused():
         raise ValueError(f"{path}: {len(r.unused())} tensors have no place in a {arch} model as configured "
                          f"(an unsupported feature?): {r.unused()[:10]}")
@@ -253,6 +208,29 @@ def load_hf(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, G
         raise ValueError(f"{path}: no tensors for {missing[:10]}")
     state.replace_by_pure_dict(stack_layers(pure, cfg))
     return cfg, nnx.merge(graphdef, state)
+
+
+def _save_entries(get, entries: list, tensors: dict) -> None:
+    """HF tensors for `entries` (see `tensor_map`), reading ours with `get(path)`, into `tensors`."""
+    for name, ours, conv in entries:
+        if conv == "mlp":
+            w1, w2 = get(ours + ("w1_DnF",)), get(ours + ("w2_FD",))
+            tensors.update({name["gate"]: w1[:, 0].T, name["up"]: w1[:, 1].T, name["down"]: w2.T})
+        elif conv == "experts":
+            w1, w2 = get(ours + ("w1_EDnF",)), get(ours + ("w2_EFD",))
+            for e, nm in enumerate(name):
+                tensors.update({nm["gate"]: w1[e, :, 0].T, nm["up"]: w1[e, :, 1].T, nm["down"]: w2[e].T})
+        elif conv == "bias":  # a model without expert bias exports zeros (the same routing)
+            try:
+                tensors[name] = get(ours)
+            except KeyError:
+                tensors[name] = np.zeros(get(ours[:-1] + ("w_DE",)).shape[-1], np.float32)
+        elif conv[0] == "copy":
+            tensors[name] = tensors[conv[1]]
+        elif conv[0] == "multi":
+            tensors[name] = np.asarray(conv[2](*(get(o) for o in ours)))
+        else:
+            tensors[name] = np.asarray(conv[1](get(ours)))
 
 
 def save_hf(model: GPT, cfg: ModelConfig, path: str | Path, *, arch: str | None = None,
@@ -271,16 +249,7 @@ def save_hf(model: GPT, cfg: ModelConfig, path: str | Path, *, arch: str | None 
         return np.asarray(jax.device_get(d), np.float32)
 
     tensors: dict[str, np.ndarray] = {}
-    for name, ours, conv in tensor_map(cfg, arch):
-        if conv == "mlp":
-            w1, w2 = get(ours + ("w1_DnF",)), get(ours + ("w2_FD",))
-            tensors.update({name["gate"]: w1[:, 0].T, name["up"]: w1[:, 1].T, name["down"]: w2.T})
-        elif conv == "experts":
-            w1, w2 = get(ours + ("w1_EDnF",)), get(ours + ("w2_EFD",))
-            for e, nm in enumerate(name):
-                tensors.update({nm["gate"]: w1[e, :, 0].T, nm["up"]: w1[e, :, 1].T, nm["down"]: w2[e].T})
-        else:
-            tensors[name] = conv[1](get(ours))
+    _save_entries(get, tensor_map(cfg, arch) + mtp_tensor_map(cfg, arch), tensors)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     shards, cur, size = [], {}, 0
     for k in sorted(tensors):
