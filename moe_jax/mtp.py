@@ -53,11 +53,12 @@ def shifted_targets(targets_BS: jax.Array, k: int) -> tuple[jax.Array, jax.Array
 
 
 def mtp_loss(model, h_BSD: jax.Array, targets_BS: jax.Array, *, rng: jax.Array | None = None,
-             layout=None) -> tuple[jax.Array, dict]:
+             layout=None, remat=None) -> tuple[jax.Array, dict]:
     """Mean over the model's MTP modules of their masked cross-entropies (not yet scaled by
     `mtp_loss_scaling_factor`), and aux: `losses` (the modules' router losses, summed) and, when the
     blocks are MoE, `routed_counts` / `tokens_per_expert` [D, E]. `h_BSD`: the main model's last layer
-    output (before its final norm); `targets_BS`: the main model's targets (inputs shifted by one)."""
+    output (before its final norm); `targets_BS`: the main model's targets (inputs shifted by one).
+    `remat`: None, or a wrapper of each module's call (`jax.checkpoint` with the model's policy)."""
     cfg = model.cfg
     cos, sin = model_rope_tables(cfg, h_BSD.shape[1])
     head, embed = model.head(), model.embed_VD[...]
@@ -66,7 +67,12 @@ def mtp_loss(model, h_BSD: jax.Array, targets_BS: jax.Array, *, rng: jax.Array |
     for k, module in enumerate(model.mtp, start=1):
         e = jnp.take(embed, jnp.roll(targets_BS, 1 - k, axis=1), axis=0)  # t_{i+k} = targets[i+k-1]
         r = None if rng is None else jax.random.fold_in(rng, cfg.num_layers + k)
-        h, normed, aux = module(h, e, cos, sin, r, layout)
+        graphdef, state = nnx.split(module)
+
+        def call(state, h, e, r, graphdef=graphdef):
+            return nnx.merge(graphdef, state)(h, e, cos, sin, r, layout)
+
+        h, normed, aux = (call if remat is None else remat(call))(state, h, e, r)
         labels, mask = shifted_targets(targets_BS, k)
         losses.append(ops.linear_cross_entropy(normed.reshape(-1, normed.shape[-1]), head,
                                                labels.reshape(-1), mask.reshape(-1)))

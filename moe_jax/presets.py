@@ -168,11 +168,11 @@ def parse_typed(text: str, kinds: Sequence[str], where: str) -> Any:
     t = text.strip()
     if "None" in kinds and t.lower() in _NULLS:
         return None
-    if "bool" in kinds:
-        if t.lower() not in ("true", "false"):
-            raise ValueError(f"{where}={text!r} is invalid: must be {describe_kinds(kinds)}")
+    if "bool" in kinds and t.lower() in ("true", "false"):
         return t.lower() == "true"
-    if kinds == ["str"] or kinds == ["str", "None"]:
+    if "bool" in kinds and "str" not in kinds:
+        raise ValueError(f"{where}={text!r} is invalid: must be {describe_kinds(kinds)}")
+    if set(kinds) <= {"str", "bool", "None"}:  # e.g. remat: str | bool takes `selective`
         quoted = len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""
         return t[1:-1] if quoted else text
     return _parse_value(text)

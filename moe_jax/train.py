@@ -13,7 +13,7 @@ import ops
 
 from moe_jax import parallel
 from moe_jax.config import ModelConfig, TrainConfig
-from moe_jax.model import GPT
+from moe_jax.model import GPT, REMAT_POLICIES
 from moe_jax.mtp import mtp_loss
 
 
@@ -118,7 +118,9 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
                                       targets.reshape(-1))  # no [B, S, V] logits in memory
         total = ce
         if model.mtp is not None:  # multi-token prediction: its loss scaled, its router losses as they are
-            mtp, mtp_aux = mtp_loss(model, h_BSD, targets, rng=rng, layout=layout)
+            remat = (None if model.cfg.remat == "none" else  # the model's remat policy, as its layers
+                     lambda f: jax.checkpoint(f, policy=REMAT_POLICIES[model.cfg.remat], prevent_cse=False))
+            mtp, mtp_aux = mtp_loss(model, h_BSD, targets, rng=rng, layout=layout, remat=remat)
             total = total + model.cfg.mtp_loss_scaling_factor * mtp
             aux = {**aux, "losses": _add_losses(aux["losses"], mtp_aux["losses"]), "mtp_loss": mtp}
             if "routed_counts" in mtp_aux:

@@ -173,3 +173,10 @@ def test_grad_accum_layout_error_names_the_batch_size_set():
     with pytest.raises(ValueError, match=r"TrainConfig.batch_size=8 is invalid with grad_accum=2: .*"
                                          r"\(batch_size/grad_accum = 4\) .* multiple of 16"):
         parallel.layout_for(cfg)
+
+
+def test_str_or_bool_override_takes_a_string():
+    assert load_config("tiny_moe", ["model.remat=selective"]).model.remat == "selective"
+    assert load_config("tiny_moe", ["model.remat=true"]).model.remat == "full"
+    with pytest.raises(ValueError, match="remat"):
+        load_config("tiny_moe", ["model.remat=sometimes"])

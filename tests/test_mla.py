@@ -65,7 +65,8 @@ def naive_mla(p: dict, cfg: ModelConfig, x_BSD, cos, sin):
     return jnp.stack(outs)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(q_lora_rank=None, rope_scaling=YARN)], ids=["q_lora", "plain_q_yarn"])
+@pytest.mark.parametrize("kw", [dict(rope_scaling=YARN), pytest.param(dict(q_lora_rank=None), marks=pytest.mark.slow)],
+                         ids=["q_lora_yarn", "plain_q"])
 def test_mla_matches_naive_reference(kw):
     cfg = mla_cfg(**kw)
     graphdef, state = nnx.split(MLAttention(cfg, rngs=nnx.Rngs(1)))
@@ -142,6 +143,7 @@ def test_mla_config_errors(kw, match):
         mla_cfg(**kw)
 
 
+@pytest.mark.slow
 def test_gqa_with_linear_rope_scaling_runs():
     cfg = dataclasses.replace(mla_cfg(), attention_type="gqa", q_lora_rank=None, kv_lora_rank=None,
                               qk_nope_head_dim=None, qk_rope_head_dim=None, v_head_dim=None, num_heads=4,
