@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moe_jax.attention import Attention, rope_tables
+from moe_jax.attention import Attention
 from moe_jax.config import ModelConfig
 from moe_jax.evaluate import for_inference
 from moe_jax.model import GPT
+from moe_jax.rope import model_rope_tables
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
@@ -45,7 +46,7 @@ def forward_cached(model: GPT, tokens_BS: jax.Array, cache: dict, pos: jax.Array
     cfg = model.cfg
     s, s_max = tokens_BS.shape[1], cache["k"].shape[2]
     x = jnp.take(model.embed_VD[...], tokens_BS, axis=0).astype(jnp.dtype(cfg.dtype))
-    cos, sin = rope_tables(s_max, cfg.head_dim_, cfg.rope_theta)
+    cos, sin = model_rope_tables(cfg, s_max)
     cos, sin = (jax.lax.dynamic_slice_in_dim(t, pos, s, axis=0) for t in (cos, sin))
     k_cache, v_cache = cache["k"], cache["v"]
     for i, block in enumerate(model.layers()):

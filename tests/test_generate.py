@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax.config import ModelConfig, MoEConfig
+from moe_jax.config import ModelConfig, MoEConfig, RopeScalingConfig
 from moe_jax.evaluate import for_inference, inference_config
 from moe_jax.generate import generate, nucleus_logits
 from moe_jax.model import GPT
@@ -26,7 +26,10 @@ def full_forward_argmax(model: GPT, seq: np.ndarray) -> np.ndarray:
     return np.asarray(jnp.argmax(for_inference(model)(jnp.asarray(seq))[0], -1))
 
 
-@pytest.mark.parametrize("c", [cfg(MOE),  # GQA 4/2; its layer 0 is dense, layer 1 MoE
+YARN = RopeScalingConfig(type="yarn", factor=4.0, original_max_position_embeddings=4)  # 11 positions > 4
+
+
+@pytest.mark.parametrize("c", [cfg(MOE, rope_scaling=YARN),  # GQA 4/2; layer 0 dense, layer 1 MoE; YaRN
                                pytest.param(cfg(num_kv_heads=1), marks=pytest.mark.slow)], ids=["moe_gqa", "dense_mqa"])
 def test_greedy_equals_full_forward_argmax(c):
     model = GPT(c, rngs=nnx.Rngs(1))

@@ -267,7 +267,7 @@ def test_tiny_deepseek_v3_preset_exports_to_transformers(tmp_path):
 
     from moe_jax.model import GPT
     from moe_jax.presets import load_config
-    cfg = load_config("tiny_deepseek_v3", ["model.norm_eps=1e-6", "moe.router_group_topk=1"]).model
+    cfg = load_config("tiny_deepseek_v3").model
     graphdef, state = nnx.split(nnx.eval_shape(lambda: GPT(cfg, rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.1, s.shape), s.dtype), state)
