@@ -126,7 +126,7 @@ def test_script_writes_a_resumable_checkpoint(dense, tmp_path, capsys):
     ck.save(state, config=to_dict(Config(model=DENSE, train=tc)))
     ck.close()
     tiktoken = pytest.importorskip("tiktoken")
-    from moe_jax.tokenizer import TiktokenTokenizer, run_tokenizer, save_run_tokenizer
+    from moe_jax.tokenizer import TiktokenTokenizer, run_tokenizer, same_tokenizer, save_run_tokenizer
     dense_tok = TiktokenTokenizer(tiktoken.Encoding(  # the dense run's tokenizer: 64 ids, EOS 63
         name="tiny", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i - 32 for i in range(32, 95)},
         special_tokens={"<|endoftext|>": 63}))
@@ -144,7 +144,8 @@ def test_script_writes_a_resumable_checkpoint(dense, tmp_path, capsys):
     diff = float(printed.split("logits = ")[1].split()[0])
     assert diff < 1e-5
 
-    assert run_tokenizer(out).meta() == dense_tok.meta()  # the upcycled run keeps it
+    kept = run_tokenizer(out).meta()  # the upcycled run keeps it (the same files: same hash)
+    assert same_tokenizer(kept, dense_tok.meta()) and kept["sha256"] == dense_tok.meta()["sha256"]
     cfg, up = load_model(out)
     assert cfg.model.moe.num_experts == 8 and C.Checkpointer(out / "checkpoints").all_steps() == [0]
     assert max_rel(up(TOKENS)[0], ref) < 1e-5
