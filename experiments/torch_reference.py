@@ -167,9 +167,9 @@ class MLP(nn.Module):
         return swiglu(x @ self.w1) @ self.w2
 
 
-def group_limited_topk(sel, k, groups, group_topk):
+def group_limited_topk(sel, k, groups, group_topk, score_topk=None):
     t, e = sel.shape
-    group_score = sel.view(t, groups, e // groups).topk(k // group_topk, dim=-1).values.sum(-1)
+    group_score = sel.view(t, groups, e // groups).topk(score_topk or k // group_topk, dim=-1).values.sum(-1)
     keep = torch.zeros(t, groups, dtype=torch.bool, device=sel.device)
     keep.scatter_(1, group_score.topk(group_topk, dim=-1).indices, True)
     keep = keep[:, :, None].expand(t, groups, e // groups).reshape(t, e)
@@ -186,7 +186,8 @@ def route(logits, c, bias, seq_len):
     scores = logits if fn == "softmax" else (logits.sigmoid() if fn == "sigmoid" else F.softplus(logits).sqrt())
     sel = scores.detach() + (0.0 if bias is None else bias)
     with torch.no_grad():
-        experts = (group_limited_topk(sel, k, c["router_num_groups"], c["router_group_topk"])
+        experts = (group_limited_topk(sel, k, c["router_num_groups"], c["router_group_topk"],
+                                      c.get("router_group_score_topk"))
                    if c["router_num_groups"] else sel.topk(k, dim=-1).indices)
     weights = scores.gather(1, experts)
     if fn == "softmax":

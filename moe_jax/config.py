@@ -111,6 +111,9 @@ class MoEConfig:
     router_topk_scaling_factor: float | None = None
     router_num_groups: int | None = None
     router_group_topk: int | None = None
+    # a group's score: the sum of its top `router_group_score_topk` selection scores; None =
+    # router_topk // router_group_topk (Megatron); DeepSeek-V3 uses 2, DeepSeek-V2 1 (its best expert)
+    router_group_score_topk: int | None = None
     router_enable_expert_bias: bool = False
     router_bias_update_rate: float = 1e-3
     router_load_balancing_type: str = "aux_loss"
@@ -164,14 +167,22 @@ class MoEConfig:
             if self.router_group_topk > self.router_num_groups:
                 _fail(c, "router_group_topk", self.router_group_topk,
                       f"must be <= router_num_groups ({self.router_num_groups})")
-            if self.router_topk % self.router_group_topk:
-                _fail(c, "router_group_topk", self.router_group_topk,
-                      f"must divide router_topk ({self.router_topk})")
             per_group = self.num_experts // self.router_num_groups
+            if self.router_group_score_topk is None and self.router_topk % self.router_group_topk:
+                _fail(c, "router_group_topk", self.router_group_topk,
+                      f"must divide router_topk ({self.router_topk}) unless router_group_score_topk is set")
+            if self.router_group_score_topk is not None:
+                _positive(c, self, "router_group_score_topk")
+                if self.router_group_score_topk > per_group:
+                    _fail(c, "router_group_score_topk", self.router_group_score_topk,
+                          f"must be <= experts per group ({per_group})")
             if self.router_topk > self.router_group_topk * per_group:
                 _fail(c, "router_topk", self.router_topk,
                       f"must be <= router_group_topk*experts_per_group "
                       f"({self.router_group_topk}*{per_group})")
+        if self.router_group_score_topk is not None and self.router_num_groups is None:
+            _fail(c, "router_group_score_topk", self.router_group_score_topk,
+                  "needs group-limited routing (router_num_groups and router_group_topk)")
         if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
             _fail(c, "expert_capacity_factor", self.expert_capacity_factor,
                   "must be > 0, or None for dropless")
@@ -201,6 +212,13 @@ class MoEConfig:
     @property
     def shared_size(self) -> int:
         return self.shared_expert_intermediate_size or 0
+
+    @property
+    def group_score_topk(self) -> int | None:
+        """Experts per group summed into a group's score (None without group-limited routing)."""
+        if self.router_num_groups is None:
+            return None
+        return self.router_group_score_topk or self.router_topk // self.router_group_topk
 
     @property
     def token_dispatcher_type(self) -> str:

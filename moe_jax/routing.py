@@ -85,14 +85,16 @@ def score(logits_TE: jax.Array, fn: str) -> jax.Array:
                      "must be one of ['softmax', 'sigmoid', 'sqrtsoftplus']")
 
 
-def group_limited_topk(sel_TE: jax.Array, k: int, num_groups: int, group_topk: int) -> jax.Array:
+def group_limited_topk(sel_TE: jax.Array, k: int, num_groups: int, group_topk: int,
+                       score_topk: int | None = None) -> jax.Array:
     """Top-k experts restricted to the `group_topk` best of `num_groups` contiguous expert groups.
 
-    A group's score is the sum of its top (k // group_topk) selection scores. Returns [T,k] int32.
+    A group's score is the sum of its top `score_topk` selection scores (default k // group_topk, as
+    Megatron; DeepSeek-V3: 2; DeepSeek-V2: 1, its best expert). Returns [T,k] int32.
     """
     T, E = sel_TE.shape
     per_group = sel_TE.reshape(T, num_groups, E // num_groups)
-    group_score_TG = jax.lax.top_k(per_group, k // group_topk)[0].sum(-1)
+    group_score_TG = jax.lax.top_k(per_group, score_topk or k // group_topk)[0].sum(-1)
     best_groups = jax.lax.top_k(group_score_TG, group_topk)[1]                  # [T, group_topk]
     group_ok_TG = jax.nn.one_hot(best_groups, num_groups, dtype=jnp.bool_).any(axis=-2)
     expert_ok_TE = jnp.repeat(group_ok_TG, E // num_groups, axis=-1)
@@ -105,7 +107,7 @@ def topk_experts(sel_TE: jax.Array, cfg: MoEConfig) -> jax.Array:
     sel_TE = jax.lax.stop_gradient(sel_TE)
     if cfg.router_num_groups is not None:
         return group_limited_topk(sel_TE, cfg.router_topk, cfg.router_num_groups,
-                                  cfg.router_group_topk)
+                                  cfg.router_group_topk, cfg.group_score_topk)
     return jax.lax.top_k(sel_TE, cfg.router_topk)[1].astype(jnp.int32)
 
 

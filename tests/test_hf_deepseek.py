@@ -35,6 +35,11 @@ CASES = {  # name: (model_type, extra config)
     "v2_group_limited_yarn": ("deepseek_v2", dict(V2, topk_method="group_limited_greedy", n_group=4, topk_group=2,
                                                   rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
     "v2_greedy_no_q_lora": ("deepseek_v2", dict(V2, q_lora_rank=None, first_k_dense_replace=0)),
+    # group scores that k // topk_group does not give: V3's top-2 sum with k=2 of 2 groups, V2's best
+    # expert with k=4 of 2 groups (router_group_score_topk 2 and 1)
+    "v3_k2_two_groups": ("deepseek_v3", dict(V3, num_experts_per_tok=2)),
+    "v2_full_group_limited": ("deepseek_v2", dict(V2, num_experts_per_tok=4, topk_method="group_limited_greedy",
+                                                  n_group=4, topk_group=2)),
 }
 CLASSES = {"deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
            "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM")}
@@ -204,7 +209,7 @@ def test_dense_mla_and_mtp_config_round_trips():
 
 
 @pytest.mark.parametrize("mt,field,value,match", [
-    ("deepseek_v3", "topk_group", 1, "topk_group=1"),              # k // topk_group = 4: not top-2 groups
+    ("deepseek_v3", "topk_group", 1, "topk_group=1"),              # 1 group of 2 experts cannot hold k=4
     ("deepseek_v3", "norm_topk_prob", False, "norm_topk_prob=False"),
     ("deepseek_v3", "scoring_func", "softmax", "scoring_func='softmax'"),
     ("deepseek_v3", "topk_method", "greedy", "topk_method='greedy'"),

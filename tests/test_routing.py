@@ -1,4 +1,5 @@
 """routing.route against hand-written numpy on fresh random logits."""
+import dataclasses
 import itertools
 
 import jax
@@ -8,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import MoEConfig, capacity
-from moe_jax.routing import capacity_mask, route, update_expert_bias
+from moe_jax.routing import capacity_mask, group_limited_topk, route, update_expert_bias
 
 SCORE_MODES = [("softmax", True), ("softmax", False), ("sigmoid", False), ("sqrtsoftplus", False)]
 
@@ -414,3 +415,24 @@ def test_jit_matches_eager():
     a, b = route(x, cfg), jax.jit(lambda v: route(v, cfg))(x)
     for fa, fb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(fa), np.asarray(fb), rtol=1e-6)
+
+
+def test_group_score_topk_picks_groups_by_their_best_experts():
+    """router_group_score_topk=1 (DeepSeek-V2): a group's score is its best expert, whatever k //
+    group_topk is; checked against a direct numpy selection on random scores."""
+    rng = np.random.default_rng(3)
+    sel = rng.normal(size=(64, 16)).astype(np.float32)
+    got = np.asarray(group_limited_topk(jnp.asarray(sel), 4, 4, 2, score_topk=1))
+    for t in range(64):
+        best_groups = np.argsort(-sel[t].reshape(4, 4).max(-1))[:2]
+        allowed = np.concatenate([np.arange(4 * g, 4 * g + 4) for g in best_groups])
+        want = allowed[np.argsort(-sel[t, allowed])[:4]]
+        assert set(got[t]) == set(want)
+    cfg = MoEConfig(num_experts=16, router_topk=3, router_num_groups=4, router_group_topk=2,
+                    router_group_score_topk=1)  # 3 % 2 != 0 is fine when the group score is given
+    assert cfg.group_score_topk == 1
+    for bad, match in [(dict(router_num_groups=None, router_group_topk=None), "needs group-limited"),
+                       (dict(router_group_score_topk=5), "experts per group"),
+                       (dict(router_group_score_topk=None), "must divide router_topk")]:
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(cfg, **bad)

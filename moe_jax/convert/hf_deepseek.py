@@ -4,10 +4,10 @@ experts with shared experts, group-limited routing, MTP modules).
 Routers, as transformers runs them:
 - V3 (`noaux_tc`): sigmoid scores, `e_score_correction_bias` (our router's expert bias) steers the choice,
   a group's score is the sum of its top-2 biased scores, weights normalised when `norm_topk_prob`, times
-  `routed_scaling_factor`. Ours: sigmoid, expert bias, group score = top (k // group_topk) sum, weights
-  normalised when k > 1 — so `k // topk_group == 2` (or no groups) and `norm_topk_prob == (k > 1)`.
+  `routed_scaling_factor`. Ours: sigmoid, expert bias, `router_group_score_topk=2`, weights normalised
+  when k > 1 — so `norm_topk_prob == (k > 1)`.
 - V2 (`greedy` / `group_limited_greedy`): softmax over all experts, top-k probabilities unnormalised,
-  times `routed_scaling_factor`; a group's score is its best expert (ours: `topk_group == k`).
+  times `routed_scaling_factor`; a group's score is its best expert (ours: `router_group_score_topk=1`).
 Layer i is MoE when i >= `first_k_dense_replace` (transformers ignores `moe_layer_freq`: only 1 is taken).
 """
 from __future__ import annotations
@@ -43,10 +43,7 @@ def _router(hf, mt: str, k: int, n_exp: int) -> dict:
         n_group, topk_group = n_group or 1, topk_group or 1
         if n_exp % n_group or n_exp // n_group < 2:
             raise _bad("n_group", n_group, f"must divide n_routed_experts ({n_exp}) into groups of >= 2")
-        if topk_group < n_group and (k % topk_group or k // topk_group != 2):
-            raise _bad("topk_group", topk_group, f"DeepSeek-V3 scores a group by its top-2 experts; ours by its "
-                       f"top num_experts_per_tok // topk_group, so topk_group must be {k // 2} (k={k})")
-        out.update(router_score_function="sigmoid", router_enable_expert_bias=True)
+        out.update(router_score_function="sigmoid", router_enable_expert_bias=True, group_score=2)
     else:
         if method not in ("greedy", "group_limited_greedy"):
             raise _bad("topk_method", method, "DeepSeek-V2 routes with 'greedy' or 'group_limited_greedy'")
@@ -56,13 +53,18 @@ def _router(hf, mt: str, k: int, n_exp: int) -> dict:
             raise _bad("norm_topk_prob", True, "transformers' DeepSeek-V2 router never normalises")
         if method == "greedy":
             n_group = topk_group = None
-        elif not n_group or not topk_group or n_exp % n_group or topk_group != k:
-            raise _bad("topk_group", topk_group, f"group_limited_greedy scores a group by its best expert; ours "
-                       f"matches it with n_group dividing n_routed_experts ({n_exp}) and topk_group == "
-                       f"num_experts_per_tok ({k})")
-        out.update(router_score_function="softmax", router_pre_softmax=True)
+        elif not n_group or not topk_group or n_exp % n_group:
+            raise _bad("n_group", n_group, f"group_limited_greedy needs n_group dividing n_routed_experts "
+                       f"({n_exp}) and topk_group set")
+        out.update(router_score_function="softmax", router_pre_softmax=True, group_score=1)
+    group_score = out.pop("group_score")
     if n_group is not None and topk_group < n_group:
-        out.update(router_num_groups=n_group, router_group_topk=topk_group)
+        if k > topk_group * (n_exp // n_group):
+            raise _bad("topk_group", topk_group, f"its {topk_group} groups of {n_exp // n_group} experts cannot "
+                       f"hold num_experts_per_tok={k}")
+        out.update(router_num_groups=n_group, router_group_topk=topk_group,
+                   router_group_score_topk=group_score if group_score != k // topk_group or k % topk_group
+                   else None)  # None: the default (k // group_topk) already means the same
     return out
 
 
@@ -135,22 +137,22 @@ def pick_deepseek(cfg: ModelConfig) -> str:
     if pattern != sorted(pattern) or not any(pattern):
         raise _unsupported("MoEConfig.layer_freq", m.layer_freq, "(DeepSeek HF models have dense layers first, "
                            "then MoE layers: first_k_dense_replace)")
-    k, groups = m.router_topk, m.router_num_groups
+    groups = m.router_num_groups
     if m.router_score_function == "sigmoid":
-        if groups is not None and k // m.router_group_topk != 2:
-            raise _unsupported("MoEConfig.router_group_topk", m.router_group_topk,
-                               f"(DeepSeek-V3 scores a group by its top-2 experts: needs router_topk // "
-                               f"router_group_topk == 2, router_topk={k})")
+        if groups is not None and m.group_score_topk != 2:
+            raise _unsupported("MoEConfig.router_group_score_topk", m.group_score_topk,
+                               "(DeepSeek-V3 scores a group by its top-2 experts: needs 2, or None with "
+                               "router_topk // router_group_topk == 2)")
         return "deepseek_v3"
     if m.router_score_function == "softmax":
         if not m.router_pre_softmax or m.router_enable_expert_bias:
             raise _unsupported("MoEConfig.router_pre_softmax", m.router_pre_softmax,
                                "(a softmax router exports as DeepSeek-V2: needs router_pre_softmax=True and no "
                                "expert bias)")
-        if groups is not None and m.router_group_topk != k:
-            raise _unsupported("MoEConfig.router_group_topk", m.router_group_topk,
-                               f"(DeepSeek-V2 scores a group by its best expert: needs router_group_topk == "
-                               f"router_topk ({k}))")
+        if groups is not None and m.group_score_topk != 1:
+            raise _unsupported("MoEConfig.router_group_score_topk", m.group_score_topk,
+                               "(DeepSeek-V2 scores a group by its best expert: needs 1, or None with "
+                               "router_group_topk == router_topk)")
         return "deepseek_v2"
     raise _unsupported("MoEConfig.router_score_function", m.router_score_function,
                        "has no DeepSeek HF equivalent (sigmoid: V3, softmax: V2)")
