@@ -3,7 +3,8 @@
 The cache is fixed-size, `k` and `v` [L, B, S_max, K, H] with S_max = prompt + new tokens, so the
 decode step compiles once per `generate` shape. The model runs at inference settings
 (`moe_jax.evaluate.inference_config`: dropless routing, no router jitter): greedy decoding gives the
-argmax of full forward passes over the growing sequence. GQA attention only (MLA: not yet).
+argmax of full forward passes over the growing sequence. GQA and MLA attention: for MLA the cache holds
+the per-head keys [.., N, Z+Y] and values [.., N, U] (the latent expanded, as the training path does).
 """
 from __future__ import annotations
 
@@ -17,27 +18,37 @@ from flax import nnx
 from moe_jax.attention import Attention
 from moe_jax.config import ModelConfig
 from moe_jax.evaluate import for_inference
+from moe_jax.mla import MLAttention
 from moe_jax.model import GPT
 from moe_jax.rope import model_rope_tables
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict[str, jax.Array]:
-    """Zeroed `k`, `v` [L, B, S_max, K, H] in the compute dtype."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim_)
-    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+    """Zeroed `k`, `v` [L, B, S_max, K, H] in the compute dtype (MLA: K = N heads, H = Z+Y for k and
+    U for v)."""
+    lead = (cfg.num_layers, batch, max_len)
+    if cfg.attention_type == "mla":
+        k_shape = lead + (cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        v_shape = lead + (cfg.num_heads, cfg.v_head_dim)
+    else:
+        k_shape = v_shape = lead + (cfg.num_kv_heads, cfg.head_dim_)
+    return {"k": jnp.zeros(k_shape, cfg.dtype), "v": jnp.zeros(v_shape, cfg.dtype)}
 
 
-def cached_attention(q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, pos: jax.Array) -> jax.Array:
+def cached_attention(q_BSNH: jax.Array, k_BTKH: jax.Array, v_BTKU: jax.Array, pos: jax.Array,
+                     scale: float | None = None) -> jax.Array:
     """Causal GQA attention of S queries at positions pos..pos+S-1 over a cache of T positions
-    (entries past the last query are masked); softmax in float32."""
+    (entries past the last query are masked); softmax in float32; `scale` default H^-0.5. Values may
+    have their own head dim U (MLA)."""
     b, s, n, h = q_BSNH.shape
     kv, t = k_BTKH.shape[2], k_BTKH.shape[1]
     q = q_BSNH.reshape(b, s, kv, n // kv, h)
-    scores = jnp.einsum("bskgh,btkh->bkgst", q, k_BTKH, preferred_element_type=jnp.float32) * h ** -0.5
+    scale = h ** -0.5 if scale is None else scale
+    scores = jnp.einsum("bskgh,btkh->bkgst", q, k_BTKH, preferred_element_type=jnp.float32) * scale
     visible_ST = jnp.arange(t)[None, :] <= pos + jnp.arange(s)[:, None]
     scores = jnp.where(visible_ST[None, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BTKH.dtype)
-    return jnp.einsum("bkgst,btkh->bskgh", probs, v_BTKH).reshape(b, s, n, h)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BTKU.dtype)
+    return jnp.einsum("bkgst,btku->bskgu", probs, v_BTKU).reshape(b, s, n, v_BTKU.shape[-1])
 
 
 def forward_cached(model: GPT, tokens_BS: jax.Array, cache: dict, pos: jax.Array):
@@ -53,7 +64,8 @@ def forward_cached(model: GPT, tokens_BS: jax.Array, cache: dict, pos: jax.Array
         q, k, v = block.attn.qkv(block.attn_norm(x), cos, sin)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), (i, 0, pos, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), (i, 0, pos, 0, 0))
-        x = x + block.attn.out(cached_attention(q, k_cache[i], v_cache[i], pos))
+        scale = getattr(block.attn, "scale", None)  # MLA's softmax scale (YaRN's mscale included)
+        x = x + block.attn.out(cached_attention(q, k_cache[i], v_cache[i], pos, scale))
         h = block.mlp_norm(x)
         y = block.mlp(h)[0] if block.is_moe else block.mlp(h)
         x = x + y.astype(x.dtype)
@@ -111,9 +123,9 @@ def generate(model: GPT, prompt_ids, max_new_tokens: int, *, temperature: float 
     every row has produced `eos_id` (a row's tokens after its EOS repeat it). temperature 0 = greedy;
     `rng`: a key or int seed for sampling; `vocab_limit`: sample only ids below it."""
     cfg = model.cfg
-    if not isinstance(model.layer(0).attn, Attention):
-        raise ValueError("generate: decoding with a KV cache supports GQA attention only "
-                         "(this model's attention is not supported yet)")
+    if not isinstance(model.layer(0).attn, (Attention, MLAttention)):
+        raise ValueError(f"generate: decoding with a KV cache supports GQA and MLA attention, not "
+                         f"{type(model.layer(0).attn).__name__}")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be an int >= 1")
     if not (temperature >= 0 and np.isfinite(temperature)):

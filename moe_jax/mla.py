@@ -88,5 +88,8 @@ class MLAttention(nnx.Module):
         impl = resolve_impl(self.impl, q.dtype, (h,))
         o = jax.nn.dot_product_attention(_pad_last(q, h), _pad_last(k, h), _pad_last(v, h),
                                          scale=self.scale, is_causal=True, implementation=impl)
-        o = checkpoint_name(o[..., :u], "attn_out")
-        return jnp.einsum("bsnu,nud->bsd", o, self._w(self.wo_NUD))
+        return self.out(checkpoint_name(o[..., :u], "attn_out"))
+
+    def out(self, o_BSNU: jax.Array) -> jax.Array:
+        """The output projection of the heads' attention outputs [B,S,N,U] -> [B,S,D]."""
+        return jnp.einsum("bsnu,nud->bsd", o_BSNU.astype(self.dtype), self._w(self.wo_NUD))

@@ -29,8 +29,16 @@ def full_forward_argmax(model: GPT, seq: np.ndarray) -> np.ndarray:
 YARN = RopeScalingConfig(type="yarn", factor=4.0, original_max_position_embeddings=4)  # 11 positions > 4
 
 
+MLA = dict(attention_type="mla", num_kv_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8,
+           qk_rope_head_dim=4, v_head_dim=6, mtp_num_layers=1,  # MTP: off at inference
+           rope_scaling=RopeScalingConfig(type="yarn", factor=4.0, original_max_position_embeddings=4,
+                                          mscale=1.0, mscale_all_dim=0.8))  # mscale: MLA's softmax scale
+
+
 @pytest.mark.parametrize("c", [cfg(MOE, rope_scaling=YARN),  # GQA 4/2; layer 0 dense, layer 1 MoE; YaRN
-                               pytest.param(cfg(num_kv_heads=1), marks=pytest.mark.slow)], ids=["moe_gqa", "dense_mqa"])
+                               cfg(MOE, **MLA),
+                               pytest.param(cfg(num_kv_heads=1), marks=pytest.mark.slow)],
+                         ids=["moe_gqa", "moe_mla_mtp", "dense_mqa"])
 def test_greedy_equals_full_forward_argmax(c):
     model = GPT(c, rngs=nnx.Rngs(1))
     prompt = np.random.default_rng(0).integers(0, c.vocab_size, (2, 5)).astype(np.int32)
