@@ -153,13 +153,14 @@ def sweep(kind, e, m, k, n, configs, reps, log, patterns=("dirichlet",)):
     if kind == "fwd":
         w = (jax.random.normal(ks[1], (e, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
         ref_fn = jax.jit(lambda x, w, gs: xla_fwd(x, w, gs, False, jnp.bfloat16))
-        make = lambda c: jax.jit(lambda x, w, gs: P.gmm_fwd(x, w, gs, False, jnp.bfloat16,
-                                                            cfg=c))
+        def make(c):
+            return jax.jit(lambda x, w, gs: P.gmm_fwd(x, w, gs, False, jnp.bfloat16, cfg=c))
         base = P.FwdConfig()
     else:
         w = jax.random.normal(ks[2], (m, n), jnp.float32).astype(jnp.bfloat16)  # dy
         ref_fn = jax.jit(lambda a, b, gs: xla_wgrad(a, b, gs, jnp.bfloat16))
-        make = lambda c: jax.jit(lambda a, b, gs: P.gmm_wgrad(a, b, gs, jnp.bfloat16, cfg=c))
+        def make(c):
+            return jax.jit(lambda a, b, gs: P.gmm_wgrad(a, b, gs, jnp.bfloat16, cfg=c))
         base = P.WgradConfig()
     cases = []  # (pattern, sizes, args, reference)
     for pattern in patterns:

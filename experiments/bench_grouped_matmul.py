@@ -50,11 +50,14 @@ def group_sizes(e, m, pattern, seed=0):
 
 def make_fns(backend):
     if backend == "dense":
-        fwd = lambda x, w, gs, dy: x @ w
+        def fwd(x, w, gs, dy):
+            return x @ w
     elif backend == "ragged_dot":  # XLA's op with JAX's own VJP
-        fwd = lambda x, w, gs, dy: jax.lax.ragged_dot(x, w, gs)
+        def fwd(x, w, gs, dy):
+            return jax.lax.ragged_dot(x, w, gs)
     else:
-        fwd = lambda x, w, gs, dy: grouped_matmul(x, w, gs, backend=backend)
+        def fwd(x, w, gs, dy):
+            return grouped_matmul(x, w, gs, backend=backend)
 
     def fwd_bwd(x, w, gs, dy):
         y, vjp = jax.vjp(lambda x, w: fwd(x, w, gs, dy), x, w)

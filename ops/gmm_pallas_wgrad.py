@@ -126,7 +126,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
                 wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=cfg.max_concurrent_steps,
                 compute_context=ctx)
 
-        ignore = lambda *_, **__: None
+        def ignore(*_, **__):
+            return None
         # a static grid of max_concurrent_steps steps: allocations for that many slots
         allocs = make(cfg.max_concurrent_steps, 0, 0, 0, 0, 0, ignore).get_allocations(a_gmem,
                                                                                        b_gmem)

@@ -28,7 +28,8 @@ def _inputs(seed, m, k, n, group_sizes, dtype, transpose_rhs):
 
 
 def _vjp(backend, x, w, gs, dy, transpose_rhs, **kw):
-    f = lambda x, w: grouped_matmul(x, w, gs, transpose_rhs=transpose_rhs, backend=backend, **kw)
+    def f(x, w):
+        return grouped_matmul(x, w, gs, transpose_rhs=transpose_rhs, backend=backend, **kw)
     y, vjp = jax.vjp(f, x, w)
     return (y, *vjp(dy))
 
@@ -482,8 +483,8 @@ def test_kernel_outputs_typed_invariant_keep_per_device_gradients(monkeypatch):
 
     def grads(backend):
         def loss(lhs, rhs):
-            def body(l, r, g, c):
-                y = gm.grouped_matmul(l, r, g, backend=backend, interpret=backend == "pallas")
+            def body(x, r, g, c):
+                y = gm.grouped_matmul(x, r, g, backend=backend, interpret=backend == "pallas")
                 return jax.lax.psum(jnp.sum(y * c), "expert")
             return jax.shard_map(body, mesh=mesh, in_specs=(P("expert"),) * 4, out_specs=P())(
                 lhs, rhs, gs, ct)
