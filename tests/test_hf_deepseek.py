@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from moe_jax.convert.hf import load_hf, save_hf  # noqa: E402
 from moe_jax.convert.hf_config import config_from_hf, config_to_hf  # noqa: E402
+from test_hf import hf_logits, ours_logits, rel_err  # noqa: E402
 
 V = 96
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
@@ -57,19 +58,6 @@ def hf_model(mt, extra, seed=0, **over):
             if name.endswith("e_score_correction_bias"):
                 b.normal_(0.0, 0.1)
     return model
-
-
-def hf_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens).long()).logits.float().numpy()
-
-
-def ours_logits(model, tokens):
-    return np.asarray(model(jnp.asarray(tokens))[0], np.float32)
-
-
-def rel_err(a, b):
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 TOKENS = np.random.default_rng(0).integers(0, V, (2, 20))  # 20 > YaRN's original 8 positions

@@ -10,7 +10,7 @@ import pytest
 
 from moe_jax import tokenizer as T
 from test_evaluate import run_cli, script
-from test_tokenizer import mini_encoding, random_text
+from test_tokenizer import llama_dir_with_tokenizer, mini_encoding, random_text
 
 TINY = ["--no-progress", "model.d_model=32", "model.num_layers=2", "moe.layer_freq=[0,1]", "model.num_heads=2",
         "model.num_kv_heads=1", "model.ffn_hidden_size=32", "moe.ffn_hidden_size=16", "moe.num_experts=4",
@@ -79,15 +79,11 @@ def test_tiktoken_to_generated_text(tmp_path):
 @pytest.mark.hf
 @pytest.mark.slow
 def test_hf_checkpoint_upcycled_trained_on_its_tokenizer_and_sampled(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("torch")
     hf = tmp_path / "llama"
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(hf)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(bpe(tmp_path / "tokenizer.json")),
-                                                eos_token="<|endoftext|>", bos_token="<s>")
-    fast.save_pretrained(hf)
+    llama_dir_with_tokenizer(hf, bpe(tmp_path / "tokenizer.json"), vocab=320, eos_token="<|endoftext|>", layers=2,
+                             ffn=64)
     run = tmp_path / "run"
     rc, text, err = run_cli(script("upcycle"), "--hf", str(hf), "--config", "tiny_moe", "--out", str(run),
                             "moe.num_experts=4", "moe.router_topk=2", "moe.ffn_hidden_size=32",

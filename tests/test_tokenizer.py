@@ -130,17 +130,26 @@ def test_tiktoken_by_name_from_the_cache(monkeypatch):
     assert tok.kind == "tiktoken" and tok.vocab_size == 100277 and tok.eos_id == 100257
 
 
+def llama_dir_with_tokenizer(d, tokenizer_file, vocab: int, eos_token: str, layers: int = 1, ffn: int = 48):
+    """A tiny random Llama checkpoint saved in `d` with a fast tokenizer made from `tokenizer_file`
+    (BOS "<s>"); returns the tokenizer."""
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=ffn, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token=eos_token,
+                                                bos_token="<s>")
+    fast.save_pretrained(d)
+    return fast
+
+
 @pytest.mark.hf
 def test_hf_checkpoint_directory(bpe_path, tmp_path):
     """`upcycle.py --hf DIR`'s directory: its tokenizer files give the tokenizer, EOS from its config."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("torch")
     d = tmp_path / "ckpt"
-    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(bpe_path), eos_token="<s>", bos_token="<s>")
-    fast.save_pretrained(d)
+    fast = llama_dir_with_tokenizer(d, bpe_path, vocab=384, eos_token="<s>")
     tok = T.load_tokenizer(d)
     assert tok.kind == "hf" and tok.eos_id == fast.eos_token_id == 1  # tokenizer_config.json's, not a guess
     x = "router über 日本語"
