@@ -3,10 +3,10 @@
   PYTHONPATH=. python experiments/bench_ops.py [--shape mixtral|deepseek] [--reps 20] [--out PATH]
 
 Each row times an op's forward + backward (`jax.vjp` with a random cotangent) for both backends of
-the op in `ops/` (ours, and "reference": the formula with plain autodiff, what XLA makes of it), and
-gives the bytes the op must move at least (inputs read once, outputs written once) over the time, as
-a share of the device-to-device copy bandwidth measured in the same run (the ceiling). Ops without a
-kernel of ours (RMSNorm, RoPE) are timed as XLA fuses them, against the same ceiling.
+the op in `ops/` (ours: the custom-VJP gathers of ops.permute, the Pallas kernels of ops.gated_act,
+ops.rms_norm, ops.rope_kernel; and "reference": the formula with plain autodiff, what XLA makes of
+it), and gives the bytes the op must move at least (inputs read once, outputs written once) over the
+time, as a share of the device-to-device copy bandwidth measured in the same run (the ceiling).
 Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V=32000) or
 `deepseek_small` (k=6, F=1408).
 """
@@ -22,15 +22,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from moe_jax.attention import apply_rope, rope_tables  # noqa: E402
+from moe_jax.rope import rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
 from ops.cross_entropy import linear_cross_entropy  # noqa: E402
+from ops.gated_act import swiglu  # noqa: E402
+from ops.rms_norm import rms_norm  # noqa: E402
+from ops.rope_kernel import rope  # noqa: E402
 from timing import median_seconds, write_result  # noqa: E402
 
 SHAPES = {"mixtral": dict(T=16384, k=2, E=8, D=2048, F=4096, V=32000),
           "deepseek": dict(T=16384, k=6, E=64, D=2048, F=1408, V=32000),
           "tiny": dict(T=2048, k=2, E=4, D=64, F=128, V=512)}  # CPU smoke test
 BF16 = jnp.bfloat16
+
+
+def _kw(backend: str) -> dict:
+    """An op's backend arguments: Pallas kernels run in interpret mode off the GPU (CPU smoke test)."""
+    return dict(backend=backend, interpret=backend == "pallas" and jax.devices()[0].platform != "gpu")
 
 
 def _nbytes(*arrays) -> int:
@@ -82,31 +90,25 @@ def rows(shape: dict, reps: int):
     cos, sin = rope_tables(seq, 128, 10000.0)
     q = jax.random.normal(jax.random.fold_in(key, 7), (T // seq, seq, 16, 128), BF16)
 
-    def rms(x):
-        xf = x.astype(jnp.float32)
-        return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-5) * scale[None]).astype(x.dtype)
-
     out = []
-    for name, f_of_backend, args, min_bytes in (
-        ("permute [T,D] -> [T*k,D]", lambda b: (lambda x: P.permute(x, dest, src, backend=b)), (x,),
+    for name, ours, f_of_backend, args, min_bytes in (
+        ("permute [T,D] -> [T*k,D]", "xla", lambda b: (lambda x: P.permute(x, dest, src, backend=b)), (x,),
          2 * (_nbytes(x) + _nbytes(y))),          # fwd: read x, write rows; bwd: read drows, write dx
-        ("unpermute [T*k,D] -> [T,D]", lambda b: (lambda y: P.unpermute(y, dest, src, w, backend=b)),
+        ("unpermute [T*k,D] -> [T,D]", "xla", lambda b: (lambda y: P.unpermute(y, dest, src, w, backend=b)),
          (y,), 2 * (_nbytes(x) + _nbytes(y)) + _nbytes(y)),  # bwd also re-reads y for the gates
+        ("swiglu [R,2,F] -> [R,F] fwd+bwd", "pallas", lambda b: (lambda h: swiglu(h, **_kw(b))), (h,),
+         _nbytes(h) + _nbytes(h) // 2 + _nbytes(h) // 2 + 2 * _nbytes(h)),  # fwd r/w; bwd r dy,h w dh
+        ("rmsnorm [T,D] fwd+bwd", "pallas", lambda b: (lambda x: rms_norm(x, scale, 1e-5, **_kw(b))), (x,),
+         4 * _nbytes(x)),
+        ("rope q [B,S,N,H] fwd+bwd", "pallas", lambda b: (lambda q: rope(q, cos, sin, **_kw(b))), (q,),
+         4 * _nbytes(q)),
     ):
-        row = {"op": name, "min_bytes": min_bytes}
-        for backend in ("xla", "reference"):
+        row = {"op": name, "min_bytes": min_bytes, "ours_backend": ours}
+        for backend in (ours, "reference"):
             run, _ = fwd_bwd(f_of_backend(backend), *args)
             t = median_seconds(run, *args, iters=reps)
-            row[f"{'ours' if backend == 'xla' else 'xla_plain'}_ms"] = 1e3 * t
+            row[f"{'ours' if backend == ours else 'xla_plain'}_ms"] = 1e3 * t
         out.append(row)
-    for name, f, args, min_bytes in (
-        ("swiglu [R,2,F] -> [R,F] fwd+bwd", lambda h: jax.nn.silu(h[:, 0]) * h[:, 1], (h,),
-         _nbytes(h) + _nbytes(h) // 2 + _nbytes(h) // 2 + 2 * _nbytes(h)),  # fwd r/w; bwd r dy,h w dh
-        ("rmsnorm [T,D] fwd+bwd", rms, (x,), 4 * _nbytes(x)),
-        ("rope q [B,S,N,H] fwd+bwd", lambda q: apply_rope(q, cos, sin), (q,), 4 * _nbytes(q)),
-    ):
-        run, _ = fwd_bwd(f, *args)
-        out.append({"op": name, "min_bytes": min_bytes, "xla_plain_ms": 1e3 * median_seconds(run, *args, iters=reps)})
     # cross-entropy of the LM head: time and the peak memory of the step's temporaries
     ce = {"op": f"lm head + cross-entropy [T,D]x[D,V] fwd+bwd (V={V})"}
     for backend in ("chunked", "reference"):

@@ -24,7 +24,10 @@
 #   fast   — whole-model speed, ours beside the PyTorch reference in the same call: per preset in
 #            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
-#            adds overrides to ours; FAST_TESTS=1 first runs the ops' tests on the GPU
+#            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
+#            reference; FAST_TESTS=1 first runs the ops' tests on the GPU
+#   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward against plain JAX), then
+#            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
@@ -99,15 +102,25 @@ case "${1:-}" in
     for preset in ${FAST_PRESETS:-mixtral_small}; do
       for pd in ${FAST_PARAMS:-bf16}; do
         dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
-        tag="${preset}_$(date +%F)_h200_${pd}"
+        tag="${preset}_$(date +%F)_h200_${pd}${FAST_TAG:-}"
         timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" \
           "model.param_dtype=$dt" ${FAST_EXTRA:-} --out "experiments/results/profile_$tag.json" \
           > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
         grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${FAST_LINES:-40}
+        [ "${FAST_TORCH:-1}" = 0 ] && continue
         timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/torch_reference.py --config "$preset" \
           --param-dtype "$pd" --out "experiments/results/torch_ref_$tag.json" \
           > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
+    done ;;
+  kernels)
+    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_rms_norm.py \
+      tests/test_rope_kernel.py tests/test_gated_act.py > "$OUT/kernels_tests.log" 2>&1
+    echo "tests rc=$?"; tail -4 "$OUT/kernels_tests.log"
+    for shape in ${KERNEL_SHAPES:-mixtral deepseek}; do
+      timeout -s KILL 150 python3 experiments/bench_ops.py --shape "$shape" \
+        --out "experiments/results/ops_${shape}_$(date +%F)_h200.json" > "$OUT/ops_$shape.log" 2>&1
+      echo "== ops $shape rc=$?"; grep -v "^[WI][0-9]" "$OUT/ops_$shape.log" | tail -9
     done ;;
   autotune)
     timeout -s KILL ${AUTOTUNE_FWD_S:-330} python3 experiments/autotune_grouped_matmul.py --kinds fwd \
@@ -136,7 +149,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|dsv3"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|kernels|dsv3"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0

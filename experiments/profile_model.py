@@ -59,6 +59,8 @@ CATEGORIES = (
     ("attention", lambda k, o, h, s: _has(k, "cudnn", "flash", "fmha", "sdpa")),
     ("dense GEMM", lambda k, o, h, s: _has(k, "gemm", "xmma", "cutlass", "nvjet", "sm90_", "gemv", "splitk")
      or _has(h, "gemm", "cublas") or o.endswith("dot_general")),
+    ("reductions", lambda k, o, h, s: _has(k, "rms_norm_")),  # ops.rms_norm's Pallas kernels
+    ("elementwise/fusion", lambda k, o, h, s: _has(k, "rope_fwd", "rope_bwd", "swiglu_bwd")),  # and these
     ("gather/scatter", lambda k, o, h, s: _has(k + " " + h, "gather", "scatter")),
     ("reductions", lambda k, o, h, s: _has(k + " " + h, "reduce", "reduction")),
     ("copies/transposes", lambda k, o, h, s: _has(k + " " + h, "copy", "transpose", "memcpy", "memset",

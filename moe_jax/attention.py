@@ -15,6 +15,8 @@ from jax.ad_checkpoint import checkpoint_name
 from moe_jax.config import ModelConfig
 from moe_jax.layers import Norm, param
 from moe_jax.rope import apply_rope, rope_tables  # noqa: F401  (re-exported; they live in moe_jax.rope)
+from ops.pallas_triton import backend_args
+from ops.rope_kernel import rope
 
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -52,7 +54,7 @@ class Attention(nnx.Module):
         self.wk_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", None), std, pd)
         self.wv_DKH = param(rngs, (d, kv, h), ("embed", "kv_heads", None), std, pd)
         self.wo_NHD = param(rngs, (n, h, d), ("heads", None, "embed"), std, pd)
-        self.dtype, self.impl = jnp.dtype(cfg.dtype), cfg.attention_impl
+        self.dtype, self.impl, self.kernels = jnp.dtype(cfg.dtype), cfg.attention_impl, cfg.fused_kernels
         zeros = lambda *shape, axes: nnx.Param(jnp.zeros(shape, pd), logical_axes=axes)  # noqa: E731
         self.bq_NH = zeros(n, h, axes=("heads", None)) if cfg.attention_bias else None
         self.bk_KH = zeros(kv, h, axes=("kv_heads", None)) if cfg.attention_bias else None
@@ -70,8 +72,9 @@ class Attention(nnx.Module):
         """q [B,S,N,H], k and v [B,S,K,H] in the compute dtype, RoPE applied to q and k (the
         positions are those of `cos_SH`/`sin_SH`; a KV-cache decode passes its slice of them)."""
         x = x_BSD.astype(self.dtype)
-        q = apply_rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH)
-        k = apply_rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH)
+        kernels = backend_args(self.kernels)
+        q = rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH, **kernels)
+        k = rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH, **kernels)
         return q, k, self._proj(x, self.wv_DKH, self.bv_KH, None)
 
     def out(self, o_BSNH: jax.Array) -> jax.Array:

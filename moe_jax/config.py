@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 ROUTER_DTYPES = ("float32", "float64")
 GEMM_BACKENDS = ("auto", "pallas", "xla", "reference")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
+FUSED_KERNELS = ("auto", "pallas", "reference", "interpret")
 REMAT_MODES = ("none", "full", "selective")
 ATTENTION_TYPES = ("gqa", "mla")
 ROPE_SCALING_TYPES = ("yarn", "linear")
@@ -283,6 +284,9 @@ class ModelConfig:
                                   # slower step); false: a Python loop over the layers (moe_jax.model)
     attention_impl: str | None = "auto"  # auto (cuDNN flash where it runs, else XLA) | cudnn | xla;
     # None (earlier configs) means auto
+    fused_kernels: str = "auto"   # RMSNorm, RoPE, SwiGLU's backward: auto (Pallas/Triton kernels on one NVIDIA
+    # GPU where the shape fits, else plain JAX) | pallas | reference (plain JAX, fused by XLA) | interpret
+    # (the Pallas kernels in interpret mode: CPU tests)
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
     qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)
     rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE (moe_jax.rope)
@@ -332,6 +336,7 @@ class ModelConfig:
         if self.attention_impl is None:  # earlier configs: None let JAX pick (XLA)
             object.__setattr__(self, "attention_impl", "auto")
         _choice(c, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _choice(c, "fused_kernels", self.fused_kernels, FUSED_KERNELS)
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         _choice(c, "remat", self.remat, REMAT_MODES)

@@ -13,11 +13,13 @@ from moe_jax.config import ModelConfig
 from moe_jax.layers import activate, n_in, param
 
 
-def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: str) -> jax.Array:
-    """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs."""
+def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: str,
+                kernels: str = "reference") -> jax.Array:
+    """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs
+    (`kernels`: the activation's backend, ModelConfig.fused_kernels)."""
     e, d, n, f = w1_EDnF.shape
     h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend)
-    h = activate(checkpoint_name(h, "gmm_out").reshape(-1, n, f), activation)
+    h = activate(checkpoint_name(h, "gmm_out").reshape(-1, n, f), activation, kernels)
     return checkpoint_name(ops.grouped_matmul(h, w2_EFD, group_sizes_E, backend=backend), "gmm_out")
 
 
@@ -26,7 +28,7 @@ class GroupedExperts(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         m = cfg.moe
-        self.activation, self.backend = m.activation, m.grouped_gemm_backend
+        self.activation, self.backend, self.kernels = m.activation, m.grouped_gemm_backend, cfg.fused_kernels
         self.dtype = jnp.dtype(cfg.dtype)
         e, d, f = m.num_experts, cfg.d_model, m.ffn_hidden_size
         self.w1_EDnF = param(rngs, (e, d, n_in(m.activation), f), ("exp", "embed_moe", None, "mlp_moe"),
@@ -39,7 +41,8 @@ class GroupedExperts(nnx.Module):
 
     def __call__(self, x_ND: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         w1, w2 = self.weights()
-        return grouped_ffn(x_ND.astype(self.dtype), group_sizes_E, w1, w2, self.activation, self.backend)
+        return grouped_ffn(x_ND.astype(self.dtype), group_sizes_E, w1, w2, self.activation, self.backend,
+                           self.kernels)
 
 
 class SequentialExperts(GroupedExperts):

@@ -6,6 +6,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.config import ModelConfig
+from ops.gated_act import swiglu
+from ops.pallas_triton import backend_args
+from ops.rms_norm import rms_norm
 
 GATED = ("swiglu", "geglu")
 
@@ -22,10 +25,14 @@ def n_in(activation: str) -> int:
     return 2 if activation in GATED else 1
 
 
-def activate(h_xnF: jax.Array, activation: str) -> jax.Array:
-    """Apply the activation to fc1 output shaped [..., n_in, F] (gate first for gated units)."""
+def activate(h_xnF: jax.Array, activation: str, kernels: str = "reference") -> jax.Array:
+    """Apply the activation to fc1 output shaped [..., n_in, F] (gate first for gated units).
+    `kernels` (ModelConfig.fused_kernels) picks SwiGLU's backend (ops.gated_act: a Pallas backward)."""
     if activation == "swiglu":
-        return jax.nn.silu(h_xnF[..., 0, :]) * h_xnF[..., 1, :]
+        if kernels == "reference":
+            return jax.nn.silu(h_xnF[..., 0, :]) * h_xnF[..., 1, :]
+        f = h_xnF.shape[-1]
+        return swiglu(h_xnF.reshape(-1, 2, f), **backend_args(kernels)).reshape(h_xnF.shape[:-2] + (f,))
     if activation == "geglu":
         return jax.nn.gelu(h_xnF[..., 0, :], approximate=True) * h_xnF[..., 1, :]
     if activation == "gelu":
@@ -36,15 +43,18 @@ def activate(h_xnF: jax.Array, activation: str) -> jax.Array:
 
 
 class Norm(nnx.Module):
-    """RMSNorm or LayerNorm (cfg.norm) over the last axis, computed in float32."""
+    """RMSNorm or LayerNorm (cfg.norm) over the last axis, computed in float32. RMSNorm goes through
+    ops.rms_norm (Pallas kernels on NVIDIA GPUs per cfg.fused_kernels); LayerNorm is plain JAX."""
 
     def __init__(self, cfg: ModelConfig, dim: int):
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.kind, self.eps, self.kernels = cfg.norm, cfg.norm_eps, cfg.fused_kernels
         self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), logical_axes=("norm",))
         if cfg.norm == "layernorm":
             self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype), logical_axes=("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.kind == "rmsnorm":
+            return rms_norm(x, self.scale[...], self.eps, **backend_args(self.kernels))
         xf = x.astype(jnp.float32)
         if self.kind == "layernorm":
             xf = xf - xf.mean(-1, keepdims=True)
@@ -61,7 +71,7 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, hidden: int, *, rngs: nnx.Rngs, activation: str | None = None,
                  axes=("embed", "mlp")):
-        self.activation = activation or cfg.activation
+        self.activation, self.kernels = activation or cfg.activation, cfg.fused_kernels
         self.dtype = jnp.dtype(cfg.dtype)
         d, f = cfg.d_model, hidden
         self.w1_DnF = param(rngs, (d, n_in(self.activation), f), (axes[0], None, axes[1]),
@@ -71,4 +81,4 @@ class MLP(nnx.Module):
     def __call__(self, x_xD: jax.Array) -> jax.Array:
         x = x_xD.astype(self.dtype)
         h = jnp.einsum("...d,dnf->...nf", x, self.w1_DnF[...].astype(self.dtype))
-        return activate(h, self.activation) @ self.w2_FD[...].astype(self.dtype)
+        return activate(h, self.activation, self.kernels) @ self.w2_FD[...].astype(self.dtype)
