@@ -26,7 +26,8 @@ from moe_jax.rope import rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
 from ops.cross_entropy import linear_cross_entropy  # noqa: E402
 from ops.gated_act import swiglu  # noqa: E402
-from ops.rms_norm import rms_norm  # noqa: E402
+from ops import rms_norm as norm_ops  # noqa: E402
+from ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from ops.rope_kernel import rope  # noqa: E402
 from timing import median_seconds, write_result  # noqa: E402
 
@@ -48,7 +49,7 @@ def _nbytes(*arrays) -> int:
 def fwd_bwd(f, *args):
     """jit(fwd + vjp with a random cotangent) of f over its float args, and the bytes it must move."""
     out = jax.eval_shape(f, *args)
-    ct = jax.random.normal(jax.random.key(9), out.shape, jnp.float32).astype(out.dtype)
+    ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(9), o.shape, jnp.float32).astype(o.dtype), out)
 
     @jax.jit
     def run(*a):
@@ -81,6 +82,7 @@ def rows(shape: dict, reps: int):
     key = jax.random.key(0)
     dest, src, w = routing(key, T, k, shape["E"])
     x = jax.random.normal(jax.random.fold_in(key, 2), (T, D), BF16)
+    x2 = jax.random.normal(jax.random.fold_in(key, 8), (T, D), BF16)
     y = jax.random.normal(jax.random.fold_in(key, 3), (T * k, D), BF16)
     h = jax.random.normal(jax.random.fold_in(key, 4), (T * k, 2, F), BF16)
     wv = (0.02 * jax.random.normal(jax.random.fold_in(key, 5), (D, V))).astype(BF16)
@@ -100,6 +102,9 @@ def rows(shape: dict, reps: int):
          _nbytes(h) + _nbytes(h) // 2 + _nbytes(h) // 2 + 2 * _nbytes(h)),  # fwd r/w; bwd r dy,h w dh
         ("rmsnorm [T,D] fwd+bwd", "pallas", lambda b: (lambda x: rms_norm(x, scale, 1e-5, **_kw(b))), (x,),
          4 * _nbytes(x)),
+        ("residual add + rmsnorm [T,D] fwd+bwd", "pallas",
+         lambda b: (lambda x, d: add_rms_norm(x, d, scale, 1e-5, **_kw(b))), (x, x2),
+         7 * _nbytes(x)),  # fwd: read x, delta, write s, y; bwd: read s, dy, ds, write dx
         ("rope q [B,S,N,H] fwd+bwd", "pallas", lambda b: (lambda q: rope(q, cos, sin, **_kw(b))), (q,),
          4 * _nbytes(q)),
     ):
@@ -124,12 +129,43 @@ def rows(shape: dict, reps: int):
     return out
 
 
+def tune_norm(shape: dict, reps: int) -> list[dict]:
+    """rms_norm and add_rms_norm fwd+bwd (ms) per ops.rms_norm.Launch on [T, D] bf16."""
+    key = jax.random.key(1)
+    x, d = (jax.random.normal(jax.random.fold_in(key, i), (shape["T"], shape["D"]), BF16) for i in (0, 1))
+    scale = jnp.ones((shape["D"],), jnp.float32)
+    out, default = [], norm_ops.LAUNCH
+    try:
+        for fwd_elems in (4096, 8192, 16384):
+            for bwd_rows in (8, 16, 32, 64):
+                for warps in (4, 8):
+                    norm_ops.LAUNCH = norm_ops.Launch(fwd_elems, bwd_rows, warps)
+                    row = {"fwd_elems": fwd_elems, "bwd_rows": bwd_rows, "warps": warps}
+                    for name, f, args in (("norm", lambda x: rms_norm(x, scale, 1e-5, **_kw("pallas")), (x,)),
+                                          ("add_norm", lambda x, d: add_rms_norm(x, d, scale, 1e-5,
+                                                                                 **_kw("pallas")), (x, d))):
+                        run, _ = fwd_bwd(f, *args)
+                        row[f"{name}_ms"] = 1e3 * median_seconds(run, *args, iters=reps)
+                    print(row, flush=True)
+                    out.append(row)
+    finally:
+        norm_ops.LAUNCH = default
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     args = ap.parse_args(argv)
+    if args.tune_norm:
+        rows_ = tune_norm(SHAPES[args.shape], args.reps)
+        best = min(rows_, key=lambda r: r["norm_ms"] + r["add_norm_ms"])
+        print(f"best (norm + add_norm): {best}")
+        write_result("tune_norm", args.shape, {"shape": SHAPES[args.shape], "rows": rows_, "best": best}, args.out)
+        return 0
     ceiling = copy_ceiling(args.reps)
     table = rows(SHAPES[args.shape], args.reps)
     print(f"copy ceiling {ceiling / 1e12:.2f} TB/s on {jax.devices()[0].device_kind}")

@@ -8,7 +8,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from ops.gated_act import swiglu
 from ops.pallas_triton import backend_args
-from ops.rms_norm import rms_norm
+from ops.rms_norm import add_rms_norm, rms_norm
 
 GATED = ("swiglu", "geglu")
 
@@ -56,14 +56,18 @@ class Norm(nnx.Module):
         if self.kind == "rmsnorm":
             return rms_norm(x, self.scale[...], self.eps, **backend_args(self.kernels))
         xf = x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            xf = xf - xf.mean(-1, keepdims=True)
+        xf = xf - xf.mean(-1, keepdims=True)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
         lead = (1,) * (x.ndim - 1)
         y = y * self.scale[...].astype(jnp.float32).reshape(lead + (-1,))
-        if self.kind == "layernorm":
-            y = y + self.bias[...].astype(jnp.float32).reshape(lead + (-1,))
-        return y.astype(x.dtype)
+        return (y + self.bias[...].astype(jnp.float32).reshape(lead + (-1,))).astype(x.dtype)
+
+    def add(self, x: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(s, norm(s)) with s = x + delta (the residual add): one fused kernel for RMSNorm."""
+        if self.kind == "rmsnorm":
+            return add_rms_norm(x, delta, self.scale[...], self.eps, **backend_args(self.kernels))
+        s = x + delta.astype(x.dtype)
+        return s, self(s)
 
 
 class MLP(nnx.Module):

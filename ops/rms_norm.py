@@ -1,16 +1,20 @@
-"""RMSNorm over the last axis as two Pallas (Triton) kernels, forward and backward, with a custom VJP.
+"""RMSNorm over the last axis, alone or after the residual add, as Pallas (Triton) kernels with custom VJPs.
 
-  rms_norm(x[..., D], scale[D], eps) = x / sqrt(mean(x², -1) + eps) · scale   (float32 math, x's dtype out)
+  rms_norm(x[..., D], scale[D], eps)        = x / sqrt(mean(x², -1) + eps) · scale   (float32 math, x's dtype)
+  add_rms_norm(x, delta, scale, eps)         = (s, rms_norm(s))  with s = x + delta  (the residual stream)
 
-Forward: one program per block of rows writes y and each row's 1/rms (float32, saved for the backward).
-Backward: one program per `ROWS_PER_PROGRAM` rows, in chunks, writes
-  dx = r · (s·dy − x̂ · mean(x̂ · s·dy))        (x̂ = x·r, r = 1/rms, s = scale)
-and accumulates its rows' share of dscale = Σ_rows dy · x̂ in registers; XLA sums the [programs, D]
-partials. Rows of width D that is a power of two up to 16384 take the kernels (`backend="auto"` on an
-NVIDIA GPU); other widths, and CPU, take the reference: the formula with plain autodiff, which XLA fuses.
+Forward: one program per block of rows writes y (and s) and each row's 1/rms (float32, saved for the
+backward). Backward: one program per `Launch.bwd_rows` rows, in chunks, writes
+  dx = r · (scale·dy − x̂ · mean(x̂ · scale·dy))  [+ ds, the cotangent of s, for add_rms_norm: dx = dδ]
+(x̂ = x·r, r = 1/rms) and accumulates its rows' share of dscale = Σ_rows dy · x̂ in registers; XLA sums
+the [programs, D] partials. The fused add saves a pass over the residual stream each way: the forward
+reads x and delta once and writes s and y; the backward adds ds in the same program.
+Rows of width D that is a power of two up to 16384 take the kernels (`backend="auto"` on one NVIDIA GPU);
+other widths, and CPU, take the reference: the formula with plain autodiff, which XLA fuses.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,7 +24,17 @@ from jax.experimental import pallas as pl
 from ops.pallas_triton import MAX_ROW, compiler_params, is_pow2, resolve, rows_per_block
 from ops.shard_types import match_vma
 
-ROWS_PER_PROGRAM = 64  # backward: rows whose dscale share one program sums before XLA adds the partials
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Launch shape: elements per forward program (and backward chunk), rows per backward program,
+    warps per program. experiments/bench_ops.py --tune-norm sweeps them."""
+    fwd_elems: int = 8192
+    bwd_rows: int = 64
+    warps: int = 4
+
+
+LAUNCH = Launch()
 
 
 def reference_rms_norm(x, scale, eps: float):
@@ -29,16 +43,32 @@ def reference_rms_norm(x, scale, eps: float):
     return (y * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(x.dtype)
 
 
+def reference_add_rms_norm(x, delta, scale, eps: float):
+    s = x + delta.astype(x.dtype)
+    return s, reference_rms_norm(s, scale, eps)
+
+
 # ----------------------------------------------------------------------------- kernels
-def _fwd_kernel(x_ref, s_ref, y_ref, r_ref, *, eps):
-    x = x_ref[...].astype(jnp.float32)
+def _fwd_kernel(*refs, eps, add):
+    if add:
+        x_ref, d_ref, w_ref, s_ref, y_ref, r_ref = refs
+        s = x_ref[...].astype(jnp.float32) + d_ref[...].astype(jnp.float32)
+        s_ref[...] = s.astype(s_ref.dtype)
+        x = s_ref[...].astype(jnp.float32)  # the norm of the stored (rounded) sum, as the reference
+    else:
+        x_ref, w_ref, y_ref, r_ref = refs
+        x = x_ref[...].astype(jnp.float32)
     r = jax.lax.rsqrt(jnp.mean(x * x, axis=1) + eps)
-    y_ref[...] = (x * r[:, None] * s_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
+    y_ref[...] = (x * r[:, None] * w_ref[...].astype(jnp.float32)[None, :]).astype(y_ref.dtype)
     r_ref[...] = r
 
 
-def _bwd_kernel(x_ref, s_ref, r_ref, dy_ref, dx_ref, ds_ref, *, chunk):
-    s = s_ref[...].astype(jnp.float32)
+def _bwd_kernel(*refs, chunk, add):
+    if add:
+        x_ref, w_ref, r_ref, dy_ref, dres_ref, dx_ref, dw_ref = refs
+    else:
+        (x_ref, w_ref, r_ref, dy_ref, dx_ref, dw_ref), dres_ref = refs, None
+    w = w_ref[...].astype(jnp.float32)
 
     def body(i, acc):
         rows = pl.ds(i * chunk, chunk)
@@ -46,61 +76,98 @@ def _bwd_kernel(x_ref, s_ref, r_ref, dy_ref, dx_ref, ds_ref, *, chunk):
         dy = dy_ref[rows, :].astype(jnp.float32)
         r = r_ref[rows]
         xh = x * r[:, None]
-        g = dy * s[None, :]
+        g = dy * w[None, :]
         c = jnp.mean(xh * g, axis=1)
-        dx_ref[rows, :] = (r[:, None] * (g - xh * c[:, None])).astype(dx_ref.dtype)
+        dx = r[:, None] * (g - xh * c[:, None])
+        if add:
+            dx = dx + dres_ref[rows, :].astype(jnp.float32)
+        dx_ref[rows, :] = dx.astype(dx_ref.dtype)
         return acc + jnp.sum(dy * xh, axis=0)
 
-    acc = jax.lax.fori_loop(0, x_ref.shape[0] // chunk, body, jnp.zeros(s.shape, jnp.float32))
-    ds_ref[0, :] = acc
+    acc = jax.lax.fori_loop(0, x_ref.shape[0] // chunk, body, jnp.zeros(w.shape, jnp.float32))
+    dw_ref[0, :] = acc
 
 
-def _fwd(x2, scale, eps, interpret):
+def _fwd(x2, d2, scale, eps, interpret):
+    """(s if d2 is given,) y, r for rows x2 [R, D] (+ d2)."""
     rows, d = x2.shape
-    br = rows_per_block(rows, d)
+    launch = LAUNCH  # read at trace time (bench_ops.py --tune-norm sets it)
+    br = rows_per_block(rows, d, launch.fwd_elems)
+    row_block, vec = pl.BlockSpec((br, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,))
+    add = d2 is not None
+    outs = [jax.ShapeDtypeStruct((rows, d), x2.dtype)] * (2 if add else 1) + [
+        jax.ShapeDtypeStruct((rows,), jnp.float32)]
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, eps=eps), grid=(rows // br,),
-        in_specs=[pl.BlockSpec((br, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,))],
-        out_specs=[pl.BlockSpec((br, d), lambda i: (i, 0)), pl.BlockSpec((br,), lambda i: (i,))],
-        out_shape=[jax.ShapeDtypeStruct((rows, d), x2.dtype), jax.ShapeDtypeStruct((rows,), jnp.float32)],
-        compiler_params=compiler_params(num_warps=8 if d >= 4096 else 4, interpret=interpret),
-        interpret=interpret, name="rms_norm_fwd")(x2, scale)
+        functools.partial(_fwd_kernel, eps=eps, add=add), grid=(rows // br,),
+        in_specs=[row_block] * (2 if add else 1) + [vec],
+        out_specs=[row_block] * (2 if add else 1) + [pl.BlockSpec((br,), lambda i: (i,))],
+        out_shape=outs, compiler_params=compiler_params(num_warps=launch.warps, interpret=interpret),
+        interpret=interpret, name="rms_norm_fwd")(*([x2, d2] if add else [x2]), scale)
 
 
-def _bwd(x2, scale, r, dy2, interpret):
+def _bwd(x2, scale, r, dy2, dres2, interpret):
+    """dx [R, D] (+ dres2 when given) and dscale [D] (float32)."""
     rows, d = x2.shape
-    per = rows_per_block(rows, 1, ROWS_PER_PROGRAM)  # rows per program (a power of two dividing rows)
-    chunk = min(per, rows_per_block(rows, d))
+    launch = LAUNCH
+    per = rows_per_block(rows, 1, launch.bwd_rows)  # rows per program (a power of two dividing rows)
+    chunk = min(per, rows_per_block(rows, d, launch.fwd_elems))
+    row_block = pl.BlockSpec((per, d), lambda i: (i, 0))
+    add = dres2 is not None
     dx, ds = pl.pallas_call(
-        functools.partial(_bwd_kernel, chunk=chunk), grid=(rows // per,),
-        in_specs=[pl.BlockSpec((per, d), lambda i: (i, 0)), pl.BlockSpec((d,), lambda i: (0,)),
-                  pl.BlockSpec((per,), lambda i: (i,)), pl.BlockSpec((per, d), lambda i: (i, 0))],
-        out_specs=[pl.BlockSpec((per, d), lambda i: (i, 0)), pl.BlockSpec((1, d), lambda i: (i, 0))],
+        functools.partial(_bwd_kernel, chunk=chunk, add=add), grid=(rows // per,),
+        in_specs=[row_block, pl.BlockSpec((d,), lambda i: (0,)), pl.BlockSpec((per,), lambda i: (i,)),
+                  row_block] + ([row_block] if add else []),
+        out_specs=[row_block, pl.BlockSpec((1, d), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((rows, d), x2.dtype),
                    jax.ShapeDtypeStruct((rows // per, d), jnp.float32)],
-        compiler_params=compiler_params(num_warps=8 if d >= 4096 else 4, interpret=interpret),
-        interpret=interpret, name="rms_norm_bwd")(x2, scale, r, dy2)
+        compiler_params=compiler_params(num_warps=launch.warps, interpret=interpret),
+        interpret=interpret, name="rms_norm_bwd")(x2, scale, r, dy2, *([dres2] if add else []))
     return dx, jnp.sum(ds, axis=0)
+
+
+def _rows(x):
+    return x.reshape(-1, x.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _rms_norm(x, scale, eps, interpret):
-    return match_vma(_fwd(x.reshape(-1, x.shape[-1]), scale, eps, interpret)[0].reshape(x.shape), x, scale)
+    return _rms_norm_fwd(x, scale, eps, interpret)[0]
 
 
 def _rms_norm_fwd(x, scale, eps, interpret):
-    y, r = _fwd(x.reshape(-1, x.shape[-1]), scale, eps, interpret)
+    y, r = _fwd(_rows(x), None, scale, eps, interpret)
     return match_vma(y.reshape(x.shape), x, scale), (x, scale, r)
 
 
 def _rms_norm_bwd(eps, interpret, res, dy):
     x, scale, r = res
-    dx, ds = _bwd(x.reshape(-1, x.shape[-1]), scale, r, dy.reshape(-1, x.shape[-1]).astype(x.dtype),
-                  interpret)
+    dx, ds = _bwd(_rows(x), scale, r, _rows(dy).astype(x.dtype), None, interpret)
     return match_vma(dx.reshape(x.shape), x), match_vma(ds.astype(scale.dtype), scale)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _add_rms_norm(x, delta, scale, eps, interpret):
+    return _add_rms_norm_fwd(x, delta, scale, eps, interpret)[0]
+
+
+def _add_rms_norm_fwd(x, delta, scale, eps, interpret):
+    s, y, r = _fwd(_rows(x), _rows(delta), scale, eps, interpret)
+    s, y = (match_vma(v.reshape(x.shape), x, delta, scale) for v in (s, y))
+    return (s, y), (s, scale, r)
+
+
+def _add_rms_norm_bwd(eps, interpret, res, cts):
+    s, scale, r = res
+    d_s, dy = cts
+    dx, ds = _bwd(_rows(s), scale, r, _rows(dy).astype(s.dtype), _rows(d_s).astype(s.dtype), interpret)
+    dx = match_vma(dx.reshape(s.shape), s)
+    return dx, dx, match_vma(ds.astype(scale.dtype), scale)
+
+
+_add_rms_norm.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd)
 
 
 def kernel_takes(x_shape) -> tuple[bool, str]:
@@ -111,14 +178,31 @@ def kernel_takes(x_shape) -> tuple[bool, str]:
     return True, ""
 
 
+def _check(op, x, scale):
+    if scale.shape != x.shape[-1:]:
+        raise ValueError(f"{op}: scale {scale.shape} must be [{x.shape[-1]}] for x {x.shape}")
+    ok, why = kernel_takes(x.shape)
+    return ok, why
+
+
 def rms_norm(x, scale, eps: float, *, backend: str = "auto", interpret: bool = False):
     """RMSNorm of x [..., D] with scale [D]; float32 math, x's dtype out. Backends: "pallas" (the
-    kernels), "reference" (plain JAX), "auto" (pallas on an NVIDIA GPU where the shape fits)."""
-    if scale.shape != x.shape[-1:]:
-        raise ValueError(f"rms_norm: scale {scale.shape} must be [{x.shape[-1]}] for x {x.shape}")
-    ok, why = kernel_takes(x.shape)
+    kernels), "reference" (plain JAX), "auto" (pallas on one NVIDIA GPU where the shape fits)."""
+    ok, why = _check("rms_norm", x, scale)
     if resolve("rms_norm", backend, ok, why, interpret) == "reference":
         return reference_rms_norm(x, scale, eps)
     # inside shard_map a replicated scale takes x's varying axes here, outside the custom VJP: the cast's
     # transpose sums its gradient over them, as autodiff of the reference would
     return _rms_norm(x, match_vma(scale, x), float(eps), bool(interpret))
+
+
+def add_rms_norm(x, delta, scale, eps: float, *, backend: str = "auto", interpret: bool = False):
+    """(s, rms_norm(s)) with s = x + delta (delta cast to x's dtype): the residual add and the next
+    norm in one pass. Backends as rms_norm."""
+    if delta.shape != x.shape:
+        raise ValueError(f"add_rms_norm: delta {delta.shape} must have x's shape {x.shape}")
+    ok, why = _check("add_rms_norm", x, scale)
+    if resolve("add_rms_norm", backend, ok, why, interpret) == "reference":
+        return reference_add_rms_norm(x, delta, scale, eps)
+    delta = match_vma(delta.astype(x.dtype), x)
+    return _add_rms_norm(match_vma(x, delta), delta, match_vma(scale, x, delta), float(eps), bool(interpret))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ops.rms_norm import kernel_takes, reference_rms_norm, rms_norm
+from ops.rms_norm import add_rms_norm, kernel_takes, reference_add_rms_norm, reference_rms_norm, rms_norm
 
 TOL = {"float32": 2e-5, "bfloat16": 2e-2}
 
@@ -43,6 +43,31 @@ def test_kernels_match_reference(shape, dtype):
         _close(a, b, TOL[dtype])
 
 
+def _add_value_and_grads(backend, x, delta, scale, cts, interpret):
+    def f(x, delta, scale):
+        s, y = add_rms_norm(x, delta, scale, 1e-5, backend=backend, interpret=interpret)
+        return (s, y), sum(jnp.sum(a.astype(jnp.float32) * c) for a, c in zip((s, y), cts))
+    out = f(x, delta, scale)[0]
+    return out + jax.grad(lambda *a: f(*a)[1], argnums=(0, 1, 2))(x, delta, scale)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(2, 64, 128), (6, 256)])  # 128 rows: two backward programs
+def test_add_kernels_match_reference(shape, dtype):
+    """The residual add fused in: both outputs (sum and norm) and the gradients of x, delta, scale."""
+    x, scale, _ = _inputs(shape, dtype, seed=1)
+    delta, _, _ = _inputs(shape, dtype, seed=2)
+    k = jax.random.split(jax.random.key(4))
+    cts = tuple(jax.random.normal(kk, shape) for kk in k)
+    ours = _add_value_and_grads("pallas", x, delta, scale, cts, True)
+    ref = _add_value_and_grads("reference", x, delta, scale, cts, False)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype
+        _close(a, b, TOL[dtype])
+    np.testing.assert_array_equal(np.asarray(ours[0], np.float32),
+                                  np.asarray(reference_add_rms_norm(x, delta, scale, 1e-5)[0], np.float32))
+
+
 def test_reference_is_the_formula():
     x, scale, _ = _inputs((5, 64), "float32", seed=3)
     xn = np.asarray(x, np.float64)
@@ -59,6 +84,8 @@ def test_choice_and_errors():
         rms_norm(x, scale[:8], 1e-5)
     with pytest.raises(ValueError, match="unknown backend"):
         rms_norm(x, scale, 1e-5, backend="triton")
+    with pytest.raises(ValueError, match="delta"):
+        add_rms_norm(x, x[:2], scale, 1e-5)
     x, scale, _ = _inputs((4, 128), "float32")
     if jax.devices()[0].platform == "cpu":  # auto: plain JAX off the GPU
         np.testing.assert_array_equal(rms_norm(x, scale, 1e-5), reference_rms_norm(x, scale, 1e-5))
@@ -70,5 +97,11 @@ def test_gpu_kernels_match_reference(shape):
     x, scale, dy = _inputs(shape, "bfloat16", seed=5)
     ours = jax.jit(lambda *a: _value_and_grads("pallas", *a, False))(x, scale, dy)
     ref = jax.jit(lambda *a: _value_and_grads("reference", *a, False))(x, scale, dy)
+    for a, b in zip(ours, ref):
+        _close(a, b, 2e-2)
+    delta, _, _ = _inputs(shape, "bfloat16", seed=6)
+    cts = (dy.astype(jnp.float32), 0.5 * dy.astype(jnp.float32))
+    ours = jax.jit(lambda *a: _add_value_and_grads("pallas", *a, False))(x, delta, scale, cts)
+    ref = jax.jit(lambda *a: _add_value_and_grads("reference", *a, False))(x, delta, scale, cts)
     for a, b in zip(ours, ref):
         _close(a, b, 2e-2)

@@ -92,3 +92,18 @@ def test_auto_on_cpu_is_the_reference():
     cos, sin = rope_tables(8, 32, 10000.0, YARN)
     np.testing.assert_array_equal(np.asarray(rope(x, cos, sin), np.float32),
                                   np.asarray(reference_rope(x, cos, sin), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 4])  # mixtral_small's q and k
+def test_gpu_kernel_matches_reference(heads):
+    rng = np.random.default_rng(heads)
+    x = _normal(rng, (4, 2048, heads, 128), "bfloat16")
+    dy = _normal(rng, x.shape, "bfloat16")
+    cos, sin = rope_tables(2048, 128, 10000.0, YARN)
+
+    def fwd_bwd(backend):
+        return jax.jit(lambda x, dy: (lambda o: (o[0], o[1](dy)[0]))(
+            jax.vjp(lambda x: rope(x, cos, sin, backend=backend), x)))(x, dy)
+    for a, b in zip(fwd_bwd("pallas"), fwd_bwd("reference")):
+        _close(a, b, 2e-2)
