@@ -8,7 +8,7 @@ from flax import nnx
 from moe_jax.config import ModelConfig
 from ops.gated_act import swiglu
 from ops.pallas_triton import backend_args
-from ops.rms_norm import add_rms_norm, rms_norm
+from ops.rms_norm import rms_norm
 
 GATED = ("swiglu", "geglu")
 
@@ -61,13 +61,6 @@ class Norm(nnx.Module):
         lead = (1,) * (x.ndim - 1)
         y = y * self.scale[...].astype(jnp.float32).reshape(lead + (-1,))
         return (y + self.bias[...].astype(jnp.float32).reshape(lead + (-1,))).astype(x.dtype)
-
-    def add(self, x: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(s, norm(s)) with s = x + delta (the residual add): one fused kernel for RMSNorm."""
-        if self.kind == "rmsnorm":
-            return add_rms_norm(x, delta, self.scale[...], self.eps, **backend_args(self.kernels))
-        s = x + delta.astype(x.dtype)
-        return s, self(s)
 
 
 class MLP(nnx.Module):

@@ -51,7 +51,8 @@ class Block(nnx.Module):
         self.mlp = MoELayer(cfg, rngs=rngs) if is_moe else MLP(cfg, cfg.ffn_hidden_size, rngs=rngs)
 
     def __call__(self, x_BSD, cos_SH, sin_SH, rng=None, layout=None):
-        x, h = self.mlp_norm.add(x_BSD, self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH))
+        x = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH)
+        h = self.mlp_norm(x)
         if self.is_moe:
             y, aux = self.mlp(h, rng=rng, layout=layout)
         else:
