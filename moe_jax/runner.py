@@ -15,6 +15,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from ops.grouped_matmul import resolve_backend
+from ops.pallas_triton import describe as describe_kernels
 from ops.tuning import table_note
 
 from moe_jax import distributed, metrics as M
@@ -41,13 +42,13 @@ class OutOfMemoryError(RuntimeError):
 
 
 def kernels_note(mc) -> str:
-    """Which attention kernel and grouped-GEMM tuning the model runs with here (for the log)."""
+    """Which attention kernel, grouped-GEMM tuning and fused kernels the model runs with here (for the log)."""
     dims = (max(mc.head_dim_, mc.v_head_dim),) if mc.attention_type == "mla" else (mc.head_dim_,)  # mla: v padded
     note = f"attention {resolve_impl(mc.attention_impl, mc.dtype, dims)}"
     if mc.moe is not None:
         gemm = resolve_backend(mc.moe.grouped_gemm_backend, mc.dtype)
         note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
-    return note
+    return note + f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
 
 
 def _fmt_rate(x: float) -> str:

@@ -44,7 +44,7 @@ from moe_jax.layers import GATED
 from moe_jax.model import GPT, stack_layers, unstack_layers
 
 # ModelConfig fields that may differ between the dense source and the MoE target.
-FREE_FIELDS = ("moe", "dtype", "param_dtype", "remat", "attention_impl", "init_std")
+FREE_FIELDS = ("moe", "dtype", "param_dtype", "remat", "attention_impl", "fused_kernels", "init_std")
 
 
 @dataclasses.dataclass(frozen=True)

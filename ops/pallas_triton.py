@@ -45,6 +45,13 @@ def resolve(op: str, backend: str, supported: bool, why: str, interpret: bool) -
     return backend
 
 
+def describe(kernels: str) -> str:
+    """What `ModelConfig.fused_kernels` means here, for the run's log line."""
+    if kernels == "auto":
+        return "pallas where the shape fits" if on_nvidia_gpu() and jax.device_count() == 1 else "xla"
+    return {"reference": "xla", "interpret": "pallas (interpret mode)"}.get(kernels, kernels)
+
+
 def backend_args(kernels: str) -> dict:
     """An op's keyword arguments for `ModelConfig.fused_kernels`: "interpret" runs the Pallas kernels in
     interpret mode (CPU tests); the other values are the op's backend."""
