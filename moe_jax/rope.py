@@ -13,7 +13,8 @@ and extrapolated frequencies with a linear ramp between the correction dims of `
 where mscale(s, m) = 0.1·m·ln(s) + 1 (1 for s <= 1). MLA also scales its softmax by
 mscale(factor, mscale_all_dim)² (`softmax_scale`).
 
-No RoPE kernel: XLA fuses `apply_rope`'s elementwise work into its neighbours (issue 18's profiles).
+`apply_rope` is the plain formula (MLA and decoding use it); GQA attention goes through
+`ops.rope_kernel.rope`, a Pallas kernel with this formula as its reference (`ModelConfig.fused_kernels`).
 """
 from __future__ import annotations
 
