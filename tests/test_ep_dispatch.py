@@ -1,6 +1,7 @@
 """Expert-parallel dispatchers (shard_map over 8 fake CPU devices) against the single-device layer:
 outputs and gradients (params and input), fp32, rel. err < 1e-5. Variants are chosen through
 `MoEConfig.dispatcher` (a `DispatchConfig`)."""
+import dataclasses
 import functools
 
 import jax
@@ -271,3 +272,14 @@ def test_active_mesh_without_layout_is_refused():
     with jax.set_mesh(mesh):
         with pytest.raises(ValueError, match="active 8-device mesh.*without a layout"):
             layer(x)
+
+
+
+def test_swiglu_kernel_is_refused_under_ep():
+    """The SwiGLU backward kernel runs on one device: inside the EP shard_map, `fused_kernels=pallas`
+    (here its interpret mode) is refused naming why, and `auto` takes XLA's SwiGLU there."""
+    fused = dataclasses.replace(_cfg(), fused_kernels="interpret")
+    x = jax.random.normal(jax.random.key(1), (4, 8, 16), jnp.float32)
+    layout = parallel.make_layout(ParallelConfig(data=-1, expert=4), _with_dispatcher(fused))
+    with pytest.raises(ValueError, match="inside shard_map"):
+        _run(fused, x, layout, dispatcher="alltoall")
