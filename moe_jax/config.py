@@ -1,230 +1,23 @@
-"""Frozen configuration dataclasses and their validation (YAML presets and overrides: `presets.py`).
-
-`MoEConfig` field names follow Megatron-Core's `--moe-*` flags without the prefix. Every invalid value
-fails at construction with a `ValueError` naming the field, the value and what would be valid.
+"""Frozen configuration dataclasses and their validation (YAML presets and overrides: `presets.py`):
+`Config` = `ModelConfig` (with its `MoEConfig`, in `moe_config`) + `TrainConfig` + `ParallelConfig`.
+Every invalid value fails at construction with a `ValueError` naming the field, the value and what would
+be valid (`config_checks`).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, Sequence
 
-SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
-LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
-DROP_POLICIES = ("probs", "position")
-DISPATCHER_TYPES = ("auto", "alltoall", "alltoall_ragged", "allgather")
-RAGGED_IMPLS = ("auto", "pallas", "xla", "emulate")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "squared_relu")
+from moe_jax.config_checks import check_types, choice, describe_kinds, fail, field_kinds, positive  # noqa: F401
+from moe_jax.moe_config import ACTIVATIONS, DispatchConfig, MoEConfig, capacity  # noqa: F401  (re-exported)
+
 NORMS = ("rmsnorm", "layernorm")
 DTYPES = ("float32", "bfloat16", "float16")
-ROUTER_DTYPES = ("float32", "float64")
-GEMM_BACKENDS = ("auto", "pallas", "xla", "reference")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
 FUSED_KERNELS = ("auto", "pallas", "reference", "interpret")
 REMAT_MODES = ("none", "full", "selective")
 ATTENTION_TYPES = ("gqa", "mla")
 ROPE_SCALING_TYPES = ("yarn", "linear")
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-
-
-def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{cls}.{field}={value!r} is invalid: {allowed}")
-
-
-def _choice(cls: str, field: str, value: Any, options: Sequence[str]) -> None:
-    if value not in options:
-        _fail(cls, field, value, f"must be one of {list(options)}")
-
-
-# Field types, read from the annotations ("int", "float | None", "int | tuple[int, ...]", ...).
-_TYPE_CHECKS = {
-    "bool": lambda v: isinstance(v, bool),
-    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-    "str": lambda v: isinstance(v, str),
-    "tuple[int, ...]": lambda v: isinstance(v, tuple) and all(_TYPE_CHECKS["int"](x) for x in v),
-}
-_TYPE_NAMES = {"bool": "true or false", "int": "an integer", "float": "a finite number",
-               "str": "a string", "tuple[int, ...]": "a list of integers", "None": "null"}
-
-
-def field_kinds(field: dataclasses.Field) -> list[str]:
-    """The alternatives of a field's annotation: `float | None` -> ["float", "None"]."""
-    return [t.strip() for t in str(field.type).split("|")]
-
-
-def describe_kinds(kinds: Sequence[str]) -> str:
-    return " or ".join(_TYPE_NAMES.get(k, k) for k in kinds)
-
-
-def _check_types(cls: str, obj: Any) -> None:
-    """Every scalar field holds a value of its annotated type (an int passes as a float); nested
-    config fields are left to their own checks."""
-    for f in dataclasses.fields(obj):
-        kinds, v = field_kinds(f), getattr(obj, f.name)
-        if not any(k in _TYPE_CHECKS for k in kinds) or (v is None and "None" in kinds):
-            continue
-        if not any(_TYPE_CHECKS[k](v) for k in kinds if k in _TYPE_CHECKS):
-            _fail(cls, f.name, v, f"must be {describe_kinds(kinds)}")
-
-
-def _positive(cls: str, obj: Any, *fields: str) -> None:
-    for f in fields:
-        v = getattr(obj, f)
-        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-            _fail(cls, f, v, "must be a positive integer")
-
-
-@dataclasses.dataclass(frozen=True)
-class DispatchConfig:
-    """How tokens reach the experts: on one device a local sort; across the `expert` mesh axis one of
-    the EP dispatchers (`moe_jax.ep`). YAML: `moe: {dispatcher: {type: alltoall, ...}}`; overrides:
-    `moe.dispatcher.type=alltoall` (Megatron's `moe.token_dispatcher_type` names the same field)."""
-
-    type: str = "auto"            # auto: alltoall_ragged where its Pallas exchange runs, else alltoall
-    buffer_factor: float | None = 2.0  # dropless EP: fast buffer / balanced share (None: worst case)
-    overlap_chunks: int = 1       # EP: split local tokens so chunk i+1's exchange overlaps chunk i
-    ragged_impl: str = "auto"     # alltoall_ragged exchange: auto | pallas | xla | emulate (CPU tests)
-    expert_major: bool | None = None  # alltoall_ragged: segments per (device, expert); None = auto
-    fallback: bool = True         # dropless EP: take the worst-case buffer when the fast one overflows
-
-    def __post_init__(self):
-        c = "MoEConfig.dispatcher"
-        _check_types(c, self)
-        _choice(c, "type", self.type, DISPATCHER_TYPES)
-        _choice(c, "ragged_impl", self.ragged_impl, RAGGED_IMPLS)
-        _positive(c, self, "overlap_chunks")
-        if self.buffer_factor is not None and not self.buffer_factor > 0:
-            _fail(c, "buffer_factor", self.buffer_factor, "must be a number > 0, or None for the worst-case buffer")
-        if self.expert_major and self.type not in ("alltoall_ragged", "auto"):
-            _fail(c, "expert_major", True, f"needs type='alltoall_ragged' (got {self.type!r})")
-
-
-@dataclasses.dataclass(frozen=True)
-class MoEConfig:
-    """Mixture-of-Experts settings (Megatron `--moe-*` flag names without the prefix)."""
-
-    num_experts: int = 8
-    router_topk: int = 2
-    ffn_hidden_size: int = 1024
-    router_score_function: str = "softmax"
-    router_pre_softmax: bool = False
-    router_topk_scaling_factor: float | None = None
-    router_num_groups: int | None = None
-    router_group_topk: int | None = None
-    # a group's score: the sum of its top `router_group_score_topk` selection scores; None =
-    # router_topk // router_group_topk (Megatron); DeepSeek-V3 uses 2, DeepSeek-V2 1 (its best expert)
-    router_group_score_topk: int | None = None
-    router_enable_expert_bias: bool = False
-    router_bias_update_rate: float = 1e-3
-    router_load_balancing_type: str = "aux_loss"
-    aux_loss_coeff: float = 1e-2
-    z_loss_coeff: float | None = None
-    input_jitter_eps: float | None = None
-    router_dtype: str = "float32"
-    expert_capacity_factor: float | None = None
-    token_drop_policy: str = "probs"
-    pad_expert_input_to_capacity: bool = False
-    shared_expert_intermediate_size: int | None = None
-    shared_expert_gate: bool = False
-    layer_freq: int | tuple[int, ...] = 1
-    router_force_load_balancing: bool = False
-    # Not Megatron flags, but MoE-layer choices Megatron exposes elsewhere.
-    activation: str = "swiglu"
-    apply_probs_on_input: bool = False
-    grouped_gemm_backend: str = "auto"
-    dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
-
-    def __post_init__(self):
-        c = "MoEConfig"
-        if isinstance(self.dispatcher, dict):
-            object.__setattr__(self, "dispatcher", DispatchConfig(**self.dispatcher))
-        if not isinstance(self.dispatcher, DispatchConfig):
-            _fail(c, "dispatcher", self.dispatcher, "must be a DispatchConfig (or a mapping of its fields)")
-        if isinstance(self.layer_freq, list):
-            object.__setattr__(self, "layer_freq", tuple(self.layer_freq))
-        _check_types(c, self)
-        _positive(c, self, "num_experts", "router_topk", "ffn_hidden_size")
-        if self.router_topk > self.num_experts:
-            _fail(c, "router_topk", self.router_topk,
-                  f"must be <= num_experts ({self.num_experts})")
-        _choice(c, "router_score_function", self.router_score_function, SCORE_FUNCTIONS)
-        _choice(c, "router_load_balancing_type", self.router_load_balancing_type, LOAD_BALANCING_TYPES)
-        _choice(c, "token_drop_policy", self.token_drop_policy, DROP_POLICIES)
-        _choice(c, "router_dtype", self.router_dtype, ROUTER_DTYPES)
-        _choice(c, "activation", self.activation, ACTIVATIONS)
-        _choice(c, "grouped_gemm_backend", self.grouped_gemm_backend, GEMM_BACKENDS)
-        if self.router_pre_softmax and self.router_score_function != "softmax":
-            _fail(c, "router_pre_softmax", True,
-                  f"only applies to router_score_function='softmax' (got {self.router_score_function!r})")
-        if (self.router_num_groups is None) != (self.router_group_topk is None):
-            _fail(c, "router_group_topk", self.router_group_topk,
-                  "router_num_groups and router_group_topk must be set together (or both None)")
-        if self.router_num_groups is not None:
-            _positive(c, self, "router_num_groups", "router_group_topk")
-            if self.num_experts % self.router_num_groups:
-                _fail(c, "router_num_groups", self.router_num_groups,
-                      f"must divide num_experts ({self.num_experts})")
-            if self.router_group_topk > self.router_num_groups:
-                _fail(c, "router_group_topk", self.router_group_topk,
-                      f"must be <= router_num_groups ({self.router_num_groups})")
-            per_group = self.num_experts // self.router_num_groups
-            if self.router_group_score_topk is None and self.router_topk % self.router_group_topk:
-                _fail(c, "router_group_topk", self.router_group_topk,
-                      f"must divide router_topk ({self.router_topk}) unless router_group_score_topk is set")
-            if self.router_group_score_topk is not None:
-                _positive(c, self, "router_group_score_topk")
-                if self.router_group_score_topk > per_group:
-                    _fail(c, "router_group_score_topk", self.router_group_score_topk,
-                          f"must be <= experts per group ({per_group})")
-            if self.router_topk > self.router_group_topk * per_group:
-                _fail(c, "router_topk", self.router_topk,
-                      f"must be <= router_group_topk*experts_per_group "
-                      f"({self.router_group_topk}*{per_group})")
-        if self.router_group_score_topk is not None and self.router_num_groups is None:
-            _fail(c, "router_group_score_topk", self.router_group_score_topk,
-                  "needs group-limited routing (router_num_groups and router_group_topk)")
-        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
-            _fail(c, "expert_capacity_factor", self.expert_capacity_factor,
-                  "must be > 0, or None for dropless")
-        if self.pad_expert_input_to_capacity and self.expert_capacity_factor is None:
-            _fail(c, "pad_expert_input_to_capacity", True, "needs expert_capacity_factor to be set")
-        for f in ("aux_loss_coeff", "router_bias_update_rate"):
-            if getattr(self, f) < 0:
-                _fail(c, f, getattr(self, f), "must be >= 0")
-        for f in ("z_loss_coeff", "input_jitter_eps", "router_topk_scaling_factor"):
-            v = getattr(self, f)
-            if v is not None and not v > 0:
-                _fail(c, f, v, "must be > 0, or None to disable")
-        if self.shared_expert_intermediate_size is not None:
-            _positive(c, self, "shared_expert_intermediate_size")
-        elif self.shared_expert_gate:
-            _fail(c, "shared_expert_gate", True, "needs shared_expert_intermediate_size to be set")
-        if self.apply_probs_on_input and self.router_topk != 1:
-            _fail(c, "apply_probs_on_input", True,
-                  f"requires router_topk == 1 (got {self.router_topk})")
-        lf = self.layer_freq
-        if isinstance(lf, tuple):
-            if not lf or any(v not in (0, 1) for v in lf):
-                _fail(c, "layer_freq", lf, "a pattern must be a non-empty list of 0 (dense) / 1 (MoE)")
-        elif not isinstance(lf, int) or isinstance(lf, bool) or lf <= 0:
-            _fail(c, "layer_freq", lf, "must be a positive int or a list of 0/1")
-
-    @property
-    def shared_size(self) -> int:
-        return self.shared_expert_intermediate_size or 0
-
-    @property
-    def group_score_topk(self) -> int | None:
-        """Experts per group summed into a group's score (None without group-limited routing)."""
-        if self.router_num_groups is None:
-            return None
-        return self.router_group_score_topk or self.router_topk // self.router_group_topk
-
-    @property
-    def token_dispatcher_type(self) -> str:
-        """Megatron's `--moe-token-dispatcher-type`: `dispatcher.type`."""
-        return self.dispatcher.type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,21 +35,21 @@ class RopeScalingConfig:
 
     def __post_init__(self):
         c = "RopeScalingConfig"
-        _check_types(c, self)
-        _choice(c, "type", self.type, ROPE_SCALING_TYPES)
+        check_types(c, self)
+        choice(c, "type", self.type, ROPE_SCALING_TYPES)
         if not self.factor >= 1:
-            _fail(c, "factor", self.factor, "must be >= 1")
+            fail(c, "factor", self.factor, "must be >= 1")
         if self.type == "yarn":
             if self.original_max_position_embeddings is None:
-                _fail(c, "original_max_position_embeddings", None, "yarn needs it (a positive integer)")
-            _positive(c, self, "original_max_position_embeddings")
+                fail(c, "original_max_position_embeddings", None, "yarn needs it (a positive integer)")
+            positive(c, self, "original_max_position_embeddings")
             if not self.beta_fast > self.beta_slow > 0:
-                _fail(c, "beta_fast", self.beta_fast,
+                fail(c, "beta_fast", self.beta_fast,
                       f"yarn needs beta_fast > beta_slow > 0 (beta_slow={self.beta_slow})")
         for f in ("mscale", "mscale_all_dim"):
             v = getattr(self, f)
             if v is not None and (self.type != "yarn" or v < 0):
-                _fail(c, f, v, "only yarn takes it, as a number >= 0 (or None)")
+                fail(c, f, v, "only yarn takes it, as a number >= 0 (or None)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,72 +98,72 @@ class ModelConfig:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
-            _fail(c, "moe", self.moe, "must be a MoEConfig (or a mapping of its fields), or None")
+            fail(c, "moe", self.moe, "must be a MoEConfig (or a mapping of its fields), or None")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScalingConfig(**self.rope_scaling))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScalingConfig):
-            _fail(c, "rope_scaling", self.rope_scaling,
+            fail(c, "rope_scaling", self.rope_scaling,
                   "must be a RopeScalingConfig (or a mapping of its fields), or None")
-        _check_types(c, self)
-        _positive(c, self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+        check_types(c, self)
+        positive(c, self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                   "ffn_hidden_size", "max_seq_len")
         self._check_mla()
         if self.head_dim is not None:
-            _positive(c, self, "head_dim")
+            positive(c, self, "head_dim")
         elif self.d_model % self.num_heads and self.attention_type == "gqa":
-            _fail(c, "num_heads", self.num_heads,
+            fail(c, "num_heads", self.num_heads,
                   f"must divide d_model ({self.d_model}) unless head_dim is set")
         if self.num_heads % self.num_kv_heads and self.attention_type == "gqa":  # MLA does not use it
-            _fail(c, "num_kv_heads", self.num_kv_heads,
+            fail(c, "num_kv_heads", self.num_kv_heads,
                   f"must divide num_heads ({self.num_heads})")
         if self.rope_dim % 2:
-            _fail(c, "head_dim", self.head_dim_, "must be even for RoPE")
+            fail(c, "head_dim", self.head_dim_, "must be even for RoPE")
         if self.mtp_num_layers < 0:
-            _fail(c, "mtp_num_layers", self.mtp_num_layers, "must be >= 0 (0 = off)")
+            fail(c, "mtp_num_layers", self.mtp_num_layers, "must be >= 0 (0 = off)")
         if not self.mtp_loss_scaling_factor >= 0:
-            _fail(c, "mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, "must be >= 0")
-        _choice(c, "norm", self.norm, NORMS)
-        _choice(c, "activation", self.activation, ACTIVATIONS)
-        _choice(c, "dtype", self.dtype, DTYPES)
-        _choice(c, "param_dtype", self.param_dtype, DTYPES)
+            fail(c, "mtp_loss_scaling_factor", self.mtp_loss_scaling_factor, "must be >= 0")
+        choice(c, "norm", self.norm, NORMS)
+        choice(c, "activation", self.activation, ACTIVATIONS)
+        choice(c, "dtype", self.dtype, DTYPES)
+        choice(c, "param_dtype", self.param_dtype, DTYPES)
         if self.attention_impl is None:  # earlier configs: None let JAX pick (XLA)
             object.__setattr__(self, "attention_impl", "auto")
-        _choice(c, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
-        _choice(c, "fused_kernels", self.fused_kernels, FUSED_KERNELS)
+        choice(c, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        choice(c, "fused_kernels", self.fused_kernels, FUSED_KERNELS)
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
-        _choice(c, "remat", self.remat, REMAT_MODES)
+        choice(c, "remat", self.remat, REMAT_MODES)
         if not self.norm_eps > 0:
-            _fail(c, "norm_eps", self.norm_eps, "must be > 0")
+            fail(c, "norm_eps", self.norm_eps, "must be > 0")
         if not self.init_std > 0:
-            _fail(c, "init_std", self.init_std, "must be > 0")
+            fail(c, "init_std", self.init_std, "must be > 0")
         if self.moe is not None and isinstance(self.moe.layer_freq, tuple):
             if len(self.moe.layer_freq) != self.num_layers:
-                _fail("MoEConfig", "layer_freq", list(self.moe.layer_freq),
+                fail("MoEConfig", "layer_freq", list(self.moe.layer_freq),
                       f"a pattern needs one entry per layer (num_layers={self.num_layers})")
 
     def _check_mla(self) -> None:
         c = "ModelConfig"
-        _choice(c, "attention_type", self.attention_type, ATTENTION_TYPES)
+        choice(c, "attention_type", self.attention_type, ATTENTION_TYPES)
         if self.attention_type == "mla" and self.head_dim is not None:
-            _fail(c, "head_dim", self.head_dim, "only applies to attention_type='gqa' (MLA's head dims are "
+            fail(c, "head_dim", self.head_dim, "only applies to attention_type='gqa' (MLA's head dims are "
                   "qk_nope_head_dim + qk_rope_head_dim and v_head_dim)")
         if self.attention_type == "gqa":
             for f in MLA_FIELDS:
                 if getattr(self, f) is not None:
-                    _fail(c, f, getattr(self, f), "only applies to attention_type='mla' (leave it null)")
+                    fail(c, f, getattr(self, f), "only applies to attention_type='mla' (leave it null)")
             return
         for f in MLA_FIELDS[1:]:
             if getattr(self, f) is None:
-                _fail(c, f, None, "attention_type='mla' needs it (a positive integer)")
-        _positive(c, self, *MLA_FIELDS[1:])
+                fail(c, f, None, "attention_type='mla' needs it (a positive integer)")
+        positive(c, self, *MLA_FIELDS[1:])
         if self.q_lora_rank is not None:
-            _positive(c, self, "q_lora_rank")
+            positive(c, self, "q_lora_rank")
         if self.qk_rope_head_dim % 2:
-            _fail(c, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even for RoPE")
+            fail(c, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even for RoPE")
         for f in ("attention_bias", "qk_norm"):
             if getattr(self, f):
-                _fail(c, f, True, "not implemented with attention_type='mla'")
+                fail(c, f, True, "not implemented with attention_type='mla'")
 
     @property
     def head_dim_(self) -> int:
@@ -429,43 +222,43 @@ class TrainConfig:
 
     def __post_init__(self):
         c = "TrainConfig"
-        _check_types(c, self)
-        _positive(c, self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
+        check_types(c, self)
+        positive(c, self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
                   "keep_checkpoints")
         for f in ("seed", "skip_nonfinite_steps"):
             if getattr(self, f) < 0:
-                _fail(c, f, getattr(self, f), "must be >= 0")
+                fail(c, f, getattr(self, f), "must be >= 0")
         for f in ("b1", "b2"):
             if not 0 <= getattr(self, f) < 1:
-                _fail(c, f, getattr(self, f), "must be in [0, 1)")
+                fail(c, f, getattr(self, f), "must be in [0, 1)")
         if not self.eps > 0:
-            _fail(c, "eps", self.eps, "must be > 0")
+            fail(c, "eps", self.eps, "must be > 0")
         if self.weight_decay < 0:
-            _fail(c, "weight_decay", self.weight_decay, "must be >= 0")
+            fail(c, "weight_decay", self.weight_decay, "must be >= 0")
         for f in ("out_dir", "data"):
             if not getattr(self, f).strip():
-                _fail(c, f, getattr(self, f), "must not be empty")
+                fail(c, f, getattr(self, f), "must not be empty")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
-            _fail(c, "peak_tflops", self.peak_tflops, "must be > 0, or None to look it up")
+            fail(c, "peak_tflops", self.peak_tflops, "must be > 0, or None to look it up")
         if self.warmup_steps < 0:
-            _fail(c, "warmup_steps", self.warmup_steps, "must be >= 0")
+            fail(c, "warmup_steps", self.warmup_steps, "must be >= 0")
         if self.checkpoint_every < 0:
-            _fail(c, "checkpoint_every", self.checkpoint_every, "must be >= 0")
+            fail(c, "checkpoint_every", self.checkpoint_every, "must be >= 0")
         if self.keep_every < 0:
-            _fail(c, "keep_every", self.keep_every, "must be an integer >= 0 (0 = off)")
+            fail(c, "keep_every", self.keep_every, "must be an integer >= 0 (0 = off)")
         if not self.lr > 0:
-            _fail(c, "lr", self.lr, "must be > 0")
+            fail(c, "lr", self.lr, "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
-            _fail(c, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+            fail(c, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            _fail(c, "grad_clip", self.grad_clip, "must be > 0, or None to disable")
+            fail(c, "grad_clip", self.grad_clip, "must be > 0, or None to disable")
         for f in ("eval_every", "eval_batches"):
             if getattr(self, f) < 0:
-                _fail(c, f, getattr(self, f), "must be an integer >= 0 (eval_every=0: no evaluation)")
+                fail(c, f, getattr(self, f), "must be an integer >= 0 (eval_every=0: no evaluation)")
         if self.eval_every and not self.eval_batches:
-            _fail(c, "eval_batches", 0, f"must be >= 1 when eval_every={self.eval_every} (or set eval_every=0)")
+            fail(c, "eval_batches", 0, f"must be >= 1 when eval_every={self.eval_every} (or set eval_every=0)")
         if self.batch_size % self.grad_accum:
-            _fail(c, "grad_accum", self.grad_accum, f"must divide batch_size ({self.batch_size})")
+            fail(c, "grad_accum", self.grad_accum, f"must divide batch_size ({self.batch_size})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,12 +272,12 @@ class ParallelConfig:
     expert_tensor: int = 1     # ETP: the expert hidden dim split over this many devices (MoE mesh)
 
     def __post_init__(self):
-        _check_types("ParallelConfig", self)
+        check_types("ParallelConfig", self)
         for f in ("data", "fsdp", "tensor", "expert"):
             v = getattr(self, f)
             if v <= 0 and v != -1:
-                _fail("ParallelConfig", f, v, "must be a positive integer or -1 (fill)")
-        _positive("ParallelConfig", self, "expert_tensor")
+                fail("ParallelConfig", f, v, "must be a positive integer or -1 (fill)")
+        positive("ParallelConfig", self, "expert_tensor")
         if sum(getattr(self, f) == -1 for f in ("data", "fsdp", "tensor", "expert")) > 1:
             raise ValueError("ParallelConfig: at most one axis may be -1 (fill)")
 
@@ -500,9 +293,9 @@ class Config:
     def __post_init__(self):
         for f, cls in (("model", ModelConfig), ("train", TrainConfig), ("parallel", ParallelConfig)):
             if not isinstance(getattr(self, f), cls):
-                _fail("Config", f, getattr(self, f), f"must be a {cls.__name__}")
+                fail("Config", f, getattr(self, f), f"must be a {cls.__name__}")
         if self.train.seq_len > self.model.max_seq_len:
-            _fail("TrainConfig", "seq_len", self.train.seq_len,
+            fail("TrainConfig", "seq_len", self.train.seq_len,
                   f"must be <= model.max_seq_len ({self.model.max_seq_len})")
 
 
@@ -510,10 +303,3 @@ def with_dispatcher(cfg: ModelConfig, **fields) -> ModelConfig:
     """`cfg` with `moe.dispatcher` fields replaced (e.g. `type="allgather", overlap_chunks=2`)."""
     dc = dataclasses.replace(cfg.moe.dispatcher, **fields)
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatcher=dc))
-
-
-def capacity(num_tokens: int, cfg: MoEConfig) -> int | None:
-    """Per-expert capacity ceil(T*k/E*factor), or None when dropless."""
-    if cfg.expert_capacity_factor is None:
-        return None
-    return max(1, math.ceil(num_tokens * cfg.router_topk / cfg.num_experts * cfg.expert_capacity_factor))
