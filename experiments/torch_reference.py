@@ -5,12 +5,16 @@
       [--warmup 3] [--batch 8] [--seq 2048] [--layers N] [--d-model D] [--tiny] [--no-compile]
       [--experts grouped|loop] [--sdpa auto|flash|cudnn|efficient|math] [--out PATH]
 
-The model follows moe_jax (model.py, moe.py, routing.py): token embedding, pre-norm blocks (RMSNorm in
-fp32), causal GQA attention with rotate-half RoPE, dense SwiGLU or MoE FFN per `layer_freq` (fp32
-router, softmax top-k or sigmoid + group-limited top-k with a selection-only expert bias, aux/seq-aux/z
-losses, dropless, routed experts as two grouped GEMMs, optional shared expert), final RMSNorm, LM head,
-cross-entropy. Model FLOPs/token = 6·N_active + 6·layers·d_model·seq (moe_jax.metrics). Needs only
-torch + pyyaml. Without CUDA: fp32, eager, per-expert loop (for tests at tiny sizes).
+The model follows moe_jax (model.py, moe.py, routing.py, mla.py, mtp.py): token embedding, pre-norm
+blocks (RMSNorm in fp32), causal attention with rotate-half RoPE — GQA, or DeepSeek's multi-head latent
+attention (`attention_type: mla`, experiments/torch_mla.py) —, dense SwiGLU or MoE FFN per `layer_freq`
+(fp32 router, softmax top-k or sigmoid + group-limited top-k with a selection-only expert bias,
+aux/seq-aux/z losses, dropless, routed experts as two grouped GEMMs, optional shared expert), final
+RMSNorm, LM head, cross-entropy; with `mtp_num_layers`, DeepSeek-V3's multi-token-prediction modules
+after it (torch_mla.py), their loss scaled by `mtp_loss_scaling_factor` and their router losses added,
+as moe_jax.train's loss. Model FLOPs/token as moe_jax.metrics.flops_per_token: 6·N_active + causal
+attention 3·(L + D_mtp)·S·N·(H_qk + H_v) + the LM head once more per MTP module 6·D_mtp·d_model·V.
+Needs only torch + pyyaml. Without CUDA: fp32, eager, per-expert loop (for tests at tiny sizes).
 """
 from __future__ import annotations
 
@@ -36,7 +40,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A10
 MODEL_DEFAULTS = dict(vocab_size=512, d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=None,
                       ffn_hidden_size=1024, norm="rmsnorm", norm_eps=1e-5, rope_theta=10000.0,
                       activation="swiglu", tie_embeddings=False, init_std=0.02, attention_bias=False,
-                      qk_norm=False)
+                      qk_norm=False, attention_type="gqa", q_lora_rank=None, kv_lora_rank=None,
+                      qk_nope_head_dim=None, qk_rope_head_dim=None, v_head_dim=None, mtp_num_layers=0,
+                      mtp_loss_scaling_factor=0.1)
 MOE_DEFAULTS = dict(num_experts=8, router_topk=2, ffn_hidden_size=1024, router_score_function="softmax",
                     router_pre_softmax=False, router_topk_scaling_factor=None, router_num_groups=None,
                     router_group_topk=None, router_enable_expert_bias=False, router_bias_update_rate=1e-3,
@@ -47,8 +53,7 @@ MOE_DEFAULTS = dict(num_experts=8, router_topk=2, ffn_hidden_size=1024, router_s
 UNSUPPORTED = {("model", "norm"): "rmsnorm", ("model", "activation"): "swiglu", ("model", "attention_bias"): False,
                ("model", "qk_norm"): False, ("moe", "activation"): "swiglu", ("moe", "router_pre_softmax"): False,
                ("moe", "expert_capacity_factor"): None, ("moe", "input_jitter_eps"): None,
-               ("moe", "router_force_load_balancing"): False, ("model", "attention_type"): "gqa",
-               ("model", "mtp_num_layers"): 0, ("model", "rope_scaling"): None}
+               ("moe", "router_force_load_balancing"): False, ("model", "rope_scaling"): None}
 
 
 def load_preset(name: str) -> dict:
@@ -63,8 +68,13 @@ def load_preset(name: str) -> dict:
 def resolve(raw: dict, args) -> tuple[dict, dict, dict, dict]:
     """(model, moe, train sections after the command-line overrides; the full config used)."""
     model, moe, train = (dict(raw.get(s) or {}) for s in ("model", "moe", "train"))
-    if args.tiny:  # same structure (experts, top-k, groups, layer pattern), toy widths
-        model.update(d_model=64, num_heads=4, num_kv_heads=2, ffn_hidden_size=128, vocab_size=512)
+    if args.tiny:  # same structure (experts, top-k, groups, layer pattern, MLA, MTP), toy widths
+        model.update(d_model=64, num_heads=4, ffn_hidden_size=128, vocab_size=512)
+        if model.get("attention_type") == "mla":
+            model.update(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                         **({"q_lora_rank": 32} if model.get("q_lora_rank") else {}))
+        else:
+            model["num_kv_heads"] = 2
         if moe:
             moe["ffn_hidden_size"] = 32
             if moe.get("shared_expert_intermediate_size"):
@@ -257,7 +267,12 @@ class MoE(nn.Module):
 class Block(nn.Module):
     def __init__(self, m, c, moe: bool, init: Init, grouped: bool):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(m["d_model"], m["norm_eps"], init), Attention(m, init)
+        self.attn_norm = RMSNorm(m["d_model"], m["norm_eps"], init)
+        if m["attention_type"] == "mla":
+            from torch_mla import MLAttention  # (torch_mla imports this module's classes)
+            self.attn = MLAttention(m, init)
+        else:
+            self.attn = Attention(m, init)
         self.mlp_norm = RMSNorm(m["d_model"], m["norm_eps"], init)
         self.mlp = MoE(m, c, init, grouped) if moe else MLP(m["d_model"], m["ffn_hidden_size"], init)
 
@@ -268,7 +283,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """forward(inputs, targets) -> (loss = CE + router losses, CE, routed counts [L_moe, E])."""
+    """forward(inputs, targets) -> (loss, CE, routed counts [L_moe + D_moe, E]): loss = CE + every
+    router loss (the MTP blocks' included) + mtp_loss_scaling_factor · MTP loss, as moe_jax.train's;
+    counts: the MoE layers' rows in order, then the MTP blocks' when MoE (the rows of `moe_layers()`)."""
 
     def __init__(self, m, c, init: Init, compute_dtype, grouped: bool):
         super().__init__()
@@ -278,20 +295,44 @@ class GPT(nn.Module):
                                     for i in range(m["num_layers"]))
         self.final_norm = RMSNorm(m["d_model"], m["norm_eps"], init)
         self.head = None if m["tie_embeddings"] else init(m["d_model"], m["vocab_size"])
+        self.mtp = None
+        if m["mtp_num_layers"]:  # DeepSeek-V3: the MTP block is MoE when the last layer is
+            from torch_mla import MTP
+            last_moe = is_moe_layer(c, m["num_layers"] - 1)
+            self.mtp = MTP(m, [Block(m, c, last_moe, init, grouped) for _ in range(m["mtp_num_layers"])], init)
 
-    def forward(self, inputs, targets):
+    def moe_layers(self) -> list:
+        """The MoE layers in the order of forward's routed counts (the MTP blocks' last)."""
+        blocks = list(self.blocks) + ([mod.block for mod in self.mtp.layers] if self.mtp is not None else [])
+        return [blk.mlp for blk in blocks if isinstance(blk.mlp, MoE)]
+
+    def trunk(self, inputs):
+        """(last layer output [B,S,D] before the final norm, router losses summed, routed counts list,
+        RoPE tables (cos, sin))."""
         m = self.m
         x = F.embedding(inputs, self.embed).to(self.cdt)
-        cos, sin = rope_tables(inputs.shape[1], m["head_dim"] or m["d_model"] // m["num_heads"],
-                               m["rope_theta"], inputs.device)
+        rope_dim = m["qk_rope_head_dim"] if m["attention_type"] == "mla" else (
+            m["head_dim"] or m["d_model"] // m["num_heads"])
+        cos, sin = rope_tables(inputs.shape[1], rope_dim, m["rope_theta"], inputs.device)
         aux, counts = x.new_zeros((), dtype=torch.float32), []
         for blk in self.blocks:
             x, loss, cnt = blk(x, cos, sin)
             if loss is not None:
                 aux, counts = aux + loss, counts + [cnt]
-        logits = self.final_norm(x) @ (self.embed.t() if self.head is None else self.head)
+        return x, aux, counts, (cos, sin)
+
+    def head_weight(self):
+        return self.embed.t() if self.head is None else self.head
+
+    def forward(self, inputs, targets):
+        x, aux, counts, rope = self.trunk(inputs)
+        logits = self.final_norm(x) @ self.head_weight()
         ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        return ce + aux, ce, torch.stack(counts) if counts else None
+        loss = ce + aux
+        if self.mtp is not None:
+            mtp, mtp_aux, mtp_counts = self.mtp(x, targets, self.embed, self.head_weight(), *rope)
+            loss, counts = loss + self.m["mtp_loss_scaling_factor"] * mtp + mtp_aux, counts + mtp_counts
+        return loss, ce, torch.stack(counts) if counts else None
 
 
 def param_counts(model: GPT, c: dict | None) -> dict:
@@ -304,6 +345,19 @@ def param_counts(model: GPT, c: dict | None) -> dict:
             continue
         active += p.numel() * (frac if name.endswith(("w1_exp", "w2_exp")) else 1.0)
     return {"total": int(total), "active": int(active), "embedding": model.m["vocab_size"] * model.m["d_model"]}
+
+
+def flops_per_token(m: dict, active: int, seq: int) -> float:
+    """moe_jax.metrics.flops_per_token: 6·N_active + 3·(L + D)·S·N·(H_qk + H_v) + 6·D·d_model·V, with D
+    MTP modules, H_qk = H_v = head_dim for GQA, qk_nope + qk_rope and v_head_dim for MLA (v's zero
+    padding in the kernel not counted)."""
+    if m["attention_type"] == "mla":
+        h_qk, h_v = m["qk_nope_head_dim"] + m["qk_rope_head_dim"], m["v_head_dim"]
+    else:
+        h_qk = h_v = m["head_dim"] or m["d_model"] // m["num_heads"]
+    d = m["mtp_num_layers"]
+    attn = 3.0 * (m["num_layers"] + d) * seq * m["num_heads"] * (h_qk + h_v)
+    return 6.0 * active + attn + 6.0 * d * m["d_model"] * m["vocab_size"]
 
 
 def build_model(m, c, device="meta", param_dtype=torch.float32, compute_dtype=torch.float32, grouped=False):
@@ -376,11 +430,11 @@ def main(argv=None) -> dict:
     model = build_model(m, c, dev, pdt, cdt, grouped)
     counts = param_counts(model, c)
     b, s = tc["batch_size"], tc["seq_len"]
-    flops_tok = 6.0 * counts["active"] + 6.0 * m["num_layers"] * m["d_model"] * s
+    flops_tok = flops_per_token(m, counts["active"], s)
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": 0.1},
               {"params": [p for p in model.parameters() if p.ndim < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), eps=1e-8, fused=cuda)
-    moe_layers = [blk.mlp for blk in model.blocks if isinstance(blk.mlp, MoE)]
+    moe_layers = model.moe_layers()  # the rows of the routed counts forward returns
     tokens = torch.randint(0, m["vocab_size"], (b, s + 1), device=dev)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
     use_compile = cuda and not args.no_compile
@@ -457,5 +511,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("torch_reference", sys.modules["__main__"])  # torch_mla's import: these classes
     r = main()
     sys.exit(0 if all(math.isfinite(x) for x in r["losses"]) else 1)
