@@ -20,7 +20,7 @@
 #            after each sweep (a run cut short keeps what it measured)
 #   dsv3   — the MLA GPU tests (cuDNN vs XLA), then profile_model.py (step time, MFU, peak memory, GPU
 #            time by category) of DSV3_PRESETS (deepseek_v3_small) with DSV3_PARAMS (bf16) parameters;
-#            DSV3_EXTRA adds overrides
+#            DSV3_EXTRA adds overrides; then the PyTorch reference (MLA + MTP) in the same call (DSV3_TORCH=0 skips)
 #   fast   — whole-model speed, ours beside the PyTorch reference in the same call: per preset in
 #            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
@@ -140,6 +140,10 @@ case "${1:-}" in
           "model.param_dtype=$dt" ${DSV3_EXTRA:-} --out "experiments/results/profile_$tag.json" \
           > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
         grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${DSV3_LINES:-30}
+        [ "${DSV3_TORCH:-1}" = 0 ] && continue
+        timeout -s KILL ${DSV3_TIMEOUT:-300} python3 experiments/torch_reference.py --config "$preset" \
+          --param-dtype "$pd" --out "experiments/results/torch_ref_$tag.json" \
+          > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
     done ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
