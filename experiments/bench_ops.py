@@ -13,6 +13,7 @@ Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -129,10 +130,10 @@ def rows(shape: dict, reps: int):
     return out
 
 
-def tune_norm(shape: dict, reps: int) -> list[dict]:
-    """rms_norm and add_rms_norm fwd+bwd (ms) per ops.rms_norm.Launch on [T, D] bf16."""
-    key = jax.random.key(1)
-    x, d = (jax.random.normal(jax.random.fold_in(key, i), (shape["T"], shape["D"]), BF16) for i in (0, 1))
+def tune_norm(shape: dict, reps: int, on_row=print) -> list[dict]:
+    """rms_norm fwd+bwd (ms) per ops.rms_norm.Launch on [T, D] bf16; `on_row(rows so far)` after each
+    (a sweep cut short keeps what it measured)."""
+    x = jax.random.normal(jax.random.key(1), (shape["T"], shape["D"]), BF16)
     scale = jnp.ones((shape["D"],), jnp.float32)
     out, default = [], norm_ops.LAUNCH
     try:
@@ -140,14 +141,10 @@ def tune_norm(shape: dict, reps: int) -> list[dict]:
             for bwd_rows in (8, 16, 32, 64):
                 for warps in (4, 8):
                     norm_ops.LAUNCH = norm_ops.Launch(fwd_elems, bwd_rows, warps)
-                    row = {"fwd_elems": fwd_elems, "bwd_rows": bwd_rows, "warps": warps}
-                    for name, f, args in (("norm", lambda x: rms_norm(x, scale, 1e-5, **_kw("pallas")), (x,)),
-                                          ("add_norm", lambda x, d: add_rms_norm(x, d, scale, 1e-5,
-                                                                                 **_kw("pallas")), (x, d))):
-                        run, _ = fwd_bwd(f, *args)
-                        row[f"{name}_ms"] = 1e3 * median_seconds(run, *args, iters=reps)
-                    print(row, flush=True)
-                    out.append(row)
+                    run, _ = fwd_bwd(lambda x: rms_norm(x, scale, 1e-5, **_kw("pallas")), x)
+                    out.append({"fwd_elems": fwd_elems, "bwd_rows": bwd_rows, "warps": warps,
+                                "norm_ms": 1e3 * median_seconds(run, x, iters=reps)})
+                    on_row(out)
     finally:
         norm_ops.LAUNCH = default
     return out
@@ -161,10 +158,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     args = ap.parse_args(argv)
     if args.tune_norm:
-        rows_ = tune_norm(SHAPES[args.shape], args.reps)
-        best = min(rows_, key=lambda r: r["norm_ms"] + r["add_norm_ms"])
-        print(f"best (norm + add_norm): {best}")
-        write_result("tune_norm", args.shape, {"shape": SHAPES[args.shape], "rows": rows_, "best": best}, args.out)
+        def save(rows_):
+            print(rows_[-1], flush=True)
+            best = min(rows_, key=lambda r: r["norm_ms"])
+            return write_result("tune_norm", args.shape, {"shape": SHAPES[args.shape], "default": dataclasses.asdict(
+                norm_ops.Launch()), "rows": rows_, "best": best}, args.out)
+        rows_ = tune_norm(SHAPES[args.shape], args.reps, save)
+        print(f"best: {min(rows_, key=lambda r: r['norm_ms'])}")
         return 0
     ceiling = copy_ceiling(args.reps)
     table = rows(SHAPES[args.shape], args.reps)

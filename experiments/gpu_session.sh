@@ -27,7 +27,8 @@
 #            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
 #            reference; FAST_TESTS=1 first runs the ops' tests on the GPU
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward against plain JAX), then
-#            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth
+#            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
+#            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
@@ -121,7 +122,12 @@ case "${1:-}" in
       timeout -s KILL 150 python3 experiments/bench_ops.py --shape "$shape" \
         --out "experiments/results/ops_${shape}_$(date +%F)_h200.json" > "$OUT/ops_$shape.log" 2>&1
       echo "== ops $shape rc=$?"; grep -v "^[WI][0-9]" "$OUT/ops_$shape.log" | tail -9
-    done ;;
+    done
+    if [ "${KERNEL_TUNE:-0}" = 1 ]; then
+      timeout -s KILL 200 python3 experiments/bench_ops.py --shape mixtral --tune-norm --reps 10 \
+        --out "experiments/results/tune_norm_mixtral_$(date +%F)_h200.json" > "$OUT/tune_norm.log" 2>&1
+      echo "== tune rc=$?"; grep "^best\|^{" "$OUT/tune_norm.log" | sort -t: -k5 | head -6
+    fi ;;
   autotune)
     timeout -s KILL ${AUTOTUNE_FWD_S:-330} python3 experiments/autotune_grouped_matmul.py --kinds fwd \
       --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_fwd.log" 2>&1; echo "fwd rc=$?"
