@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_reference import Init, RMSNorm, apply_rope  # torch_reference imports this module lazily
+from torch_layers import Init, RMSNorm, apply_rope
 
 
 class MLAttention(nn.Module):
