@@ -45,7 +45,8 @@ def test_full_size_param_counts_and_flops_match_moe_jax(preset):
 
 @pytest.mark.parametrize("preset,flags", [("deepseek_small", ["--tiny", "--layers", "2"]),
                                           ("tiny_deepseek_v3", []),
-                                          ("deepseek_v3_small", ["--tiny", "--layers", "2"])])
+                                          pytest.param("deepseek_v3_small", ["--tiny", "--layers", "2"],
+                                                       marks=pytest.mark.slow)])  # tiny_deepseek_v3 covers MLA+MTP
 def test_tiny_run_on_cpu(tmp_path, preset, flags):
     out = tmp_path / "ref.json"
     res = tr.main(["--config", preset, *flags, "--batch", "2", "--seq", "32", "--steps", "3", "--warmup", "1",
