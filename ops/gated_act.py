@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ops.pallas_triton import compiler_params, resolve, rows_per_block
-from ops.shard_types import match_vma, vma
 
 MAX_COLS = 1024  # widest column block of one program
 MIN_COLS = 16  # narrowest column block the kernel takes (F must be a multiple of it)
@@ -67,7 +66,7 @@ def _swiglu_fwd(h, interpret):
 
 
 def _swiglu_bwd(interpret, h, dy):
-    return (match_vma(_bwd(h, dy.astype(h.dtype), interpret), h),)  # inside shard_map: h's varying axes
+    return (_bwd(h, dy.astype(h.dtype), interpret),)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
@@ -89,8 +88,6 @@ def swiglu(h_R2F, *, backend: str = "auto", interpret: bool = False):
     if h_R2F.ndim != 3 or h_R2F.shape[1] != 2:
         raise ValueError(f"swiglu: h must be [R, 2, F] (gate, up), got {h_R2F.shape}")
     ok, why = kernel_takes(h_R2F.shape)
-    if ok and vma(h_R2F):  # Pallas's interpreter and its Triton outputs do not carry shard_map's types
-        ok, why = False, "inside shard_map (expert parallelism): the kernel runs on one device only"
-    if resolve("swiglu", backend, ok, why, interpret) == "reference":
+    if resolve("swiglu", backend, ok, why, interpret, h_R2F) == "reference":
         return reference_swiglu(h_R2F)
     return _swiglu(h_R2F, bool(interpret))

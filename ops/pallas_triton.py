@@ -9,6 +9,8 @@ import warnings
 import jax
 from jax.experimental.pallas import triton as pltriton
 
+from ops.shard_types import vma
+
 BACKENDS = ("auto", "pallas", "reference")
 # JAX 0.11 deprecates Pallas's Triton backend and warns at every lowering of these kernels: a note for
 # this library (ops/NOTES_fused_ops.md: the port to Mosaic GPU or jax-triton), not for its users
@@ -26,16 +28,23 @@ def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def resolve(op: str, backend: str, supported: bool, why: str, interpret: bool) -> str:
+def one_gpu() -> bool:
+    """The program runs on one NVIDIA GPU: where "auto" takes the kernels."""
+    return on_nvidia_gpu() and jax.device_count() == 1
+
+
+def resolve(op: str, backend: str, supported: bool, why: str, interpret: bool, x=None) -> str:
     """"auto" -> "pallas" when the shape is supported and the program runs on one NVIDIA GPU (or in
     interpret mode), else "reference". One device only: a pallas_call has no partitioning rule, so
     under a multi-device jit XLA would gather its operands onto every device; there XLA's own fusions
-    run. An explicit "pallas" on an unsupported shape raises with `why`."""
+    run. Inside shard_map (`x`, the input, varies over mesh axes) the kernels are unsupported: Pallas
+    outputs carry no varying-axes type. An explicit "pallas" on an unsupported input raises with `why`."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; valid: {BACKENDS}")
+    if supported and x is not None and vma(x):
+        supported, why = False, "inside shard_map (e.g. expert parallelism): the kernels run on one device only"
     if backend == "auto":
-        one_gpu = on_nvidia_gpu() and jax.device_count() == 1
-        return "pallas" if supported and (interpret or one_gpu) else "reference"
+        return "pallas" if supported and (interpret or one_gpu()) else "reference"
     if backend == "pallas":
         if not supported:
             raise ValueError(f"{op}: the Pallas kernel does not take this input: {why}; use backend='reference'")
@@ -48,7 +57,7 @@ def resolve(op: str, backend: str, supported: bool, why: str, interpret: bool) -
 def describe(kernels: str) -> str:
     """What `ModelConfig.fused_kernels` means here, for the run's log line."""
     if kernels == "auto":
-        return "pallas where the shape fits" if on_nvidia_gpu() and jax.device_count() == 1 else "xla"
+        return "pallas where the shape fits" if one_gpu() else "xla"
     return {"reference": "xla", "interpret": "pallas (interpret mode)"}.get(kernels, kernels)
 
 

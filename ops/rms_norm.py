@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ops.pallas_triton import MAX_ROW, compiler_params, is_pow2, resolve, rows_per_block
-from ops.shard_types import match_vma
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,13 +135,13 @@ def _rms_norm(x, scale, eps, interpret):
 
 def _rms_norm_fwd(x, scale, eps, interpret):
     y, r = _fwd(_rows(x), None, scale, eps, interpret)
-    return match_vma(y.reshape(x.shape), x, scale), (x, scale, r)
+    return y.reshape(x.shape), (x, scale, r)
 
 
 def _rms_norm_bwd(eps, interpret, res, dy):
     x, scale, r = res
     dx, ds = _bwd(_rows(x), scale, r, _rows(dy).astype(x.dtype), None, interpret)
-    return match_vma(dx.reshape(x.shape), x), match_vma(ds.astype(scale.dtype), scale)
+    return dx.reshape(x.shape), ds.astype(scale.dtype)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
@@ -155,7 +154,7 @@ def _add_rms_norm(x, delta, scale, eps, interpret):
 
 def _add_rms_norm_fwd(x, delta, scale, eps, interpret):
     s, y, r = _fwd(_rows(x), _rows(delta), scale, eps, interpret)
-    s, y = (match_vma(v.reshape(x.shape), x, delta, scale) for v in (s, y))
+    s, y = s.reshape(x.shape), y.reshape(x.shape)
     return (s, y), (s, scale, r)
 
 
@@ -163,8 +162,8 @@ def _add_rms_norm_bwd(eps, interpret, res, cts):
     s, scale, r = res
     d_s, dy = cts
     dx, ds = _bwd(_rows(s), scale, r, _rows(dy).astype(s.dtype), _rows(d_s).astype(s.dtype), interpret)
-    dx = match_vma(dx.reshape(s.shape), s)
-    return dx, dx, match_vma(ds.astype(scale.dtype), scale)
+    dx = dx.reshape(s.shape)
+    return dx, dx, ds.astype(scale.dtype)
 
 
 _add_rms_norm.defvjp(_add_rms_norm_fwd, _add_rms_norm_bwd)
@@ -181,19 +180,16 @@ def kernel_takes(x_shape) -> tuple[bool, str]:
 def _check(op, x, scale):
     if scale.shape != x.shape[-1:]:
         raise ValueError(f"{op}: scale {scale.shape} must be [{x.shape[-1]}] for x {x.shape}")
-    ok, why = kernel_takes(x.shape)
-    return ok, why
+    return kernel_takes(x.shape)
 
 
 def rms_norm(x, scale, eps: float, *, backend: str = "auto", interpret: bool = False):
     """RMSNorm of x [..., D] with scale [D]; float32 math, x's dtype out. Backends: "pallas" (the
     kernels), "reference" (plain JAX), "auto" (pallas on one NVIDIA GPU where the shape fits)."""
     ok, why = _check("rms_norm", x, scale)
-    if resolve("rms_norm", backend, ok, why, interpret) == "reference":
+    if resolve("rms_norm", backend, ok, why, interpret, x) == "reference":
         return reference_rms_norm(x, scale, eps)
-    # inside shard_map a replicated scale takes x's varying axes here, outside the custom VJP: the cast's
-    # transpose sums its gradient over them, as autodiff of the reference would
-    return _rms_norm(x, match_vma(scale, x), float(eps), bool(interpret))
+    return _rms_norm(x, scale, float(eps), bool(interpret))
 
 
 def add_rms_norm(x, delta, scale, eps: float, *, backend: str = "auto", interpret: bool = False):
@@ -202,7 +198,6 @@ def add_rms_norm(x, delta, scale, eps: float, *, backend: str = "auto", interpre
     if delta.shape != x.shape:
         raise ValueError(f"add_rms_norm: delta {delta.shape} must have x's shape {x.shape}")
     ok, why = _check("add_rms_norm", x, scale)
-    if resolve("add_rms_norm", backend, ok, why, interpret) == "reference":
+    if resolve("add_rms_norm", backend, ok, why, interpret, x) == "reference":
         return reference_add_rms_norm(x, delta, scale, eps)
-    delta = match_vma(delta.astype(x.dtype), x)
-    return _add_rms_norm(match_vma(x, delta), delta, match_vma(scale, x, delta), float(eps), bool(interpret))
+    return _add_rms_norm(x, delta.astype(x.dtype), scale, float(eps), bool(interpret))

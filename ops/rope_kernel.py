@@ -108,6 +108,6 @@ def rope(x_BSNH, cos_SH, sin_SH, *, backend: str = "auto", interpret: bool = Fal
         raise ValueError(f"rope: cos {cos_SH.shape} and sin {sin_SH.shape} must be [S, H] = {want} "
                          f"for x {x_BSNH.shape}")
     ok, why = kernel_takes(x_BSNH.shape, cos_SH.shape)
-    if resolve("rope", backend, ok, why, interpret) == "reference":
+    if resolve("rope", backend, ok, why, interpret, x_BSNH) == "reference":
         return reference_rope(x_BSNH, cos_SH, sin_SH)
     return _rope(x_BSNH, cos_SH, sin_SH, bool(interpret))
