@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from moe_jax.config_checks import check_types, choice, describe_kinds, fail, field_kinds, positive  # noqa: F401
+from moe_jax.config_checks import check_types, choice, fail, positive
 from moe_jax.moe_config import ACTIVATIONS, DispatchConfig, MoEConfig, capacity  # noqa: F401  (re-exported)
 
 NORMS = ("rmsnorm", "layernorm")
@@ -45,7 +45,7 @@ class RopeScalingConfig:
             positive(c, self, "original_max_position_embeddings")
             if not self.beta_fast > self.beta_slow > 0:
                 fail(c, "beta_fast", self.beta_fast,
-                      f"yarn needs beta_fast > beta_slow > 0 (beta_slow={self.beta_slow})")
+                     f"yarn needs beta_fast > beta_slow > 0 (beta_slow={self.beta_slow})")
         for f in ("mscale", "mscale_all_dim"):
             v = getattr(self, f)
             if v is not None and (self.type != "yarn" or v < 0):
@@ -103,19 +103,19 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", RopeScalingConfig(**self.rope_scaling))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScalingConfig):
             fail(c, "rope_scaling", self.rope_scaling,
-                  "must be a RopeScalingConfig (or a mapping of its fields), or None")
+                 "must be a RopeScalingConfig (or a mapping of its fields), or None")
         check_types(c, self)
         positive(c, self, "vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                  "ffn_hidden_size", "max_seq_len")
+                 "ffn_hidden_size", "max_seq_len")
         self._check_mla()
         if self.head_dim is not None:
             positive(c, self, "head_dim")
         elif self.d_model % self.num_heads and self.attention_type == "gqa":
             fail(c, "num_heads", self.num_heads,
-                  f"must divide d_model ({self.d_model}) unless head_dim is set")
+                 f"must divide d_model ({self.d_model}) unless head_dim is set")
         if self.num_heads % self.num_kv_heads and self.attention_type == "gqa":  # MLA does not use it
             fail(c, "num_kv_heads", self.num_kv_heads,
-                  f"must divide num_heads ({self.num_heads})")
+                 f"must divide num_heads ({self.num_heads})")
         if self.rope_dim % 2:
             fail(c, "head_dim", self.head_dim_, "must be even for RoPE")
         if self.mtp_num_layers < 0:
@@ -140,14 +140,14 @@ class ModelConfig:
         if self.moe is not None and isinstance(self.moe.layer_freq, tuple):
             if len(self.moe.layer_freq) != self.num_layers:
                 fail("MoEConfig", "layer_freq", list(self.moe.layer_freq),
-                      f"a pattern needs one entry per layer (num_layers={self.num_layers})")
+                     f"a pattern needs one entry per layer (num_layers={self.num_layers})")
 
     def _check_mla(self) -> None:
         c = "ModelConfig"
         choice(c, "attention_type", self.attention_type, ATTENTION_TYPES)
         if self.attention_type == "mla" and self.head_dim is not None:
             fail(c, "head_dim", self.head_dim, "only applies to attention_type='gqa' (MLA's head dims are "
-                  "qk_nope_head_dim + qk_rope_head_dim and v_head_dim)")
+                 "qk_nope_head_dim + qk_rope_head_dim and v_head_dim)")
         if self.attention_type == "gqa":
             for f in MLA_FIELDS:
                 if getattr(self, f) is not None:
@@ -224,7 +224,7 @@ class TrainConfig:
         c = "TrainConfig"
         check_types(c, self)
         positive(c, self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
-                  "keep_checkpoints")
+                 "keep_checkpoints")
         for f in ("seed", "skip_nonfinite_steps"):
             if getattr(self, f) < 0:
                 fail(c, f, getattr(self, f), "must be >= 0")
@@ -296,7 +296,7 @@ class Config:
                 fail("Config", f, getattr(self, f), f"must be a {cls.__name__}")
         if self.train.seq_len > self.model.max_seq_len:
             fail("TrainConfig", "seq_len", self.train.seq_len,
-                  f"must be <= model.max_seq_len ({self.model.max_seq_len})")
+                 f"must be <= model.max_seq_len ({self.model.max_seq_len})")
 
 
 def with_dispatcher(cfg: ModelConfig, **fields) -> ModelConfig:

@@ -89,7 +89,7 @@ class MoEConfig:
         positive(c, self, "num_experts", "router_topk", "ffn_hidden_size")
         if self.router_topk > self.num_experts:
             fail(c, "router_topk", self.router_topk,
-                  f"must be <= num_experts ({self.num_experts})")
+                 f"must be <= num_experts ({self.num_experts})")
         choice(c, "router_score_function", self.router_score_function, SCORE_FUNCTIONS)
         choice(c, "router_load_balancing_type", self.router_load_balancing_type, LOAD_BALANCING_TYPES)
         choice(c, "token_drop_policy", self.token_drop_policy, DROP_POLICIES)
@@ -98,37 +98,37 @@ class MoEConfig:
         choice(c, "grouped_gemm_backend", self.grouped_gemm_backend, GEMM_BACKENDS)
         if self.router_pre_softmax and self.router_score_function != "softmax":
             fail(c, "router_pre_softmax", True,
-                  f"only applies to router_score_function='softmax' (got {self.router_score_function!r})")
+                 f"only applies to router_score_function='softmax' (got {self.router_score_function!r})")
         if (self.router_num_groups is None) != (self.router_group_topk is None):
             fail(c, "router_group_topk", self.router_group_topk,
-                  "router_num_groups and router_group_topk must be set together (or both None)")
+                 "router_num_groups and router_group_topk must be set together (or both None)")
         if self.router_num_groups is not None:
             positive(c, self, "router_num_groups", "router_group_topk")
             if self.num_experts % self.router_num_groups:
                 fail(c, "router_num_groups", self.router_num_groups,
-                      f"must divide num_experts ({self.num_experts})")
+                     f"must divide num_experts ({self.num_experts})")
             if self.router_group_topk > self.router_num_groups:
                 fail(c, "router_group_topk", self.router_group_topk,
-                      f"must be <= router_num_groups ({self.router_num_groups})")
+                     f"must be <= router_num_groups ({self.router_num_groups})")
             per_group = self.num_experts // self.router_num_groups
             if self.router_group_score_topk is None and self.router_topk % self.router_group_topk:
                 fail(c, "router_group_topk", self.router_group_topk,
-                      f"must divide router_topk ({self.router_topk}) unless router_group_score_topk is set")
+                     f"must divide router_topk ({self.router_topk}) unless router_group_score_topk is set")
             if self.router_group_score_topk is not None:
                 positive(c, self, "router_group_score_topk")
                 if self.router_group_score_topk > per_group:
                     fail(c, "router_group_score_topk", self.router_group_score_topk,
-                          f"must be <= experts per group ({per_group})")
+                         f"must be <= experts per group ({per_group})")
             if self.router_topk > self.router_group_topk * per_group:
                 fail(c, "router_topk", self.router_topk,
-                      f"must be <= router_group_topk*experts_per_group "
-                      f"({self.router_group_topk}*{per_group})")
+                     f"must be <= router_group_topk*experts_per_group "
+                     f"({self.router_group_topk}*{per_group})")
         if self.router_group_score_topk is not None and self.router_num_groups is None:
             fail(c, "router_group_score_topk", self.router_group_score_topk,
-                  "needs group-limited routing (router_num_groups and router_group_topk)")
+                 "needs group-limited routing (router_num_groups and router_group_topk)")
         if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
             fail(c, "expert_capacity_factor", self.expert_capacity_factor,
-                  "must be > 0, or None for dropless")
+                 "must be > 0, or None for dropless")
         if self.pad_expert_input_to_capacity and self.expert_capacity_factor is None:
             fail(c, "pad_expert_input_to_capacity", True, "needs expert_capacity_factor to be set")
         for f in ("aux_loss_coeff", "router_bias_update_rate"):
@@ -144,7 +144,7 @@ class MoEConfig:
             fail(c, "shared_expert_gate", True, "needs shared_expert_intermediate_size to be set")
         if self.apply_probs_on_input and self.router_topk != 1:
             fail(c, "apply_probs_on_input", True,
-                  f"requires router_topk == 1 (got {self.router_topk})")
+                 f"requires router_topk == 1 (got {self.router_topk})")
         lf = self.layer_freq
         if isinstance(lf, tuple):
             if not lf or any(v not in (0, 1) for v in lf):

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import yaml
 
 from moe_jax.config import (Config, DispatchConfig, ModelConfig, MoEConfig, ParallelConfig,
-                            RopeScalingConfig, TrainConfig, describe_kinds, field_kinds)
+                            RopeScalingConfig, TrainConfig)
+from moe_jax.config_checks import describe_kinds, field_kinds
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
