@@ -47,7 +47,8 @@ def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, l
     load(info, kk, slot, barrier): memory WG, issues the copies of step kk into ring slot `slot`,
     completing on `barrier`. mma(info, kk, slot, acc_ref): compute WG, issues its wgmma(s).
     epilogue(info, acc_ref): compute WG, after the item's last step (acc_ref holds the sum; zeros
-    for a 0-step item). loaded: Barrier(num_arrivals=copies per step,
+    for a 0-step item). acc_shape may be a tuple of shapes: then mma and epilogue get a tuple of
+    accumulators (e.g. the gate and up halves of a fused SwiGLU GEMM). loaded: Barrier(num_arrivals=copies per step,
     num_barriers=loaded_barriers(stages, pingpong)); consumed: Barrier(num_arrivals=
     consumers_per_slot(...), num_barriers=stages).
     delay_release=1 keeps two wgmma groups in flight per WG and releases step t-1 after step t
@@ -113,7 +114,7 @@ def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, l
         def run_item(info, t):
             steps = steps_of(info)
 
-            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC(acc_shape, jnp.float32))
+            @functools.partial(pl.run_scoped, acc_ref=_accumulators(acc_shape))
             def t_end(acc_ref):
                 def step(kk, carry):
                     t, acc = carry
@@ -151,3 +152,10 @@ def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, l
         items(per_item, jnp.int32(0))
 
     lax.cond(lax.axis_index(wg_axis) < num_compute_wgs, compute, memory)
+
+
+def _accumulators(acc_shape):
+    """One fp32 wgmma accumulator of acc_shape, or a tuple of them for a tuple of shapes."""
+    if isinstance(acc_shape[0], tuple):
+        return tuple(plgpu.ACC(s, jnp.float32) for s in acc_shape)
+    return plgpu.ACC(acc_shape, jnp.float32)
