@@ -72,6 +72,17 @@ def _swiglu_bwd(interpret, h, dy):
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
+def swiglu_vjp(h_R2F, dy, *, backend: str = "auto", interpret: bool = False):
+    """dh [R, 2, F] of swiglu at h [R, 2, F] for the cotangent dy [R, F]: the backward kernel where
+    `backend` resolves to it (as in `swiglu`), else the reference's autodiff. For callers that keep h
+    themselves (ops.grouped_swiglu's fused forward)."""
+    ok, why = kernel_takes(h_R2F.shape)
+    dy = dy.astype(h_R2F.dtype)
+    if resolve("swiglu", backend, ok, why, interpret, h_R2F) == "reference":
+        return jax.vjp(reference_swiglu, h_R2F)[1](dy)[0]
+    return _bwd(h_R2F, dy, interpret)
+
+
 def kernel_takes(h_shape) -> tuple[bool, str]:
     """Whether the backward kernel takes h of this shape [R, 2, F], and why not: F must be a multiple of
     MIN_COLS (any R: the row block is the largest power of two dividing R that fits)."""

@@ -1,0 +1,95 @@
+"""ops.grouped_swiglu: fc1 with SwiGLU in the grouped GEMM's epilogue against the plain-JAX reference
+(forward and both gradients) and its backend choice."""
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from ops.grouped_swiglu import grouped_swiglu, reference_grouped_swiglu, resolve_backend
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "non-finite values"
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def _inputs(seed, m, k, f, sizes, dtype=jnp.bfloat16):
+    kx, kw, kd = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (m, k), jnp.float32).astype(dtype)
+    w1 = (jax.random.normal(kw, (len(sizes), k, 2 * f), jnp.float32) / np.sqrt(k)).astype(dtype)
+    dh = jax.random.normal(kd, (m, f), jnp.float32).astype(dtype)
+    return x, w1, jnp.asarray(sizes, jnp.int32), dh
+
+
+def _vjp(f, x, w1, dh):
+    h, vjp = jax.vjp(f, x, w1)
+    return (h, *vjp(dh))
+
+
+def check(backend, m, k, f, sizes, seed=0, tol=1.5e-2, **kw):
+    x, w1, gs, dh = _inputs(seed, m, k, f, sizes)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    want = _vjp(lambda x, w: reference_grouped_swiglu(x, w, gs), f32(x), f32(w1), f32(dh))
+    got = _vjp(lambda x, w: grouped_swiglu(x, w, gs, backend=backend, **kw), x, w1, dh)
+    for name, a, b in zip(("h", "dx", "dw1"), got, want):
+        assert a.shape == b.shape and a.dtype == jnp.bfloat16, (name, a.shape, a.dtype)
+        err = _rel(a, b)
+        assert err < tol, f"{backend} {name}: rel err {err:.2e} >= {tol:.0e}"
+    total = int(np.sum(sizes))
+    # rows past sum(group_sizes): zero output and zero dx; empty groups: zero weight gradient
+    assert not np.any(np.asarray(got[0][total:], np.float32))
+    assert not np.any(np.asarray(got[1][total:], np.float32))
+    for gi, size in enumerate(sizes):
+        if size == 0:
+            assert not np.any(np.asarray(got[2][gi], np.float32))
+
+
+def test_fused_kernel_interpret_matches_reference():
+    """The Mosaic-GPU kernel in interpret mode: uneven groups, an empty one, rows past the sum."""
+    check("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
+
+
+def test_unfused_matches_reference():
+    check("unfused", 64, 32, 48, [10, 0, 30, 20], seed=3)
+
+
+def test_backend_choice_and_errors():
+    x = jnp.ones((64, 128), jnp.bfloat16)
+    w1 = jnp.ones((2, 128, 256), jnp.bfloat16)
+    assert resolve_backend("auto", x, w1) == "unfused"  # measured slower than the pair: opt-in only
+    assert resolve_backend("pallas", x, w1, interpret=True) == "pallas"
+    with pytest.raises(ValueError, match="float32"):
+        grouped_swiglu(x.astype(jnp.float32), w1.astype(jnp.float32), jnp.array([32, 32]), backend="pallas",
+                       interpret=True)
+    with pytest.raises(ValueError, match="Hopper"):
+        grouped_swiglu(x, w1, jnp.array([32, 32]), backend="pallas")
+    with pytest.raises(ValueError, match="F = 80 is not a multiple"):
+        grouped_swiglu(x, jnp.ones((2, 128, 160), jnp.bfloat16), jnp.array([32, 32]), backend="pallas",
+                       interpret=True)
+    with pytest.raises(ValueError, match="unknown backend"):
+        grouped_swiglu(x, w1, jnp.array([32, 32]), backend="triton")
+    with pytest.raises(ValueError, match="gate and up"):
+        grouped_swiglu(x, jnp.ones((2, 128, 255), jnp.bfloat16), jnp.array([32, 32]), backend="unfused")
+
+
+def test_fused_kernel_lowers_for_cuda(monkeypatch):
+    """The GPU config goes through the Pallas → Mosaic-GPU lowering for CUDA here (no GPU needed), at
+    deepseek_small's F = 1408 (11 column tiles) with an empty group and rows past the sum."""
+    from ops import gmm_pallas_swiglu as K
+    monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
+    x = jnp.ones((1000, 2048), jnp.bfloat16)
+    w1 = jnp.ones((4, 2048, 2 * 1408), jnp.bfloat16)
+    gs = jnp.array([300, 0, 500, 100], jnp.int32)
+    f = lambda x, w: K.gmm_swiglu_kernel(x, w, gs, out_dtype=jnp.bfloat16)  # noqa: E731
+    assert "mosaic_gpu" in jax.jit(f).trace(x, w1).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k,f,sizes", [
+    (4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),          # sum < M, an empty group
+    (6000, 2048, 1408, [30 * (i % 7) for i in range(64)]),    # deepseek's F, 64 groups
+])
+def test_fused_kernel_gpu(m, k, f, sizes):
+    check("pallas", m, k, f, sizes)
