@@ -1,10 +1,14 @@
-"""fc1 and SwiGLU of gated experts in one grouped GEMM: h = silu(x W_gate) · (x W_up) per row group.
+"""SwiGLU of gated experts fused with their grouped GEMMs, on either side of the activation.
 
-`grouped_swiglu(x [M, K], w1 [G, K, 2F], group_sizes [G])` -> h [M, F]; w1's columns are the gate
-[0, F) then the up projection [F, 2F), as `ops.grouped_matmul` and `ops.gated_act` lay out fc1.
-Rows past sum(group_sizes) give zeros.
+- `grouped_swiglu(x [M, K], w1 [G, K, 2F], group_sizes [G])` -> h [M, F] = silu(x W_gate) · (x W_up):
+  fc1 with the activation in the forward GEMM's epilogue.
+- `swiglu_grouped_matmul(gu [M, 2F], w2 [G, F, N], group_sizes)` -> y [M, N] = swiglu(gu) @ w2 per
+  group: the activation then fc2, whose backward computes SwiGLU's backward in fc2's dgrad epilogue.
 
-Backends:
+w1's columns (and gu's) are the gate [0, F) then the up projection [F, 2F), as `ops.grouped_matmul` and
+`ops.gated_act` lay out fc1. Rows past sum(group_sizes) give zeros.
+
+grouped_swiglu's backends:
 - "pallas": the Mosaic-GPU kernel with the activation in its epilogue (ops/gmm_pallas_swiglu.py). It
   writes h beside fc1's output gu [M, 2F], which it keeps for the backward, so the activation reads no
   [M, 2F] back from HBM. Backward: dgu = SwiGLU's backward of (gu, dh) (ops.gated_act's kernel where it
@@ -111,3 +115,98 @@ def grouped_swiglu(x, w1, group_sizes, *, backend: str = "auto", interpret: bool
         return swiglu(gu.reshape(gu.shape[0], 2, -1))
     check_pallas_dtype(x.dtype)
     return _fused(x, w1, group_sizes, bool(interpret))
+
+
+# ----------------------------------------------------------------------------- activation then fc2
+SWIGLU_GMM_BACKENDS = ("auto", "pallas", "unfused", "reference")
+# "auto" takes the fused dgrad where it runs only once it has measured faster than the unfused pair on
+# the GPU (ops/NOTES_fused_ops.md); interpret mode (CPU tests) takes it regardless
+AUTO_FUSED_DGRAD = False
+
+
+def reference_swiglu_grouped_matmul(gu, w2, group_sizes):
+    h = reference_swiglu(gu.reshape(gu.shape[0], 2, -1).astype(jnp.float32))
+    return reference_grouped_matmul(h, w2.astype(jnp.float32), group_sizes)
+
+
+def _dswiglu_config(interpret):
+    from ops import gmm_pallas_dswiglu as K
+    return K.INTERPRET_DSWIGLU_BWD if interpret else K.DSWIGLU_BWD
+
+
+def dswiglu_kernel_takes(gu, w2, interpret=False) -> tuple[bool, str]:
+    """Whether the fused dgrad kernel takes gu [M, 2F] and w2 [G, F, N], and why not."""
+    from ops import gmm_pallas_dswiglu as K
+    if jnp.dtype(gu.dtype) not in PALLAS_DTYPES:
+        return False, f"operands are {jnp.dtype(gu.dtype).name}, the kernel takes bfloat16/float16"
+    why = K.check_shapes(gu.shape[0], w2.shape[2], w2.shape[1], _dswiglu_config(interpret))
+    return not why, why
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _act_fc2(gu, w2, group_sizes, interpret):
+    return _act_fc2_fwd(gu, w2, group_sizes, interpret)[0]
+
+
+def _act_fc2_fwd(gu, w2, group_sizes, interpret):
+    h = reference_swiglu(gu.reshape(gu.shape[0], 2, -1))  # XLA's fusion runs at HBM speed
+    fwd, _ = _impl("pallas", interpret)
+    y = match_vma(fwd(h, w2, group_sizes, False, gu.dtype), gu, w2)
+    return y, (gu, h, w2, group_sizes)
+
+
+def _act_fc2_bwd(interpret, res, dy):
+    from ops.gmm_pallas_dswiglu import gmm_dswiglu_kernel
+    gu, h, w2, group_sizes = res
+    dy = dy.astype(gu.dtype)
+    rhs = jnp.swapaxes(w2, 1, 2) if interpret else w2  # see gmm_dswiglu_kernel
+    dgu = gmm_dswiglu_kernel(dy, rhs, gu, group_sizes, cfg=_dswiglu_config(interpret), interpret=interpret)
+    _, wgrad = _impl("pallas", interpret)
+    dw2 = wgrad(h, dy, group_sizes, w2.dtype)
+    return match_vma(dgu, gu), match_vma(dw2, w2), None
+
+
+_act_fc2.defvjp(_act_fc2_fwd, _act_fc2_bwd)
+
+
+def resolve_swiglu_gmm_backend(backend: str, gu, w2, interpret=False) -> str:
+    """"auto" -> "pallas" where the fused dgrad kernel runs (a Hopper GPU, bf16/fp16, shapes it takes;
+    `interpret` counts as such a GPU) and AUTO_FUSED_DGRAD, else "unfused"; an explicit "pallas" that
+    cannot run raises."""
+    if backend not in SWIGLU_GMM_BACKENDS:
+        raise ValueError(f"swiglu_grouped_matmul: unknown backend {backend!r}; valid: {SWIGLU_GMM_BACKENDS}")
+    if backend in ("unfused", "reference") or (backend == "auto" and not (AUTO_FUSED_DGRAD or interpret)):
+        return "unfused" if backend == "auto" else backend
+    ok, why = dswiglu_kernel_takes(gu, w2, interpret)
+    if ok and not interpret and not is_hopper():
+        ok, why = False, f"it needs a Hopper GPU, found {jax.devices()[0].device_kind}"
+    if ok:
+        return "pallas"
+    if backend == "auto":
+        return "unfused"
+    raise ValueError(f"swiglu_grouped_matmul: the fused kernel does not take this input: {why}; "
+                     f"use backend='unfused'")
+
+
+def swiglu_grouped_matmul(gu, w2, group_sizes, *, backend: str = "auto", interpret: bool = False):
+    """y[off_g:off_g+size_g] = swiglu(gu[off_g:off_g+size_g]) @ w2[g]: gu [M, 2F] (gate, up), w2
+    [G, F, N] -> [M, N] in gu's dtype, fp32 accumulation. "pallas" (and "auto" where it runs): forward
+    as XLA's SwiGLU fusion then the grouped GEMM; backward dgu from fc2's dgrad with SwiGLU's backward
+    in its epilogue (ops/gmm_pallas_dswiglu.py), dw2 the grouped GEMM's wgrad. "unfused":
+    `ops.gated_act.swiglu` then `ops.grouped_matmul`, each on its own "auto" backend. `interpret=True`
+    runs the fused path's kernels in Mosaic-GPU interpret mode (CPU tests)."""
+    gu, w2, group_sizes = jnp.asarray(gu), jnp.asarray(w2), jnp.asarray(group_sizes)
+    if gu.ndim != 2 or gu.shape[1] % 2:
+        raise ValueError(f"swiglu_grouped_matmul: gu must be [M, 2F] (gate, up), got shape {gu.shape}")
+    if w2.ndim != 3 or w2.shape[1] != gu.shape[1] // 2:
+        raise ValueError(f"swiglu_grouped_matmul: w2 must be [G, F, N] with F = {gu.shape[1] // 2} (half "
+                         f"of gu's width), got shape {w2.shape}")
+    _check(gu[:, : gu.shape[1] // 2], w2, group_sizes, False)
+    group_sizes = group_sizes.astype(jnp.int32)
+    backend = resolve_swiglu_gmm_backend(backend, gu, w2, interpret)
+    if backend == "reference":
+        return reference_swiglu_grouped_matmul(gu, w2, group_sizes).astype(gu.dtype)
+    if backend == "unfused":
+        h = swiglu(gu.reshape(gu.shape[0], 2, -1))
+        return grouped_matmul(h, w2, group_sizes)
+    return _act_fc2(gu, w2, group_sizes, bool(interpret))

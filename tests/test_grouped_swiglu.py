@@ -6,7 +6,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from ops.grouped_swiglu import grouped_swiglu, reference_grouped_swiglu, resolve_backend
+from ops.grouped_matmul import is_hopper
+from ops.grouped_swiglu import (grouped_swiglu, reference_grouped_swiglu, reference_swiglu_grouped_matmul,
+                                resolve_backend, resolve_swiglu_gmm_backend, swiglu_grouped_matmul)
 
 
 def _rel(a, b):
@@ -93,3 +95,77 @@ def test_fused_kernel_lowers_for_cuda(monkeypatch):
 ])
 def test_fused_kernel_gpu(m, k, f, sizes):
     check("pallas", m, k, f, sizes)
+
+
+# ----------------------------------------------------------------------------- activation then fc2
+def check_act_fc2(backend, m, f, n, sizes, seed=0, tol=1.5e-2, **kw):
+    """swiglu_grouped_matmul against the reference: y, dgu, dw2 on fresh random inputs."""
+    kg, kw2, kd = jax.random.split(jax.random.key(seed), 3)
+    gu = (2 * jax.random.normal(kg, (m, 2 * f), jnp.float32)).astype(jnp.bfloat16)
+    w2 = (jax.random.normal(kw2, (len(sizes), f, n), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+    want = _vjp(lambda a, w: reference_swiglu_grouped_matmul(a, w, gs), f32(gu), f32(w2), f32(dy))
+    got = _vjp(lambda a, w: swiglu_grouped_matmul(a, w, gs, backend=backend, **kw), gu, w2, dy)
+    for name, a, b in zip(("y", "dgu", "dw2"), got, want):
+        assert a.shape == b.shape and a.dtype == jnp.bfloat16, (name, a.shape, a.dtype)
+        err = _rel(a, b)
+        assert err < tol, f"{backend} {name}: rel err {err:.2e} >= {tol:.0e}"
+    total = int(np.sum(sizes))
+    assert not np.any(np.asarray(got[0][total:], np.float32))
+    assert not np.any(np.asarray(got[1][total:], np.float32))
+    for gi, size in enumerate(sizes):
+        if size == 0:
+            assert not np.any(np.asarray(got[2][gi], np.float32))
+
+
+def test_act_fc2_fused_dgrad_interpret_matches_reference():
+    """fc2's dgrad with SwiGLU's backward in the epilogue (interpret mode): uneven groups, an empty
+    one, rows past the sum, two column tiles of F."""
+    check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
+
+
+def test_act_fc2_unfused_matches_reference():
+    check_act_fc2("unfused", 64, 48, 32, [10, 0, 30, 20], seed=3)
+
+
+def test_act_fc2_backend_choice_and_errors():
+    gu = jnp.ones((64, 256), jnp.bfloat16)
+    w2 = jnp.ones((2, 128, 128), jnp.bfloat16)
+    assert resolve_swiglu_gmm_backend("pallas", gu, w2, interpret=True) == "pallas"
+    if not is_hopper():
+        assert resolve_swiglu_gmm_backend("auto", gu, w2) == "unfused"
+        with pytest.raises(ValueError, match="Hopper"):
+            resolve_swiglu_gmm_backend("pallas", gu, w2)
+    with pytest.raises(ValueError, match="multiple of"):
+        resolve_swiglu_gmm_backend("pallas", jnp.ones((64, 2 * 100), jnp.bfloat16),
+                                   jnp.ones((2, 100, 128), jnp.bfloat16), interpret=True)
+    assert resolve_swiglu_gmm_backend("auto", gu.astype(jnp.float32), w2.astype(jnp.float32),
+                                      interpret=True) == "unfused"
+    with pytest.raises(ValueError, match="unknown backend"):
+        swiglu_grouped_matmul(gu, w2, jnp.array([32, 32]), backend="triton")
+    with pytest.raises(ValueError, match=r"w2 must be \[G, F, N\]"):
+        swiglu_grouped_matmul(gu, jnp.ones((2, 64, 128), jnp.bfloat16), jnp.array([32, 32]))
+
+
+def test_fused_dgrad_kernel_lowers_for_cuda(monkeypatch):
+    """The fused dgrad's GPU config (transposed w2 operand, 128 x 128 tiles) lowers for CUDA here, at
+    deepseek_small's F = 1408 with an empty group and rows past the sum."""
+    from ops import gmm_pallas_dswiglu as K
+    monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
+    dy = jnp.ones((1000, 2048), jnp.bfloat16)
+    w2 = jnp.ones((4, 1408, 2048), jnp.bfloat16)
+    gu = jnp.ones((1000, 2 * 1408), jnp.bfloat16)
+    gs = jnp.array([300, 0, 500, 100], jnp.int32)
+    f = lambda dy, w, gu: K.gmm_dswiglu_kernel(dy, w, gu, gs)  # noqa: E731
+    assert "mosaic_gpu" in jax.jit(f).trace(dy, w2, gu).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,f,n,sizes", [
+    (4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),          # sum < M, an empty group
+    (6000, 1408, 2048, [30 * (i % 7) for i in range(64)]),    # deepseek's F, 64 groups
+])
+def test_fused_dgrad_gpu(m, f, n, sizes):
+    check_act_fc2("pallas", m, f, n, sizes)

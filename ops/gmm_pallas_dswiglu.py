@@ -1,0 +1,164 @@
+"""fc2's dgrad with SwiGLU's backward in its epilogue (Mosaic GPU, Hopper): one pass from dy to dgu.
+
+  dh[M, F]   = dy_g @ w2[g]^T          dy [M, N], w2 [G, F, N]   (fc2's dgrad: the transposed GEMM)
+  dgu[M, 2F] = SwiGLU's backward at gu [M, 2F] (gate [0, F), up [F, 2F)) for the cotangent dh:
+               s = sigmoid(g);  dgate = dh · u · s · (1 + g · (1 − s));  dup = dh · g · s
+
+dh stays in the fp32 accumulators: it is never written to HBM nor read back, and the standalone
+backward kernel's pass over [M, 2F] disappears (its reads of gu and writes of dgu move into this
+epilogue, under the other compute warpgroup's wgmmas).
+
+A work item is (row segment of tile_m rows, tile_n columns of F); ping-pong only (each compute WG takes
+whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py). The epilogue works in column
+chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its staging buffer, computes
+both gradients in fp32 from the accumulator and writes them back over the staging buffer, then
+TMA-stores the segment's rows of them (the ladder of ops/gmm_pallas_fwd.py). The tail past
+sum(group_sizes) is written as zeros without reading gu.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ops import gmm_pallas_pipeline as pipeline
+from ops.gmm_pallas_common import (ROW_ALIGN, FwdConfig, compiler_params, interpret_params,
+                                   num_sms, smem_transforms)
+from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_table
+
+# 128 x 128 WG tiles as the plain dgrad's H200 pick; SMEM: 4 ring slots of 32 KiB + 64 KiB of staging
+# (2 WGs x gate/up x 128 x 64 bf16).
+DSWIGLU_BWD = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, delay_release=1,
+                        epi_n=64, grid_tile_width=8, pingpong=True)
+INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
+                                  grid_tile_width=2, pingpong=True)
+
+
+def check_shapes(m, n, f, cfg: FwdConfig) -> str:
+    """Why the kernel cannot take dy [m, n] against w2 [G, f, n] with cfg ("" when it can)."""
+    if f % cfg.tile_n:
+        return f"F = {f} is not a multiple of the {cfg.tile_n}-column tile"
+    if n % cfg.tile_k:
+        return f"N = {n} (fc2's output width) is not a multiple of the {cfg.tile_k}-row k-step"
+    return ""
+
+
+def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD, interpret=False):
+    """dgu [M, 2F] in gu's dtype (see the module docstring); rows past sum(group_sizes) are zeros.
+    interpret: w2 comes pre-transposed as [G, N, F] (interpret mode has no transposed wgmma operand)."""
+    m, n = dy.shape
+    g = w2.shape[0]
+    f = w2.shape[2] if interpret else w2.shape[1]
+    out_dtype = gu.dtype
+    if gu.shape != (m, 2 * f):
+        raise ValueError(f"gmm_dswiglu_kernel: gu must be [M, 2F] = {(m, 2 * f)}, got {gu.shape}")
+    why = check_shapes(m, n, f, cfg)
+    if why:
+        raise ValueError(f"gmm_dswiglu_kernel: {why}")
+    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    epi_n = min(cfg.epi_n, tn)
+    if not cfg.pingpong or tm % 64 or tm * tn > 128 * 128 or tn % epi_n:
+        raise ValueError(f"gmm_dswiglu_kernel: needs ping-pong, 64 | tile_m, tile_m * tile_n <= 128 * 128 "
+                         f"and epi_n | tile_n, got {cfg}")
+    if not interpret and (epi_n * jnp.dtype(out_dtype).itemsize) % 128:
+        raise ValueError(f"gmm_dswiglu_kernel: epi_n must be 128 bytes wide (TMA stores start at any "
+                         f"staging row), got epi_n={epi_n}")
+    grid_n = f // tn
+    k_iters = n // tk
+    stages = cfg.max_concurrent_steps
+    table, count = segment_table(group_sizes, m, tm, cfg.group_tiles)
+    in_tf = smem_transforms(dy.dtype, tk)
+    rhs_tf = smem_transforms(w2.dtype, tn if interpret else tk)
+    rhs_block = (tk, tn) if interpret else (tn, tk)
+
+    def body(table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem):
+        pl.run_scoped(
+            functools.partial(scoped, table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem),
+            lhs_smem=plgpu.SMEM((stages, tm, tk), dy.dtype, transforms=in_tf),
+            rhs_smem=plgpu.SMEM((stages, *rhs_block), w2.dtype, transforms=rhs_tf),
+            stage_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype),  # per WG: gate, up chunks in; grads out
+            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(stages, True)),
+            consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, True),
+                                   num_barriers=stages),
+            gu_loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2),
+            collective_axes="wg")
+
+    def scoped(table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem, lhs_smem, rhs_smem,
+               stage_smem, loaded, consumed, gu_loaded):
+        num_segments = count_gmem[0]
+
+        def fetch(lin):  # item lin -> (first row, rows | start << 16, group, F tile)
+            lin = jnp.minimum(lin, num_segments * grid_n - 1)
+            si, ni = plgpu.planar_snake(lin, (num_segments, grid_n), cfg.grid_minor_dim,
+                                        cfg.grid_tile_width)
+            return table_gmem[0, si], table_gmem[1, si], table_gmem[2, si], ni
+
+        def steps_of(info):
+            return jnp.where(info[2] < g, k_iters, 0)  # 0 for the tail: zeros out
+
+        def load(info, kk, slot, barrier):
+            row0, _, grp, ni = info
+            row0 = pl.multiple_of(row0, ROW_ALIGN)  # layout inference must see it (TMA tiles)
+            ks, cols = pl.ds(kk * tk, tk), pl.ds(ni * tn, tn)
+            plgpu.copy_gmem_to_smem(dy_gmem.at[pl.ds(row0, tm), ks], lhs_smem.at[slot], barrier)
+            plgpu.copy_gmem_to_smem(w2_gmem.at[grp].at[(ks, cols) if interpret else (cols, ks)],
+                                    rhs_smem.at[slot], barrier)
+
+        def mma(info, kk, slot, acc_ref):
+            b = rhs_smem.at[slot]
+            plgpu.wgmma(acc_ref, lhs_smem.at[slot], b if interpret else plgpu.transpose_ref(b, (1, 0)))
+
+        def epilogue(info, acc_ref):
+            row0, packed, grp, ni = info
+            row0 = pl.multiple_of(row0, ROW_ALIGN)
+            rows, start = packed & 0xFFFF, packed >> 16
+            wg = lax.axis_index("wg")
+            dh = acc_ref[...]
+            for c in range(tn // epi_n):  # column chunks: SMEM stays small
+                cols = slice(c * epi_n, (c + 1) * epi_n)
+                col0 = ni * tn + c * epi_n
+                _wait_staging()  # the previous chunk's stores have read the staging buffer
+
+                @pl.when(grp < g)
+                def _():
+                    for half in (0, 1):
+                        plgpu.copy_gmem_to_smem(
+                            gu_gmem.at[pl.ds(row0, tm), pl.ds(half * f + col0, epi_n)],
+                            stage_smem.at[wg, half], gu_loaded.at[wg])
+                    plgpu.barrier_wait(gu_loaded.at[wg])
+
+                @pl.when(grp >= g)
+                def _():  # the tail: dh is zero; zeros in, so no NaN from stale staging
+                    zeros = jnp.zeros((tm, epi_n), out_dtype)
+                    stage_smem[wg, 0] = zeros
+                    stage_smem[wg, 1] = zeros
+
+                gate = stage_smem[wg, 0].astype(jnp.float32)
+                up = stage_smem[wg, 1].astype(jnp.float32)
+                d = dh[:, cols]
+                s = 1.0 / (1.0 + jnp.exp(-gate))
+                dgate = d * up * s * (1.0 + gate * (1.0 - s))
+                dup = d * gate * s
+                stage_smem[wg, 0] = dgate.astype(out_dtype)
+                stage_smem[wg, 1] = dup.astype(out_dtype)
+                plgpu.commit_smem()
+                for half in (0, 1):
+                    _ladder_store(stage_smem.at[wg, half], dgu_gmem, row0, start, rows, half * f + col0,
+                                  epi_n, min(tm, m))
+
+        pipeline.run(num_items=num_segments * grid_n, fetch=fetch, steps_of=steps_of, load=load,
+                     mma=mma, epilogue=epilogue, acc_shape=(tm, tn), stages=stages,
+                     loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
+                     pingpong=True)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
+
+    kernel = plgpu.kernel(
+        body, out_type=jax.ShapeDtypeStruct((m, 2 * f), out_dtype),
+        grid=(num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
+        kernel_name="gmm_dswiglu", compiler_params=compiler_params(),
+        interpret=interpret_params(interpret))
+    return kernel(table, count, dy, w2, gu)
