@@ -11,16 +11,42 @@ from jax.ad_checkpoint import checkpoint_name
 import ops
 from moe_jax.config import ModelConfig
 from moe_jax.layers import activate, n_in, param
+from ops.grouped_matmul import resolve_backend as gmm_backend
+from ops.grouped_swiglu import resolve_swiglu_gmm_backend, swiglu_grouped_matmul
+from ops.pallas_triton import one_gpu
 
 
 def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: str,
                 kernels: str = "reference") -> jax.Array:
     """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs
-    (`kernels`: the activation's backend, ModelConfig.fused_kernels)."""
+    (`kernels`: the activation's backend, ModelConfig.fused_kernels). SwiGLU's backward runs in fc2's
+    dgrad epilogue (ops.grouped_swiglu.swiglu_grouped_matmul) where `fuse_act_fc2` says so."""
     e, d, n, f = w1_EDnF.shape
-    h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend)
-    h = activate(checkpoint_name(h, "gmm_out").reshape(-1, n, f), activation, kernels)
-    return checkpoint_name(ops.grouped_matmul(h, w2_EFD, group_sizes_E, backend=backend), "gmm_out")
+    interpret = kernels == "interpret" and backend == "pallas"  # CPU tests of the whole Pallas path
+    h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend,
+                           interpret=interpret)
+    h = checkpoint_name(h, "gmm_out")
+    if fuse_act_fc2(activation, backend, kernels, h, w2_EFD):
+        y = swiglu_grouped_matmul(h, w2_EFD, group_sizes_E, backend="pallas", interpret=interpret)
+    else:
+        h = activate(h.reshape(-1, n, f), activation, kernels)
+        y = ops.grouped_matmul(h, w2_EFD, group_sizes_E, backend=backend, interpret=interpret)
+    return checkpoint_name(y, "gmm_out")
+
+
+def fuse_act_fc2(activation: str, backend: str, kernels: str, gu_N2F, w2_EFD) -> bool:
+    """Whether SwiGLU and fc2 run as ops.grouped_swiglu.swiglu_grouped_matmul (its backward: SwiGLU's in
+    fc2's dgrad epilogue): SwiGLU, the grouped GEMMs on their Pallas kernels, `kernels` not "reference",
+    the op's "auto" takes the fused kernel (ops.grouped_swiglu.AUTO_FUSED_DGRAD, shapes it takes), and
+    the program runs on one GPU outside shard_map (as the other fused kernels; not yet run under expert
+    parallelism) — or all in interpret mode (CPU tests)."""
+    if activation != "swiglu" or kernels == "reference":
+        return False
+    interpret = kernels == "interpret" and backend == "pallas"
+    if not interpret and (ops.vma(gu_N2F) or not one_gpu()
+                          or gmm_backend(backend, gu_N2F.dtype) != "pallas"):
+        return False
+    return resolve_swiglu_gmm_backend("auto", gu_N2F, w2_EFD, interpret) == "pallas"
 
 
 class GroupedExperts(nnx.Module):

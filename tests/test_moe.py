@@ -9,7 +9,7 @@ from flax import nnx
 
 from moe_jax import dispatch
 from moe_jax.config import ModelConfig, MoEConfig, capacity
-from moe_jax.experts import GroupedExperts, SequentialExperts
+from moe_jax.experts import GroupedExperts, SequentialExperts, fuse_act_fc2
 from moe_jax.layers import activate
 from moe_jax.moe import MoELayer
 
@@ -156,13 +156,25 @@ def test_bf16_layer_close_to_fp32():
     assert rel_err(y16, y32) < 3e-2
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.gpu),
+                                     pytest.param("interpret", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", ["dropless", "capacity_probs", "shared_gated_sigmoid"])
 def test_layer_through_grouped_gemm_backend(backend, case):
-    """The layer through another grouped-GEMM backend equals the naive loop (bf16 for Pallas)."""
-    dtype, d = ("bfloat16", 256) if backend == "pallas" else ("float32", D)  # kernel-friendly dims
-    kw = dict(CASES[case], ffn_hidden_size=256 if backend == "pallas" else 8)
-    cfg = dataclasses.replace(make_cfg(d, grouped_gemm_backend=backend, **kw), dtype=dtype, init_std=0.05)
+    """The layer through another grouped-GEMM backend equals the naive loop (bf16 for Pallas). On one
+    GPU "pallas" takes the fused SwiGLU-backward dgrad (moe_jax.experts.fuse_act_fc2); "interpret" runs
+    that whole Pallas path (grouped GEMMs, fused dgrad, SwiGLU kernel) in interpret mode on CPU (50 s:
+    marked slow; tests/test_grouped_swiglu.py checks the op itself in the default suite)."""
+    if backend == "interpret" and case != "dropless":
+        pytest.skip("interpret mode is slow: one case covers the path")
+    pallas = backend in ("pallas", "interpret")
+    dtype, d = ("bfloat16", 256) if pallas else ("float32", D)  # kernel-friendly dims
+    kw = dict(CASES[case], ffn_hidden_size=256 if pallas else 8)
+    cfg = dataclasses.replace(make_cfg(d, grouped_gemm_backend="pallas" if pallas else backend, **kw),
+                              dtype=dtype, init_std=0.05)
+    if backend == "interpret":
+        cfg = dataclasses.replace(cfg, fused_kernels="interpret")
+        assert fuse_act_fc2("swiglu", "pallas", "interpret", jnp.zeros((64, 512), jnp.bfloat16),
+                            jnp.zeros((4, 256, 256), jnp.bfloat16))
     layer = MoELayer(cfg, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (B, S, d), jnp.float32)
     y, _ = layer(x)
