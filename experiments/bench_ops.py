@@ -26,8 +26,10 @@ import jax.numpy as jnp  # noqa: E402
 from moe_jax.rope import rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
 from ops.cross_entropy import linear_cross_entropy  # noqa: E402
-from ops.gated_act import swiglu  # noqa: E402
-from ops.grouped_swiglu import grouped_swiglu  # noqa: E402
+from ops import gmm_pallas  # noqa: E402
+from ops.gated_act import swiglu, swiglu_vjp  # noqa: E402
+from ops import gmm_pallas_dswiglu as dswiglu_ops  # noqa: E402
+from ops.grouped_swiglu import grouped_swiglu, swiglu_grouped_matmul  # noqa: E402
 from ops import rms_norm as norm_ops  # noqa: E402
 from ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from ops.rope_kernel import rope  # noqa: E402
@@ -118,6 +120,7 @@ def rows(shape: dict, reps: int):
         out.append(row)
     if jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow for the CPU smoke test
         out += fused_fc1_rows(shape, reps)
+        out += fused_fc2_rows(shape, reps)
     # cross-entropy of the LM head: time and the peak memory of the step's temporaries
     ce = {"op": f"lm head + cross-entropy [T,D]x[D,V] fwd+bwd (V={V})"}
     for backend in ("chunked", "reference"):
@@ -156,6 +159,47 @@ def fused_fc1_rows(shape: dict, reps: int) -> list[dict]:
             row[f"{name}_tflops"] = mult * flops / t / 1e12
         out.append(row)
     return out
+
+
+def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
+    """SwiGLU then fc2 of the routed experts (ops.swiglu_grouped_matmul), forward + backward: "pallas"
+    (SwiGLU's backward in fc2's dgrad epilogue) against "unfused" (the SwiGLU op, then the grouped GEMM),
+    on a random routing's group sizes; then the backward's first half alone (dgu from dy) for a few
+    configs of the fused dgrad kernel. TFLOP/s counts fc2's GEMM FLOPs (2·R·F·D per GEMM)."""
+    T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
+    key = jax.random.key(11)
+    rows_ = T * k
+    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
+    gu = jax.random.normal(jax.random.fold_in(key, 1), (rows_, 2 * F), BF16)
+    w2 = (0.02 * jax.random.normal(jax.random.fold_in(key, 2), (E, F, D))).astype(BF16)
+    flops = 3 * 2 * rows_ * F * D
+    row = {"op": "swiglu + grouped fc2 [R,2F]x[E,F,D] fwd+bwd", "ours_backend": "pallas (dgrad epilogue)"}
+    for backend, name in (("pallas", "ours"), ("unfused", "unfused")):
+        f = lambda a, w: swiglu_grouped_matmul(a, w, gs, backend=backend)  # noqa: E731
+        t = median_seconds(fwd_bwd(f, gu, w2)[0], gu, w2, iters=reps)
+        row[f"{name}_ms"], row[f"{name}_tflops"] = 1e3 * t, flops / t / 1e12
+    # the backward's first half alone: the fused kernel per config against fc2's dgrad then SwiGLU's
+    # backward kernel (what "unfused" runs)
+    dy = jax.random.normal(jax.random.fold_in(key, 3), (rows_, D), BF16)
+    part = {"op": "fc2 dgrad + swiglu bwd [R,D]x[E,F,D]^T", "ours_backend": "pallas (dgrad epilogue)"}
+    unfused = jax.jit(lambda dy, w, gu: swiglu_vjp(gu.reshape(rows_, 2, F), gmm_pallas.gmm_fwd(
+        dy, w, gs, True, BF16)).reshape(rows_, 2 * F))
+    t = median_seconds(unfused, dy, w2, gu, iters=reps)
+    part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
+    default = dswiglu_ops.DSWIGLU_BWD
+    for name, cfg in {"default": default,
+                      "stages5": dataclasses.replace(default, max_concurrent_steps=5),
+                      "stages3_epi128": dataclasses.replace(default, epi_n=128, max_concurrent_steps=3),
+                      "minor0": dataclasses.replace(default, grid_minor_dim=0)}.items():
+        fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
+        key_ = "ours" if name == "default" else f"ours_{name}"
+        try:
+            t = median_seconds(fused, dy, w2, gu, iters=reps)
+        except Exception as e:  # e.g. a config past the SMEM limit: say so, keep the others
+            part[f"{key_}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            continue
+        part[f"{key_}_ms"], part[f"{key_}_tflops"] = 1e3 * t, flops / 3 / t / 1e12
+    return [row, part]
 
 
 def tune_norm(shape: dict, reps: int, on_row=print) -> list[dict]:
@@ -208,6 +252,8 @@ def main(argv=None) -> int:
         share = f"{100 * r['share_of_copy']:.0f}%" if "share_of_copy" in r else "-"
         ours = f"{r['ours_ms']:.3f}" if "ours_ms" in r else "-"
         print(f"{r['op']:<50} {ours:>9} {base:>9.3f} {speed:>9} {share:>10}")
+        for key in sorted(k for k in r if k.startswith("ours_") and k.endswith(("_ms", "_error"))):
+            print(f"  {key}: {r[key]}")  # the other configs of a fused kernel
     write_result("ops", args.shape, {"shape": SHAPES[args.shape], "copy_bytes_per_s": ceiling,
                                      "rows": table}, args.out)
     return 0
