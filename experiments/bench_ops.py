@@ -186,10 +186,10 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
         dy, w, gs, True, BF16)).reshape(rows_, 2 * F))
     t = median_seconds(unfused, dy, w2, gu, iters=reps)
     part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
-    default = dswiglu_ops.DSWIGLU_BWD
+    default = dswiglu_ops.config_for(E)
     for name, cfg in {"default": default,
+                      "stages4": dataclasses.replace(default, max_concurrent_steps=4),
                       "stages5": dataclasses.replace(default, max_concurrent_steps=5),
-                      "stages3_epi128": dataclasses.replace(default, epi_n=128, max_concurrent_steps=3),
                       "minor0": dataclasses.replace(default, grid_minor_dim=0)}.items():
         fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
         key_ = "ours" if name == "default" else f"ours_{name}"

@@ -17,6 +17,7 @@ sum(group_sizes) is written as zeros without reading gu.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -31,11 +32,19 @@ from ops.gmm_pallas_common import (ROW_ALIGN, FwdConfig, compiler_params, interp
 from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_table
 
 # 128 x 128 WG tiles as the plain dgrad's H200 pick; SMEM: 4 ring slots of 32 KiB + 64 KiB of staging
-# (2 WGs x gate/up x 128 x 64 bf16).
+# (2 WGs x gate/up x 128 x 64 bf16). With few groups (long row runs) a fifth slot measured 6 % faster
+# (mixtral_small, E=8: 1.277 against 1.358 ms) and with 64 groups 2 % slower (1.454 against 1.428 ms);
+# experiments/bench_ops.py, H200, 2026-12-03.
 DSWIGLU_BWD = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, delay_release=1,
                         epi_n=64, grid_tile_width=8, pingpong=True)
+DSWIGLU_BWD_FEW_GROUPS = dataclasses.replace(DSWIGLU_BWD, max_concurrent_steps=5)
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
+
+
+def config_for(num_groups: int) -> FwdConfig:
+    """The GPU config for w2 of num_groups experts (see DSWIGLU_BWD)."""
+    return DSWIGLU_BWD_FEW_GROUPS if num_groups <= 16 else DSWIGLU_BWD
 
 
 def check_shapes(m, n, f, cfg: FwdConfig) -> str:

@@ -119,9 +119,9 @@ def grouped_swiglu(x, w1, group_sizes, *, backend: str = "auto", interpret: bool
 
 # ----------------------------------------------------------------------------- activation then fc2
 SWIGLU_GMM_BACKENDS = ("auto", "pallas", "unfused", "reference")
-# "auto" takes the fused dgrad where it runs only once it has measured faster than the unfused pair on
-# the GPU (ops/NOTES_fused_ops.md); interpret mode (CPU tests) takes it regardless
-AUTO_FUSED_DGRAD = False
+# "auto" takes the fused dgrad where it runs: measured faster than the unfused pair on the H200 at both
+# benchmark shapes (fwd+bwd 1.08x mixtral_small, 1.02x deepseek_small; ops/NOTES_fused_ops.md)
+AUTO_FUSED_DGRAD = True
 
 
 def reference_swiglu_grouped_matmul(gu, w2, group_sizes):
@@ -129,9 +129,9 @@ def reference_swiglu_grouped_matmul(gu, w2, group_sizes):
     return reference_grouped_matmul(h, w2.astype(jnp.float32), group_sizes)
 
 
-def _dswiglu_config(interpret):
+def _dswiglu_config(interpret, num_groups):
     from ops import gmm_pallas_dswiglu as K
-    return K.INTERPRET_DSWIGLU_BWD if interpret else K.DSWIGLU_BWD
+    return K.INTERPRET_DSWIGLU_BWD if interpret else K.config_for(num_groups)
 
 
 def dswiglu_kernel_takes(gu, w2, interpret=False) -> tuple[bool, str]:
@@ -139,7 +139,7 @@ def dswiglu_kernel_takes(gu, w2, interpret=False) -> tuple[bool, str]:
     from ops import gmm_pallas_dswiglu as K
     if jnp.dtype(gu.dtype) not in PALLAS_DTYPES:
         return False, f"operands are {jnp.dtype(gu.dtype).name}, the kernel takes bfloat16/float16"
-    why = K.check_shapes(gu.shape[0], w2.shape[2], w2.shape[1], _dswiglu_config(interpret))
+    why = K.check_shapes(gu.shape[0], w2.shape[2], w2.shape[1], _dswiglu_config(interpret, w2.shape[0]))
     return not why, why
 
 
@@ -160,7 +160,8 @@ def _act_fc2_bwd(interpret, res, dy):
     gu, h, w2, group_sizes = res
     dy = dy.astype(gu.dtype)
     rhs = jnp.swapaxes(w2, 1, 2) if interpret else w2  # see gmm_dswiglu_kernel
-    dgu = gmm_dswiglu_kernel(dy, rhs, gu, group_sizes, cfg=_dswiglu_config(interpret), interpret=interpret)
+    dgu = gmm_dswiglu_kernel(dy, rhs, gu, group_sizes, cfg=_dswiglu_config(interpret, w2.shape[0]),
+                             interpret=interpret)
     _, wgrad = _impl("pallas", interpret)
     dw2 = wgrad(h, dy, group_sizes, w2.dtype)
     return match_vma(dgu, gu), match_vma(dw2, w2), None
