@@ -187,18 +187,23 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     t = median_seconds(unfused, dy, w2, gu, iters=reps)
     part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     default = dswiglu_ops.config_for(E)
-    for name, cfg in {"default": default,
-                      "stages4": dataclasses.replace(default, max_concurrent_steps=4),
-                      "stages5": dataclasses.replace(default, max_concurrent_steps=5),
-                      "minor0": dataclasses.replace(default, grid_minor_dim=0)}.items():
-        fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
-        key_ = "ours" if name == "default" else f"ours_{name}"
-        try:
-            t = median_seconds(fused, dy, w2, gu, iters=reps)
-        except Exception as e:  # e.g. a config past the SMEM limit: say so, keep the others
-            part[f"{key_}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            continue
-        part[f"{key_}_ms"], part[f"{key_}_tflops"] = 1e3 * t, flops / 3 / t / 1e12
+    variants = {"default": (default, True),
+                "noprefetch": (default, False),
+                "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True),
+                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True)}
+    try:
+        for name, (cfg, prefetch) in variants.items():
+            dswiglu_ops.PREFETCH = prefetch  # read when the kernel is traced (a new jit per variant)
+            fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
+            key_ = "ours" if name == "default" else f"ours_{name}"
+            try:
+                t = median_seconds(fused, dy, w2, gu, iters=reps)
+            except Exception as e:  # e.g. a config past the SMEM limit: say so, keep the others
+                part[f"{key_}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            part[f"{key_}_ms"], part[f"{key_}_tflops"] = 1e3 * t, flops / 3 / t / 1e12
+    finally:
+        dswiglu_ops.PREFETCH = True
     return [row, part]
 
 

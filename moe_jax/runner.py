@@ -14,8 +14,9 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
+from ops import grouped_swiglu
 from ops.grouped_matmul import resolve_backend
-from ops.pallas_triton import describe as describe_kernels
+from ops.pallas_triton import describe as describe_kernels, one_gpu
 from ops.tuning import table_note
 
 from moe_jax import distributed, metrics as M
@@ -48,6 +49,9 @@ def kernels_note(mc) -> str:
     if mc.moe is not None:
         gemm = resolve_backend(mc.moe.grouped_gemm_backend, mc.dtype)
         note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
+        if (gemm == "pallas" and mc.moe.activation == "swiglu" and mc.fused_kernels != "reference"
+                and one_gpu() and grouped_swiglu.AUTO_FUSED_DGRAD):  # moe_jax.experts.fuse_act_fc2
+            note += ", SwiGLU's backward in fc2's dgrad where the shape fits"
     return note + f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
 
 

@@ -10,7 +10,8 @@ epilogue, under the other compute warpgroup's wgmmas).
 
 A work item is (row segment of tile_m rows, tile_n columns of F); ping-pong only (each compute WG takes
 whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py). The epilogue works in column
-chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its staging buffer, computes
+chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its staging buffer (the first
+chunk's loads start before the item's main loop, PREFETCH), computes
 both gradients in fp32 from the accumulator and writes them back over the staging buffer, then
 TMA-stores the segment's rows of them (the ladder of ops/gmm_pallas_fwd.py). The tail past
 sum(group_sizes) is written as zeros without reading gu.
@@ -38,6 +39,8 @@ from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_table
 DSWIGLU_BWD = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, delay_release=1,
                         epi_n=64, grid_tile_width=8, pingpong=True)
 DSWIGLU_BWD_FEW_GROUPS = dataclasses.replace(DSWIGLU_BWD, max_concurrent_steps=5)
+# the first chunk's gate/up loads start before the item's main loop (its latency off the epilogue)
+PREFETCH = True
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
 
@@ -121,6 +124,25 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             b = rhs_smem.at[slot]
             plgpu.wgmma(acc_ref, lhs_smem.at[slot], b if interpret else plgpu.transpose_ref(b, (1, 0)))
 
+        def load_gu(info, c):
+            """Start the TMA loads of the item's gate and up chunk c into this WG's staging buffer
+            (after the stores issued so far have read it)."""
+            row0, _, grp, ni = info
+            row0 = pl.multiple_of(row0, ROW_ALIGN)
+            wg = lax.axis_index("wg")
+            _wait_staging()
+
+            @pl.when(grp < g)
+            def _():
+                for half in (0, 1):
+                    plgpu.copy_gmem_to_smem(
+                        gu_gmem.at[pl.ds(row0, tm), pl.ds(half * f + ni * tn + c * epi_n, epi_n)],
+                        stage_smem.at[wg, half], gu_loaded.at[wg])
+
+        def prologue(info):  # chunk 0 lands while the main loop runs
+            if PREFETCH:
+                load_gu(info, 0)
+
         def epilogue(info, acc_ref):
             row0, packed, grp, ni = info
             row0 = pl.multiple_of(row0, ROW_ALIGN)
@@ -130,14 +152,11 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
                 col0 = ni * tn + c * epi_n
-                _wait_staging()  # the previous chunk's stores have read the staging buffer
+                if c or not PREFETCH:
+                    load_gu(info, c)
 
                 @pl.when(grp < g)
                 def _():
-                    for half in (0, 1):
-                        plgpu.copy_gmem_to_smem(
-                            gu_gmem.at[pl.ds(row0, tm), pl.ds(half * f + col0, epi_n)],
-                            stage_smem.at[wg, half], gu_loaded.at[wg])
                     plgpu.barrier_wait(gu_loaded.at[wg])
 
                 @pl.when(grp >= g)
@@ -162,7 +181,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
         pipeline.run(num_items=num_segments * grid_n, fetch=fetch, steps_of=steps_of, load=load,
                      mma=mma, epilogue=epilogue, acc_shape=(tm, tn), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
-                     pingpong=True)
+                     pingpong=True, prologue=prologue)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
 
     kernel = plgpu.kernel(

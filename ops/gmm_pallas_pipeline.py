@@ -39,7 +39,7 @@ def loaded_barriers(stages, pingpong):
 
 
 def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, loaded, consumed,
-        num_compute_wgs=2, delay_release=0, pingpong=False, wg_axis="wg", sm_axis="sm"):
+        num_compute_wgs=2, delay_release=0, pingpong=False, wg_axis="wg", sm_axis="sm", prologue=None):
     """Runs the persistent pipeline; call inside the kernel body with all warpgroups.
 
     num_items: int32 scalar, total work items. fetch(lin) -> pytree of int32 scalars describing
@@ -47,7 +47,8 @@ def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, l
     load(info, kk, slot, barrier): memory WG, issues the copies of step kk into ring slot `slot`,
     completing on `barrier`. mma(info, kk, slot, acc_ref): compute WG, issues its wgmma(s).
     epilogue(info, acc_ref): compute WG, after the item's last step (acc_ref holds the sum; zeros
-    for a 0-step item). acc_shape may be a tuple of shapes: then mma and epilogue get a tuple of
+    for a 0-step item). prologue(info): compute WG, before the item's first step (e.g. to start loads
+    that the epilogue needs). acc_shape may be a tuple of shapes: then mma and epilogue get a tuple of
     accumulators (e.g. the gate and up halves of a fused SwiGLU GEMM). loaded: Barrier(num_arrivals=copies per step,
     num_barriers=loaded_barriers(stages, pingpong)); consumed: Barrier(num_arrivals=
     consumers_per_slot(...), num_barriers=stages).
@@ -113,6 +114,8 @@ def run(*, num_items, fetch, steps_of, load, mma, epilogue, acc_shape, stages, l
 
         def run_item(info, t):
             steps = steps_of(info)
+            if prologue is not None:
+                prologue(info)
 
             @functools.partial(pl.run_scoped, acc_ref=_accumulators(acc_shape))
             def t_end(acc_ref):
