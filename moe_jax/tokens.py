@@ -13,6 +13,7 @@ place.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -248,16 +249,30 @@ def embedded_corpus(cache_dir: str | os.PathLike | None = None, *,
     v = sys.version_info
     key = f"stdlib_{sys.implementation.name}{v.major}.{v.minor}.{v.micro}_{max_bytes}B"
     out = resolve_cache_dir(cache_dir) / f"{key}.bin"
-    try:
-        TokenFile(out)
+    if _complete(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one builder at a time (e.g. the processes of a multi-host run on a fresh machine): the others wait
+    # here and then find the file complete; without the lock one builder's rename of the header could
+    # land while another process is opening the file
+    with open(out.with_name(f".{out.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _complete(out):
+            return out
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        if not stdlib.is_dir():
+            raise ValueError(f"no Python standard library sources at {stdlib} for the embedded corpus; "
+                             f"use data='synthetic' or a token file from experiments/prepare_data.py")
+        print(f"moe_jax: building the embedded corpus from {stdlib} into {out} (once)", file=sys.stderr)
+        from moe_jax.prepare import prepare  # prepare imports this module
+        return prepare([stdlib], out, glob="*.py", max_bytes=max_bytes, skip_dirs=STDLIB_SKIP_DIRS,
+                       progress=progress, verbose=True, workers=1)
+
+
+def _complete(path: Path) -> bool:
+    """Whether a whole token file (header and data) is at `path`."""
+    try:
+        TokenFile(path)
+        return True
     except ValueError:
-        pass  # missing or incomplete: (re)build; the rename makes concurrent builds safe
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    if not stdlib.is_dir():
-        raise ValueError(f"no Python standard library sources at {stdlib} for the embedded corpus; "
-                         f"use data='synthetic' or a token file from experiments/prepare_data.py")
-    print(f"moe_jax: building the embedded corpus from {stdlib} into {out} (once)", file=sys.stderr)
-    from moe_jax.prepare import prepare  # prepare imports this module
-    return prepare([stdlib], out, glob="*.py", max_bytes=max_bytes, skip_dirs=STDLIB_SKIP_DIRS,
-                   progress=progress, verbose=True, workers=1)
+        return False

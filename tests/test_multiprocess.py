@@ -27,7 +27,9 @@ def test_two_processes_train_like_one(tmp_path):
     port = _free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-           "JAX_NUM_PROCESSES": "2", "PYTHONPATH": str(ROOT)}
+           "JAX_NUM_PROCESSES": "2", "PYTHONPATH": str(ROOT),
+           # an empty cache: both processes need the embedded corpus at once (one builds, one waits)
+           "MOE_JAX_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "--config", "tiny_moe",
            "--no-progress", *OVERRIDES, f"train.out_dir={tmp_path / 'mp'}"]
     procs = [subprocess.Popen(cmd, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
