@@ -30,12 +30,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ops import gmm_pallas_pipeline as pipeline
 from ops.gmm_pallas_common import (ROW_ALIGN, FwdConfig, compiler_params, interpret_params,
                                    num_sms, smem_transforms)
-from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_table
+from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_items, segment_table
 
 # 128 x 128 WG tiles as the plain dgrad's H200 pick; SMEM: 4 ring slots of 32 KiB + 64 KiB of staging
 # (2 WGs x gate/up x 128 x 64 bf16). With few groups (long row runs) a fifth slot measured 6 % faster
 # (mixtral_small, E=8: 1.277 against 1.358 ms) and with 64 groups 2 % slower (1.454 against 1.428 ms);
-# experiments/bench_ops.py, H200, 2026-12-03.
+# experiments/bench_ops.py, H200, 2026-12-03, before PREFETCH (with it: 1.203 against 1.316 ms at E=8,
+# 1.252 against 1.249 ms at E=64).
 DSWIGLU_BWD = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=4, delay_release=1,
                         epi_n=64, grid_tile_width=8, pingpong=True)
 DSWIGLU_BWD_FEW_GROUPS = dataclasses.replace(DSWIGLU_BWD, max_concurrent_steps=5)
@@ -101,16 +102,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
 
     def scoped(table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem, lhs_smem, rhs_smem,
                stage_smem, loaded, consumed, gu_loaded):
-        num_segments = count_gmem[0]
-
-        def fetch(lin):  # item lin -> (first row, rows | start << 16, group, F tile)
-            lin = jnp.minimum(lin, num_segments * grid_n - 1)
-            si, ni = plgpu.planar_snake(lin, (num_segments, grid_n), cfg.grid_minor_dim,
-                                        cfg.grid_tile_width)
-            return table_gmem[0, si], table_gmem[1, si], table_gmem[2, si], ni
-
-        def steps_of(info):
-            return jnp.where(info[2] < g, k_iters, 0)  # 0 for the tail: zeros out
+        num_items, fetch, steps_of = segment_items(table_gmem, count_gmem, grid_n, g, k_iters, cfg)
 
         def load(info, kk, slot, barrier):
             row0, _, grp, ni = info
@@ -178,7 +170,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
                     _ladder_store(stage_smem.at[wg, half], dgu_gmem, row0, start, rows, half * f + col0,
                                   epi_n, min(tm, m))
 
-        pipeline.run(num_items=num_segments * grid_n, fetch=fetch, steps_of=steps_of, load=load,
+        pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,
                      mma=mma, epilogue=epilogue, acc_shape=(tm, tn), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
                      pingpong=True, prologue=prologue)

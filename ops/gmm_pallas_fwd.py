@@ -68,6 +68,25 @@ def segment_table(group_sizes, m, tile_m, group_tiles=True):
     return table, count.astype(jnp.int32)[None]
 
 
+def segment_items(table_gmem, count_gmem, grid_n, num_groups, k_iters, cfg: FwdConfig):
+    """The work items of a kernel over segment_table's row segments x grid_n column tiles, for
+    gmm_pallas_pipeline.run: (num_items, fetch, steps_of). fetch(lin) -> (first row, rows | start << 16,
+    group, column tile) in cfg's planar-snake order; the tail's items (group == num_groups) take 0 steps,
+    so their epilogue writes zeros."""
+    num_segments = count_gmem[0]
+    num_items = num_segments * grid_n
+
+    def fetch(lin):
+        lin = jnp.minimum(lin, num_items - 1)
+        si, ni = plgpu.planar_snake(lin, (num_segments, grid_n), cfg.grid_minor_dim, cfg.grid_tile_width)
+        return table_gmem[0, si], table_gmem[1, si], table_gmem[2, si], ni
+
+    def steps_of(info):
+        return jnp.where(info[2] < num_groups, k_iters, 0)
+
+    return num_items, fetch, steps_of
+
+
 # ----------------------------------------------------------------------------- fwd / dgrad
 def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdConfig,
                    interpret=False):
@@ -119,16 +138,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
     def scoped(table_gmem, count_gmem, lhs_gmem, rhs_gmem, out_gmem, lhs_smem, rhs_smem,
                out_smem, loaded, consumed):
         wg = lax.axis_index("wg")
-        num_segments = count_gmem[0]
-
-        def fetch(lin):  # item lin -> (first row, rows | start << 16, group, N tile)
-            lin = jnp.minimum(lin, num_segments * grid_n - 1)
-            si, ni = plgpu.planar_snake(lin, (num_segments, grid_n), cfg.grid_minor_dim,
-                                        cfg.grid_tile_width)
-            return table_gmem[0, si], table_gmem[1, si], table_gmem[2, si], ni
-
-        def steps_of(info):
-            return jnp.where(info[2] < g, k_iters, 0)  # 0 for the tail: zeros out
+        num_items, fetch, steps_of = segment_items(table_gmem, count_gmem, grid_n, g, k_iters, cfg)
 
         def wg_rows(info):  # this WG's rows [lo, hi) of the item's segment, within its WG tile
             _, packed, _, _ = info
@@ -183,7 +193,7 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
                 _ladder_store(out_smem.at[wg], out_gmem, wrow0, lo, hi - lo, col0 + c * epi_n,
                               epi_n, min(wm, m))
 
-        pipeline.run(num_items=num_segments * grid_n, fetch=fetch, steps_of=steps_of, load=load,
+        pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,
                      mma=mma, epilogue=epilogue, acc_shape=(wm, wn), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
                      pingpong=cfg.pingpong)

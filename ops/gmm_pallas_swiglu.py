@@ -33,7 +33,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ops import gmm_pallas_pipeline as pipeline
 from ops.gmm_pallas_common import (ROW_ALIGN, FwdConfig, compiler_params, interpret_params,
                                    num_sms, smem_transforms)
-from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_table
+from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_items, segment_table
 
 # 128 rows x (64 gate + 64 up) columns per item: 2 x 32 fp32 registers per thread of accumulators; SMEM
 # per ring slot 16 KiB (A) + 16 KiB (B), 4 slots + 96 KiB of store staging. The best of the sweep
@@ -93,16 +93,7 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
 
     def scoped(table_gmem, count_gmem, lhs_gmem, rhs_gmem, gu_gmem, h_gmem, lhs_smem, rhs_smem,
                out_smem, loaded, consumed):
-        num_segments = count_gmem[0]
-
-        def fetch(lin):  # item lin -> (first row, rows | start << 16, group, F tile)
-            lin = jnp.minimum(lin, num_segments * grid_n - 1)
-            si, ni = plgpu.planar_snake(lin, (num_segments, grid_n), cfg.grid_minor_dim,
-                                        cfg.grid_tile_width)
-            return table_gmem[0, si], table_gmem[1, si], table_gmem[2, si], ni
-
-        def steps_of(info):
-            return jnp.where(info[2] < g, k_iters, 0)  # 0 for the tail: zeros out
+        num_items, fetch, steps_of = segment_items(table_gmem, count_gmem, grid_n, g, k_iters, cfg)
 
         def load(info, kk, slot, barrier):
             row0, _, grp, ni = info
@@ -135,7 +126,7 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
                 for j, (dst, c0) in enumerate(((gu_gmem, col0), (gu_gmem, f + col0), (h_gmem, col0))):
                     _ladder_store(out_smem.at[wg, j], dst, row0, start, rows, c0, epi_n, min(tm, m))
 
-        pipeline.run(num_items=num_segments * grid_n, fetch=fetch, steps_of=steps_of, load=load,
+        pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,
                      mma=mma, epilogue=epilogue, acc_shape=((tm, tn), (tm, tn)), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
                      pingpong=True)
