@@ -35,12 +35,17 @@ def check(backend, m, k, f, sizes, seed=0, tol=1.5e-2, **kw):
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     want = _vjp(lambda x, w: reference_grouped_swiglu(x, w, gs), f32(x), f32(w1), f32(dh))
     got = _vjp(lambda x, w: grouped_swiglu(x, w, gs, backend=backend, **kw), x, w1, dh)
-    for name, a, b in zip(("h", "dx", "dw1"), got, want):
+    _assert_matches(backend, ("h", "dx", "dw1"), got, want, sizes, tol)
+
+
+def _assert_matches(backend, names, got, want, sizes, tol):
+    """(output, input gradient, weight gradient) of the op against the reference's; rows past
+    sum(group_sizes) give zero output and zero input gradient; empty groups a zero weight gradient."""
+    for name, a, b in zip(names, got, want):
         assert a.shape == b.shape and a.dtype == jnp.bfloat16, (name, a.shape, a.dtype)
         err = _rel(a, b)
         assert err < tol, f"{backend} {name}: rel err {err:.2e} >= {tol:.0e}"
     total = int(np.sum(sizes))
-    # rows past sum(group_sizes): zero output and zero dx; empty groups: zero weight gradient
     assert not np.any(np.asarray(got[0][total:], np.float32))
     assert not np.any(np.asarray(got[1][total:], np.float32))
     for gi, size in enumerate(sizes):
@@ -108,16 +113,7 @@ def check_act_fc2(backend, m, f, n, sizes, seed=0, tol=1.5e-2, **kw):
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     want = _vjp(lambda a, w: reference_swiglu_grouped_matmul(a, w, gs), f32(gu), f32(w2), f32(dy))
     got = _vjp(lambda a, w: swiglu_grouped_matmul(a, w, gs, backend=backend, **kw), gu, w2, dy)
-    for name, a, b in zip(("y", "dgu", "dw2"), got, want):
-        assert a.shape == b.shape and a.dtype == jnp.bfloat16, (name, a.shape, a.dtype)
-        err = _rel(a, b)
-        assert err < tol, f"{backend} {name}: rel err {err:.2e} >= {tol:.0e}"
-    total = int(np.sum(sizes))
-    assert not np.any(np.asarray(got[0][total:], np.float32))
-    assert not np.any(np.asarray(got[1][total:], np.float32))
-    for gi, size in enumerate(sizes):
-        if size == 0:
-            assert not np.any(np.asarray(got[2][gi], np.float32))
+    _assert_matches(backend, ("y", "dgu", "dw2"), got, want, sizes, tol)
 
 
 def test_act_fc2_fused_dgrad_interpret_matches_reference():
