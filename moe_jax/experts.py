@@ -12,6 +12,7 @@ import ops
 from moe_jax.config import ModelConfig
 from moe_jax.layers import activate, n_in, param
 from ops.grouped_matmul import resolve_backend as gmm_backend
+from ops import grouped_swiglu
 from ops.grouped_swiglu import resolve_swiglu_gmm_backend, swiglu_grouped_matmul
 from ops.pallas_triton import one_gpu
 
@@ -36,17 +37,21 @@ def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: 
 
 def fuse_act_fc2(activation: str, backend: str, kernels: str, gu_N2F, w2_EFD) -> bool:
     """Whether SwiGLU and fc2 run as ops.grouped_swiglu.swiglu_grouped_matmul (its backward: SwiGLU's in
-    fc2's dgrad epilogue): SwiGLU, the grouped GEMMs on their Pallas kernels, `kernels` not "reference",
-    the op's "auto" takes the fused kernel (ops.grouped_swiglu.AUTO_FUSED_DGRAD, shapes it takes), and
-    the program runs on one GPU outside shard_map (as the other fused kernels; not yet run under expert
-    parallelism) — or all in interpret mode (CPU tests)."""
-    if activation != "swiglu" or kernels == "reference":
-        return False
-    interpret = kernels == "interpret" and backend == "pallas"
-    if not interpret and (ops.vma(gu_N2F) or not one_gpu()
-                          or gmm_backend(backend, gu_N2F.dtype) != "pallas"):
-        return False
-    return resolve_swiglu_gmm_backend("auto", gu_N2F, w2_EFD, interpret) == "pallas"
+    fc2's dgrad epilogue): where `act_fc2_fusable` says so, outside shard_map (as the other fused kernels;
+    not yet run under expert parallelism) and the fused kernel takes the shapes — or, with
+    kernels="interpret" and Pallas grouped GEMMs, all in interpret mode (CPU tests)."""
+    if activation == "swiglu" and kernels == "interpret" and backend == "pallas":
+        return resolve_swiglu_gmm_backend("auto", gu_N2F, w2_EFD, interpret=True) == "pallas"
+    return (act_fc2_fusable(activation, backend, kernels, gu_N2F.dtype) and not ops.vma(gu_N2F)
+            and resolve_swiglu_gmm_backend("auto", gu_N2F, w2_EFD) == "pallas")
+
+
+def act_fc2_fusable(activation: str, backend: str, kernels: str, dtype) -> bool:
+    """The configuration's half of `fuse_act_fc2` (the run's log line reports it): SwiGLU, `kernels` auto
+    or pallas, the grouped GEMMs on their Pallas kernels on one GPU, and ops.grouped_swiglu's "auto"
+    taking the fused dgrad (AUTO_FUSED_DGRAD)."""
+    return (activation == "swiglu" and kernels in ("auto", "pallas") and one_gpu()
+            and gmm_backend(backend, dtype) == "pallas" and grouped_swiglu.AUTO_FUSED_DGRAD)
 
 
 class GroupedExperts(nnx.Module):

@@ -14,9 +14,8 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
-from ops import grouped_swiglu
 from ops.grouped_matmul import resolve_backend
-from ops.pallas_triton import describe as describe_kernels, one_gpu
+from ops.pallas_triton import describe as describe_kernels
 from ops.tuning import table_note
 
 from moe_jax import distributed, metrics as M
@@ -24,6 +23,7 @@ from moe_jax import ep, parallel, runs
 from moe_jax.attention import resolve_impl
 from moe_jax.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError, abstract_state, short_error
 from moe_jax.config import Config
+from moe_jax.experts import act_fc2_fusable
 from moe_jax.presets import to_dict
 from moe_jax.data import make_dataset
 from moe_jax.evaluate import evaluate, make_eval_step
@@ -49,8 +49,7 @@ def kernels_note(mc) -> str:
     if mc.moe is not None:
         gemm = resolve_backend(mc.moe.grouped_gemm_backend, mc.dtype)
         note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
-        if (gemm == "pallas" and mc.moe.activation == "swiglu" and mc.fused_kernels != "reference"
-                and one_gpu() and grouped_swiglu.AUTO_FUSED_DGRAD):  # moe_jax.experts.fuse_act_fc2
+        if act_fc2_fusable(mc.moe.activation, mc.moe.grouped_gemm_backend, mc.fused_kernels, mc.dtype):
             note += ", SwiGLU's backward in fc2's dgrad where the shape fits"
     return note + f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
 

@@ -176,8 +176,10 @@ def resolve_swiglu_gmm_backend(backend: str, gu, w2, interpret=False) -> str:
     cannot run raises."""
     if backend not in SWIGLU_GMM_BACKENDS:
         raise ValueError(f"swiglu_grouped_matmul: unknown backend {backend!r}; valid: {SWIGLU_GMM_BACKENDS}")
-    if backend in ("unfused", "reference") or (backend == "auto" and not (AUTO_FUSED_DGRAD or interpret)):
-        return "unfused" if backend == "auto" else backend
+    if backend in ("unfused", "reference"):
+        return backend
+    if backend == "auto" and not (AUTO_FUSED_DGRAD or interpret):
+        return "unfused"
     ok, why = dswiglu_kernel_takes(gu, w2, interpret)
     if ok and not interpret and not is_hopper():
         ok, why = False, f"it needs a Hopper GPU, found {jax.devices()[0].device_kind}"
