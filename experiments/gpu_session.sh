@@ -26,6 +26,8 @@
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
 #            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
 #            reference; FAST_TESTS=1 first runs the ops' tests on the GPU
+#   plain  — the README's plain command, `train.py --config PRESET` (PLAIN_PRESETS: mixtral_small) for
+#            PLAIN_STEPS (40) steps, nothing else overridden: its own log lines (throughput, MFU)
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
@@ -33,6 +35,9 @@ set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
 stamp=$(mktemp); sleep 1
+# compiled programs kept between the calls of one warm machine (ignored by git); compile_s then reads a
+# cache hit for a program compiled before
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-.jax_cache}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 case "${1:-}" in
   tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
@@ -114,6 +119,12 @@ case "${1:-}" in
           > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
     done ;;
+  plain)
+    for preset in ${PLAIN_PRESETS:-mixtral_small}; do
+      timeout -s KILL ${PLAIN_TIMEOUT:-300} python3 experiments/train.py --config "$preset" --no-progress \
+        train.steps=${PLAIN_STEPS:-40} train.out_dir="runs/plain_$preset" --overwrite > "$OUT/plain_$preset.log" 2>&1
+      echo "== plain $preset rc=$?"; grep -v "^[WI][0-9]" "$OUT/plain_$preset.log" | tail -${PLAIN_LINES:-8}
+    done ;;
   kernels)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_rms_norm.py \
       tests/test_rope_kernel.py tests/test_gated_act.py tests/test_grouped_swiglu.py > "$OUT/kernels_tests.log" 2>&1
@@ -159,7 +170,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|kernels|dsv3"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|plain|kernels|dsv3"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 exit 0

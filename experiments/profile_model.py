@@ -1,13 +1,14 @@
 """Where one train step's GPU time goes, by kernel category, for a whole-model run (BENCHMARKS.md §3).
 
   PYTHONPATH=. python experiments/profile_model.py --config mixtral_small [section.key=value ...] \
-      [--steps 3] [--wall-steps 10] [--top 25] [--out PATH]
+      [--steps 3] [--wall-steps 10] [--top 40] [--out PATH]
 
 Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, `init_run_state`,
 `make_train_step`), compiles the step ahead of time (its HLO text maps each
-kernel back to its HLO instruction, op_name and Python source line), times `--wall-steps` steps, then
-traces `--steps` steps with jax.profiler. Prints GPU time per step by category (`CATEGORIES`), the top
-kernels, step wall time, GPU busy time (union over streams) and idle = wall - busy, peak memory;
+kernel back to its HLO instruction, op_name and Python source line), times `--wall-steps` steps sent
+back to back as training sends them, then traces `--steps` steps the same way with jax.profiler.
+Prints GPU time per step by category (`CATEGORIES`), the top kernels, step wall time, GPU busy time
+(union over streams) and idle = wall - busy, the gaps between kernels (`gaps`), peak memory;
 writes all of it as JSON (default experiments/results/profile_<preset>_<date>_<device>.json).
 Without a GPU (tests) the trace's host-side XLA:CPU op events are reported instead, if any.
 """
@@ -169,6 +170,38 @@ def _instruction(name: str, stats: dict, meta: dict) -> str:
     return str(stats.get("hlo_op", ""))
 
 
+GAP_BUCKETS_US = (5, 20, 100)
+
+
+def gaps(events, steps: int, top: int = 15) -> dict:
+    """The GPU's idle time inside the traced span: each gap between the end of all work so far and the
+    next kernel, per step — in total, by length (`GAP_BUCKETS_US`), and the `top` (kernel before,
+    kernel after) pairs by total gap. A kernel launched from a CUDA graph (XLA's command buffers)
+    is marked [graph]: gaps at graph boundaries and around kernels launched one by one show here."""
+    label = lambda name, st: name[:70] + (" [graph]" if "cuda_graph_id" in st else "")  # noqa: E731
+    pairs = collections.defaultdict(lambda: [0, 0])
+    edges = (*GAP_BUCKETS_US, float("inf"))
+    buckets = {f"<{b}us" if b != float("inf") else f">={GAP_BUCKETS_US[-1]}us": [0, 0] for b in edges}
+    end, before = None, None
+    for name, s, d, st in sorted(events, key=lambda e: e[1]):
+        if end is not None and s > end:
+            g = s - end
+            row = pairs[(before, label(name, st))]
+            row[0], row[1] = row[0] + g, row[1] + 1
+            b = next(k for k, e in zip(buckets, edges) if g < e * 1e3)
+            buckets[b][0] += g
+            buckets[b][1] += 1
+        if end is None or s + d > end:
+            end, before = s + d, label(name, st)
+    per = lambda ns: ns / steps / 1e6  # noqa: E731
+    rows = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"ms_per_step": per(sum(v[0] for v in pairs.values())),
+            "count_per_step": sum(v[1] for v in pairs.values()) / steps,
+            "buckets": {k: {"ms_per_step": per(ns), "count_per_step": n / steps} for k, (ns, n) in buckets.items()},
+            "top": [{"before": a, "after": b, "ms_per_step": per(ns), "count_per_step": n / steps}
+                    for (a, b), (ns, n) in rows]}
+
+
 def split_time(events, meta: dict, steps: int, top: int = 25):
     """Per step: ms by category, and the `top` (kernel, HLO instruction) pairs with their share, op_name
     and source (one cuBLAS kernel serves many dots: each keeps its own row and category)."""
@@ -209,7 +242,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default="mixtral_small", help="preset name or .yaml path")
     ap.add_argument("--steps", type=int, default=3, help="steps traced")
     ap.add_argument("--wall-steps", type=int, default=10, help="steps timed (outside the trace)")
-    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.param_dtype=bfloat16")
     args = ap.parse_args(argv)
@@ -235,13 +268,18 @@ def main(argv=None) -> dict:
 
     for _ in range(2):  # warm-up
         jax.block_until_ready(run())
-    wall = []
+    # as training runs (and the PyTorch reference is timed): step i+1 is sent before step i is waited
+    # for, so a step's time is the gap between the ends of consecutive steps, host dispatch hidden
+    ends, last = [], run()
     for _ in range(args.wall_steps):
-        t = time.perf_counter()
-        jax.block_until_ready(run())
-        wall.append(time.perf_counter() - t)
+        queued = run()
+        jax.block_until_ready(last)
+        ends.append(time.perf_counter())
+        last = queued
+    jax.block_until_ready(last)
+    wall = [b - a for a, b in zip(ends, ends[1:])]
     wall_ms = 1e3 * statistics.median(wall)
-    data_ = trace(run, calls=args.steps)
+    data_ = trace(lambda: [run() for _ in range(args.steps)])  # back to back, like the timed steps
     events = gpu_events_with_stats(data_) if data_ is not None else []
     source = "gpu" if events else None
     if not events and data_ is not None and jax.default_backend() == "cpu":
@@ -250,6 +288,7 @@ def main(argv=None) -> dict:
     elif not events and data_ is not None:  # a layout this parser does not know: say what there is
         print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8]) for pl in data_.planes])
     split, top, mapped = split_time(events, meta, args.steps, args.top)
+    idle_gaps = gaps(events, args.steps) if source == "gpu" else None
     stats_found = sorted({k for *_, st in events for k in st})
     busy = _busy_ns(events) / args.steps / 1e6 if source == "gpu" else None
     span = ((max(s + d for _, s, d, _ in events) - min(s for _, s, _, _ in events)) / args.steps / 1e6
@@ -271,7 +310,7 @@ def main(argv=None) -> dict:
            "event_stats_found": stats_found, "hlo_mapped_share": mapped,
            "gpu_busy_ms": busy, "gpu_span_ms": span, "idle_ms": None if busy is None else wall_ms - busy,
            "peak_memory_gib": M.peak_memory_gib(), "hlo": hlo_summary, "categories": split,
-           "top_kernels": top}
+           "top_kernels": top, "gaps": idle_gaps}
     report(res)
     out = Path(args.out) if args.out else (Path(__file__).parent / "results" / (
         f"profile_{Path(args.config).stem}_{res['date'][:10]}_{device.replace(' ', '_')}.json"))
@@ -313,6 +352,12 @@ def report(res: dict) -> None:
     for r in res["top_kernels"]:
         print(f"{r['ms_per_step']:9.3f} {100 * r['share']:5.1f}% {r['calls_per_step']:6.1f} {r['category']:<18} "
               f"{r['kernel'][:70]} | {r['hlo_op']} | {r['op_name'][-90:]} | {r['source']}")
+    g = res.get("gaps")
+    if g:
+        print(f"\nGPU idle inside the span: {g['ms_per_step']:.3f} ms/step in {g['count_per_step']:.0f} gaps; by length: "
+              + ", ".join(f"{k} {v['ms_per_step']:.2f} ms ({v['count_per_step']:.0f})" for k, v in g["buckets"].items()))
+        for r in g["top"]:
+            print(f"{r['ms_per_step']:9.3f} {r['count_per_step']:6.1f}  {r['before']}  ->  {r['after']}")
 
 
 if __name__ == "__main__":

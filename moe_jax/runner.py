@@ -317,17 +317,23 @@ def _train(cfg: Config, data, val_data, layout, out: Path, *, start_ckpt: int | 
     status, message, close_error = "error", None, None
     try:
         pending = None  # (step number, metrics) not read yet
+        # the data position on the host (each step advances it by one, skipped or not): reading
+        # state.data_pos would wait for the step before and leave the GPU idle while this one is sent
+        data_pos, done_at = int(state.data_pos), []
+
+        def consume(pending, val=None):  # waits for that step; with benchmark, notes when it ended
+            steps.consume(*pending, val=val)
+            if benchmark:
+                done_at.append(time.perf_counter())
+
         for i in range(start, tc.steps):
-            batch = data.batch(int(state.data_pos))
+            batch = data.batch(data_pos)
+            data_pos += 1
             if layout is not None:
                 batch = parallel.put_batch(batch, layout)
-            t0 = time.perf_counter()
             state, m = step_fn(state, batch)
             if pending is not None:
-                steps.consume(*pending)
-            if benchmark:
-                jax.block_until_ready(m["loss"])
-                step_times.append(time.perf_counter() - t0)
+                consume(pending)  # the step before: this one is already queued behind it
             steps.tok_since += tokens_per_step
             if i == start:  # keep compilation out of the throughput numbers
                 jax.block_until_ready(m["loss"])
@@ -338,17 +344,18 @@ def _train(cfg: Config, data, val_data, layout, out: Path, *, start_ckpt: int | 
             if eval_fn is not None and ((i + 1) % tc.eval_every == 0 or i + 1 == tc.steps):
                 val = evaluate(eval_fn, state.params, state.model_state, val_data, tc.eval_batches, mc,
                                layout=layout)
-                steps.consume(*pending, val=val)
+                consume(pending, val=val)
                 pending = None
             if ckpt is not None and tc.checkpoint and tc.checkpoint_every and (i + 1) % tc.checkpoint_every == 0:
                 if pending is not None:
-                    steps.consume(*pending)  # this step's loss and grad norm are finite, or we stop unsaved
+                    consume(pending)  # this step's loss and grad norm are finite, or we stop unsaved
                     pending = None
                 save()
             if val is not None:
                 steps.restart_clock()  # keep evaluation out of the throughput numbers
         if pending is not None:
-            steps.consume(*pending)
+            consume(pending)
+        step_times = list(np.diff(done_at))  # ends of consecutive steps (the next one queued behind each)
         if ckpt is not None and tc.checkpoint and saved_at != int(state.step):
             save()
         status = "finished"

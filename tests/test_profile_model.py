@@ -116,3 +116,19 @@ def test_split_time_keeps_each_hlo_op_of_a_shared_kernel():
     assert [(r["kernel"], r["hlo_op"], r["category"]) for r in top] == [
         ("nvjet_tst_a", "custom-call.1", "dense GEMM"), ("nvjet_tst_a", "custom-call.2", "attention"),
         ("loop_multiply_fusion_3", "loop_multiply_fusion.3", "optimizer")]
+
+
+def test_gaps_are_measured_after_the_union_of_overlapping_kernels():
+    g = {"cuda_graph_id": 3}
+    ev = [("a", 0, 10_000, g), ("b", 5_000, 10_000, g),   # overlap: busy until 15 us
+          ("c", 18_000, 1_000, {}),                         # 3 us gap after b
+          ("d", 150_000, 1_000, g),                         # 131 us gap after c
+          ("e", 151_500, 500, g)]                           # 0.5 us gap after d
+    out = profile_model.gaps(ev, steps=1)
+    assert out["count_per_step"] == 3
+    assert out["ms_per_step"] == pytest.approx((3_000 + 131_000 + 500) / 1e6)
+    assert out["buckets"]["<5us"] == {"ms_per_step": pytest.approx(3.5e-3), "count_per_step": 2}
+    assert out["buckets"][">=100us"]["count_per_step"] == 1
+    assert out["top"][0] == {"before": "c", "after": "d [graph]", "ms_per_step": pytest.approx(0.131),
+                             "count_per_step": 1}
+    assert out["top"][1]["before"] == "b [graph]" and out["top"][1]["after"] == "c"

@@ -326,3 +326,16 @@ def test_truncated_checkpoint_is_one_line(run_copy, capsys):
     assert "/checkpoints/2 could not be read (truncated or corrupted?)" in line and len(line) < 800
     assert "--resume-from" in line
     assert files(run_copy) == before
+
+
+def test_benchmark_times_steps_with_the_next_one_queued(tmp_path):
+    """--benchmark's step time: the gaps between the ends of consecutive steps (the loop sends step
+    i+1 before it waits for step i, and keeps the data position on the host)."""
+    from moe_jax.runner import train
+    over = [a for a in BASE if "=" in a] + [f"train.out_dir={tmp_path / 'b'}", "train.steps=9"]
+    cfg = load_config("dense_small", over)
+    s = train(cfg, benchmark=True, progress=False, log=lambda *_: None)
+    assert s["trained_steps"] == 9 and 0 < s["step_time_s"] < 10
+    assert s["tokens_per_s"] == pytest.approx(2 * 16 / s["step_time_s"])
+    hist = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [r["step"] for r in hist] == list(range(1, 10))
