@@ -32,7 +32,7 @@
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
 set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
 stamp=$(mktemp); sleep 1
 # compiled programs kept between the calls of one warm machine (ignored by git); compile_s then reads a

@@ -1,7 +1,7 @@
 """Where one train step's GPU time goes, by kernel category, for a whole-model run (BENCHMARKS.md §3).
 
   PYTHONPATH=. python experiments/profile_model.py --config mixtral_small [section.key=value ...] \
-      [--steps 3] [--wall-steps 10] [--top 40] [--out PATH]
+      [--steps 3] [--wall-steps 15] [--top 40] [--out PATH]
 
 Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, `init_run_state`,
 `make_train_step`), compiles the step ahead of time (its HLO text maps each
@@ -183,7 +183,9 @@ def gaps(events, steps: int, top: int = 15) -> dict:
     edges = (*GAP_BUCKETS_US, float("inf"))
     buckets = {f"<{b}us" if b != float("inf") else f">={GAP_BUCKETS_US[-1]}us": [0, 0] for b in edges}
     end, before = None, None
-    for name, s, d, st in sorted(events, key=lambda e: e[1]):
+    ev = sorted(events, key=lambda e: e[1])
+    first = next((i for i, e in enumerate(ev) if not e[0].startswith("Memcpy")), 0)
+    for name, s, d, st in ev[first:]:  # from the first kernel: the first step's input copy precedes its dispatch
         if end is not None and s > end:
             g = s - end
             row = pairs[(before, label(name, st))]
@@ -241,7 +243,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="mixtral_small", help="preset name or .yaml path")
     ap.add_argument("--steps", type=int, default=3, help="steps traced")
-    ap.add_argument("--wall-steps", type=int, default=10, help="steps timed (outside the trace)")
+    ap.add_argument("--wall-steps", type=int, default=15, help="steps timed (outside the trace)")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.param_dtype=bfloat16")
