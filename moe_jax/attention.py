@@ -44,40 +44,6 @@ def resolve_impl(impl: str, dtype, head_dims: tuple[int, ...], device=None) -> s
     return "cudnn" if ok else "xla"
 
 
-def reference_qkv_projections(x_BSD, wq_DNH, wk_DKH, wv_DKH):
-    """q [B,S,N,H], k and v [B,S,K,H]: three einsums, differentiated by JAX."""
-    return tuple(jnp.einsum("bsd,dnh->bsnh", x_BSD, w) for w in (wq_DNH, wk_DKH, wv_DKH))
-
-
-@jax.custom_vjp
-def qkv_projections(x_BSD, wq_DNH, wk_DKH, wv_DKH):
-    """`reference_qkv_projections`'s values; its backward stacks dq, dk, dv by kv group
-    ([B,S,K,G+2,H], G = N/K query heads per kv head) against the weights stacked the same way, so dx
-    is one GEMM (not three and a sum) and the three weight gradients one wide GEMM (the 2K narrow
-    k/v columns join q's). Grouping by kv head keeps a split of the heads over devices local."""
-    return reference_qkv_projections(x_BSD, wq_DNH, wk_DKH, wv_DKH)
-
-
-def _qkv_fwd(x_BSD, wq_DNH, wk_DKH, wv_DKH):
-    return reference_qkv_projections(x_BSD, wq_DNH, wk_DKH, wv_DKH), (x_BSD, wq_DNH, wk_DKH, wv_DKH)
-
-
-def _qkv_bwd(res, cts):
-    x, wq, wk, wv = res
-    dq, dk, dv = cts
-    d, n, h = wq.shape
-    kv = wk.shape[1]
-    g = n // kv
-    dy = jnp.concatenate([dq.reshape(*dq.shape[:2], kv, g, h), dk[:, :, :, None], dv[:, :, :, None]], axis=3)
-    w = jnp.concatenate([wq.reshape(d, kv, g, h), wk[:, :, None], wv[:, :, None]], axis=2)
-    dx = jnp.einsum("bskgh,dkgh->bsd", dy, w)
-    dw = jnp.einsum("bsd,bskgh->dkgh", x, dy)
-    return dx, dw[:, :, :g].reshape(d, n, h), dw[:, :, g], dw[:, :, g + 1]
-
-
-qkv_projections.defvjp(_qkv_fwd, _qkv_bwd)
-
-
 class Attention(nnx.Module):
     """Causal grouped-query attention (optional q/k/v biases and q/k RMSNorm), RoPE on q and k."""
 
@@ -96,7 +62,8 @@ class Attention(nnx.Module):
         self.q_norm = Norm(cfg, h) if cfg.qk_norm else None
         self.k_norm = Norm(cfg, h) if cfg.qk_norm else None
 
-    def _finish(self, y, b, norm):
+    def _proj(self, x, w, b, norm):
+        y = jnp.einsum("bsd,dnh->bsnh", x, w[...].astype(self.dtype))
         if b is not None:
             y = y + b[...].astype(self.dtype)[None, None]
         return y if norm is None else norm(y)
@@ -106,10 +73,9 @@ class Attention(nnx.Module):
         positions are those of `cos_SH`/`sin_SH`; a KV-cache decode passes its slice of them)."""
         x = x_BSD.astype(self.dtype)
         kernels = backend_args(self.kernels)
-        q, k, v = qkv_projections(x, *(w[...].astype(self.dtype) for w in (self.wq_DNH, self.wk_DKH, self.wv_DKH)))
-        q = rope(self._finish(q, self.bq_NH, self.q_norm), cos_SH, sin_SH, **kernels)
-        k = rope(self._finish(k, self.bk_KH, self.k_norm), cos_SH, sin_SH, **kernels)
-        return q, k, self._finish(v, self.bv_KH, None)
+        q = rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH, **kernels)
+        k = rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH, **kernels)
+        return q, k, self._proj(x, self.wv_DKH, self.bv_KH, None)
 
     def out(self, o_BSNH: jax.Array) -> jax.Array:
         """The output projection of attention values [B,S,N,H] -> [B,S,D]."""

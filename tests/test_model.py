@@ -221,22 +221,3 @@ def test_fused_kernels_same_loss_and_grads(qk_norm, remat):
     np.testing.assert_allclose(l1, l2, rtol=1e-5, atol=1e-8)  # the loss is near 0
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_qkv_projections_match_three_einsums(dtype, tol):
-    """The stacked backward (dx one GEMM, the weight gradients one GEMM) against autodiff of the
-    three einsums: values and all four gradients, fresh normal inputs and a random cotangent."""
-    from moe_jax.attention import qkv_projections, reference_qkv_projections
-    b, s, d, n, kv, h = 2, 8, 32, 8, 2, 16
-    ks = jax.random.split(jax.random.key(3), 7)
-    args = (jax.random.normal(ks[0], (b, s, d), dtype), 0.2 * jax.random.normal(ks[1], (d, n, h), dtype),
-            0.2 * jax.random.normal(ks[2], (d, kv, h), dtype), 0.2 * jax.random.normal(ks[3], (d, kv, h), dtype))
-    cts = (jax.random.normal(ks[4], (b, s, n, h), dtype), jax.random.normal(ks[5], (b, s, kv, h), dtype),
-           jax.random.normal(ks[6], (b, s, kv, h), dtype))
-    out, vjp = jax.vjp(qkv_projections, *args)
-    ref, ref_vjp = jax.vjp(reference_qkv_projections, *args)
-    for a, r in zip((*out, *vjp(cts)), (*ref, *ref_vjp(cts))):
-        assert a.shape == r.shape and a.dtype == r.dtype
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(r, np.float32),
-                                   rtol=tol, atol=tol * float(jnp.abs(r.astype(jnp.float32)).max()))
