@@ -1,12 +1,13 @@
 """Fused ops against the plain JAX that XLA fuses by itself (BENCHMARKS.md §2), on the GPU.
 
-  PYTHONPATH=. python experiments/bench_ops.py [--shape mixtral|deepseek] [--reps 20] [--out PATH]
+  PYTHONPATH=. python experiments/bench_ops.py [--shape mixtral|deepseek] [--reps 20] [--only NAME] [--out PATH]
 
 Each row times an op's forward + backward (`jax.vjp` with a random cotangent) for both backends of
-the op in `ops/` (ours: the custom-VJP gathers of ops.permute, the Pallas kernels of ops.gated_act,
-ops.rms_norm, ops.rope_kernel; and "reference": the formula with plain autodiff, what XLA makes of
-it), and gives the bytes the op must move at least (inputs read once, outputs written once) over the
-time, as a share of the device-to-device copy bandwidth measured in the same run (the ceiling).
+the op in `ops/` (ours: the Pallas kernels of ops.permute_kernel, ops.gated_act, ops.rms_norm,
+ops.rope_kernel; and "reference": the formula with plain autodiff, what XLA makes of it; the
+permutation also through its gather-only VJPs with XLA gathers, "xla_gathers"), and gives the bytes
+the op must move at least (inputs read once, outputs written once) over the time, as a share of the
+device-to-device copy bandwidth measured in the same run (the ceiling).
 Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V=32000) or
 `deepseek_small` (k=6, F=1408).
 """
@@ -81,7 +82,8 @@ def copy_ceiling(reps: int) -> float:
     return 2 * x.nbytes / t
 
 
-def rows(shape: dict, reps: int):
+def rows(shape: dict, reps: int, only: str = ""):
+    """The table's rows; `only`: just the ops whose name contains it."""
     T, k, D, F, V = shape["T"], shape["k"], shape["D"], shape["F"], shape["V"]
     key = jax.random.key(0)
     dest, src, w = routing(key, T, k, shape["E"])
@@ -98,9 +100,9 @@ def rows(shape: dict, reps: int):
 
     out = []
     for name, ours, f_of_backend, args, min_bytes in (
-        ("permute [T,D] -> [T*k,D]", "xla", lambda b: (lambda x: P.permute(x, dest, src, backend=b)), (x,),
+        ("permute [T,D] -> [T*k,D]", "pallas", lambda b: (lambda x: P.permute(x, dest, src, **_kw(b))), (x,),
          2 * (_nbytes(x) + _nbytes(y))),          # fwd: read x, write rows; bwd: read drows, write dx
-        ("unpermute [T*k,D] -> [T,D]", "xla", lambda b: (lambda y: P.unpermute(y, dest, src, w, backend=b)),
+        ("unpermute [T*k,D] -> [T,D]", "pallas", lambda b: (lambda y: P.unpermute(y, dest, src, w, **_kw(b))),
          (y,), 2 * (_nbytes(x) + _nbytes(y)) + _nbytes(y)),  # bwd also re-reads y for the gates
         ("swiglu [R,2,F] -> [R,F] fwd+bwd", "pallas", lambda b: (lambda h: swiglu(h, **_kw(b))), (h,),
          _nbytes(h) + _nbytes(h) // 2 + _nbytes(h) // 2 + 2 * _nbytes(h)),  # fwd r/w; bwd r dy,h w dh
@@ -112,12 +114,18 @@ def rows(shape: dict, reps: int):
         ("rope q [B,S,N,H] fwd+bwd", "pallas", lambda b: (lambda q: rope(q, cos, sin, **_kw(b))), (q,),
          4 * _nbytes(q)),
     ):
+        if only not in name:
+            continue
         row = {"op": name, "min_bytes": min_bytes, "ours_backend": ours}
-        for backend in (ours, "reference"):
+        # the permutation also against its gather-only VJPs through XLA (its backend before the kernels)
+        names = {ours: "ours", "reference": "xla_plain", **({"xla": "xla_gathers"} if "permute" in name else {})}
+        for backend, key_ in names.items():
             run, _ = fwd_bwd(f_of_backend(backend), *args)
             t = median_seconds(run, *args, iters=reps)
-            row[f"{'ours' if backend == ours else 'xla_plain'}_ms"] = 1e3 * t
+            row[f"{key_}_ms"] = 1e3 * t
         out.append(row)
+    if only:
+        return out
     if jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow for the CPU smoke test
         out += fused_fc1_rows(shape, reps)
         out += fused_fc2_rows(shape, reps)
@@ -232,6 +240,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default="", help="just the ops whose name contains this (e.g. permute)")
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     args = ap.parse_args(argv)
     if args.tune_norm:
@@ -244,7 +253,7 @@ def main(argv=None) -> int:
         print(f"best: {min(rows_, key=lambda r: r['norm_ms'])}")
         return 0
     ceiling = copy_ceiling(args.reps)
-    table = rows(SHAPES[args.shape], args.reps)
+    table = rows(SHAPES[args.shape], args.reps, args.only)
     print(f"copy ceiling {ceiling / 1e12:.2f} TB/s on {jax.devices()[0].device_kind}")
     # baseline: XLA's fusion of the plain formula, or (the fused grouped GEMM) the two ops unfused
     print(f"{'op':<50} {'ours ms':>9} {'base ms':>9} {'ours/base':>9} {'% of copy':>10}")
@@ -257,8 +266,9 @@ def main(argv=None) -> int:
         share = f"{100 * r['share_of_copy']:.0f}%" if "share_of_copy" in r else "-"
         ours = f"{r['ours_ms']:.3f}" if "ours_ms" in r else "-"
         print(f"{r['op']:<50} {ours:>9} {base:>9.3f} {speed:>9} {share:>10}")
-        for key in sorted(k for k in r if k.startswith("ours_") and k.endswith(("_ms", "_error"))):
-            print(f"  {key}: {r[key]}")  # the other configs of a fused kernel
+        extra = [k for k in r if k != "ours_ms" and k.startswith(("ours_", "xla_gathers"))]
+        for key in sorted(k for k in extra if k.endswith(("_ms", "_error"))):
+            print(f"  {key}: {r[key]}")  # the other configs of a fused kernel; the permutation's XLA gathers
     write_result("ops", args.shape, {"shape": SHAPES[args.shape], "copy_bytes_per_s": ceiling,
                                      "rows": table}, args.out)
     return 0

@@ -25,7 +25,7 @@
 #            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
 #            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
-#            reference; FAST_TESTS=1 first runs the ops' tests on the GPU
+#            reference; FAST_TESTS=1 first runs the ops' tests on the GPU; FAST_TOP kernels listed (40)
 #   plain  — the README's plain command, `train.py --config PRESET` (PLAIN_PRESETS: mixtral_small) for
 #            PLAIN_STEPS (40) steps, nothing else overridden: its own log lines (throughput, MFU)
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
@@ -109,7 +109,7 @@ case "${1:-}" in
       for pd in ${FAST_PARAMS:-bf16}; do
         dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
         tag="${preset}_$(date +%F)_h200_${pd}${FAST_TAG:-}"
-        timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" \
+        timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" --top ${FAST_TOP:-40} \
           "model.param_dtype=$dt" ${FAST_EXTRA:-} --out "experiments/results/profile_$tag.json" \
           > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
         grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${FAST_LINES:-40}

@@ -356,8 +356,10 @@ def report(res: dict) -> None:
               f"{r['kernel'][:70]} | {r['hlo_op']} | {r['op_name'][-90:]} | {r['source']}")
     g = res.get("gaps")
     if g:
-        print(f"\nGPU idle inside the span: {g['ms_per_step']:.3f} ms/step in {g['count_per_step']:.0f} gaps; by length: "
-              + ", ".join(f"{k} {v['ms_per_step']:.2f} ms ({v['count_per_step']:.0f})" for k, v in g["buckets"].items()))
+        by_len = ", ".join(f"{k} {v['ms_per_step']:.2f} ms ({v['count_per_step']:.0f})"
+                           for k, v in g["buckets"].items())
+        print(f"\nGPU idle inside the span: {g['ms_per_step']:.3f} ms/step in {g['count_per_step']:.0f} gaps; "
+              f"by length: {by_len}")
         for r in g["top"]:
             print(f"{r['ms_per_step']:9.3f} {r['count_per_step']:6.1f}  {r['before']}  ->  {r['after']}")
 

@@ -57,22 +57,31 @@ def sort_by_expert(a: Assignment, *, capacity: int | None = None) -> Permutation
                        group_sizes=jnp.full((e,), capacity, jnp.int32), num_rows=n)
 
 
+def _permute_args(kernels: str) -> dict:
+    """ops.permute's backend for `ModelConfig.fused_kernels`: "auto" and "reference" keep the
+    gather-only VJPs through XLA (its Pallas kernels are opt-in: "pallas"; the plain autodiff would
+    scatter-add)."""
+    return {"auto": dict(backend="auto"), "pallas": dict(backend="pallas"), "reference": dict(backend="xla"),
+            "interpret": dict(backend="pallas", interpret=True)}[kernels]
+
+
 def sort_rows(x_TD: jax.Array, a: Assignment, *, probs_on_input: bool = False,
-              capacity: int | None = None) -> tuple[jax.Array, Permutation]:
+              capacity: int | None = None, kernels: str = "auto") -> tuple[jax.Array, Permutation]:
     """A device's own assignments as token rows sorted by expert (`sort_by_expert`); with
     `probs_on_input` each row already multiplied by its gate (Megatron's
-    `moe_apply_probs_on_input`, top-1). Gradients are gathers (`ops.permute`)."""
+    `moe_apply_probs_on_input`, top-1). Gradients are gathers (`ops.permute`; `kernels` as
+    `ModelConfig.fused_kernels`)."""
     perm = sort_by_expert(a, capacity=capacity)
     gates = a.weights if probs_on_input else None
-    return permute_rows(x_TD, perm.dest, perm.src, gates), perm
+    return permute_rows(x_TD, perm.dest, perm.src, gates, **_permute_args(kernels)), perm
 
 
-def unsort_rows(y_RD: jax.Array, perm: Permutation, a: Assignment, *, probs_on_input: bool = False
-                ) -> jax.Array:
+def unsort_rows(y_RD: jax.Array, perm: Permutation, a: Assignment, *, probs_on_input: bool = False,
+                kernels: str = "auto") -> jax.Array:
     """Inverse of `sort_rows`: each token's rows summed over its k slots, weighted by the gates
     (by `kept` alone when they were applied on the input); dropped slots add nothing."""
     w = a.kept.astype(jnp.float32) if probs_on_input else a.weights
-    return unpermute_rows(y_RD, perm.dest, perm.src, w)
+    return unpermute_rows(y_RD, perm.dest, perm.src, w, **_permute_args(kernels))
 
 
 def permute(x_TD: jax.Array, a: Assignment, *, capacity: int | None = None
@@ -100,10 +109,13 @@ class LocalDispatcher:
 
     capacity: int | None = None
     probs_on_input: bool = False
+    kernels: str = "auto"  # ModelConfig.fused_kernels: "pallas" runs the permutation's kernels (ops.permute)
 
     def dispatch(self, x_TD: jax.Array, a: Assignment):
-        rows_RD, perm = sort_rows(x_TD, a, probs_on_input=self.probs_on_input, capacity=self.capacity)
+        rows_RD, perm = sort_rows(x_TD, a, probs_on_input=self.probs_on_input, capacity=self.capacity,
+                                  kernels=self.kernels)
         return rows_RD, perm.group_sizes, LocalHandle(perm, a, jnp.zeros((), jnp.int32))
 
     def combine(self, y_RD: jax.Array, h: LocalHandle) -> jax.Array:
-        return unsort_rows(y_RD, h.perm, h.assignment, probs_on_input=self.probs_on_input)
+        return unsort_rows(y_RD, h.perm, h.assignment, probs_on_input=self.probs_on_input,
+                           kernels=self.kernels)

@@ -50,7 +50,7 @@ class MoELayer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, experts_cls=GroupedExperts):
         self.cfg = cfg.moe
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.dtype, self.kernels = jnp.dtype(cfg.dtype), cfg.fused_kernels
         self.router = TopKRouter(cfg, rngs=rngs)
         self.experts = experts_cls(cfg, rngs=rngs)
         self.shared = SharedExperts(cfg, rngs=rngs) if cfg.moe.shared_expert_intermediate_size else None
@@ -74,4 +74,4 @@ class MoELayer(nnx.Module):
     def local_dispatcher(self, tokens: int) -> LocalDispatcher:
         """The single-device dispatcher: a sort by expert, padded to capacity when asked."""
         cap = capacity(tokens, self.cfg) if self.cfg.pad_expert_input_to_capacity else None
-        return LocalDispatcher(capacity=cap, probs_on_input=self.cfg.apply_probs_on_input)
+        return LocalDispatcher(capacity=cap, probs_on_input=self.cfg.apply_probs_on_input, kernels=self.kernels)

@@ -15,15 +15,25 @@ Plain autodiff of these gathers transposes them into scatter-adds (atomics, many
 the HBM allows on a GPU). Here the transposes are written as gathers through the other map:
   d permute / dx[t]   = Σ_j weights[t, j] · drows[dest[t, j]]
   d unpermute / dy[r] = weights[src[r]] · dout[src[r] // k]
-and the gate gradients as row dot products. Backends: "xla" (those custom VJPs, XLA gathers),
-"reference" (the plain formulas and autodiff), "auto" (= "xla").
+and the gate gradients as row dot products. Backends: "xla" (those custom VJPs with XLA gathers),
+"pallas" (the same VJPs with every pass a Pallas (Triton) kernel of `ops.permute_kernel`; one NVIDIA
+GPU, a power-of-two row width, not inside shard_map), "reference" (the plain formulas and autodiff),
+"auto" (= "xla"). The kernels are opt-in: alone they are faster (H200, fwd+bwd: 1.47x / 1.25x at the
+mixtral_small shapes), but in the model XLA fuses the adds next to the gathers (the residual, the
+router's share of dx) and a custom call cannot take them in, so the step got no faster
+(experiments/NOTES_speed.md, 2026-12-03).
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "reference")
+from ops import permute_kernel
+from ops.pallas_triton import resolve
+
+BACKENDS = ("auto", "pallas", "xla", "reference")
 
 
 def _token_of(src_R, t: int, k: int):
@@ -57,45 +67,68 @@ def reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk):
     return jnp.sum(g * weights_Tk.astype(jnp.float32)[..., None], axis=1).astype(y_RD.dtype)
 
 
+# ----------------------------------------------------------------------------- the passes
+# impl: "xla" (XLA gathers) | "pallas" | "interpret" (the kernels in interpret mode)
+def _rows(x_TD, src_R, k, gate_R, impl):
+    """rows[r] = x[src[r] // k] (· gate[r]); 0 for padding rows."""
+    tok = _token_of(src_R, x_TD.shape[0], k)
+    if impl != "xla":
+        return permute_kernel.gather_rows(x_TD, tok, gate_R, interpret=impl == "interpret")
+    rows = jnp.take(x_TD, tok, axis=0, mode="fill", fill_value=0)
+    if gate_R is None:
+        return rows
+    return (rows.astype(jnp.float32) * gate_R[:, None]).astype(x_TD.dtype)
+
+
+def _slots(y_RD, dest_Tk, w_Tk, other_TD, impl, need_sum=True):
+    """(Σ_j w[t, j] · y[dest[t, j]] in y's dtype (w = 1 when None) or None, and with `other` the
+    float32 dots <y[dest[t, j]], other[t]>, else None); dropped slots add 0."""
+    w = None if w_Tk is None else w_Tk.astype(jnp.float32)
+    if impl != "xla":
+        return permute_kernel.gather_sum(y_RD, dest_Tk, w, other_TD, need_sum=need_sum,
+                                         interpret=impl == "interpret")
+    g = _gather_slots(y_RD, dest_Tk)                                       # [T, k, D]
+    total = None
+    if need_sum:
+        total = (g.sum(1) if w is None else jnp.sum(g * w[..., None], axis=1)).astype(y_RD.dtype)
+    dots = None if other_TD is None else jnp.einsum("tkd,td->tk", g, other_TD.astype(jnp.float32))
+    return total, dots
+
+
 # ----------------------------------------------------------------------------- gather-only VJPs
-@jax.custom_vjp
-def _permute(x_TD, dest_Tk, src_R, weights_Tk):
-    return reference_permute(x_TD, dest_Tk, src_R, weights_Tk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _permute(x_TD, dest_Tk, src_R, weights_Tk, impl):
+    gate = None if weights_Tk is None else _gate_of(weights_Tk, src_R)
+    return _rows(x_TD, src_R, dest_Tk.shape[1], gate, impl)
 
 
-def _permute_fwd(x_TD, dest_Tk, src_R, weights_Tk):
-    return _permute(x_TD, dest_Tk, src_R, weights_Tk), (x_TD, dest_Tk, src_R, weights_Tk)
+def _permute_fwd(x_TD, dest_Tk, src_R, weights_Tk, impl):
+    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impl), (x_TD, dest_Tk, src_R, weights_Tk)
 
 
-def _permute_bwd(res, drows_RD):
+def _permute_bwd(impl, res, drows_RD):
     x_TD, dest_Tk, src_R, weights_Tk = res
-    g = _gather_slots(drows_RD, dest_Tk)                                   # [T, k, D]
-    if weights_Tk is None:
-        return g.sum(1).astype(x_TD.dtype), None, None, None
-    w = weights_Tk.astype(jnp.float32)
-    dx = jnp.sum(g * w[..., None], axis=1).astype(x_TD.dtype)
-    dw = jnp.einsum("tkd,td->tk", g, x_TD.astype(jnp.float32)).astype(weights_Tk.dtype)
-    return dx, None, None, dw
+    dx, dw = _slots(drows_RD, dest_Tk, weights_Tk, None if weights_Tk is None else x_TD, impl)
+    return (dx.astype(x_TD.dtype), None, None,
+            None if weights_Tk is None else dw.astype(weights_Tk.dtype))
 
 
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-@jax.custom_vjp
-def _unpermute(y_RD, dest_Tk, src_R, weights_Tk):
-    return reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impl):
+    return _slots(y_RD, dest_Tk, weights_Tk, None, impl)[0]
 
 
-def _unpermute_fwd(y_RD, dest_Tk, src_R, weights_Tk):
-    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk), (y_RD, dest_Tk, src_R, weights_Tk)
+def _unpermute_fwd(y_RD, dest_Tk, src_R, weights_Tk, impl):
+    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impl), (y_RD, dest_Tk, src_R, weights_Tk)
 
 
-def _unpermute_bwd(res, dout_TD):
+def _unpermute_bwd(impl, res, dout_TD):
     y_RD, dest_Tk, src_R, weights_Tk = res
-    t, k = dest_Tk.shape
-    d = jnp.take(dout_TD, _token_of(src_R, t, k), axis=0, mode="fill", fill_value=0)
-    dy = (d.astype(jnp.float32) * _gate_of(weights_Tk, src_R)[:, None]).astype(y_RD.dtype)
-    dw = jnp.einsum("tkd,td->tk", _gather_slots(y_RD, dest_Tk), dout_TD.astype(jnp.float32))
+    dy = _rows(dout_TD, src_R, dest_Tk.shape[1], _gate_of(weights_Tk, src_R), impl).astype(y_RD.dtype)
+    _, dw = _slots(y_RD, dest_Tk, None, dout_TD, impl, need_sum=False)
     return dy, None, None, dw.astype(weights_Tk.dtype)
 
 
@@ -113,18 +146,33 @@ def _check(dest_Tk, src_R, weights_Tk, backend):
         raise ValueError(f"permute: weights {weights_Tk.shape} must match dest {dest_Tk.shape}")
 
 
-def permute(x_TD, dest_Tk, src_R, weights_Tk=None, *, backend: str = "auto"):
+def _impl(op: str, backend: str, rows, interpret: bool) -> str:
+    """The passes' implementation for `backend` on rows [*, D]: reference | xla | pallas | interpret."""
+    if backend in ("reference", "xla", "auto"):
+        return "xla" if backend == "auto" else backend
+    why = permute_kernel.check_width(rows.shape[-1])
+    resolve(op, backend, not why, why, interpret, rows)  # raises where the kernels cannot run
+    return "interpret" if interpret else "pallas"
+
+
+def permute(x_TD, dest_Tk, src_R, weights_Tk=None, *, backend: str = "auto", interpret: bool = False):
     """rows[r] = x[src[r] // k] (· weights[src[r]]); see the module docstring."""
     _check(dest_Tk, src_R, weights_Tk, backend)
-    fn = reference_permute if backend == "reference" else _permute
-    return fn(x_TD, dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32), weights_Tk)
+    dest_Tk, src_R = dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32)
+    impl = _impl("permute", backend, x_TD, interpret)
+    if impl == "reference":
+        return reference_permute(x_TD, dest_Tk, src_R, weights_Tk)
+    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impl)
 
 
-def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto"):
+def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto", interpret: bool = False):
     """y[t] = Σ_j weights[t, j] · y_RD[dest[t, j]]; see the module docstring."""
     _check(dest_Tk, src_R, weights_Tk, backend)
-    fn = reference_unpermute if backend == "reference" else _unpermute
-    return fn(y_RD, dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32), weights_Tk)
+    dest_Tk, src_R = dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32)
+    impl = _impl("unpermute", backend, y_RD, interpret)
+    if impl == "reference":
+        return reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk)
+    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impl)
 
 
 def inverse(index, rows: int):

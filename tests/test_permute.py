@@ -1,6 +1,7 @@
-"""ops.permute: the gather-only custom VJPs against plain autodiff of the same formulas and a numpy
-loop, forward and gradients (inputs and gates), on fresh random data with dropped assignments and
-capacity padding."""
+"""ops.permute: the gather-only custom VJPs (XLA gathers, and the Pallas kernels of ops.permute_kernel in
+interpret mode) against plain autodiff of the same formulas and a numpy loop, forward and gradients
+(inputs and gates), on fresh random data with dropped assignments and capacity padding; the kernels'
+CUDA lowering (on CPU) and, with -m gpu, the kernels on the GPU at the benchmark shapes."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from ops import permute as P
 
 T, K, D, E = 24, 3, 16, 5
+BACKENDS = [("xla", False), ("pallas", True)]  # (backend, interpret)
 
 
 def _maps(key, capacity=None, drop=0.25):
@@ -66,9 +68,9 @@ def test_permute_and_unpermute_match_reference(capacity, dtype):
     w = jnp.where(kept, jax.random.uniform(ks[2], (T, K)), 0.0)
     rows_np, out_np = _numpy(x.astype(jnp.float32), y.astype(jnp.float32), dest, src, w)
     tol = 1e-6 if dtype == "float32" else 1e-2
-    for backend in ("xla", "reference"):
-        rows = P.permute(x, dest, src, w, backend=backend)
-        out = P.unpermute(y, dest, src, w, backend=backend)
+    for backend, interp in [*BACKENDS, ("reference", False)]:
+        rows = P.permute(x, dest, src, w, backend=backend, interpret=interp)
+        out = P.unpermute(y, dest, src, w, backend=backend, interpret=interp)
         assert rows.dtype == out.dtype == jnp.dtype(dtype)
         np.testing.assert_allclose(np.asarray(rows, np.float32), rows_np, rtol=tol, atol=tol)
         np.testing.assert_allclose(np.asarray(out, np.float32), out_np, rtol=tol, atol=tol)
@@ -76,24 +78,26 @@ def test_permute_and_unpermute_match_reference(capacity, dtype):
     ct_rows = jax.random.normal(ks[3], (R, D)).astype(dtype)
     ct_out = jax.random.normal(jax.random.fold_in(ks[3], 1), (T, D)).astype(dtype)
 
-    def loss(x, y, w, backend):
-        a = P.permute(x, dest, src, w, backend=backend).astype(jnp.float32)
-        b = P.unpermute(y, dest, src, w, backend=backend).astype(jnp.float32)
+    def loss(x, y, w, backend, interp=False):
+        a = P.permute(x, dest, src, w, backend=backend, interpret=interp).astype(jnp.float32)
+        b = P.unpermute(y, dest, src, w, backend=backend, interpret=interp).astype(jnp.float32)
         return jnp.sum(a * ct_rows.astype(jnp.float32)) + jnp.sum(b * ct_out.astype(jnp.float32))
 
-    got = jax.grad(loss, argnums=(0, 1, 2))(x, y, w, "xla")
     want = jax.grad(loss, argnums=(0, 1, 2))(x, y, w, "reference")
-    for g, r in zip(got, want):
-        assert g.dtype == r.dtype
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
-                                   rtol=tol, atol=tol)
-    # unweighted permute (gates applied after the experts)
-    g1 = jax.grad(lambda x: jnp.sum(P.permute(x, dest, src).astype(jnp.float32) *
-                                    ct_rows.astype(jnp.float32)))(x)
-    g2 = jax.grad(lambda x: jnp.sum(P.permute(x, dest, src, backend="reference").astype(
-        jnp.float32) * ct_rows.astype(jnp.float32)))(x)
-    np.testing.assert_allclose(np.asarray(g1, np.float32), np.asarray(g2, np.float32), rtol=tol,
-                               atol=tol)
+    for backend, interp in BACKENDS:
+        got = jax.grad(loss, argnums=(0, 1, 2))(x, y, w, backend, interp)
+        for g, r in zip(got, want):
+            assert g.dtype == r.dtype
+            assert float(jnp.abs(r.astype(jnp.float32)).max()) > 0.1  # a gradient that cannot be all zero
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                       rtol=tol, atol=tol)
+        # unweighted permute (gates applied after the experts)
+        g1 = jax.grad(lambda x: jnp.sum(P.permute(x, dest, src, backend=backend, interpret=interp).astype(
+            jnp.float32) * ct_rows.astype(jnp.float32)))(x)
+        g2 = jax.grad(lambda x: jnp.sum(P.permute(x, dest, src, backend="reference").astype(
+            jnp.float32) * ct_rows.astype(jnp.float32)))(x)
+        np.testing.assert_allclose(np.asarray(g1, np.float32), np.asarray(g2, np.float32), rtol=tol,
+                                   atol=tol)
 
 
 def test_backward_has_no_scatter_add():
@@ -109,6 +113,10 @@ def test_backward_has_no_scatter_add():
         return str(jax.make_jaxpr(jax.grad(lambda x, w: loss(x, w, backend), argnums=(0, 1)))(x, w))
     fast, plain = jaxpr("xla"), jaxpr("reference")
     assert "scatter-add" not in fast and "scatter_add" not in fast
+    kernels = str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(P.unpermute(
+        P.permute(x, dest, src, backend="pallas", interpret=True) * 2.0, dest, src, w, backend="pallas",
+        interpret=True) ** 2), argnums=(0, 1)))(x, w))
+    assert "scatter" not in kernels and kernels.count("pallas_call") == 5  # 2 forward, 3 backward passes
     assert "scatter-add" in plain or "scatter_add" in plain  # what the custom VJPs replace
 
 
@@ -121,3 +129,68 @@ def test_inverse_and_bad_input():
     with pytest.raises(ValueError, match="weights"):
         P.unpermute(jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32), jnp.zeros((2,), jnp.int32),
                     jnp.zeros((2, 2)))
+
+
+def test_backend_choice():
+    dest, src, _ = _maps(jax.random.key(2))
+    x = jnp.ones((T, D))
+    # auto is the XLA gathers (the kernels are opt-in); "pallas" takes them, and refuses a row width
+    # they cannot take and (off the interpreter) a machine without an NVIDIA GPU
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: P.permute(x, dest, src, interpret=True))(x))
+    assert "pallas_call" in str(jax.make_jaxpr(
+        lambda x: P.permute(x, dest, src, backend="pallas", interpret=True))(x))
+    with pytest.raises(ValueError, match="power of two"):
+        P.permute(jnp.ones((T, 24)), dest, src, backend="pallas", interpret=True)
+    if jax.devices()[0].platform != "gpu":
+        with pytest.raises(ValueError, match="NVIDIA GPU"):
+            P.permute(x, dest, src, backend="pallas")
+
+
+def test_kernels_lower_for_cuda():
+    dest, src, kept = _maps(jax.random.key(4))
+    x = jax.random.normal(jax.random.key(5), (T, D), jnp.bfloat16)
+    w = jnp.where(kept, 0.5, 0.0)
+
+    def f(x, w):
+        rows = P.permute(x, dest, src, backend="pallas", interpret=False)
+        return P.unpermute(rows, dest, src, w, backend="pallas")
+
+    def grads(x, w):
+        return jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) ** 2), argnums=(0, 1))(x, w)
+
+    import ops.pallas_triton as pt
+    real = pt.on_nvidia_gpu
+    pt.on_nvidia_gpu = lambda: True  # lower as for a GPU (the Triton IR is built at lowering)
+    try:
+        text = jax.jit(grads).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        pt.on_nvidia_gpu = real
+    assert text.count("__gpu$xla.gpu.triton") == 5, text.count("__gpu$xla.gpu.triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,k,e,d", [(16384, 2, 8, 2048), (16384, 6, 64, 2048)])
+def test_kernels_on_gpu_match_xla(t, k, e, d):
+    if not jax.devices()[0].platform == "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    key = jax.random.key(9)
+    experts = jax.random.randint(key, (t * k,), 0, e)
+    order = jnp.argsort(experts, stable=True)
+    dest = jnp.zeros((t * k,), jnp.int32).at[order].set(jnp.arange(t * k, dtype=jnp.int32))
+    dest = jnp.where(jax.random.uniform(jax.random.fold_in(key, 1), (t * k,)) < 0.02, t * k, dest)
+    src = P.inverse(dest, t * k)
+    dest = dest.reshape(t, k)
+    x = jax.random.normal(jax.random.fold_in(key, 2), (t, d), jnp.bfloat16)
+    w = jax.random.uniform(jax.random.fold_in(key, 3), (t, k))
+    ct = jax.random.normal(jax.random.fold_in(key, 4), (t, d), jnp.float32)
+
+    def run(backend):
+        def loss(x, w):
+            rows = P.permute(x, dest, src, backend=backend)
+            return jnp.sum(P.unpermute(rows * 1.5, dest, src, w, backend=backend).astype(jnp.float32) * ct)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+
+    (l1, (gx1, gw1)), (l2, (gx2, gw2)) = run("pallas"), run("xla")
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(gx1, np.float32), np.asarray(gx2, np.float32), rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw2), rtol=1e-3, atol=1e-2)

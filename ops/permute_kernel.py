@@ -1,0 +1,132 @@
+"""The MoE permutation's row gathers as Pallas (Triton) kernels: the passes of `ops.permute` at HBM speed.
+
+Two kernels serve the forward and backward of both permute and unpermute (`ops.permute` holds the
+formulas, the plain-JAX paths and the custom VJPs that call these):
+
+  gather_rows(x[T, D], tok[R], gate[R] | None) -> rows[R, D]
+      rows[r] = x[tok[r]] (· gate[r], float32 math); 0 where tok[r] >= T (padding rows)
+  gather_sum(y[R, D], dest[T, k], w[T, k] | None, other[T, D] | None, need_sum) -> (out[T, D] | None,
+                                                                                   dw[T, k] | None)
+      out[t]   = Σ_j w[t, j] · y[dest[t, j]]   (w = 1 when None; float32 accumulation)
+      dw[t, j] = <y[dest[t, j]], other[t]>    (float32; only when `other` is given)
+      a slot with dest[t, j] >= R (dropped) adds 0
+
+One program per block of rows (gather_rows) or tokens (gather_sum); a block's row indices are loaded
+once and its rows fetched with masked vector loads, so each byte of the buffer crosses HBM once per
+pass and no atomics are needed. The row width D must be a power of two between 16 and `MAX_ROW`
+elements; the slot maps are passed slot-major ([k, T]) so each slot's indices are one contiguous load.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from ops.pallas_triton import MAX_ROW, compiler_params, is_pow2, rows_per_block
+
+F32 = jnp.float32
+BLOCK_ELEMS = 8192  # elements of one program's row block (rows · D)
+WARPS = 4
+
+
+def check_width(d: int) -> str:
+    """Why rows of width d cannot take the kernels ("" when they can)."""
+    if not is_pow2(d) or not 16 <= d <= MAX_ROW:
+        return f"the row width D = {d} must be a power of two in [16, {MAX_ROW}]"
+    return ""
+
+
+def _load_rows(ref, idx, limit):
+    """ref[idx] as [n, D]; rows with idx >= limit read as zeros (not loaded)."""
+    ok = idx < limit
+    cols = jnp.arange(ref.shape[1], dtype=jnp.int32)[None, :]
+    rows = jnp.where(ok, idx, 0)[:, None]
+    return pltriton.load(ref.at[rows, cols], mask=ok[:, None] & (cols >= 0), other=0)
+
+
+# ----------------------------------------------------------------------------- gather_rows
+def _rows_kernel(*refs, t, gated):
+    tok_ref, *rest = refs
+    gate_ref, x_ref, o_ref = rest if gated else (None, *rest)
+    rows = _load_rows(x_ref, tok_ref[...], t)
+    if gated:
+        rows = rows.astype(F32) * gate_ref[...][:, None]
+    o_ref[...] = rows.astype(o_ref.dtype)
+
+
+def gather_rows(x_TD, tok_R, gate_R=None, *, interpret=False):
+    """rows[r] = x[tok[r]] (· gate[r]); zero rows where tok[r] >= T (see the module docstring)."""
+    t, d = x_TD.shape
+    r = tok_R.shape[0]
+    br = rows_per_block(r, d, BLOCK_ELEMS)
+    blk = pl.BlockSpec((br,), lambda i: (i,))
+    args = [tok_R.astype(jnp.int32)] + ([gate_R.astype(F32)] if gate_R is not None else []) + [x_TD]
+    specs = [blk] * (len(args) - 1) + [pl.BlockSpec((t, d), lambda i: (0, 0))]
+    return pl.pallas_call(
+        functools.partial(_rows_kernel, t=t, gated=gate_R is not None), grid=(r // br,),
+        in_specs=specs, out_specs=pl.BlockSpec((br, d), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((r, d), x_TD.dtype),
+        compiler_params=compiler_params(num_warps=WARPS, interpret=interpret),
+        interpret=interpret, name="permute_gather_rows")(*args)
+
+
+# ----------------------------------------------------------------------------- gather_sum
+def _sum_kernel(*refs, r, k, weighted, with_other, need_sum):
+    refs = list(refs)
+    dest_ref = refs.pop(0)
+    w_ref = refs.pop(0) if weighted else None
+    y_ref = refs.pop(0)
+    other_ref = refs.pop(0) if with_other else None
+    o_ref = refs.pop(0) if need_sum else None
+    dw_ref = refs.pop(0) if with_other else None
+    other = other_ref[...].astype(F32) if with_other else None
+    acc = None
+    for j in range(k):  # static: k loads of the block's j-th slot rows
+        rows = _load_rows(y_ref, dest_ref[j, :], r).astype(F32)
+        if need_sum:
+            term = rows * w_ref[j, :][:, None] if weighted else rows
+            acc = term if acc is None else acc + term
+        if with_other:
+            dw_ref[j, :] = jnp.sum(rows * other, axis=1)
+    if need_sum:
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def gather_sum(y_RD, dest_Tk, w_Tk=None, other_TD=None, *, need_sum=True, interpret=False):
+    """(out[T, D] in y's dtype or None, dw[T, k] float32 or None); see the module docstring."""
+    r, d = y_RD.shape
+    t, k = dest_Tk.shape
+    if not need_sum and other_TD is None:
+        raise ValueError("gather_sum: nothing to compute (need_sum=False and no `other`)")
+    bt = rows_per_block(t, d, BLOCK_ELEMS)
+    slots = pl.BlockSpec((k, bt), lambda i: (0, i))
+    rows_spec = pl.BlockSpec((bt, d), lambda i: (i, 0))
+    args, specs = [dest_Tk.astype(jnp.int32).T], [slots]
+    if w_Tk is not None:
+        args.append(w_Tk.astype(F32).T)
+        specs.append(slots)
+    args.append(y_RD)
+    specs.append(pl.BlockSpec((r, d), lambda i: (0, 0)))
+    if other_TD is not None:
+        args.append(other_TD)
+        specs.append(rows_spec)
+    out_shape, out_specs = [], []
+    if need_sum:
+        out_shape.append(jax.ShapeDtypeStruct((t, d), y_RD.dtype))
+        out_specs.append(rows_spec)
+    if other_TD is not None:
+        out_shape.append(jax.ShapeDtypeStruct((k, t), F32))
+        out_specs.append(slots)
+    outs = pl.pallas_call(
+        functools.partial(_sum_kernel, r=r, k=k, weighted=w_Tk is not None, with_other=other_TD is not None,
+                          need_sum=need_sum), grid=(t // bt,),
+        in_specs=specs, out_specs=out_specs, out_shape=out_shape,
+        compiler_params=compiler_params(num_warps=WARPS, interpret=interpret),
+        interpret=interpret, name="permute_gather_sum")(*args)
+    outs = list(outs)
+    out = outs.pop(0) if need_sum else None
+    dw = outs.pop(0).T if other_TD is not None else None
+    return out, dw
