@@ -199,4 +199,6 @@ def test_kernels_on_gpu_match_xla(t, k, e, d, dtype):
         np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
     tol = 1e-5 if f32 else 2e-2
     np.testing.assert_allclose(np.asarray(gx1, np.float32), np.asarray(gx2, np.float32), rtol=tol, atol=tol)
-    np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw2), rtol=1e-4 if f32 else 1e-2, atol=tol)
+    # the gate gradients are dots over D = 2048 terms of size ~3 (|dot| ~ 130): float32 summation order
+    # moves them by ~sqrt(D)·130·6e-8 ≈ 4e-4 (2.3e-5 seen on the H200, 2026-12-03)
+    np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw2), rtol=1e-4 if f32 else 1e-2, atol=1e-3 if f32 else tol)
