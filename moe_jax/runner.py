@@ -14,19 +14,14 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
-from ops.grouped_matmul import resolve_backend
-from ops.pallas_triton import describe as describe_kernels
-from ops.tuning import table_note
-
 from moe_jax import distributed, metrics as M
 from moe_jax import ep, parallel, runs
-from moe_jax.attention import resolve_impl
 from moe_jax.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError, abstract_state, short_error
 from moe_jax.config import Config
-from moe_jax.experts import act_fc2_fusable
 from moe_jax.presets import to_dict
 from moe_jax.data import make_dataset
 from moe_jax.evaluate import evaluate, make_eval_step
+from moe_jax.kernels import kernels_note
 from moe_jax.model import GPT
 from moe_jax.resume import check_resume
 from moe_jax.tokenizer import RUN_SUBDIR, check_same_tokenizer, record_run_tokenizer, run_tokenizer_meta
@@ -40,18 +35,6 @@ class NonFiniteLossError(RuntimeError):
 
 class OutOfMemoryError(RuntimeError):
     """The device ran out of memory (XLA's RESOURCE_EXHAUSTED), as one line saying what to lower."""
-
-
-def kernels_note(mc) -> str:
-    """Which attention kernel, grouped-GEMM tuning and fused kernels the model runs with here (for the log)."""
-    dims = (max(mc.head_dim_, mc.v_head_dim),) if mc.attention_type == "mla" else (mc.head_dim_,)  # mla: v padded
-    note = f"attention {resolve_impl(mc.attention_impl, mc.dtype, dims)}"
-    if mc.moe is not None:
-        gemm = resolve_backend(mc.moe.grouped_gemm_backend, mc.dtype)
-        note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
-        if act_fc2_fusable(mc.moe.activation, mc.moe.grouped_gemm_backend, mc.fused_kernels, mc.dtype):
-            note += ", SwiGLU's backward in fc2's dgrad where the shape fits"
-    return note + f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
 
 
 def _fmt_rate(x: float) -> str:
