@@ -40,7 +40,9 @@ def check_width(d: int) -> str:
 
 
 def _load_rows(ref, idx, limit):
-    """ref[idx] as [n, D]; rows with idx >= limit read as zeros (not loaded)."""
+    """ref[idx] as [n, D]; rows with idx >= limit read as zeros (not loaded). Both indexers are arrays
+    (row [n, 1], column [1, D]): the form the interpreter's load takes; in Triton a pointer per element,
+    contiguous along D. The mask is broadcast to [n, D]."""
     ok = idx < limit
     cols = jnp.arange(ref.shape[1], dtype=jnp.int32)[None, :]
     rows = jnp.where(ok, idx, 0)[:, None]
