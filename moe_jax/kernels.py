@@ -18,4 +18,7 @@ def kernels_note(mc) -> str:
         note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
         if act_fc2_fusable(mc.moe.activation, mc.moe.grouped_gemm_backend, mc.fused_kernels, mc.dtype):
             note += ", SwiGLU's backward in fc2's dgrad where the shape fits"
-    return note + f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
+    note += f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
+    if mc.moe is not None and mc.fused_kernels in ("pallas", "interpret"):
+        note += ", the MoE permutation's too"  # opt-in: "auto" keeps XLA's gathers (ops.permute)
+    return note
