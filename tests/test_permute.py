@@ -202,3 +202,10 @@ def test_kernels_on_gpu_match_xla(t, k, e, d, dtype):
     # the gate gradients are dots over D = 2048 terms of size ~3 (|dot| ~ 130): float32 summation order
     # moves them by ~sqrt(D)·130·6e-8 ≈ 4e-4 (2.3e-5 seen on the H200, 2026-12-03)
     np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw2), rtol=1e-4 if f32 else 1e-2, atol=1e-3 if f32 else tol)
+
+
+def test_run_log_line_says_when_the_permutation_kernels_run():
+    from moe_jax.kernels import kernels_note
+    from moe_jax.presets import load_config
+    assert "permutation" in kernels_note(load_config("tiny_moe", ["model.fused_kernels=interpret"]).model)
+    assert "permutation" not in kernels_note(load_config("tiny_moe", []).model)  # auto: XLA's gathers
