@@ -53,20 +53,6 @@ def _gather_slots(y_RD, dest_Tk):
     return g.reshape(t, k, -1).astype(jnp.float32)
 
 
-# ----------------------------------------------------------------------------- reference
-def reference_permute(x_TD, dest_Tk, src_R, weights_Tk=None):
-    t, k = dest_Tk.shape
-    rows = jnp.take(x_TD, _token_of(src_R, t, k), axis=0, mode="fill", fill_value=0)
-    if weights_Tk is None:
-        return rows
-    return (rows.astype(jnp.float32) * _gate_of(weights_Tk, src_R)[:, None]).astype(x_TD.dtype)
-
-
-def reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk):
-    g = _gather_slots(y_RD, dest_Tk)
-    return jnp.sum(g * weights_Tk.astype(jnp.float32)[..., None], axis=1).astype(y_RD.dtype)
-
-
 # ----------------------------------------------------------------------------- the passes
 # impl: "xla" (XLA gathers) | "pallas" | "interpret" (the kernels in interpret mode)
 def _rows(x_TD, src_R, k, gate_R, impl):
@@ -93,6 +79,17 @@ def _slots(y_RD, dest_Tk, w_Tk, other_TD, impl, need_sum=True):
         total = (g.sum(1) if w is None else jnp.sum(g * w[..., None], axis=1)).astype(y_RD.dtype)
     dots = None if other_TD is None else jnp.einsum("tkd,td->tk", g, other_TD.astype(jnp.float32))
     return total, dots
+
+
+# ----------------------------------------------------------------------------- reference
+# the XLA passes above with plain autodiff (their gathers transpose to scatter-adds)
+def reference_permute(x_TD, dest_Tk, src_R, weights_Tk=None):
+    gate = None if weights_Tk is None else _gate_of(weights_Tk, src_R)
+    return _rows(x_TD, src_R, dest_Tk.shape[1], gate, "xla")
+
+
+def reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk):
+    return _slots(y_RD, dest_Tk, weights_Tk, None, "xla")[0]
 
 
 # ----------------------------------------------------------------------------- gather-only VJPs
@@ -148,7 +145,7 @@ def _check(dest_Tk, src_R, weights_Tk, backend):
 
 def _impl(op: str, backend: str, rows, interpret: bool) -> str:
     """The passes' implementation for `backend` on rows [*, D]: reference | xla | pallas | interpret."""
-    if backend in ("reference", "xla", "auto"):
+    if backend != "pallas":
         return "xla" if backend == "auto" else backend
     why = permute_kernel.check_width(rows.shape[-1])
     resolve(op, backend, not why, why, interpret, rows)  # raises where the kernels cannot run

@@ -146,7 +146,7 @@ def test_backend_choice():
             P.permute(x, dest, src, backend="pallas")
 
 
-def test_kernels_lower_for_cuda():
+def test_kernels_lower_for_cuda(monkeypatch):
     dest, src, kept = _maps(jax.random.key(4))
     x = jax.random.normal(jax.random.key(5), (T, D), jnp.bfloat16)
     w = jnp.where(kept, 0.5, 0.0)
@@ -159,12 +159,8 @@ def test_kernels_lower_for_cuda():
         return jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) ** 2), argnums=(0, 1))(x, w)
 
     import ops.pallas_triton as pt
-    real = pt.on_nvidia_gpu
-    pt.on_nvidia_gpu = lambda: True  # lower as for a GPU (the Triton IR is built at lowering)
-    try:
-        text = jax.jit(grads).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-    finally:
-        pt.on_nvidia_gpu = real
+    monkeypatch.setattr(pt, "on_nvidia_gpu", lambda: True)  # lower as for a GPU (Triton IR is built at lowering)
+    text = jax.jit(grads).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 5, text.count("__gpu$xla.gpu.triton")
 
 
