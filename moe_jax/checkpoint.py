@@ -8,6 +8,8 @@ expert-bias state).
   the *new* shardings; every leaf, optimizer moments included, is read straight into that layout, so
   EP/TP/FSDP may differ from the run that saved it (`parallel.tree_shardings` gives such a layout
   from the params' logical axes).
+- Derived state is not written: the compute-dtype copy of the experts' weights
+  (`TrainState.compute_params`, moe_jax/weight_copy.py) is rebuilt from the restored weights.
 - Loud failures, never a partial load: each checkpoint carries a manifest (every leaf's path, shape,
   dtype and a layout-independent fingerprint of its bits). Restore compares the manifest with the
   target (naming every differing path) and the restored bits with the fingerprints.
@@ -25,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax import weight_copy
 
 FORMAT = 1
 
@@ -231,6 +235,13 @@ def reshard(state, shardings):
     return jax.tree.map(lambda s, sub: jax.device_put(sub, s), shardings, state, is_leaf=is_sh)
 
 
+def _without_copy(state):
+    """`state` without the derived weight copy (what a checkpoint holds)."""
+    if getattr(state, "compute_params", None) is None:
+        return state
+    return state.replace(compute_params=None)
+
+
 # ---------------------------------------------------------------------------------------------
 # The manager.
 
@@ -266,7 +277,7 @@ class Checkpointer:
         write (a full disk, no permission) raises a one-line CheckpointError naming the path, here or
         from the next `save`/`wait`/`close` when the write was async."""
         step = int(jax.device_get(state.step))
-        flat = flatten(state)
+        flat = flatten(_without_copy(state))
         try:
             leaves = manifest(flat)
         except NonFiniteStateError as e:
@@ -318,6 +329,7 @@ class Checkpointer:
         (arrays or ShapeDtypeStructs with `.sharding`)."""
         step = self.resolve(step)
         meta = self.metadata(step)
+        copy_like, target = getattr(target, "compute_params", None), _without_copy(target)
         flat_t = flatten(abstract_state(target))
         check_compatible(meta["leaves"], flat_t, where=str(self.directory / str(step)))
         abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
@@ -343,7 +355,10 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint {self.directory / str(step)} is corrupted: "
                                       f"{len(bad)} arrays differ from their saved fingerprints, "
                                       f"e.g. {bad[:5]}")
-        return unflatten(flat, target)
+        state = unflatten(flat, target)
+        if copy_like is not None:
+            state = state.replace(compute_params=weight_copy.refresh(state.params, copy_like))
+        return state
 
 
 def read_metadata(step_dir: str | Path) -> dict:

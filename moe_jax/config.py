@@ -220,6 +220,9 @@ class TrainConfig:
     skip_nonfinite_steps: int = 0  # steps with a non-finite loss/grad norm skipped (no update) before stopping
     eval_every: int = 0        # held-out loss every this many steps and at the end (0 = off)
     eval_batches: int = 8      # validation batches per evaluation (the same ones each time)
+    # with param_dtype != dtype: the experts' weights also kept in dtype, written by the optimizer
+    # (one cast pass per step less; moe_jax/weight_copy.py)
+    expert_weight_copy: bool = True
 
     def __post_init__(self):
         c = "TrainConfig"

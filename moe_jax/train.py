@@ -11,7 +11,7 @@ from flax import nnx
 
 import ops
 
-from moe_jax import parallel
+from moe_jax import parallel, weight_copy
 from moe_jax.config import ModelConfig, TrainConfig
 from moe_jax.model import GPT, REMAT_POLICIES
 from moe_jax.mtp import mtp_loss
@@ -19,7 +19,9 @@ from moe_jax.mtp import mtp_loss
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step reads and writes. `model_state` holds non-parameter state (expert biases)."""
+    """Everything a step reads and writes. `model_state` holds non-parameter state (expert biases);
+    `compute_params` the experts' weights in the compute dtype, derived from `params` and not
+    checkpointed (moe_jax/weight_copy.py; None without one)."""
 
     step: jax.Array
     data_pos: jax.Array   # index of the next batch to read: resuming continues the data exactly
@@ -27,6 +29,7 @@ class TrainState:
     opt_state: Any
     model_state: Any
     rng: jax.Array
+    compute_params: Any = None
 
 
 def lr_schedule(tc: TrainConfig) -> optax.Schedule:
@@ -63,9 +66,10 @@ def init_state(model: GPT, tc: TrainConfig, optimizer: optax.GradientTransformat
     """Build (graphdef, TrainState) for `model`."""
     graphdef, params, rest = split_model(model)
     optimizer = optimizer or make_optimizer(tc)
+    copy = weight_copy.init(params, model.cfg.dtype) if tc.expert_weight_copy else None
     state = TrainState(step=jnp.zeros((), jnp.int32), data_pos=jnp.zeros((), jnp.int32),
                        params=params, opt_state=optimizer.init(params), model_state=rest,
-                       rng=jax.random.key(tc.seed + 1))
+                       rng=jax.random.key(tc.seed + 1), compute_params=copy)
     return graphdef, state
 
 
@@ -110,8 +114,8 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
     schedule = lr_schedule(tc)
     accum = tc.grad_accum
 
-    def loss_fn(params, rest, inputs, targets, rng):
-        model = nnx.merge(graphdef, params, rest)
+    def loss_fn(params, rest, inputs, targets, rng, copy):
+        model = nnx.merge(graphdef, weight_copy.swap_in(params, copy), rest)
         h_BSD, aux = model.trunk(inputs, rng=rng, layout=layout)
         x_BSD = model.final_norm(h_BSD)
         ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(),
@@ -142,7 +146,8 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
         def micro_step(carry, xs):
             grads_acc, i = carry
             (total, (ce, aux)), grads = grad_fn(state.params, state.model_state, xs["inputs"],
-                                                xs["targets"], jax.random.fold_in(step_rng, i))
+                                                xs["targets"], jax.random.fold_in(step_rng, i),
+                                                state.compute_params)
             if grads_acc is not None:
                 grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / accum, grads_acc, grads)
             return (grads, i + 1), (total, ce, aux)
@@ -178,7 +183,8 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
             model_state = keep(model_state, old_model_state)
             metrics["skipped"] = ~ok
         new = state.replace(step=state.step + 1, data_pos=state.data_pos + 1, params=params,
-                            opt_state=opt_state, model_state=model_state, rng=rng)
+                            opt_state=opt_state, model_state=model_state, rng=rng,
+                            compute_params=weight_copy.refresh(params, state.compute_params))
         return new, metrics
 
     if layout is not None and jit:
