@@ -54,7 +54,8 @@ def _has(text: str, *keys: str) -> bool:
 CATEGORIES = (
     ("collectives", lambda k, o, h, s: _has(k, "nccl", "ep_exchange") or h.startswith(COLLECTIVE_HLO)),
     ("attention", lambda k, o, h, s: _has(o, *ATTENTION_OPS)),
-    ("optimizer", lambda k, o, h, s: "optax" in s),
+    # the Adam update, and the compute-dtype weight copy XLA fuses into it (source: its convert)
+    ("optimizer", lambda k, o, h, s: "optax" in s or "weight_copy.py" in s),
     ("grouped GEMM", lambda k, o, h, s: k.startswith("gmm_") or _has(o + " " + h, "ragged_dot", "ragged-dot")
      or (o.endswith("dot_general") and "grouped_matmul" in s)),  # the XLA backend of ops.grouped_matmul
     ("attention", lambda k, o, h, s: _has(k, "cudnn", "flash", "fmha", "sdpa")),

@@ -18,20 +18,25 @@ from ops.pallas_triton import one_gpu
 
 
 def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: str,
-                kernels: str = "reference") -> jax.Array:
+                kernels: str = "reference", recompute_act: bool = False) -> jax.Array:
     """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs
     (`kernels`: the activation's backend, ModelConfig.fused_kernels). SwiGLU's backward runs in fc2's
-    dgrad epilogue (ops.grouped_swiglu.swiglu_grouped_matmul) where `fuse_act_fc2` says so."""
+    dgrad epilogue (ops.grouped_swiglu.swiglu_grouped_matmul) where `fuse_act_fc2` says so.
+    `recompute_act`: the activation's output is recomputed in the backward, not kept."""
     e, d, n, f = w1_EDnF.shape
     interpret = kernels == "interpret" and backend == "pallas"  # CPU tests of the whole Pallas path
     h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend,
                            interpret=interpret)
     h = checkpoint_name(h, "gmm_out")
     if fuse_act_fc2(activation, backend, kernels, h, w2_EFD):
-        y = swiglu_grouped_matmul(h, w2_EFD, group_sizes_E, backend="pallas", interpret=interpret)
+        y = swiglu_grouped_matmul(h, w2_EFD, group_sizes_E, backend="pallas", interpret=interpret,
+                                  recompute=recompute_act)
     else:
-        h = activate(h.reshape(-1, n, f), activation, kernels)
-        y = ops.grouped_matmul(h, w2_EFD, group_sizes_E, backend=backend, interpret=interpret)
+        def act_fc2(g, w):
+            return ops.grouped_matmul(activate(g.reshape(-1, n, f), activation, kernels), w, group_sizes_E,
+                                      backend=backend, interpret=interpret)
+        # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2 output)
+        y = (jax.checkpoint(act_fc2) if recompute_act else act_fc2)(h, w2_EFD)
     return checkpoint_name(y, "gmm_out")
 
 
@@ -60,6 +65,7 @@ class GroupedExperts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         m = cfg.moe
         self.activation, self.backend, self.kernels = m.activation, m.grouped_gemm_backend, cfg.fused_kernels
+        self.recompute_act = m.recompute_activation
         self.dtype = jnp.dtype(cfg.dtype)
         e, d, f = m.num_experts, cfg.d_model, m.ffn_hidden_size
         self.w1_EDnF = param(rngs, (e, d, n_in(m.activation), f), ("exp", "embed_moe", None, "mlp_moe"),
@@ -73,7 +79,7 @@ class GroupedExperts(nnx.Module):
     def __call__(self, x_ND: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         w1, w2 = self.weights()
         return grouped_ffn(x_ND.astype(self.dtype), group_sizes_E, w1, w2, self.activation, self.backend,
-                           self.kernels)
+                           self.kernels, self.recompute_act)
 
 
 class SequentialExperts(GroupedExperts):

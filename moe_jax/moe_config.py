@@ -75,6 +75,10 @@ class MoEConfig:
     activation: str = "swiglu"
     apply_probs_on_input: bool = False
     grouped_gemm_backend: str = "auto"
+    # the experts' activation output not kept for the backward but recomputed there from fc1's output
+    # (Megatron's --recompute-modules moe_act; torch.compile's partitioner does the same by default):
+    # [T*k, F] less per MoE layer at the peak, one elementwise pass more
+    recompute_activation: bool = True
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
     def __post_init__(self):

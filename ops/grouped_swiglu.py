@@ -143,21 +143,25 @@ def dswiglu_kernel_takes(gu, w2, interpret=False) -> tuple[bool, str]:
     return not why, why
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _act_fc2(gu, w2, group_sizes, interpret):
-    return _act_fc2_fwd(gu, w2, group_sizes, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _act_fc2(gu, w2, group_sizes, interpret, recompute):
+    return _act_fc2_fwd(gu, w2, group_sizes, interpret, recompute)[0]
 
 
-def _act_fc2_fwd(gu, w2, group_sizes, interpret):
+def _act_fc2_fwd(gu, w2, group_sizes, interpret, recompute):
     h = reference_swiglu(gu.reshape(gu.shape[0], 2, -1))  # XLA's fusion runs at HBM speed
     fwd, _ = _impl("pallas", interpret)
     y = match_vma(fwd(h, w2, group_sizes, False, gu.dtype), gu, w2)
-    return y, (gu, h, w2, group_sizes)
+    return y, (gu, None if recompute else h, w2, group_sizes)
 
 
-def _act_fc2_bwd(interpret, res, dy):
+def _act_fc2_bwd(interpret, recompute, res, dy):
     from ops.gmm_pallas_dswiglu import gmm_dswiglu_kernel
     gu, h, w2, group_sizes = res
+    if recompute:  # h for fc2's wgrad, from gu again (not kept from the forward); the barrier keeps
+        # XLA from merging this with the forward's SwiGLU, which would keep h alive after all
+        gu_again = jax.lax.optimization_barrier(gu)
+        h = reference_swiglu(gu_again.reshape(gu.shape[0], 2, -1))
     dy = dy.astype(gu.dtype)
     rhs = jnp.swapaxes(w2, 1, 2) if interpret else w2  # see gmm_dswiglu_kernel
     dgu = gmm_dswiglu_kernel(dy, rhs, gu, group_sizes, cfg=_dswiglu_config(interpret, w2.shape[0]),
@@ -191,13 +195,15 @@ def resolve_swiglu_gmm_backend(backend: str, gu, w2, interpret=False) -> str:
                      f"use backend='unfused'")
 
 
-def swiglu_grouped_matmul(gu, w2, group_sizes, *, backend: str = "auto", interpret: bool = False):
+def swiglu_grouped_matmul(gu, w2, group_sizes, *, backend: str = "auto", interpret: bool = False,
+                          recompute: bool = False):
     """y[off_g:off_g+size_g] = swiglu(gu[off_g:off_g+size_g]) @ w2[g]: gu [M, 2F] (gate, up), w2
     [G, F, N] -> [M, N] in gu's dtype, fp32 accumulation. "pallas" (and "auto" where it runs): forward
     as XLA's SwiGLU fusion then the grouped GEMM; backward dgu from fc2's dgrad with SwiGLU's backward
     in its epilogue (ops/gmm_pallas_dswiglu.py), dw2 the grouped GEMM's wgrad. "unfused":
     `ops.gated_act.swiglu` then `ops.grouped_matmul`, each on its own "auto" backend. `interpret=True`
-    runs the fused path's kernels in Mosaic-GPU interpret mode (CPU tests)."""
+    runs the fused path's kernels in Mosaic-GPU interpret mode (CPU tests). `recompute=True`: the
+    SwiGLU output [M, F] is not kept for the backward; fc2's wgrad gets it again from gu there."""
     gu, w2, group_sizes = jnp.asarray(gu), jnp.asarray(w2), jnp.asarray(group_sizes)
     if gu.ndim != 2 or gu.shape[1] % 2:
         raise ValueError(f"swiglu_grouped_matmul: gu must be [M, 2F] (gate, up), got shape {gu.shape}")
@@ -210,6 +216,8 @@ def swiglu_grouped_matmul(gu, w2, group_sizes, *, backend: str = "auto", interpr
     if backend == "reference":
         return reference_swiglu_grouped_matmul(gu, w2, group_sizes).astype(gu.dtype)
     if backend == "unfused":
-        h = swiglu(gu.reshape(gu.shape[0], 2, -1))
-        return grouped_matmul(h, w2, group_sizes)
-    return _act_fc2(gu, w2, group_sizes, bool(interpret))
+        def act_fc2(g, w):
+            return grouped_matmul(swiglu(g.reshape(g.shape[0], 2, -1)), w, group_sizes)
+        # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2 output)
+        return (jax.checkpoint(act_fc2) if recompute else act_fc2)(gu, w2)
+    return _act_fc2(gu, w2, group_sizes, bool(interpret), bool(recompute))

@@ -126,6 +126,37 @@ def test_act_fc2_unfused_matches_reference():
     check_act_fc2("unfused", 64, 48, 32, [10, 0, 30, 20], seed=3)
 
 
+@pytest.mark.parametrize("backend", ["pallas", "unfused"])
+def test_act_fc2_recompute_keeps_no_activation_and_matches(backend):
+    """recompute=True: the same output and gradients as keeping the SwiGLU output, and no [M, F]
+    array among the backward's residuals (it is made again from gu there)."""
+    m, f, n, sizes = 200, 128, 128, [70, 0, 100, 20]
+    kw = dict(interpret=True) if backend == "pallas" else {}
+    kg, kw2, kd = jax.random.split(jax.random.key(7), 3)
+    gu = (2 * jax.random.normal(kg, (m, 2 * f), jnp.float32)).astype(jnp.bfloat16)
+    w2 = (jax.random.normal(kw2, (len(sizes), f, n), jnp.float32) / np.sqrt(f)).astype(jnp.bfloat16)
+    dy = jax.random.normal(kd, (m, n), jnp.float32).astype(jnp.bfloat16)
+    gs = jnp.asarray(sizes, jnp.int32)
+    out, shapes = {}, {}
+    for recompute in (False, True):
+        y, vjp = jax.vjp(lambda a, w: swiglu_grouped_matmul(a, w, gs, backend=backend, recompute=recompute,
+                                                            **kw), gu, w2)
+        out[recompute] = (y, *vjp(dy))
+        shapes[recompute] = [r.shape for r in jax.tree.leaves(vjp) if hasattr(r, "shape")]
+    assert (m, f) in shapes[False] and (m, f) not in shapes[True], shapes
+    for a, b in zip(out[True], out[False]):
+        assert float(jnp.abs(b.astype(jnp.float32)).max()) > 0
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    if backend == "pallas":  # compiled, the backward's SwiGLU stays its own pass (not merged by CSE)
+        exps = {}
+        for recompute in (False, True):
+            loss = lambda a, w: jnp.sum(swiglu_grouped_matmul(  # noqa: E731
+                a, w, gs, backend=backend, recompute=recompute, **kw).astype(jnp.float32) ** 2)
+            hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(gu, w2).compile().as_text()
+            exps[recompute] = hlo.count(" exponential(")
+        assert exps[True] == exps[False] + 1, exps
+
+
 def test_act_fc2_backend_choice_and_errors():
     gu = jnp.ones((64, 256), jnp.bfloat16)
     w2 = jnp.ones((2, 128, 128), jnp.bfloat16)

@@ -52,6 +52,9 @@ def test_category(kernel, op_name, want):
 def test_category_uses_source_and_hlo_op():
     adam = "optax/_src/transform.py:294 scale_by_adam.<locals>.update_fn < moe_jax/train.py:123 step"
     assert profile_model.category("loop_multiply_fusion", "jit(step)/mul", "multiply_fusion.3", adam) == "optimizer"
+    copy = "moe_jax/weight_copy.py:55 refresh.<locals>.<lambda>"  # the update fused with the bf16 copy
+    assert profile_model.category("loop_add_convert_fusion_1", "jit(step)/convert_element_type",
+                                  "loop_add_convert_fusion.1", copy) == "optimizer"
     gmm = "ops/grouped_matmul.py:46 xla_fwd < moe_jax/experts.py:18 grouped_ffn"
     assert profile_model.category("dot_general.3", "jit(step)/jvp()/dot_general", "dot_general.3", gmm) == \
         "grouped GEMM"

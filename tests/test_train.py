@@ -108,3 +108,21 @@ def test_nan_loss_stops_with_step_number(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "init_state", poisoned)
     with pytest.raises(runner.NonFiniteLossError, match="at step 1: "):  # numbered as the log numbers it
         runner.train(run_cfg(tmp_path), progress=False, log=lambda s: None)
+
+
+def test_recomputed_expert_activation_gives_the_same_step():
+    """moe.recompute_activation: the experts' activation output made again in the backward, not kept;
+    the step's loss, gradient norm and new weights are those of keeping it."""
+    tc = TrainConfig(steps=4, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1)
+    out = {}
+    for recompute in (False, True):
+        cfg = tiny(recompute_activation=recompute)
+        graphdef, state = init_state(GPT(cfg, rngs=nnx.Rngs(0)), tc)
+        state, m = make_train_step(graphdef, tc)(state, batch(seed=3))
+        out[recompute] = state, m
+    (a, ma), (b, mb) = out[True], out[False]
+    assert float(ma["grad_norm"]) > 0
+    np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(ma["grad_norm"]), float(mb["grad_norm"]), rtol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
