@@ -76,9 +76,9 @@ class MoEConfig:
     apply_probs_on_input: bool = False
     grouped_gemm_backend: str = "auto"
     # the experts' activation output not kept for the backward but recomputed there from fc1's output
-    # (Megatron's --recompute-modules moe_act; torch.compile's partitioner does the same by default):
-    # [T*k, F] less per MoE layer at the peak, one elementwise pass more
-    recompute_activation: bool = True
+    # (Megatron's --recompute-modules moe_act): [T*k, F] less per MoE layer, one elementwise pass more
+    # (off: on the H200 it cost 1.5 % of the mixtral_small step for 0.2 GiB of peak; experiments/NOTES_speed.md)
+    recompute_activation: bool = False
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
     def __post_init__(self):

@@ -158,11 +158,12 @@ def _act_fc2_fwd(gu, w2, group_sizes, interpret, recompute):
 def _act_fc2_bwd(interpret, recompute, res, dy):
     from ops.gmm_pallas_dswiglu import gmm_dswiglu_kernel
     gu, h, w2, group_sizes = res
-    if recompute:  # h for fc2's wgrad, from gu again (not kept from the forward); the barrier keeps
-        # XLA from merging this with the forward's SwiGLU, which would keep h alive after all
-        gu_again = jax.lax.optimization_barrier(gu)
-        h = reference_swiglu(gu_again.reshape(gu.shape[0], 2, -1))
     dy = dy.astype(gu.dtype)
+    if recompute:  # h for fc2's wgrad made again from gu (not kept from the forward). The barrier ties gu
+        # to the cotangent: XLA can neither merge this with the forward's SwiGLU (which would keep h
+        # alive after all) nor run it before the backward reaches this layer
+        gu_again, dy = jax.lax.optimization_barrier((gu, dy))
+        h = reference_swiglu(gu_again.reshape(gu.shape[0], 2, -1))
     rhs = jnp.swapaxes(w2, 1, 2) if interpret else w2  # see gmm_dswiglu_kernel
     dgu = gmm_dswiglu_kernel(dy, rhs, gu, group_sizes, cfg=_dswiglu_config(interpret, w2.shape[0]),
                              interpret=interpret)
