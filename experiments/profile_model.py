@@ -261,6 +261,8 @@ def main(argv=None) -> dict:
     meta = hlo_metadata(hlo_text)
     hlo_summary = summarize_hlo(hlo_text)
     print("compiled step:", json.dumps(hlo_summary), flush=True)
+    buffers = memory_split(compiled)
+    print("XLA buffer assignment (GiB):", json.dumps(buffers), flush=True)
     box = {"state": state, "i": 0}
     del state
 
@@ -312,7 +314,8 @@ def main(argv=None) -> dict:
            "traced_steps": args.steps, "events_source": source, "events": len(events),
            "event_stats_found": stats_found, "hlo_mapped_share": mapped,
            "gpu_busy_ms": busy, "gpu_span_ms": span, "idle_ms": None if busy is None else wall_ms - busy,
-           "peak_memory_gib": M.peak_memory_gib(), "hlo": hlo_summary, "categories": split,
+           "peak_memory_gib": M.peak_memory_gib(), "xla_buffers_gib": buffers, "hlo": hlo_summary,
+           "categories": split,
            "top_kernels": top, "gaps": idle_gaps}
     report(res)
     out = Path(args.out) if args.out else (Path(__file__).parent / "results" / (
@@ -321,6 +324,20 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(res, indent=2))
     print(f"-> {out}")
     return res
+
+
+def memory_split(compiled) -> dict | None:
+    """XLA's buffer assignment for the step, GiB: the state and batch passed in (`arguments`), what
+    comes out (`outputs`; `aliased`: the part written over donated arguments) and the most the step
+    holds besides at once (`temp`: activations, gradients, scratch). arguments + temp + outputs −
+    aliased bounds the step's own peak; the device's peak also holds what lives outside the step."""
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return None
+    g = lambda name: getattr(mem, name, 0) / 2**30  # noqa: E731
+    return {"arguments": g("argument_size_in_bytes"), "outputs": g("output_size_in_bytes"),
+            "aliased": g("alias_size_in_bytes"), "temp": g("temp_size_in_bytes"),
+            "code": g("generated_code_size_in_bytes")}
 
 
 def summarize_hlo(text: str) -> dict:

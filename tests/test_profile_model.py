@@ -19,6 +19,8 @@ def test_profile_model_runs_on_cpu(tmp_path):
     assert set(res["categories"]) == set(profile_model.CATEGORY_NAMES)
     assert res["overrides"] == ["train.batch_size=2", "train.seq_len=32"] and res["params"]["active"] > 0
     assert res["events_source"] in (None, "host XLA:CPU ops")  # no GPU here
+    buffers = res["xla_buffers_gib"]  # the state comes in and, donated, goes out in the same buffers
+    assert buffers["arguments"] > 0 and buffers["temp"] > 0 and 0 < buffers["aliased"] <= buffers["outputs"]
     if res["events"]:  # XLA:CPU op events: joined to the compiled HLO, and the optimizer found by source
         assert res["hlo_mapped_share"] > 0.9
         assert res["categories"]["optimizer"]["ms_per_step"] > 0

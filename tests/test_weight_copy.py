@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from moe_jax import checkpoint as C, parallel, weight_copy
@@ -42,12 +43,13 @@ def test_copy_holds_the_experts_weights_in_the_compute_dtype():
     assert init_state(GPT(CFG, rngs=nnx.Rngs(0)), off)[1].compute_params is None
 
 
-def test_steps_with_the_copy_are_the_steps_with_the_cast():
-    """Three steps on fresh batches, with and without the copy: the same weights, optimizer state
-    and metrics, and the copy after each step is the new weights cast."""
+@pytest.mark.parametrize("accum", [1, 2])
+def test_steps_with_the_copy_are_the_steps_with_the_cast(accum):
+    """Three steps on fresh batches, with and without the copy (and with gradient accumulation): the
+    same weights, optimizer state and metrics, and the copy after each step is the new weights cast."""
     runs = {}
     for on in (True, False):
-        tc = dataclasses.replace(TC, expert_weight_copy=on)
+        tc = dataclasses.replace(TC, expert_weight_copy=on, grad_accum=accum)
         graphdef, state = init_state(GPT(CFG, rngs=nnx.Rngs(0)), tc)
         step = make_train_step(graphdef, tc)
         for i in range(3):
