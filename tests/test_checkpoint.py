@@ -75,8 +75,10 @@ def test_retention_async_and_roundtrip(tmp_path):
     ck.close()
 
 
-def test_resume_is_bit_exact(tmp_path):
-    cfg = tiny()
+@pytest.mark.parametrize("extra", [(), ("model.dtype=bfloat16",)], ids=["fp32", "bf16_compute"])
+def test_resume_is_bit_exact(tmp_path, extra):
+    """bf16_compute: fp32 weights with the experts' bf16 copy, left out of the checkpoint and rebuilt."""
+    cfg = tiny(*extra)
     data = make_dataset(cfg.train, cfg.model.vocab_size)
     graphdef, state = fresh(cfg)
     step_fn = step_fn_for(cfg, graphdef)
@@ -91,6 +93,7 @@ def test_resume_is_bit_exact(tmp_path):
     ck = C.Checkpointer(tmp_path)  # as a new process would
     assert ck.latest_step() == 2 and ck.metadata()["config"] == {"note": "test"}
     state = ck.restore(on_one_device(fresh(cfg, seed=123)[1]))  # all must come from disk
+    assert (state.compute_params is not None) == bool(extra)
     _, rest = run(step_fn, state, data, 2)
     assert first + rest == full  # bit-for-bit
 
