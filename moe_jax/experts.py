@@ -35,7 +35,8 @@ def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: 
         def act_fc2(g, w):
             return ops.grouped_matmul(activate(g.reshape(-1, n, f), activation, kernels), w, group_sizes_E,
                                       backend=backend, interpret=interpret)
-        # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2 output)
+        # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2
+        # output: the compiled gradient has as many dots as without recompute, XLA backend on CPU)
         y = (jax.checkpoint(act_fc2) if recompute_act else act_fc2)(h, w2_EFD)
     return checkpoint_name(y, "gmm_out")
 

@@ -20,14 +20,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from moe_jax.parallel import _is_var
 
 # GroupedExperts reads these only as `.astype(cfg.dtype)` (moe_jax/experts.py `weights`)
 COPIED = ("w1_EDnF", "w2_EFD")
-
-
-def _is_var(x) -> bool:
-    return isinstance(x, nnx.Variable)
 
 
 def _flat(params) -> dict[str, Any]:

@@ -219,6 +219,7 @@ def swiglu_grouped_matmul(gu, w2, group_sizes, *, backend: str = "auto", interpr
     if backend == "unfused":
         def act_fc2(g, w):
             return grouped_matmul(swiglu(g.reshape(g.shape[0], 2, -1)), w, group_sizes)
-        # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2 output)
+        # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2
+        # output: the compiled gradient has as many dots as without recompute, XLA backend on CPU)
         return (jax.checkpoint(act_fc2) if recompute else act_fc2)(gu, w2)
     return _act_fc2(gu, w2, group_sizes, bool(interpret), bool(recompute))

@@ -130,7 +130,7 @@ def test_act_fc2_unfused_matches_reference():
 def test_act_fc2_recompute_keeps_no_activation_and_matches(backend):
     """recompute=True: the same output and gradients as keeping the SwiGLU output, and no [M, F]
     array among the backward's residuals (it is made again from gu there)."""
-    m, f, n, sizes = 200, 128, 128, [70, 0, 100, 20]
+    m, f, n, sizes = 200, 128, 192, [70, 0, 100, 20]  # F != N: h [M, F] is not mistaken for dy [M, N]
     kw = dict(interpret=True) if backend == "pallas" else {}
     kg, kw2, kd = jax.random.split(jax.random.key(7), 3)
     gu = (2 * jax.random.normal(kg, (m, 2 * f), jnp.float32)).astype(jnp.bfloat16)
