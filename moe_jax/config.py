@@ -77,10 +77,10 @@ class ModelConfig:
                                   # slower step); false: a Python loop over the layers (moe_jax.model)
     attention_impl: str | None = "auto"  # auto (cuDNN flash where it runs, else XLA) | cudnn | xla;
     # None (earlier configs) means auto
-    fused_kernels: str = "auto"   # RMSNorm, RoPE, SwiGLU's backward: auto (Pallas/Triton kernels on one NVIDIA
-    # GPU where the shape fits, else plain JAX) | pallas (these, and the MoE permutation's opt-in kernels,
-    # ops.permute) | reference (plain JAX, fused by XLA) | interpret (the Pallas kernels in interpret
-    # mode: CPU tests)
+    fused_kernels: str = "auto"   # RMSNorm, RoPE, SwiGLU's backward, the MoE permutation's forward: auto
+    # (Pallas/Triton kernels on one NVIDIA GPU where the shape fits, else plain JAX) | pallas (these, and
+    # every pass of the permutation, ops.permute) | reference (plain JAX, fused by XLA) | interpret (the
+    # Pallas kernels in interpret mode: CPU tests)
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
     qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)
     rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE (moe_jax.rope)

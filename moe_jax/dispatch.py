@@ -58,9 +58,9 @@ def sort_by_expert(a: Assignment, *, capacity: int | None = None) -> Permutation
 
 
 def _permute_args(kernels: str) -> dict:
-    """ops.permute's backend for `ModelConfig.fused_kernels`: "auto" and "reference" keep the
-    gather-only VJPs through XLA (its Pallas kernels are opt-in: "pallas"; the plain autodiff would
-    scatter-add)."""
+    """ops.permute's backend for `ModelConfig.fused_kernels`: "auto" runs its kernel on permute's forward,
+    the pass XLA fuses nothing into (one NVIDIA GPU; ops.permute), "pallas" on all four, "reference" keeps the
+    gather-only VJPs through XLA (the plain autodiff would scatter-add)."""
     return {"auto": dict(backend="auto"), "pallas": dict(backend="pallas"), "reference": dict(backend="xla"),
             "interpret": dict(backend="pallas", interpret=True)}[kernels]
 
@@ -109,7 +109,7 @@ class LocalDispatcher:
 
     capacity: int | None = None
     probs_on_input: bool = False
-    kernels: str = "auto"  # ModelConfig.fused_kernels: "pallas" runs the permutation's kernels (ops.permute)
+    kernels: str = "auto"  # ModelConfig.fused_kernels: the permutation's kernels per ops.permute's backends
 
     def dispatch(self, x_TD: jax.Array, a: Assignment):
         rows_RD, perm = sort_rows(x_TD, a, probs_on_input=self.probs_on_input, capacity=self.capacity,

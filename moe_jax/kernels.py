@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ops.grouped_matmul import resolve_backend
-from ops.pallas_triton import describe as describe_kernels
+from ops.pallas_triton import describe as describe_kernels, one_gpu
 from ops.tuning import table_note
 
 from moe_jax.attention import resolve_impl
@@ -20,5 +20,7 @@ def kernels_note(mc) -> str:
             note += ", SwiGLU's backward in fc2's dgrad where the shape fits"
     note += f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
     if mc.moe is not None and mc.fused_kernels in ("pallas", "interpret"):
-        note += ", the MoE permutation's too"  # opt-in: "auto" keeps XLA's gathers (ops.permute)
+        note += ", every pass of the MoE permutation"
+    elif mc.moe is not None and mc.fused_kernels == "auto" and one_gpu():
+        note += ", the MoE permutation's forward"  # ops.permute's "auto"
     return note

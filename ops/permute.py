@@ -18,10 +18,13 @@ the HBM allows on a GPU). Here the transposes are written as gathers through the
 and the gate gradients as row dot products. Backends: "xla" (those custom VJPs with XLA gathers),
 "pallas" (the same VJPs with every pass a Pallas (Triton) kernel of `ops.permute_kernel`; one NVIDIA
 GPU, a power-of-two row width, not inside shard_map), "reference" (the plain formulas and autodiff),
-"auto" (= "xla"). The kernels are opt-in: alone they are faster (H200, fwd+bwd: 1.47x / 1.25x at the
-mixtral_small shapes), but in the model XLA fuses the adds next to the gathers (the residual, the
-router's share of dx) and a custom call cannot take them in, so the step got no faster
-(experiments/NOTES_speed.md, 2026-12-03).
+"auto" (the default): on one NVIDIA GPU, the kernel on permute's forward alone and XLA's gathers on
+the other three passes; elsewhere "xla". Measured on the H200 (experiments/NOTES_speed.md, 2026-12-03):
+permute's forward is the one pass XLA runs well under the HBM speed and fuses nothing into (0.062 ms
+against 0.103 per mixtral_small layer); the backward passes and unpermute's forward are XLA fusions
+with the adds beside them (the residual, the router's and shared path's share of dx), which a custom
+call cannot take in; and XLA's unpermute backward beat a kernel that made its rows and gate dots in
+one pass (not kept).
 """
 from __future__ import annotations
 
@@ -93,19 +96,20 @@ def reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk):
 
 
 # ----------------------------------------------------------------------------- gather-only VJPs
+# impls: (forward pass, backward pass), each "xla" | "pallas" | "interpret"
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _permute(x_TD, dest_Tk, src_R, weights_Tk, impl):
+def _permute(x_TD, dest_Tk, src_R, weights_Tk, impls):
     gate = None if weights_Tk is None else _gate_of(weights_Tk, src_R)
-    return _rows(x_TD, src_R, dest_Tk.shape[1], gate, impl)
+    return _rows(x_TD, src_R, dest_Tk.shape[1], gate, impls[0])
 
 
-def _permute_fwd(x_TD, dest_Tk, src_R, weights_Tk, impl):
-    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impl), (x_TD, dest_Tk, src_R, weights_Tk)
+def _permute_fwd(x_TD, dest_Tk, src_R, weights_Tk, impls):
+    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls), (x_TD, dest_Tk, src_R, weights_Tk)
 
 
-def _permute_bwd(impl, res, drows_RD):
+def _permute_bwd(impls, res, drows_RD):
     x_TD, dest_Tk, src_R, weights_Tk = res
-    dx, dw = _slots(drows_RD, dest_Tk, weights_Tk, None if weights_Tk is None else x_TD, impl)
+    dx, dw = _slots(drows_RD, dest_Tk, weights_Tk, None if weights_Tk is None else x_TD, impls[1])
     return (dx.astype(x_TD.dtype), None, None,
             None if weights_Tk is None else dw.astype(weights_Tk.dtype))
 
@@ -114,18 +118,18 @@ _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impl):
-    return _slots(y_RD, dest_Tk, weights_Tk, None, impl)[0]
+def _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls):
+    return _slots(y_RD, dest_Tk, weights_Tk, None, impls[0])[0]
 
 
-def _unpermute_fwd(y_RD, dest_Tk, src_R, weights_Tk, impl):
-    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impl), (y_RD, dest_Tk, src_R, weights_Tk)
+def _unpermute_fwd(y_RD, dest_Tk, src_R, weights_Tk, impls):
+    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls), (y_RD, dest_Tk, src_R, weights_Tk)
 
 
-def _unpermute_bwd(impl, res, dout_TD):
+def _unpermute_bwd(impls, res, dout_TD):
     y_RD, dest_Tk, src_R, weights_Tk = res
-    dy = _rows(dout_TD, src_R, dest_Tk.shape[1], _gate_of(weights_Tk, src_R), impl).astype(y_RD.dtype)
-    _, dw = _slots(y_RD, dest_Tk, None, dout_TD, impl, need_sum=False)
+    dy = _rows(dout_TD, src_R, dest_Tk.shape[1], _gate_of(weights_Tk, src_R), impls[1]).astype(y_RD.dtype)
+    _, dw = _slots(y_RD, dest_Tk, None, dout_TD, impls[1], need_sum=False)
     return dy, None, None, dw.astype(weights_Tk.dtype)
 
 
@@ -143,33 +147,40 @@ def _check(dest_Tk, src_R, weights_Tk, backend):
         raise ValueError(f"permute: weights {weights_Tk.shape} must match dest {dest_Tk.shape}")
 
 
-def _impl(op: str, backend: str, rows, interpret: bool) -> str:
-    """The passes' implementation for `backend` on rows [*, D]: reference | xla | pallas | interpret."""
-    if backend != "pallas":
-        return "xla" if backend == "auto" else backend
+def _impls(op: str, backend: str, rows, interpret: bool) -> tuple[str, str]:
+    """(forward, backward) passes' implementation for `backend` on rows [*, D]: each reference | xla |
+    pallas | interpret (see the module docstring for "auto")."""
+    if backend in ("xla", "reference"):
+        return backend, backend
     why = permute_kernel.check_width(rows.shape[-1])
-    resolve(op, backend, not why, why, interpret, rows)  # raises where the kernels cannot run
-    return "interpret" if interpret else "pallas"
+    kernel = "interpret" if interpret else "pallas"
+    if backend == "pallas":
+        resolve(op, backend, not why, why, interpret, rows)  # raises where the kernels cannot run
+        return kernel, kernel
+    # auto: the kernel on permute's forward alone (the module docstring says why)
+    if op == "permute" and resolve(op, "auto", not why, why, interpret, rows) == "pallas":
+        return kernel, "xla"
+    return "xla", "xla"
 
 
 def permute(x_TD, dest_Tk, src_R, weights_Tk=None, *, backend: str = "auto", interpret: bool = False):
     """rows[r] = x[src[r] // k] (· weights[src[r]]); see the module docstring."""
     _check(dest_Tk, src_R, weights_Tk, backend)
     dest_Tk, src_R = dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32)
-    impl = _impl("permute", backend, x_TD, interpret)
-    if impl == "reference":
+    impls = _impls("permute", backend, x_TD, interpret)
+    if impls[0] == "reference":
         return reference_permute(x_TD, dest_Tk, src_R, weights_Tk)
-    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impl)
+    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls)
 
 
 def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto", interpret: bool = False):
     """y[t] = Σ_j weights[t, j] · y_RD[dest[t, j]]; see the module docstring."""
     _check(dest_Tk, src_R, weights_Tk, backend)
     dest_Tk, src_R = dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32)
-    impl = _impl("unpermute", backend, y_RD, interpret)
-    if impl == "reference":
+    impls = _impls("unpermute", backend, y_RD, interpret)
+    if impls[0] == "reference":
         return reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk)
-    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impl)
+    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls)
 
 
 def inverse(index, rows: int):

@@ -10,7 +10,9 @@ import pytest
 from ops import permute as P
 
 T, K, D, E = 24, 3, 16, 5
-BACKENDS = [("xla", False), ("pallas", True)]  # (backend, interpret)
+# (backend, interpret); auto in interpret mode = the GPU default's mix (the kernel on permute's forward,
+# XLA's gathers on the other passes)
+BACKENDS = [("xla", False), ("pallas", True), ("auto", True)]
 
 
 def _maps(key, capacity=None, drop=0.25):
@@ -134,11 +136,27 @@ def test_inverse_and_bad_input():
 def test_backend_choice():
     dest, src, _ = _maps(jax.random.key(2))
     x = jnp.ones((T, D))
-    # auto is the XLA gathers (the kernels are opt-in); "pallas" takes them, and refuses a row width
-    # they cannot take and (off the interpreter) a machine without an NVIDIA GPU
-    assert "pallas_call" not in str(jax.make_jaxpr(lambda x: P.permute(x, dest, src, interpret=True))(x))
-    assert "pallas_call" in str(jax.make_jaxpr(
-        lambda x: P.permute(x, dest, src, backend="pallas", interpret=True))(x))
+    w = jnp.full((T, K), 0.5)
+
+    def passes(backend, interpret, width=D):
+        """Kernel calls in (permute fwd, permute bwd, unpermute fwd, unpermute bwd)."""
+        xs, ys = jnp.ones((T, width)), jnp.ones((src.shape[0], width))
+        f = [lambda x: P.permute(x, dest, src, backend=backend, interpret=interpret),
+             lambda y: P.unpermute(y, dest, src, w, backend=backend, interpret=interpret)]
+        out = []
+        for fn, a in zip(f, (xs, ys)):
+            fwd = str(jax.make_jaxpr(fn)(a))
+            both = str(jax.make_jaxpr(jax.grad(lambda a: jnp.sum(fn(a))))(a))
+            out += [fwd.count("pallas_call"), both.count("pallas_call") - fwd.count("pallas_call")]
+        return tuple(out)
+
+    # auto off a GPU is XLA's gathers; on one (and in interpret mode) the kernel takes permute's forward,
+    # XLA the other passes; "pallas" takes all four (unpermute's backward: rows, then the gate dots)
+    from ops.pallas_triton import one_gpu
+    assert passes("auto", False) == ((1, 0, 0, 0) if one_gpu() else (0, 0, 0, 0))
+    assert passes("auto", True) == (1, 0, 0, 0)
+    assert passes("pallas", True) == (1, 1, 1, 2)
+    assert passes("auto", True, width=24) == (0, 0, 0, 0)  # a width the kernels cannot take: XLA
     with pytest.raises(ValueError, match="power of two"):
         P.permute(jnp.ones((T, 24)), dest, src, backend="pallas", interpret=True)
     if jax.devices()[0].platform != "gpu":
@@ -189,19 +207,26 @@ def test_kernels_on_gpu_match_xla(t, k, e, d, dtype):
             return jnp.sum(P.unpermute(rows * 1.5, dest, src, w, backend=backend).astype(jnp.float32) * ct)
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
 
-    (l1, (gx1, gw1)), (l2, (gx2, gw2)) = run("pallas"), run("xla")
+    l2, (gx2, gw2) = run("xla")
     f32 = dtype == "float32"
-    if f32:
-        np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
     tol = 1e-5 if f32 else 2e-2
-    np.testing.assert_allclose(np.asarray(gx1, np.float32), np.asarray(gx2, np.float32), rtol=tol, atol=tol)
-    # the gate gradients are dots over D = 2048 terms of size ~3 (|dot| ~ 130): float32 summation order
-    # moves them by ~sqrt(D)·130·6e-8 ≈ 4e-4 (2.3e-5 seen on the H200, 2026-12-03)
-    np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw2), rtol=1e-4 if f32 else 1e-2, atol=1e-3 if f32 else tol)
+    for backend in ("pallas", "auto"):  # every pass a kernel; the default's mix
+        l1, (gx1, gw1) = run(backend)
+        if f32:
+            np.testing.assert_allclose(float(l1), float(l2), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(gx1, np.float32), np.asarray(gx2, np.float32), rtol=tol, atol=tol)
+        # the gate gradients are dots over D = 2048 terms of size ~3 (|dot| ~ 130): float32 summation order
+        # moves them by ~sqrt(D)·130·6e-8 ≈ 4e-4 (2.3e-5 seen on the H200, 2026-12-03)
+        np.testing.assert_allclose(np.asarray(gw1), np.asarray(gw2), rtol=1e-4 if f32 else 1e-2,
+                                   atol=1e-3 if f32 else tol)
 
 
 def test_run_log_line_says_when_the_permutation_kernels_run():
     from moe_jax.kernels import kernels_note
     from moe_jax.presets import load_config
-    assert "permutation" in kernels_note(load_config("tiny_moe", ["model.fused_kernels=interpret"]).model)
-    assert "permutation" not in kernels_note(load_config("tiny_moe", []).model)  # auto: XLA's gathers
+    from ops.pallas_triton import one_gpu
+    assert "every pass of the MoE permutation" in kernels_note(
+        load_config("tiny_moe", ["model.fused_kernels=interpret"]).model)
+    auto = kernels_note(load_config("tiny_moe", []).model)
+    assert ("the MoE permutation's forward" in auto) == one_gpu()  # else XLA's gathers
+    assert "permutation" not in kernels_note(load_config("tiny_moe", ["model.fused_kernels=reference"]).model)
