@@ -5,7 +5,8 @@
 Each row times an op's forward + backward (`jax.vjp` with a random cotangent) for both backends of
 the op in `ops/` (ours: the Pallas kernels of ops.permute_kernel, ops.gated_act, ops.rms_norm,
 ops.rope_kernel; and "reference": the formula with plain autodiff, what XLA makes of it; the
-permutation also through its gather-only VJPs with XLA gathers, "xla_gathers"), and gives the bytes
+permutation also through its gather-only VJPs with XLA gathers, "xla_gathers", and the default's mix of
+the two, "auto_mix"), and gives the bytes
 the op must move at least (inputs read once, outputs written once) over the time, as a share of the
 device-to-device copy bandwidth measured in the same run (the ceiling).
 Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V=32000) or
@@ -44,7 +45,7 @@ BF16 = jnp.bfloat16
 
 def _kw(backend: str) -> dict:
     """An op's backend arguments: Pallas kernels run in interpret mode off the GPU (CPU smoke test)."""
-    return dict(backend=backend, interpret=backend == "pallas" and jax.devices()[0].platform != "gpu")
+    return dict(backend=backend, interpret=backend in ("pallas", "auto") and jax.devices()[0].platform != "gpu")
 
 
 def _nbytes(*arrays) -> int:
@@ -117,8 +118,10 @@ def rows(shape: dict, reps: int, only: str = ""):
         if only not in name:
             continue
         row = {"op": name, "min_bytes": min_bytes, "ours_backend": ours}
-        # the permutation also against its gather-only VJPs through XLA (its backend before the kernels)
-        names = {ours: "ours", "reference": "xla_plain", **({"xla": "xla_gathers"} if "permute" in name else {})}
+        # the permutation also against its gather-only VJPs through XLA (its backend before the kernels) and
+        # the default's mix ("auto": the kernel on permute's forward only)
+        names = {ours: "ours", "reference": "xla_plain",
+                 **({"xla": "xla_gathers", "auto": "auto_mix"} if "permute" in name else {})}
         for backend, key_ in names.items():
             run, _ = fwd_bwd(f_of_backend(backend), *args)
             t = median_seconds(run, *args, iters=reps)
@@ -266,7 +269,7 @@ def main(argv=None) -> int:
         share = f"{100 * r['share_of_copy']:.0f}%" if "share_of_copy" in r else "-"
         ours = f"{r['ours_ms']:.3f}" if "ours_ms" in r else "-"
         print(f"{r['op']:<50} {ours:>9} {base:>9.3f} {speed:>9} {share:>10}")
-        extra = [k for k in r if k != "ours_ms" and k.startswith(("ours_", "xla_gathers"))]
+        extra = [k for k in r if k != "ours_ms" and k.startswith(("ours_", "xla_gathers", "auto_mix"))]
         for key in sorted(k for k in extra if k.endswith(("_ms", "_error"))):
             print(f"  {key}: {r[key]}")  # the other configs of a fused kernel; the permutation's XLA gathers
     write_result("ops", args.shape, {"shape": SHAPES[args.shape], "copy_bytes_per_s": ceiling,
