@@ -26,11 +26,14 @@
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
 #            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
 #            reference; FAST_TESTS=1 first runs the ops' tests on the GPU; FAST_TOP kernels listed (40)
+#   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
+#            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   plain  — the README's plain command, `train.py --config PRESET` (PLAIN_PRESETS: mixtral_small) for
 #            PLAIN_STEPS (40) steps, nothing else overridden: its own log lines (throughput, MFU)
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
+# The device brings back 8 files at most: the JSONs come back one by one, the logs as one .tgz per part.
 set -u
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" experiments/results
@@ -120,6 +123,9 @@ case "${1:-}" in
       done
     done ;;
   plain)
+    # the runner logs to TensorBoard through tensorboardX, which the device lacks: its wheel travels in .whl
+    python3 -c "import tensorboardX" 2>/dev/null || { echo "plain: no tensorboardX here; carry .whl and install it" \
+      "first (NOTES_speed.md, stop 27)"; exit 2; }
     for preset in ${PLAIN_PRESETS:-mixtral_small}; do
       timeout -s KILL ${PLAIN_TIMEOUT:-300} python3 experiments/train.py --config "$preset" --no-progress \
         train.steps=${PLAIN_STEPS:-40} train.out_dir="runs/plain_$preset" --overwrite > "$OUT/plain_$preset.log" 2>&1
@@ -163,6 +169,8 @@ case "${1:-}" in
           > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
     done ;;
+  attn) timeout -s KILL 150 python3 experiments/probe_attention.py \
+      --out "experiments/results/probe_attention_causal_$(date +%F)_h200.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
@@ -170,7 +178,12 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|plain|kernels|dsv3"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|plain|kernels|dsv3|attn"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
+# the device brings back at most 8 files: this run's logs travel as one archive (GPU_KEEP_LOGS=1 keeps them)
+logs=$(cd "$OUT" && find . -maxdepth 1 -name '*.log' -newer "$stamp" | sort)
+if [ -n "$logs" ] && [ "${GPU_KEEP_LOGS:-0}" != 1 ]; then
+  tar czf "$OUT/logs_${1}_$(date +%H%M%S).tgz" -C "$OUT" $logs && (cd "$OUT" && rm -f $logs)
+fi
 exit 0

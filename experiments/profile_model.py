@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import gzip
 import json
 import re
 import statistics
@@ -247,6 +248,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--wall-steps", type=int, default=15, help="steps timed (outside the trace)")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hlo-out", default=None, help="also write the compiled step's HLO text here (.gz: gzipped)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.param_dtype=bfloat16")
     args = ap.parse_args(argv)
     cfg, state, step, data, counts, layout = build(args.config, args.overrides)
@@ -258,6 +260,10 @@ def main(argv=None) -> dict:
     compiled = step.lower(state, put(batches[0])).compile()
     compile_s = time.perf_counter() - t0
     hlo_text = compiled.as_text()
+    if args.hlo_out:
+        opener = gzip.open if args.hlo_out.endswith(".gz") else open
+        with opener(args.hlo_out, "wt") as f:
+            f.write(hlo_text)
     meta = hlo_metadata(hlo_text)
     hlo_summary = summarize_hlo(hlo_text)
     print("compiled step:", json.dumps(hlo_summary), flush=True)

@@ -1,5 +1,6 @@
 """experiments/profile_model.py runs end to end on CPU (tiny_moe; the trace has no GPU kernels there) and
 sorts kernels into the categories the GPU report uses."""
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -12,9 +13,12 @@ import profile_model  # noqa: E402
 
 def test_profile_model_runs_on_cpu(tmp_path):
     out = tmp_path / "profile.json"
+    hlo = tmp_path / "step.hlo.txt.gz"
     profile_model.main(["--config", "tiny_moe", "--steps", "2", "--wall-steps", "2", "--out", str(out),
-                        "train.batch_size=2", "train.seq_len=32"])
+                        "--hlo-out", str(hlo), "train.batch_size=2", "train.seq_len=32"])
     res = json.loads(out.read_text())
+    with gzip.open(hlo, "rt") as f:  # the compiled step's HLO text, gzipped by its name
+        assert "ENTRY" in f.read()
     assert res["wall_ms"] > 0 and res["compile_s"] > 0 and res["traced_steps"] == 2
     assert set(res["categories"]) == set(profile_model.CATEGORY_NAMES)
     assert res["overrides"] == ["train.batch_size=2", "train.seq_len=32"] and res["params"]["active"] > 0
