@@ -77,8 +77,8 @@ class MoEConfig:
     grouped_gemm_backend: str = "auto"
     # the experts' activation output not kept for the backward but recomputed there from fc1's output
     # (Megatron's --recompute-modules moe_act): [T*k, F] less per MoE layer, one elementwise pass more
-    # (off: an earlier form cost 1.5 % of the mixtral_small step on the H200 for 0.2 GiB of peak; the
-    # committed form is not measured there yet; experiments/NOTES_speed.md)
+    # (off: on the H200, mixtral_small with fp32 master weights, it lowers the peak 2.75 GiB for 2.6 ms,
+    # ~1.5 % of the step; experiments/NOTES_speed.md)
     recompute_activation: bool = False
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
