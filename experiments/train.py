@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moe_jax import distributed, parallel, runs  # noqa: E402
+from moe_jax import compile_cache, distributed, parallel, runs  # noqa: E402
 from moe_jax.checkpoint import CheckpointError, quiet_failed_reads  # noqa: E402
 from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.resume import out_dir_of, resume_config  # noqa: E402
@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-config-change", action="store_true",
                     help="resume with settings that change the model's function (routing, RoPE, norm, ...)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="JAX's persistent compilation cache: a rerun of the same program (a resume, the same "
+                         "config) loads it instead of compiling (default: $MOE_JAX_COMPILE_CACHE or "
+                         "~/.cache/moe_jax/jax; 'none': off; JAX_COMPILATION_CACHE_DIR wins)")
     ap.add_argument("--debug", action="store_true", help="show the traceback of errors (or MOE_JAX_DEBUG=1)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. moe.router_topk=4 train.steps=100")
     return ap
@@ -104,6 +108,9 @@ def main(argv=None) -> int:
         overrides = ["train.data=synthetic", "train.tensorboard=false", "train.heatmap=false"] + overrides
     quiet_failed_reads()  # a damaged checkpoint: one error line, not thousands
     distributed.initialize()  # multi-host (SLURM or JAX_COORDINATOR_ADDRESS); nothing on one host
+    cache = compile_cache.enable(args.compile_cache)  # before the first compile
+    if cache and distributed.is_main_process():
+        print(f"compile cache: {cache}")
     try:
         cfg = _config(args, overrides)
         parallel.layout_for(cfg)  # an invalid mesh fails here, before any compile

@@ -1,5 +1,8 @@
-"""Test setup: 8 fake host devices (set before jax is imported), float32 matmuls, GPU marker."""
+"""Test setup: 8 fake host devices (set before jax is imported), float32 matmuls, GPU marker, no
+persistent compilation cache from the training CLI (tests that want one pass their own directory)."""
 import os
+
+os.environ.setdefault("MOE_JAX_COMPILE_CACHE", "none")
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
