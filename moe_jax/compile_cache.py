@@ -9,7 +9,8 @@ takes ~2 minutes on an H200. `experiments/train.py` turns the cache on by defaul
 
 JAX keys each entry on the program, the compile options and the JAX/XLA versions, so a changed
 model or a new JAX compiles afresh. Only programs that took at least a second to compile are
-written (JAX's `jax_persistent_cache_min_compile_time_secs`).
+written (JAX's `jax_persistent_cache_min_compile_time_secs`), and the directory is kept under
+`MAX_BYTES` (least recently used entries go first) unless `jax_compilation_cache_max_size` is set.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import jax
 
 OFF = ("", "none", "off", "false", "0")
+MAX_BYTES = 16 * 2**30  # least recently used entries go past this (a sweep of configs adds one per program)
 
 
 def default_dir() -> str:
@@ -49,4 +51,6 @@ def enable(path: str | None = None) -> str | None:
         warnings.warn(f"compilation cache off: cannot create {d} ({e.strerror or e})", stacklevel=2)
         return None
     jax.config.update("jax_compilation_cache_dir", str(d))
+    if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit; a user's own limit stands
+        jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return str(d)
