@@ -11,6 +11,9 @@ JAX keys each entry on the program, the compile options and the JAX/XLA versions
 model or a new JAX compiles afresh. Only programs that took at least a second to compile are
 written (JAX's `jax_persistent_cache_min_compile_time_secs`), and the directory is kept under
 `MAX_BYTES` (least recently used entries go first) unless `jax_compilation_cache_max_size` is set.
+With the directory set, JAX also keeps XLA's per-fusion GPU autotuning results there (its
+`jax_persistent_cache_enable_xla_caches` default). A changed program can reuse them for the fusions it
+shares.
 """
 from __future__ import annotations
 
