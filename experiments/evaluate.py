@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moe_jax import compile_cache  # noqa: E402
 from moe_jax.checkpoint import CheckpointError, quiet_failed_reads  # noqa: E402
 from moe_jax.config import TrainConfig  # noqa: E402
 from moe_jax.data import TokenDataset, make_dataset  # noqa: E402
@@ -65,7 +66,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=None, help="default: the run's train.seq_len")
     ap.add_argument("--seed", type=int, default=0, help="seed of the windows drawn from --data")
     ap.add_argument("--json", default=None, help="also write the result to this file")
+    compile_cache.add_flag(ap)
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)  # before the first compile
     quiet_failed_reads()
     try:
         if args.batches is not None and args.batches < 1:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from moe_jax import compile_cache  # noqa: E402
 from moe_jax.checkpoint import CheckpointError, quiet_failed_reads  # noqa: E402
 from moe_jax.evaluate import load_for_inference  # noqa: E402
 from moe_jax.generate import generate  # noqa: E402
@@ -35,7 +36,9 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
     ap.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
+    compile_cache.add_flag(ap)
     args = ap.parse_args(argv)
+    compile_cache.enable(args.compile_cache)  # before the first compile
     quiet_failed_reads()
     try:
         _, model, tok = load_for_inference(args.run, args.hf, args.step)

@@ -72,10 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-config-change", action="store_true",
                     help="resume with settings that change the model's function (routing, RoPE, norm, ...)")
     ap.add_argument("--no-progress", action="store_true", help="no tqdm bar (log lines only)")
-    ap.add_argument("--compile-cache", default=None, metavar="DIR",
-                    help="JAX's persistent compilation cache: a rerun of the same program (a resume, the same "
-                         "config) loads it instead of compiling (default: $MOE_JAX_COMPILE_CACHE or "
-                         "~/.cache/moe_jax/jax; 'none': off; JAX_COMPILATION_CACHE_DIR wins)")
+    compile_cache.add_flag(ap)
     ap.add_argument("--debug", action="store_true", help="show the traceback of errors (or MOE_JAX_DEBUG=1)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. moe.router_topk=4 train.steps=100")
     return ap

@@ -3,7 +3,8 @@
 A run that compiles a program compiled before loads it from disk instead: a resume after an
 interruption, or the same config on other data (`train.steps` shapes the learning-rate schedule, so it
 is part of the program). Compiling `mixtral_small`'s step
-takes ~2 minutes on an H200. `experiments/train.py` turns the cache on by default, in
+takes ~2 minutes on an H200. The CLIs (`experiments/train.py`, `evaluate.py`, `generate.py`) turn the
+cache on by default (`add_flag`, then `enable`), in
 `$MOE_JAX_COMPILE_CACHE` or else `~/.cache/moe_jax/jax` (`$XDG_CACHE_HOME` respected). JAX's own
 `JAX_COMPILATION_CACHE_DIR` wins over both. "none" turns the cache off.
 
@@ -34,6 +35,14 @@ def default_dir() -> str:
         return env
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return str(Path(base) / "moe_jax" / "jax")
+
+
+def add_flag(ap) -> None:
+    """The CLIs' `--compile-cache DIR` flag (argparse)."""
+    ap.add_argument("--compile-cache", default=None, metavar="DIR",
+                    help="JAX's persistent compilation cache: a rerun of the same program loads it instead of "
+                         "compiling (default: $MOE_JAX_COMPILE_CACHE or ~/.cache/moe_jax/jax; 'none': off; "
+                         "JAX_COMPILATION_CACHE_DIR wins)")
 
 
 def enable(path: str | None = None) -> str | None:

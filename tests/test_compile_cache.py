@@ -90,3 +90,13 @@ sys.exit(train.main())
 """, MOE_JAX_COMPILE_CACHE="none")
     assert f"compile cache: {cache}" in out
     assert any(p.name.startswith("jit_step-") for p in cache.iterdir())  # the train step's program
+
+
+@pytest.mark.parametrize("script,extra", [("evaluate", []), ("generate", ["--prompt", "x"])])
+def test_the_inference_clis_take_the_flag(script, extra, tmp_path, capsys, monkeypatch, updates):
+    """--compile-cache DIR reaches compile_cache.enable before the run is read (a missing run: one error line)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    mod = __import__(script)
+    rc = mod.main(["--run", str(tmp_path / "no_run"), "--compile-cache", str(tmp_path / "c"), *extra])
+    assert rc != 0 and "no_run" in capsys.readouterr().err
+    assert updates == [("jax_compilation_cache_dir", str(tmp_path / "c"))]
