@@ -25,11 +25,14 @@
 #            FAST_PRESETS (mixtral_small) and parameter dtype in FAST_PARAMS (bf16 | fp32),
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
 #            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
-#            reference; FAST_TESTS=1 first runs the ops' tests on the GPU; FAST_TOP kernels listed (40)
+#            reference; FAST_TESTS=1 first runs the ops' tests on the GPU; FAST_TOP kernels listed (40);
+#            FAST_DUMP=1 has XLA dump our step's buffer assignment (the buffers live at the peak) into a .tgz
 #   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   plain  — the README's plain command, `train.py --config PRESET` (PLAIN_PRESETS: mixtral_small) for
 #            PLAIN_STEPS (40) steps, nothing else overridden: its own log lines (throughput, MFU)
+#   cache  — the compile cache on this GPU: train.py twice on a 2-layer mixtral_small with a fresh cache
+#            directory; the second run's "first step" line must say its program was read from the cache
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
@@ -112,10 +115,17 @@ case "${1:-}" in
       for pd in ${FAST_PARAMS:-bf16}; do
         dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
         tag="${preset}_$(date +%F)_h200_${pd}${FAST_TAG:-}"
-        timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" --top ${FAST_TOP:-40} \
+        dump=""; [ "${FAST_DUMP:-0}" = 1 ] && dump="--xla_dump_to=/tmp/xdump_$tag --xla_dump_hlo_module_re=jit_step"
+        xf="${XLA_FLAGS:-}${dump:+ $dump}"
+        env ${xf:+XLA_FLAGS="$xf"} timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" --top ${FAST_TOP:-40} \
           "model.param_dtype=$dt" ${FAST_EXTRA:-} --out "experiments/results/profile_$tag.json" \
           > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
         grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${FAST_LINES:-40}
+        if [ -n "$dump" ]; then  # the buffer assignment (its live ranges name the peak) and the memory report
+          (cd /tmp/xdump_$tag && ls | grep -E "after_optimizations-(buffer-assignment|memory-usage-report)" \
+            | tar czf "$OUT/xla_memory_$tag.tgz" -T -) && ls -la "$OUT/xla_memory_$tag.tgz"
+          grep -A25 "(peak)" /tmp/xdump_$tag/*after_optimizations-buffer-assignment.txt | head -40
+        fi
         [ "${FAST_TORCH:-1}" = 0 ] && continue
         timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/torch_reference.py --config "$preset" \
           --param-dtype "$pd" --out "experiments/results/torch_ref_$tag.json" \
@@ -131,6 +141,17 @@ case "${1:-}" in
         train.steps=${PLAIN_STEPS:-40} train.out_dir="runs/plain_$preset" --overwrite > "$OUT/plain_$preset.log" 2>&1
       echo "== plain $preset rc=$?"; grep -v "^[WI][0-9]" "$OUT/plain_$preset.log" | tail -${PLAIN_LINES:-8}
     done ;;
+  cache)
+    # a 2-layer step compiles in ~20 s: the check is that the rerun reads it back, not the compile time
+    python3 -c "import tensorboardX" 2>/dev/null || { echo "cache: no tensorboardX here; carry .whl"; exit 2; }
+    dir=$(mktemp -d)
+    for run in 1 2; do
+      env -u JAX_COMPILATION_CACHE_DIR timeout -s KILL 200 python3 experiments/train.py --config mixtral_small \
+        --no-progress --compile-cache "$dir" model.num_layers=2 train.steps=6 train.log_every=3 \
+        train.out_dir="runs/cache_$run" --overwrite > "$OUT/cache_$run.log" 2>&1
+      echo "== run $run rc=$?"; grep -E "first step|^step|compile cache" "$OUT/cache_$run.log"
+    done
+    du -sh "$dir" ;;
   kernels)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_rms_norm.py \
       tests/test_rope_kernel.py tests/test_gated_act.py tests/test_grouped_swiglu.py > "$OUT/kernels_tests.log" 2>&1
@@ -178,7 +199,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|plain|kernels|dsv3|attn"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|plain|cache|kernels|dsv3|attn"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 # the device brings back at most 8 files: this run's logs travel as one archive (GPU_KEEP_LOGS=1 keeps them)

@@ -25,7 +25,23 @@ from pathlib import Path
 import jax
 
 OFF = ("", "none", "off", "false", "0")
+HIT_EVENT = "/jax/compilation_cache/cache_hits"  # jax.monitoring's event for a program read from the cache
 MAX_BYTES = 16 * 2**30  # least recently used entries go past this (a sweep of configs adds one per program)
+
+
+_hits = [0]
+_listening = [False]
+
+
+def _count(event: str, **_) -> None:
+    if event == HIT_EVENT:
+        _hits[0] += 1
+
+
+def hits() -> int:
+    """Programs read from the persistent cache so far in this process (counted once `enable` turned the
+    cache on; 0 before)."""
+    return _hits[0]
 
 
 def default_dir() -> str:
@@ -52,6 +68,7 @@ def enable(path: str | None = None) -> str | None:
     leaves the cache off: a read-only home does not stop a run."""
     own = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if own:
+        _listen()
         return own
     path = default_dir() if path is None else path
     if path.strip().lower() in OFF:
@@ -63,6 +80,23 @@ def enable(path: str | None = None) -> str | None:
         warnings.warn(f"compilation cache off: cannot create {d} ({e.strerror or e})", stacklevel=2)
         return None
     jax.config.update("jax_compilation_cache_dir", str(d))
+    _listen()
     if jax.config.jax_compilation_cache_max_size == -1:  # JAX's default: no limit; a user's own limit stands
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return str(d)
+
+
+def first_step_note(seconds: float, new_hits: int) -> str:
+    """The training log's line for the first step: its time, and whether its program was compiled
+    or read from the cache (`new_hits`: `hits()` during the step)."""
+    if new_hits:
+        return f"first step: {seconds:.1f} s (the step's program read from the compile cache)"
+    where = jax.config.jax_compilation_cache_dir
+    kept = f"; kept in the compile cache ({where}) for a rerun" if where else ""
+    return f"first step: {seconds:.1f} s (compiling the step included{kept})"
+
+
+def _listen() -> None:
+    if not _listening[0]:
+        jax.monitoring.register_event_listener(_count)
+        _listening[0] = True

@@ -14,7 +14,7 @@ import yaml
 from flax import nnx
 from tqdm import tqdm
 
-from moe_jax import distributed, metrics as M
+from moe_jax import compile_cache, distributed, metrics as M
 from moe_jax import ep, parallel, runs
 from moe_jax.checkpoint import Checkpointer, CheckpointError, NonFiniteStateError, abstract_state, short_error
 from moe_jax.config import Config
@@ -303,6 +303,7 @@ def _train(cfg: Config, data, val_data, layout, out: Path, *, start_ckpt: int | 
         # the data position on the host (each step advances it by one, skipped or not): reading
         # state.data_pos would wait for the step before and leave the GPU idle while this one is sent
         data_pos, done_at = int(state.data_pos), []
+        t_first, hits_before = time.perf_counter(), compile_cache.hits()
 
         def consume(pending, val=None):  # waits for that step; with benchmark, notes when it ended
             steps.consume(*pending, val=val)
@@ -320,6 +321,8 @@ def _train(cfg: Config, data, val_data, layout, out: Path, *, start_ckpt: int | 
             steps.tok_since += tokens_per_step
             if i == start:  # keep compilation out of the throughput numbers
                 jax.block_until_ready(m["loss"])
+                steps.write(compile_cache.first_step_note(time.perf_counter() - t_first,
+                                                          compile_cache.hits() - hits_before))
                 steps.restart_clock()
             pending = (i + 1, m)
             bar.update(1)

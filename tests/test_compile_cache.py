@@ -90,6 +90,30 @@ sys.exit(train.main())
 """, MOE_JAX_COMPILE_CACHE="none")
     assert f"compile cache: {cache}" in out
     assert any(p.name.startswith("jit_step-") for p in cache.iterdir())  # the train step's program
+    assert f"(compiling the step included; kept in the compile cache ({cache}) for a rerun)" in out
+
+
+def test_first_step_note_counts_the_cache_hits(tmp_path):
+    """hits() counts JAX's cache-hit events once enable() listens; the first-step line says which."""
+    code = f"""
+import jax, jax.numpy as jnp
+from moe_jax import compile_cache
+assert compile_cache.hits() == 0
+compile_cache.enable({str(tmp_path / 'c')!r})
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+f = lambda x: jnp.cos(x) @ x.T - 2
+jax.jit(f)(jnp.ones((8, 8))).block_until_ready()
+print(compile_cache.hits())
+print(compile_cache.first_step_note(12.25, 0))
+jax.clear_caches()
+h = compile_cache.hits()
+jax.jit(f)(jnp.ones((8, 8))).block_until_ready()
+print(compile_cache.first_step_note(0.5, compile_cache.hits() - h))
+"""
+    lines = _run(code).splitlines()
+    assert lines[0] == "0"
+    assert lines[1] == f"first step: 12.2 s (compiling the step included; kept in the compile cache ({tmp_path / 'c'}) for a rerun)"
+    assert lines[2] == "first step: 0.5 s (the step's program read from the compile cache)"
 
 
 @pytest.mark.parametrize("script,extra", [("evaluate", []), ("generate", ["--prompt", "x"])])
