@@ -18,6 +18,7 @@ over the `expert` mesh axis inside `shard_map`; they sort their own tokens with 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -73,7 +74,16 @@ def sort_rows(x_TD: jax.Array, a: Assignment, *, probs_on_input: bool = False,
     `ModelConfig.fused_kernels`)."""
     perm = sort_by_expert(a, capacity=capacity)
     gates = a.weights if probs_on_input else None
-    return permute_rows(x_TD, perm.dest, perm.src, gates, **_permute_args(kernels)), perm
+    return rows_maker(kernels)(x_TD, perm.dest, perm.src, gates), perm
+
+
+@functools.lru_cache(maxsize=None)
+def rows_maker(kernels: str = "auto"):
+    """`make(x_TD, dest, src, gates=None)` -> the expert-sorted rows of `sort_rows` (one function per
+    `kernels`, so that ops.grouped_matmul_remade_lhs sees the same static function each trace)."""
+    def make(x_TD, dest, src, gates=None):
+        return permute_rows(x_TD, dest, src, gates, **_permute_args(kernels))
+    return make
 
 
 def unsort_rows(y_RD: jax.Array, perm: Permutation, a: Assignment, *, probs_on_input: bool = False,
@@ -110,11 +120,23 @@ class LocalDispatcher:
     capacity: int | None = None
     probs_on_input: bool = False
     kernels: str = "auto"  # ModelConfig.fused_kernels: the permutation's kernels per ops.permute's backends
+    # MoEConfig.recompute_rows: the rows are made again in the backward for fc1's weight gradient
+    # (`dispatch_remade`), not kept from the forward
+    recompute_rows: bool = False
 
     def dispatch(self, x_TD: jax.Array, a: Assignment):
         rows_RD, perm = sort_rows(x_TD, a, probs_on_input=self.probs_on_input, capacity=self.capacity,
                                   kernels=self.kernels)
         return rows_RD, perm.group_sizes, LocalHandle(perm, a, jnp.zeros((), jnp.int32))
+
+    def dispatch_remade(self, x_TD: jax.Array, a: Assignment):
+        """`dispatch` without the rows: (make, args, group_sizes, handle) with rows = make(*args), for
+        experts that make them inside fc1's grouped GEMM and again in its backward
+        (`GroupedExperts.on_remade_rows`)."""
+        perm = sort_by_expert(a, capacity=self.capacity)
+        args = (x_TD, perm.dest, perm.src) + ((a.weights,) if self.probs_on_input else ())
+        return (rows_maker(self.kernels), args, perm.group_sizes,
+                LocalHandle(perm, a, jnp.zeros((), jnp.int32)))
 
     def combine(self, y_RD: jax.Array, h: LocalHandle) -> jax.Array:
         return unsort_rows(y_RD, h.perm, h.assignment, probs_on_input=self.probs_on_input,

@@ -18,15 +18,21 @@ from ops.pallas_triton import one_gpu
 
 
 def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: str,
-                kernels: str = "reference", recompute_act: bool = False) -> jax.Array:
+                kernels: str = "reference", recompute_act: bool = False, rows_of=None) -> jax.Array:
     """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs
     (`kernels`: the activation's backend, ModelConfig.fused_kernels). SwiGLU's backward runs in fc2's
     dgrad epilogue (ops.grouped_swiglu.swiglu_grouped_matmul) where `fuse_act_fc2` says so.
-    `recompute_act`: the activation's output is recomputed in the backward, not kept."""
+    `recompute_act`: the activation's output is recomputed in the backward, not kept. `rows_of`
+    (make, args), with x_ND None: the rows are make(*args), made again in fc1's backward
+    (ops.grouped_matmul_remade_lhs) instead of kept."""
     e, d, n, f = w1_EDnF.shape
     interpret = kernels == "interpret" and backend == "pallas"  # CPU tests of the whole Pallas path
-    h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend,
-                           interpret=interpret)
+    if rows_of is None:
+        h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend,
+                               interpret=interpret)
+    else:
+        h = ops.grouped_matmul_remade_lhs(*rows_of, w1_EDnF.reshape(e, d, n * f), group_sizes_E,
+                                          backend=backend, interpret=interpret)
     h = checkpoint_name(h, "gmm_out")
     if fuse_act_fc2(activation, backend, kernels, h, w2_EFD):
         y = swiglu_grouped_matmul(h, w2_EFD, group_sizes_E, backend="pallas", interpret=interpret,
@@ -82,9 +88,19 @@ class GroupedExperts(nnx.Module):
         return grouped_ffn(x_ND.astype(self.dtype), group_sizes_E, w1, w2, self.activation, self.backend,
                            self.kernels, self.recompute_act)
 
+    def on_remade_rows(self, make, args: tuple, group_sizes_E: jax.Array) -> jax.Array:
+        """The experts on rows = make(*args) (in the compute dtype), which fc1's backward makes again
+        rather than keep (MoEConfig.recompute_rows)."""
+        w1, w2 = self.weights()
+        return grouped_ffn(None, group_sizes_E, w1, w2, self.activation, self.backend, self.kernels,
+                           self.recompute_act, rows_of=(make, args))
+
 
 class SequentialExperts(GroupedExperts):
     """Reference: each expert as a plain dense MLP on its rows (masked), one after another."""
+
+    def on_remade_rows(self, make, args: tuple, group_sizes_E: jax.Array) -> jax.Array:
+        return self(make(*args), group_sizes_E)  # the reference keeps its rows
 
     def __call__(self, x_ND: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         w1, w2 = self.weights()

@@ -34,8 +34,12 @@ def routed(dispatcher, x_TD: jax.Array, assignment, experts) -> tuple[jax.Array,
     """dispatch → experts → combine: each token's gate-weighted sum of its experts' outputs, and the
     assignments the dispatcher dropped. Runs where the rows are: on one device, or on every device
     (and chunk) of the MoE mesh under expert parallelism."""
-    rows_RD, group_sizes, handle = dispatcher.dispatch(x_TD, assignment)
-    y_RD = experts(rows_RD, group_sizes)
+    if getattr(dispatcher, "recompute_rows", False):  # the rows made inside fc1 and again in its backward
+        make, args, group_sizes, handle = dispatcher.dispatch_remade(x_TD, assignment)
+        y_RD = experts.on_remade_rows(make, args, group_sizes)
+    else:
+        rows_RD, group_sizes, handle = dispatcher.dispatch(x_TD, assignment)
+        y_RD = experts(rows_RD, group_sizes)
     return dispatcher.combine(y_RD, handle), handle.dropped
 
 
@@ -74,4 +78,5 @@ class MoELayer(nnx.Module):
     def local_dispatcher(self, tokens: int) -> LocalDispatcher:
         """The single-device dispatcher: a sort by expert, padded to capacity when asked."""
         cap = capacity(tokens, self.cfg) if self.cfg.pad_expert_input_to_capacity else None
-        return LocalDispatcher(capacity=cap, probs_on_input=self.cfg.apply_probs_on_input, kernels=self.kernels)
+        return LocalDispatcher(capacity=cap, probs_on_input=self.cfg.apply_probs_on_input, kernels=self.kernels,
+                               recompute_rows=self.cfg.recompute_rows)

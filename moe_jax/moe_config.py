@@ -80,6 +80,9 @@ class MoEConfig:
     # (off: on the H200, mixtral_small with fp32 master weights, it lowers the peak 2.75 GiB for 2.6 ms,
     # ~1.5 % of the step; experiments/NOTES_speed.md)
     recompute_activation: bool = False
+    # the expert-sorted rows fc1's weight gradient reads ([T*k, D] per MoE layer) gathered again from the
+    # tokens in the backward instead of kept (single-device dispatch; EP dispatchers keep theirs)
+    recompute_rows: bool = False
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
     def __post_init__(self):

@@ -116,6 +116,29 @@ def _gmm_bwd(transpose_rhs, backend, out_dtype, interpret, res, dy):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
+def _gmm_remade(make_lhs, lhs_args, rhs, group_sizes, backend, out_dtype, interpret):
+    return _gmm(make_lhs(*lhs_args), rhs, group_sizes, False, backend, out_dtype, interpret)
+
+
+def _gmm_remade_fwd(make_lhs, lhs_args, rhs, group_sizes, backend, out_dtype, interpret):
+    out = _gmm_remade(make_lhs, lhs_args, rhs, group_sizes, backend, out_dtype, interpret)
+    return out, (lhs_args, rhs, group_sizes)  # lhs itself is not kept
+
+
+def _gmm_remade_bwd(make_lhs, backend, out_dtype, interpret, res, dy):
+    lhs_args, rhs, group_sizes = res
+    # lhs is made again only once dy exists: without the tie XLA may schedule it in the forward
+    # (or merge it with the forward's), and it would be held all the same
+    lhs_args, dy = lax.optimization_barrier((lhs_args, dy))
+    lhs, pull = jax.vjp(make_lhs, *lhs_args)
+    dlhs, drhs, _ = _gmm_bwd(False, backend, out_dtype, interpret, (lhs, rhs, group_sizes), dy)
+    return pull(dlhs), drhs, None
+
+
+_gmm_remade.defvjp(_gmm_remade_fwd, _gmm_remade_bwd)
+
+
 # ----------------------------------------------------------------------------- public
 def is_hopper(device=None) -> bool:
     """True on an H100/H200-class GPU (compute capability 9.x)."""
@@ -147,6 +170,18 @@ def resolve_backend(backend: str, dtype=jnp.bfloat16) -> str:
     if backend == "auto":
         return "pallas" if (is_hopper() and jnp.dtype(dtype) in PALLAS_DTYPES) else "xla"
     return backend
+
+
+def _check_pallas(backend, dtype, interpret):
+    if backend != "pallas":
+        return
+    check_pallas_dtype(dtype)
+    if not interpret:
+        dev = jax.devices()[0]
+        if not is_hopper(dev):
+            raise ValueError(
+                "grouped_matmul: backend='pallas' needs a Hopper GPU (H100/H200, compute "
+                f"capability 9.0); found {dev.platform}:{dev.device_kind}. Use backend='xla'.")
 
 
 def _check(lhs, rhs, group_sizes, transpose_rhs):
@@ -195,12 +230,25 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto"
     if backend == "reference":
         return reference_grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                                         out_dtype=out_dtype)
-    if backend == "pallas":
-        check_pallas_dtype(lhs.dtype)
-    if backend == "pallas" and not interpret:
-        dev = jax.devices()[0]
-        if not is_hopper(dev):
-            raise ValueError(
-                "grouped_matmul: backend='pallas' needs a Hopper GPU (H100/H200, compute "
-                f"capability 9.0); found {dev.platform}:{dev.device_kind}. Use backend='xla'.")
+    _check_pallas(backend, lhs.dtype, interpret)
     return _gmm(lhs, rhs, group_sizes, bool(transpose_rhs), backend, out_dtype, bool(interpret))
+
+
+def grouped_matmul_remade_lhs(make_lhs, lhs_args: tuple, rhs, group_sizes, *, backend="auto",
+                              interpret=False):
+    """`grouped_matmul(make_lhs(*lhs_args), rhs, group_sizes)`, with lhs made again in the backward
+    instead of kept from the forward: the backward keeps `lhs_args` and, when it reaches this op, runs
+    `make_lhs` (and its VJP, for the cotangents of `lhs_args`) once more. For an lhs that is larger
+    than its inputs and cheap to make — the MoE's expert-sorted rows, a gather of the tokens that
+    is k times their size. `make_lhs` is a static function of arrays (hashable: not a fresh lambda
+    per call inside a loop that JAX must not retrace); out dtype = lhs's."""
+    lhs_args = tuple(jnp.asarray(a) for a in lhs_args)
+    lhs = jax.eval_shape(make_lhs, *lhs_args)
+    rhs, group_sizes = jnp.asarray(rhs), jnp.asarray(group_sizes)
+    _check(lhs, rhs, group_sizes, False)
+    backend = "pallas" if (interpret and backend == "auto") else resolve_backend(backend, lhs.dtype)
+    if backend == "reference":
+        return reference_grouped_matmul(make_lhs(*lhs_args), rhs, group_sizes)
+    _check_pallas(backend, lhs.dtype, interpret)
+    return _gmm_remade(make_lhs, lhs_args, rhs, group_sizes.astype(jnp.int32), backend,
+                       jnp.dtype(lhs.dtype), bool(interpret))
