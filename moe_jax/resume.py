@@ -27,7 +27,8 @@ SHAPE = {"model.vocab_size", "model.d_model", "model.num_layers", "model.num_hea
          "model.v_head_dim", "model.mtp_num_layers"}
 # model / moe fields that change neither shapes nor the function (numerics, kernels, training losses)
 FREE = {"model.dtype", "model.remat", "model.attention_impl", "model.fused_kernels", "model.init_std",
-        "model.max_seq_len", "moe.grouped_gemm_backend", "moe.recompute_activation", "moe.router_dtype",
+        "model.max_seq_len", "moe.grouped_gemm_backend", "moe.recompute_activation", "moe.recompute_rows",
+        "moe.router_dtype",
         "moe.aux_loss_coeff", "moe.z_loss_coeff",
         "moe.router_load_balancing_type", "moe.router_bias_update_rate", "moe.input_jitter_eps",
         "model.mtp_loss_scaling_factor"}

@@ -110,13 +110,14 @@ def test_nan_loss_stops_with_step_number(tmp_path, monkeypatch):
         runner.train(run_cfg(tmp_path), progress=False, log=lambda s: None)
 
 
-def test_recomputed_expert_activation_gives_the_same_step():
-    """moe.recompute_activation: the experts' activation output made again in the backward, not kept;
-    the step's loss, gradient norm and new weights are those of keeping it."""
+@pytest.mark.parametrize("field", ["recompute_activation", "recompute_rows"])
+def test_recomputed_expert_tensors_give_the_same_step(field):
+    """moe.recompute_activation / recompute_rows: the experts' activation output / fc1's input rows made
+    again in the backward, not kept; the step's loss, gradient norm and new weights are those of keeping it."""
     tc = TrainConfig(steps=4, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1)
     out = {}
     for recompute in (False, True):
-        cfg = tiny(recompute_activation=recompute)
+        cfg = tiny(**{field: recompute})
         graphdef, state = init_state(GPT(cfg, rngs=nnx.Rngs(0)), tc)
         state, m = make_train_step(graphdef, tc)(state, batch(seed=3))
         out[recompute] = state, m
