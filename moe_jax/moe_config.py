@@ -81,7 +81,8 @@ class MoEConfig:
     # ~1.5 % of the step; experiments/NOTES_speed.md)
     recompute_activation: bool = False
     # the expert-sorted rows fc1's weight gradient reads ([T*k, D] per MoE layer) gathered again from the
-    # tokens in the backward instead of kept (single-device dispatch; EP dispatchers keep theirs)
+    # tokens in the backward instead of kept (one device; under a mesh the dispatchers keep theirs, as the
+    # run's mesh line says)
     recompute_rows: bool = False
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 

@@ -150,11 +150,13 @@ def test_sharded_evaluation_matches_one_device(tmp_path):
             "train.steps=1", "train.eval_every=1", "train.eval_batches=2", "train.tensorboard=false",
             "train.heatmap=false"]
     vals = []
-    for name, extra in (("one", []), ("eight", ["parallel.data=8", "parallel.expert=2"])):
+    for name, extra in (("one", ["moe.recompute_rows=true"]),
+                        ("eight", ["parallel.data=8", "parallel.expert=2", "moe.recompute_rows=true"])):
         rc, text, err = run_cli(script("train"), *args, *extra, f"train.out_dir={tmp_path / name}")
         assert rc == 0 and "val loss" in text, err
         vals.append(json.loads((tmp_path / name / "summary.json").read_text()))
     assert "mesh: 8 devices" in text
+    assert "moe.recompute_rows applies to one device: the mesh's dispatchers keep their rows" in text
     for k in ("val_loss", "val_aux_loss", "val_z_loss"):
         assert vals[1][k] == pytest.approx(vals[0][k], rel=1e-5), k
     assert vals[1]["val_dropped"] == vals[0]["val_dropped"]
