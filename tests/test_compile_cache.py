@@ -112,7 +112,8 @@ print(compile_cache.first_step_note(0.5, compile_cache.hits() - h))
 """
     lines = _run(code).splitlines()
     assert lines[0] == "0"
-    assert lines[1] == f"first step: 12.2 s (compiling the step included; kept in the compile cache ({tmp_path / 'c'}) for a rerun)"
+    assert lines[1] == ("first step: 12.2 s (compiling the step included; kept in the compile cache "
+                        f"({tmp_path / 'c'}) for a rerun)")
     assert lines[2] == "first step: 0.5 s (the step's program read from the compile cache)"
 
 
