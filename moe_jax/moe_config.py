@@ -82,8 +82,8 @@ class MoEConfig:
     recompute_activation: bool = False
     # the expert-sorted rows fc1's weight gradient reads ([T*k, D] per MoE layer) gathered again from the
     # tokens in the backward instead of kept (one device; under a mesh the dispatchers keep theirs, as the
-    # run's mesh line says). On: on the H200 it lowers mixtral_small's peak 1.5 GiB (deepseek_small's ~3)
-    # for one more gather per layer, ~0.06 ms (~0.5 % of the step); experiments/NOTES_speed.md
+    # run's mesh line says). On: on the H200, mixtral_small fp32, the peak falls 52.58 -> 51.08 GiB for one
+    # more gather per layer, +0.77 ms of GPU time per step (~0.5 %); experiments/NOTES_speed.md
     recompute_rows: bool = True
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
