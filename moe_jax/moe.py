@@ -79,4 +79,4 @@ class MoELayer(nnx.Module):
         """The single-device dispatcher: a sort by expert, padded to capacity when asked."""
         cap = capacity(tokens, self.cfg) if self.cfg.pad_expert_input_to_capacity else None
         return LocalDispatcher(capacity=cap, probs_on_input=self.cfg.apply_probs_on_input, kernels=self.kernels,
-                               recompute_rows=self.cfg.recompute_rows)
+                               recompute_rows=self.cfg.recompute_rows in (True, "auto"))

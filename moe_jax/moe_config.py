@@ -81,10 +81,11 @@ class MoEConfig:
     # ~1.5 % of the step; experiments/NOTES_speed.md)
     recompute_activation: bool = False
     # the expert-sorted rows fc1's weight gradient reads ([T*k, D] per MoE layer) gathered again from the
-    # tokens in the backward instead of kept (one device; under a mesh the dispatchers keep theirs, as the
-    # run's mesh line says). On: on the H200, mixtral_small fp32, the peak falls 52.58 -> 51.08 GiB for one
-    # more gather per layer, +0.77 ms of GPU time per step (~0.5 %); experiments/NOTES_speed.md
-    recompute_rows: bool = True
+    # tokens in the backward instead of kept. "auto": on where the MoE layer runs on one device, off under
+    # expert parallelism (the mesh dispatchers keep their rows; true there is refused in the run's mesh
+    # line, not silently). On the H200, mixtral_small fp32, the peak falls 52.58 -> 51.08 GiB for one more
+    # gather per layer, +0.77 ms of GPU time per step (~0.5 %); experiments/NOTES_speed.md
+    recompute_rows: bool | str = "auto"
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
     def __post_init__(self):
@@ -106,6 +107,8 @@ class MoEConfig:
         choice(c, "router_dtype", self.router_dtype, ROUTER_DTYPES)
         choice(c, "activation", self.activation, ACTIVATIONS)
         choice(c, "grouped_gemm_backend", self.grouped_gemm_backend, GEMM_BACKENDS)
+        if isinstance(self.recompute_rows, str) and self.recompute_rows != "auto":
+            fail(c, "recompute_rows", self.recompute_rows, "must be true, false or 'auto'")
         if self.router_pre_softmax and self.router_score_function != "softmax":
             fail(c, "router_pre_softmax", True,
                  f"only applies to router_score_function='softmax' (got {self.router_score_function!r})")

@@ -246,7 +246,7 @@ def _train(cfg: Config, data, val_data, layout, out: Path, *, start_ckpt: int | 
         if mc.moe is not None and layout.moe_mesh.shape["expert"] > 1:
             row = jax.ShapeDtypeStruct((1, mc.d_model), jnp.dtype(mc.dtype))
             disp = f" | dispatcher {ep.resolve_type(mc.moe.dispatcher.type, row)}"
-        if mc.moe is not None and mc.moe.recompute_rows:  # said, not silently dropped
+        if mc.moe is not None and mc.moe.recompute_rows is True and layout.num_devices > 1:  # said, not dropped
             disp += " | moe.recompute_rows applies to one device: the mesh's dispatchers keep their rows"
         log(f"mesh: {layout.describe()}{disp}")
     try:

@@ -132,3 +132,15 @@ def test_dispatch_remade_is_dispatch():
         make, args, gs2, _ = disp.dispatch_remade(x, a)
         np.testing.assert_array_equal(np.asarray(make(*args)), np.asarray(rows))
         np.testing.assert_array_equal(np.asarray(gs2), np.asarray(gs))
+
+
+def test_config_auto_true_false():
+    """"auto" (the default) and true recompute on one device, false keeps the rows; anything else is refused
+    with the field named."""
+    cfg = make_cfg(16, ffn_hidden_size=8)
+    assert cfg.moe.recompute_rows == "auto"
+    for value, want in (("auto", True), (True, True), (False, False)):
+        c = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, recompute_rows=value))
+        assert MoELayer(c, rngs=nnx.Rngs(0)).local_dispatcher(32).recompute_rows is want
+    with pytest.raises(ValueError, match="MoEConfig.recompute_rows='yes' is invalid: must be true, false or 'auto'"):
+        dataclasses.replace(cfg.moe, recompute_rows="yes")
