@@ -127,13 +127,13 @@ def rows(shape: dict, reps: int, only: str = ""):
             t = median_seconds(run, *args, iters=reps)
             row[f"{key_}_ms"] = 1e3 * t
         out.append(row)
-    if only:
-        return out
-    if jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow for the CPU smoke test
-        out += fused_fc1_rows(shape, reps)
+    if not only and jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow
+        out += fused_fc1_rows(shape, reps)                 # for the CPU smoke test
         out += fused_fc2_rows(shape, reps)
     # cross-entropy of the LM head: time and the peak memory of the step's temporaries
     ce = {"op": f"lm head + cross-entropy [T,D]x[D,V] fwd+bwd (V={V})"}
+    if only not in ce["op"]:
+        return out
     for backend in ("chunked", "reference"):
         g = jax.jit(jax.value_and_grad(lambda x, w: linear_cross_entropy(x, w, tg, backend=backend),
                                        argnums=(0, 1)))
