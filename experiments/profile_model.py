@@ -245,7 +245,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="mixtral_small", help="preset name or .yaml path")
     ap.add_argument("--steps", type=int, default=3, help="steps traced")
-    ap.add_argument("--wall-steps", type=int, default=15, help="steps timed (outside the trace)")
+    ap.add_argument("--wall-steps", type=int, default=21,
+                    help="steps timed (outside the trace): the median of the 20 gaps between their ends")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default=None)
     ap.add_argument("--hlo-out", default=None, help="also write the compiled step's HLO text here (.gz: gzipped)")

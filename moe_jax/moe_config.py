@@ -81,10 +81,11 @@ class MoEConfig:
     # ~1.5 % of the step; experiments/NOTES_speed.md)
     recompute_activation: bool = False
     # the expert-sorted rows fc1's weight gradient reads ([T*k, D] per MoE layer) gathered again from the
-    # tokens in the backward instead of kept. "auto": on where the MoE layer runs on one device, off under
-    # expert parallelism (the mesh dispatchers keep their rows; true there is refused in the run's mesh
-    # line, not silently). On the H200, mixtral_small fp32, the peak falls 52.58 -> 51.08 GiB for one more
-    # gather per layer, +0.77 ms of GPU time per step (~0.5 %); experiments/NOTES_speed.md
+    # tokens in the backward instead of kept. "auto": on where the MoE layer runs on one device, off
+    # under expert parallelism (the mesh dispatchers keep their rows; an explicit true there is named in
+    # the run's mesh line, not dropped silently). On the H200, mixtral_small fp32: the peak falls
+    # 52.58 -> 51.08 GiB for one more gather per layer, +0.77 ms of GPU time per step (~0.5 %);
+    # experiments/NOTES_speed.md
     recompute_rows: bool | str = "auto"
     dispatcher: DispatchConfig = DispatchConfig()  # Megatron's token_dispatcher_type is dispatcher.type
 
