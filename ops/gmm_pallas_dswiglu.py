@@ -42,6 +42,11 @@ DSWIGLU_BWD = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=
 DSWIGLU_BWD_FEW_GROUPS = dataclasses.replace(DSWIGLU_BWD, max_concurrent_steps=5)
 # the first chunk's gate/up loads start before the item's main loop (its latency off the epilogue)
 PREFETCH = True
+# dh rounded to gu's dtype as the epilogue starts (as the unfused path writes it to HBM), so the epilogue
+# holds 64 registers per thread of it instead of the float32 accumulator's 128. Off: measured on the H200
+# the epilogue spills (ncu: 1.37 M local-memory requests at the mixtral shape, ops/NOTES_fused_ops.md),
+# and this is the candidate fix, not yet timed on the GPU (experiments/probe_dswiglu.py --dh-bf16 both)
+DH_ROUNDED = False
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
 
@@ -141,6 +146,8 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             rows, start = packed & 0xFFFF, packed >> 16
             wg = lax.axis_index("wg")
             dh = acc_ref[...]
+            if DH_ROUNDED:  # read at trace time
+                dh = dh.astype(out_dtype)
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
                 col0 = ni * tn + c * epi_n
@@ -159,7 +166,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
 
                 gate = stage_smem[wg, 0].astype(jnp.float32)
                 up = stage_smem[wg, 1].astype(jnp.float32)
-                d = dh[:, cols]
+                d = dh[:, cols].astype(jnp.float32)
                 s = 1.0 / (1.0 + jnp.exp(-gate))
                 dgate = d * up * s * (1.0 + gate * (1.0 - s))
                 dup = d * gate * s
