@@ -45,7 +45,7 @@ PREFETCH = True
 # dh rounded to gu's dtype as the epilogue starts (as the unfused path writes it to HBM), so the epilogue
 # holds 64 registers per thread of it instead of the float32 accumulator's 128. Off: measured on the H200
 # the epilogue spills (ncu: 1.37 M local-memory requests at the mixtral shape, ops/NOTES_fused_ops.md),
-# and this is the candidate fix, not yet timed on the GPU (experiments/probe_dswiglu.py --dh-bf16 both)
+# and this is the candidate fix, not yet timed on the GPU (experiments/probe_dswiglu.py --dh-rounded both)
 DH_ROUNDED = False
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
