@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from moe_jax.rope import rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
-from ops.cross_entropy import linear_cross_entropy  # noqa: E402
+from ops.cross_entropy import chunk_rows, linear_cross_entropy  # noqa: E402
 from ops import gmm_pallas  # noqa: E402
 from ops.gated_act import swiglu, swiglu_vjp  # noqa: E402
 from ops import gmm_pallas_dswiglu as dswiglu_ops  # noqa: E402
@@ -134,14 +134,21 @@ def rows(shape: dict, reps: int, only: str = ""):
     ce = {"op": f"lm head + cross-entropy [T,D]x[D,V] fwd+bwd (V={V})"}
     if only not in ce["op"]:
         return out
-    for backend in ("chunked", "reference"):
-        g = jax.jit(jax.value_and_grad(lambda x, w: linear_cross_entropy(x, w, tg, backend=backend),
-                                       argnums=(0, 1)))
+    default_chunk = chunk_rows(T, V)
+    # ours (the default chunk), the plain form, and the chunked form at other chunk sizes (larger chunks:
+    # larger GEMMs, more temporary memory)
+    variants = [("ours", "chunked", None), ("xla_plain", "reference", None)] + [
+        (f"ours_chunk{c}", "chunked", c) for c in (default_chunk // 2, default_chunk * 2, default_chunk * 4)
+        if 0 < c <= T and T % c == 0 and c != default_chunk]
+    for key_, backend, chunk in variants:
+        g = jax.jit(jax.value_and_grad(
+            lambda x, w, backend=backend, chunk=chunk: linear_cross_entropy(x, w, tg, backend=backend, chunk=chunk),
+            argnums=(0, 1)))
         t = median_seconds(g, x, wv, iters=reps)
         mem = g.lower(x, wv).compile().memory_analysis()
-        ce[f"{'ours' if backend == 'chunked' else 'xla_plain'}_ms"] = 1e3 * t
-        ce[f"{'ours' if backend == 'chunked' else 'xla_plain'}_temp_gib"] = (
-            None if mem is None else mem.temp_size_in_bytes / 2**30)
+        ce[f"{key_}_ms"] = 1e3 * t
+        ce[f"{key_}_temp_gib"] = None if mem is None else mem.temp_size_in_bytes / 2**30
+    ce["chunk_rows"] = default_chunk
     ce["tflops_ours"] = 6 * T * D * V / (ce["ours_ms"] * 1e-3) / 1e12
     out.append(ce)
     return out
