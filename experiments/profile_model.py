@@ -8,7 +8,9 @@ Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, 
 kernel back to its HLO instruction, op_name and Python source line), times `--wall-steps` steps sent
 back to back as training sends them, then traces `--steps` steps the same way with jax.profiler.
 Prints GPU time per step by category (`CATEGORIES`), the top kernels, step wall time, GPU busy time
-(union over streams) and idle = wall - busy, the gaps between kernels (`gaps`), peak memory;
+(union over streams), `idle_ms` = wall - busy (busy comes from the traced steps and wall from the
+timed ones, so the difference is partly the GPU's speed moving between samples, not all idle time),
+the GPU's idle gaps inside the traced steps (`gaps`), peak memory;
 writes all of it as JSON (default experiments/results/profile_<preset>_<date>_<device>.json).
 Without a GPU (tests) the trace's host-side XLA:CPU op events are reported instead, if any.
 """
@@ -364,7 +366,7 @@ def report(res: dict) -> None:
     f = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
     mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
     print(f"\n== {res['config']} {' '.join(res['overrides'])} on {res['device']}: wall {res['wall_ms']:.2f} ms/step "
-          f"(MFU {mfu}) | GPU busy {f(res['gpu_busy_ms'])} ms | idle {f(res['idle_ms'])} ms | span "
+          f"(MFU {mfu}) | GPU busy {f(res['gpu_busy_ms'])} ms | wall - busy {f(res['idle_ms'])} ms | span "
           f"{f(res['gpu_span_ms'])} ms | peak {f(res['peak_memory_gib'])} GiB | compile {res['compile_s']:.1f} s")
     if not res["events"]:
         print("no GPU events (and no host XLA op events) in the trace: wall time only")
