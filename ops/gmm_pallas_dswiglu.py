@@ -166,7 +166,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
 
                 gate = stage_smem[wg, 0].astype(jnp.float32)
                 up = stage_smem[wg, 1].astype(jnp.float32)
-                d = dh[:, cols].astype(jnp.float32)
+                d = dh[:, cols].astype(jnp.float32) if DH_ROUNDED else dh[:, cols]
                 s = 1.0 / (1.0 + jnp.exp(-gate))
                 dgate = d * up * s * (1.0 + gate * (1.0 - s))
                 dup = d * gate * s
