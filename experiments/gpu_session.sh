@@ -33,8 +33,8 @@
 #            PLAIN_STEPS (40) steps, nothing else overridden: its own log lines (throughput, MFU)
 #   cache  — the compile cache on this GPU: train.py twice on a 2-layer mixtral_small with a fresh cache
 #            directory; the second run's "first step" line must say its program was read from the cache
-#   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (fused with dh in float32 and rounded, beside
-#            the plain dgrad) at both shapes, then ncu on the rounded form at the mixtral shape (spills, pipes)
+#   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
+#            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
@@ -162,10 +162,10 @@ case "${1:-}" in
         --out "experiments/results/probe_dswiglu_${shape}_$(date +%F)_h200.json" 2>&1 | grep -v "^[WI][0-9]" | tail -1
     done
     timeout -s KILL 150 ncu --kernel-name regex:"gmm_dswiglu|gmm_fwd_t" --launch-skip 2 --launch-count 2 --set full \
-      python3 experiments/probe_dswiglu.py --shape mixtral --dh-rounded on --reps 0 \
-      > "$OUT/ncu_dswiglu_mixtral_rounded.log" 2>&1  # comes back in the part's .tgz of logs
+      python3 experiments/probe_dswiglu.py --shape mixtral --row-split 2 --reps 0 \
+      > "$OUT/ncu_dswiglu_mixtral_rows2.log" 2>&1  # comes back in the part's .tgz of logs
     grep -E "mosaic_gpu_kernel|Duration|Spilling Requests  |Compute \(SM\) Throughput" \
-      "$OUT/ncu_dswiglu_mixtral_rounded.log" ;;
+      "$OUT/ncu_dswiglu_mixtral_rows2.log" ;;
   kernels)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_rms_norm.py \
       tests/test_rope_kernel.py tests/test_gated_act.py tests/test_grouped_swiglu.py > "$OUT/kernels_tests.log" 2>&1

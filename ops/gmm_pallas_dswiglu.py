@@ -12,7 +12,8 @@ A work item is (row segment of tile_m rows, tile_n columns of F); ping-pong only
 whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py). The epilogue works in column
 chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its staging buffer (the first
 chunk's loads start before the item's main loop, PREFETCH), computes
-both gradients in fp32 from the accumulator and writes them back over the staging buffer, then
+both gradients in fp32 from the accumulator, a block of rows at a time (ROW_SPLIT), and writes them
+back over the staging buffer, then
 TMA-stores the segment's rows of them (the ladder of ops/gmm_pallas_fwd.py). The tail past
 sum(group_sizes) is written as zeros without reading gu.
 """
@@ -42,11 +43,13 @@ DSWIGLU_BWD = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=
 DSWIGLU_BWD_FEW_GROUPS = dataclasses.replace(DSWIGLU_BWD, max_concurrent_steps=5)
 # the first chunk's gate/up loads start before the item's main loop (its latency off the epilogue)
 PREFETCH = True
-# dh rounded to gu's dtype as the epilogue starts (as the unfused path writes it to HBM), so the epilogue
-# holds 64 registers per thread of it instead of the float32 accumulator's 128. Off: measured on the H200
-# the epilogue spills (ncu: 1.37 M local-memory requests at the mixtral shape, ops/NOTES_fused_ops.md),
-# and this is the candidate fix, not yet timed on the GPU (experiments/probe_dswiglu.py --dh-rounded both)
-DH_ROUNDED = False
+# The epilogue's SwiGLU math on row blocks of tile_m // ROW_SPLIT rows of each column chunk (64-row
+# multiples: the WGMMA layout's tile). On whole chunks (1) the 128 x 128 float32 accumulator plus a
+# 64-column chunk's gate, up and gradients pass the 232 registers a compute thread has, and the kernel
+# spills. Row blocks are contiguous in the staging buffer, so their loads keep the whole chunk's access
+# pattern (column slices conflict on banks). H200, mixtral shape: spill requests 1.37 M -> 0.31 M, 1.290
+# -> 1.159 ms per call (deepseek's 1.307 -> 1.310); in the step ~1 % less kernel time (ops/NOTES_fused_ops.md).
+ROW_SPLIT = 2
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
 
@@ -82,6 +85,8 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
     if not cfg.pingpong or tm % 64 or tm * tn > 128 * 128 or tn % epi_n:
         raise ValueError(f"gmm_dswiglu_kernel: needs ping-pong, 64 | tile_m, tile_m * tile_n <= 128 * 128 "
                          f"and epi_n | tile_n, got {cfg}")
+    if tm % ROW_SPLIT or (not interpret and (tm // ROW_SPLIT) % 64):  # the WGMMA layout's 64-row tiles
+        raise ValueError(f"gmm_dswiglu_kernel: ROW_SPLIT={ROW_SPLIT} must cut tile_m={tm} into blocks of 64k rows")
     if not interpret and (epi_n * jnp.dtype(out_dtype).itemsize) % 128:
         raise ValueError(f"gmm_dswiglu_kernel: epi_n must be 128 bytes wide (TMA stores start at any "
                          f"staging row), got epi_n={epi_n}")
@@ -146,8 +151,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             rows, start = packed & 0xFFFF, packed >> 16
             wg = lax.axis_index("wg")
             dh = acc_ref[...]
-            if DH_ROUNDED:  # read at trace time
-                dh = dh.astype(out_dtype)
+            rb = tm // ROW_SPLIT  # read at trace time
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
                 col0 = ni * tn + c * epi_n
@@ -164,14 +168,14 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
                     stage_smem[wg, 0] = zeros
                     stage_smem[wg, 1] = zeros
 
-                gate = stage_smem[wg, 0].astype(jnp.float32)
-                up = stage_smem[wg, 1].astype(jnp.float32)
-                d = dh[:, cols].astype(jnp.float32) if DH_ROUNDED else dh[:, cols]
-                s = 1.0 / (1.0 + jnp.exp(-gate))
-                dgate = d * up * s * (1.0 + gate * (1.0 - s))
-                dup = d * gate * s
-                stage_smem[wg, 0] = dgate.astype(out_dtype)
-                stage_smem[wg, 1] = dup.astype(out_dtype)
+                for r in range(ROW_SPLIT):
+                    rs = slice(r * rb, (r + 1) * rb)
+                    gate = stage_smem[wg, 0, rs].astype(jnp.float32)
+                    up = stage_smem[wg, 1, rs].astype(jnp.float32)
+                    d = dh[rs, cols]
+                    s = 1.0 / (1.0 + jnp.exp(-gate))
+                    stage_smem[wg, 0, rs] = (d * up * s * (1.0 + gate * (1.0 - s))).astype(out_dtype)
+                    stage_smem[wg, 1, rs] = (d * gate * s).astype(out_dtype)
                 plgpu.commit_smem()
                 for half in (0, 1):
                     _ladder_store(stage_smem.at[wg, half], dgu_gmem, row0, start, rows, half * f + col0,

@@ -116,12 +116,12 @@ def check_act_fc2(backend, m, f, n, sizes, seed=0, tol=1.5e-2, **kw):
     _assert_matches(backend, ("y", "dgu", "dw2"), got, want, sizes, tol)
 
 
-@pytest.mark.parametrize("dh_rounded", [False, True])
-def test_act_fc2_fused_dgrad_interpret_matches_reference(dh_rounded, monkeypatch):
+@pytest.mark.parametrize("row_split", [1, 2])
+def test_act_fc2_fused_dgrad_interpret_matches_reference(row_split, monkeypatch):
     """fc2's dgrad with SwiGLU's backward in the epilogue (interpret mode): uneven groups, an empty
-    one, rows past the sum, two column tiles of F; dh kept in float32 or rounded (DH_ROUNDED)."""
+    one, rows past the sum, two column tiles of F; the epilogue on whole chunks or row blocks (ROW_SPLIT)."""
     from ops import gmm_pallas_dswiglu as K
-    monkeypatch.setattr(K, "DH_ROUNDED", dh_rounded)
+    monkeypatch.setattr(K, "ROW_SPLIT", row_split)
     check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
 
 
@@ -179,13 +179,13 @@ def test_act_fc2_backend_choice_and_errors():
         swiglu_grouped_matmul(gu, jnp.ones((2, 64, 128), jnp.bfloat16), jnp.array([32, 32]))
 
 
-@pytest.mark.parametrize("dh_rounded", [False, True])
-def test_fused_dgrad_kernel_lowers_for_cuda(dh_rounded, monkeypatch):
+@pytest.mark.parametrize("row_split", [1, 2])
+def test_fused_dgrad_kernel_lowers_for_cuda(row_split, monkeypatch):
     """The fused dgrad's GPU config (transposed w2 operand, 128 x 128 tiles) lowers for CUDA here, at
-    deepseek_small's F = 1408 with an empty group and rows past the sum (both DH_ROUNDED forms)."""
+    deepseek_small's F = 1408 with an empty group and rows past the sum (both ROW_SPLIT forms)."""
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
-    monkeypatch.setattr(K, "DH_ROUNDED", dh_rounded)
+    monkeypatch.setattr(K, "ROW_SPLIT", row_split)
     dy = jnp.ones((1000, 2048), jnp.bfloat16)
     w2 = jnp.ones((4, 1408, 2048), jnp.bfloat16)
     gu = jnp.ones((1000, 2 * 1408), jnp.bfloat16)
@@ -199,8 +199,8 @@ def test_fused_dgrad_kernel_lowers_for_cuda(dh_rounded, monkeypatch):
     (4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),          # sum < M, an empty group
     (6000, 1408, 2048, [30 * (i % 7) for i in range(64)]),    # deepseek's F, 64 groups
 ])
-@pytest.mark.parametrize("dh_rounded", [False, True])
-def test_fused_dgrad_gpu(m, f, n, sizes, dh_rounded, monkeypatch):
+@pytest.mark.parametrize("row_split", [1, 2])
+def test_fused_dgrad_gpu(m, f, n, sizes, row_split, monkeypatch):
     from ops import gmm_pallas_dswiglu as K
-    monkeypatch.setattr(K, "DH_ROUNDED", dh_rounded)
+    monkeypatch.setattr(K, "ROW_SPLIT", row_split)
     check_act_fc2("pallas", m, f, n, sizes)
