@@ -26,16 +26,19 @@ from ops.grouped_matmul import grouped_matmul  # noqa: E402
 from timing import device_ms, median_seconds, write_result  # noqa: E402
 
 SHAPES = {"mixtral": dict(R=32768, E=8, D=2048, F=4096), "deepseek": dict(R=98304, E=64, D=2048, F=1408)}
-# (ONE_ACC, fields of FwdConfig over SWIGLU_FWD's): the two-accumulator form's best of the 2026-12-02 sweep
-# first, then the one-accumulator form (one [tile_m, 2 tile_n] wgmma tile per k-step)
-CONFIGS = [
-    (False, {}),
-    (True, {}),
-    (True, dict(max_concurrent_steps=3)),
-    (True, dict(delay_release=0)),
-    (True, dict(grid_minor_dim=0)),
-    (True, dict(grid_tile_width=4)),
-    (True, dict(tile_m=64, tile_n=128, max_concurrent_steps=4)),
+CONFIGS = [  # fields of FwdConfig over SWIGLU_FWD's
+    {},
+    dict(max_concurrent_steps=3),
+    dict(delay_release=0),
+    dict(grid_tile_width=4),
+    dict(grid_minor_dim=0),
+    dict(tile_m=128, tile_n=64, max_concurrent_steps=3),
+    dict(tile_m=128, tile_n=64, max_concurrent_steps=4, epi_n=64),
+    dict(tile_m=128, tile_n=64, max_concurrent_steps=4, grid_tile_width=4),
+    dict(tile_m=128, tile_n=64, max_concurrent_steps=4, grid_minor_dim=0),
+    dict(tile_m=128, tile_n=64, max_concurrent_steps=4, epi_n=64, delay_release=0),
+    dict(tile_m=64, tile_n=64, max_concurrent_steps=6),
+    dict(tile_m=64, tile_n=64, max_concurrent_steps=8),
 ]
 
 
@@ -66,18 +69,16 @@ def sweep(shape: dict, reps: int, on_row):
     add("gmm fwd (table config)", lambda x, w: grouped_matmul(x, w, gs))
     add("gmm fwd + swiglu (unfused)", lambda x, w: swiglu(grouped_matmul(x, w, gs).reshape(R, 2, F)))
     ref = jax.jit(lambda x, w: swiglu(grouped_matmul(x, w, gs).reshape(R, 2, F)))(x, w1).astype(jnp.float32)
-    for one_acc, over in CONFIGS:
-        K.ONE_ACC = one_acc  # read when the kernel is traced
+    for over in CONFIGS:
         cfg = dataclasses.replace(K.SWIGLU_FWD, **over)
-        name = f"fused {'one' if one_acc else 'two'} acc {over}"
         try:
             h = K.gmm_swiglu_kernel(x, w1, gs, out_dtype=jnp.bfloat16, cfg=cfg)[1].astype(jnp.float32)
             err = float(jnp.linalg.norm(h - ref) / jnp.linalg.norm(ref))
         except Exception as e:
-            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            rows.append({"variant": f"fused {over}", "error": f"{type(e).__name__}: {str(e)[:200]}"})
             print(rows[-1], flush=True)
             continue
-        add(name, lambda x, w, cfg=cfg: K.gmm_swiglu_kernel(x, w, gs, out_dtype=jnp.bfloat16, cfg=cfg))
+        add(f"fused {over}", lambda x, w, cfg=cfg: K.gmm_swiglu_kernel(x, w, gs, out_dtype=jnp.bfloat16, cfg=cfg))
         rows[-1]["rel_err_vs_unfused"] = err
     return rows
 

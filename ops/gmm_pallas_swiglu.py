@@ -11,9 +11,11 @@ activation reads no [M, 2F] back from HBM. gu is kept for the backward (ops/grou
 Why it is not faster (measured, ops/NOTES_fused_ops.md): the plain kernel's 128 x 128 WG tile needs 96
 bytes of SMEM reads per clock at full wgmma rate; two half-width wgmmas on one A tile need either 64-row
 tiles (25 % more operand traffic through L2 per MAC) or 64-column wgmmas (128 B/clock, the SMEM limit).
-One 128-column accumulator holding 64 gate and 64 up columns would need a B tile whose two halves come
-from two TMA copies into N-major swizzle tiles; the wgmma descriptor allows that layout, but Pallas
-gives no view of such a buffer as one [tile_k, 128] operand.
+One 128-column accumulator holding 64 gate and 64 up columns needs a B tile [tile_k, 128] whose halves
+come from two places in w1. In the wgmma operand's (8, 64)-tiled layout the halves interleave every 8
+rows, so a TMA copy cannot fill one half; Mosaic refuses other tilings for the operand. Filled by one
+TMA copy per 8-row tile (16 per k-step) it ran correct but 1.77x slower (3.13 against 1.77 ms at the
+mixtral shape, H200, commit 42edfe9). What is left: w1 stored with gate and up interleaved in 64-column blocks.
 
 Ping-pong only: each compute WG takes whole items in turn on the shared ring (ops/gmm_pallas_pipeline.py),
 so one WG's epilogue runs under the other's wgmmas. The schedule (row segments, the tail past
@@ -40,9 +42,6 @@ from ops.gmm_pallas_fwd import _ladder_store, _wait_staging, segment_items, segm
 # (experiments/sweep_grouped_swiglu.py, H200, 2026-12-02); still slower than the unfused pair there.
 SWIGLU_FWD = FwdConfig(tile_m=128, tile_n=64, tile_k=64, max_concurrent_steps=4, delay_release=1,
                        epi_n=64, grid_tile_width=8, pingpong=True)
-# One accumulator [tile_m, 2 tile_n] per item (gate columns, then up columns) on one B tile assembled from
-# two TMA copies, one wgmma per k-step (candidate); False: two [tile_m, tile_n] accumulators, two wgmmas.
-ONE_ACC = False
 INTERPRET_SWIGLU_FWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                  grid_tile_width=2, pingpong=True)
 
@@ -69,7 +68,6 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
     if why:
         raise ValueError(f"gmm_swiglu_kernel: {why}")
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
-    one_acc = ONE_ACC  # read at trace time
     if tm % 64 or tm * tn > 64 * 128:
         raise ValueError(f"gmm_swiglu_kernel: tile_m must be a multiple of 64 with tile_m * tile_n <= "
                          f"64 * 128 (two fp32 accumulators per WG), got {tm} x {tn}")
@@ -83,16 +81,14 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
     table, count = segment_table(group_sizes, m, tm, cfg.group_tiles)
     in_tf = smem_transforms(lhs.dtype, tk)
     rhs_tf = smem_transforms(rhs.dtype, tn)
-    rhs_block = (tk, 2 * tn) if one_acc else (2, tk, tn)
 
     def body(table_gmem, count_gmem, lhs_gmem, rhs_gmem, gu_gmem, h_gmem):
         pl.run_scoped(
             functools.partial(scoped, table_gmem, count_gmem, lhs_gmem, rhs_gmem, gu_gmem, h_gmem),
             lhs_smem=plgpu.SMEM((stages, tm, tk), lhs.dtype, transforms=in_tf),
-            rhs_smem=plgpu.SMEM((stages, *rhs_block), rhs.dtype, transforms=rhs_tf),
+            rhs_smem=plgpu.SMEM((stages, 2, tk, tn), rhs.dtype, transforms=rhs_tf),
             out_smem=plgpu.SMEM((2, 3, tm, epi_n), out_dtype),  # per WG: gate, up, h chunks
-            loaded=plgpu.Barrier(num_arrivals=1 + (2 * tk // 8 if one_acc else 2),
-                                 num_barriers=pipeline.loaded_barriers(stages, True)),
+            loaded=plgpu.Barrier(num_arrivals=3, num_barriers=pipeline.loaded_barriers(stages, True)),
             consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, True),
                                    num_barriers=stages),
             collective_axes="wg")
@@ -107,20 +103,10 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
             ks = pl.ds(kk * tk, tk)
             plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row0, tm), ks], lhs_smem.at[slot], barrier)
             for half in (0, 1):  # gate, up: the same F columns of each half of rhs
-                src = rhs_gmem.at[grp]
-                if not one_acc:
-                    plgpu.copy_gmem_to_smem(src.at[ks, pl.ds(half * f + ni * tn, tn)], rhs_smem.at[slot, half],
-                                            barrier)
-                    continue
-                # the halves' 8-row tiles interleave in the [tk, 2 tn] buffer: one copy per tile
-                for r in range(0, tk, 8):
-                    plgpu.copy_gmem_to_smem(src.at[pl.ds(kk * tk + r, 8), pl.ds(half * f + ni * tn, tn)],
-                                            rhs_smem.at[slot, pl.ds(r, 8), pl.ds(half * tn, tn)], barrier)
+                plgpu.copy_gmem_to_smem(rhs_gmem.at[grp].at[ks, pl.ds(half * f + ni * tn, tn)],
+                                        rhs_smem.at[slot, half], barrier)
 
         def mma(info, kk, slot, accs):
-            if one_acc:
-                plgpu.wgmma(accs, lhs_smem.at[slot], rhs_smem.at[slot])
-                return
             for half, acc in enumerate(accs):
                 plgpu.wgmma(acc, lhs_smem.at[slot], rhs_smem.at[slot, half])
 
@@ -128,11 +114,7 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
             row0, packed, _, ni = info
             rows, start = packed & 0xFFFF, packed >> 16
             wg = lax.axis_index("wg")
-            if one_acc:
-                acc = accs[...]
-                gate, up = acc[:, :tn], acc[:, tn:]
-            else:
-                gate, up = (acc[...] for acc in accs)
+            gate, up = (acc[...] for acc in accs)
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
                 gc, uc = gate[:, cols], up[:, cols]
@@ -147,8 +129,7 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
                     _ladder_store(out_smem.at[wg, j], dst, row0, start, rows, c0, epi_n, min(tm, m))
 
         pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,
-                     mma=mma, epilogue=epilogue, acc_shape=(tm, 2 * tn) if one_acc else ((tm, tn), (tm, tn)),
-                     stages=stages,
+                     mma=mma, epilogue=epilogue, acc_shape=((tm, tn), (tm, tn)), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
                      pingpong=True)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores

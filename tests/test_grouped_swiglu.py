@@ -53,12 +53,8 @@ def _assert_matches(backend, names, got, want, sizes, tol):
             assert not np.any(np.asarray(got[2][gi], np.float32))
 
 
-@pytest.mark.parametrize("one_acc", [True, False])
-def test_fused_kernel_interpret_matches_reference(one_acc, monkeypatch):
-    """The Mosaic-GPU kernel in interpret mode: uneven groups, an empty one, rows past the sum; one
-    accumulator of gate and up columns or two (ONE_ACC)."""
-    from ops import gmm_pallas_swiglu as K
-    monkeypatch.setattr(K, "ONE_ACC", one_acc)
+def test_fused_kernel_interpret_matches_reference():
+    """The Mosaic-GPU kernel in interpret mode: uneven groups, an empty one, rows past the sum."""
     check("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
 
 
@@ -85,13 +81,11 @@ def test_backend_choice_and_errors():
         grouped_swiglu(x, jnp.ones((2, 128, 255), jnp.bfloat16), jnp.array([32, 32]), backend="unfused")
 
 
-@pytest.mark.parametrize("one_acc", [True, False])
-def test_fused_kernel_lowers_for_cuda(one_acc, monkeypatch):
+def test_fused_kernel_lowers_for_cuda(monkeypatch):
     """The GPU config goes through the Pallas → Mosaic-GPU lowering for CUDA here (no GPU needed), at
-    deepseek_small's F = 1408 (22 column tiles) with an empty group and rows past the sum."""
+    deepseek_small's F = 1408 (11 column tiles) with an empty group and rows past the sum."""
     from ops import gmm_pallas_swiglu as K
     monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
-    monkeypatch.setattr(K, "ONE_ACC", one_acc)
     x = jnp.ones((1000, 2048), jnp.bfloat16)
     w1 = jnp.ones((4, 2048, 2 * 1408), jnp.bfloat16)
     gs = jnp.array([300, 0, 500, 100], jnp.int32)
@@ -104,10 +98,7 @@ def test_fused_kernel_lowers_for_cuda(one_acc, monkeypatch):
     (4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),          # sum < M, an empty group
     (6000, 2048, 1408, [30 * (i % 7) for i in range(64)]),    # deepseek's F, 64 groups
 ])
-@pytest.mark.parametrize("one_acc", [True, False])
-def test_fused_kernel_gpu(m, k, f, sizes, one_acc, monkeypatch):
-    from ops import gmm_pallas_swiglu as K
-    monkeypatch.setattr(K, "ONE_ACC", one_acc)
+def test_fused_kernel_gpu(m, k, f, sizes):
     check("pallas", m, k, f, sizes)
 
 
