@@ -35,6 +35,8 @@
 #            directory; the second run's "first step" line must say its program was read from the cache
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
+#   swiglu — fc1 with SwiGLU in its epilogue on w1 interleaved (ops/gmm_pallas_swiglu.py): its GPU tests, then
+#            sweep_grouped_swiglu.py --configs best (the unfused pair, the two-accumulator kernel, the interleaved configs)
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
@@ -166,6 +168,12 @@ case "${1:-}" in
       > "$OUT/ncu_dswiglu_mixtral_rows2.log" 2>&1  # comes back in the part's .tgz of logs
     grep -E "mosaic_gpu_kernel|Duration|Spilling Requests  |Compute \(SM\) Throughput" \
       "$OUT/ncu_dswiglu_mixtral_rows2.log" ;;
+  swiglu)
+    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py -k "fused_kernel" \
+      > "$OUT/swiglu_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/swiglu_tests.log"
+    timeout -s KILL 200 python3 experiments/sweep_grouped_swiglu.py --configs best --reps 20 \
+      --out "experiments/results/sweep_grouped_swiglu_$(date +%F)_h200_interleaved.json" 2>&1 \
+      | grep -v "^[WI][0-9]" | cut -c1-200 | tail -16 ;;
   kernels)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_rms_norm.py \
       tests/test_rope_kernel.py tests/test_gated_act.py tests/test_grouped_swiglu.py > "$OUT/kernels_tests.log" 2>&1
