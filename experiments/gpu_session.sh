@@ -35,8 +35,6 @@
 #            directory; the second run's "first step" line must say its program was read from the cache
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
-#   swiglu — fc1 with SwiGLU in its epilogue on w1 interleaved (ops/gmm_pallas_swiglu.py): its GPU tests, then
-#            sweep_grouped_swiglu.py --configs best (the unfused pair, the two-accumulator kernel, the interleaved configs)
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
@@ -49,6 +47,9 @@ stamp=$(mktemp); sleep 1
 # cache hit for a program compiled before
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-.jax_cache}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# the card in the results' names (h100, h200, ...): timings compare only within one card
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE "[HAB][0-9]+" | head -1 | tr A-Z a-z)
+GPU=${GPU:-gpu}
 case "${1:-}" in
   tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
   model)
@@ -74,25 +75,25 @@ case "${1:-}" in
       --durations=5 > "$OUT/ep_tests.log" 2>&1; echo "tests rc=$?"; tail -8 "$OUT/ep_tests.log"
     timeout -s KILL 340 python3 experiments/bench_ep.py --check alltoall,alltoall_ragged,allgather,ragged_sorted --gpus 1,2,4,8 --ragged pallas --budget-s 200 \
       --plan "${EP_PLAN:-$plan,$ngpu:alltoall:2}" \
-      --out "experiments/results/ep_bench_$(date +%F)_h200x$ngpu.json" > "$OUT/ep_bench.log" 2>&1
+      --out "experiments/results/ep_bench_$(date +%F)_${GPU}x$ngpu.json" > "$OUT/ep_bench.log" 2>&1
     echo "bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_bench.log" | tail -40 ;;
   epprof)
     ngpu=$(nvidia-smi -L | wc -l)
     XLA_FLAGS="${XLA_FLAGS:-} --xla_enable_command_buffers_during_profiling=true" \
       timeout -s KILL 240 python3 experiments/profile_ep.py --tune --timeline \
       --variants "local:1,alltoall_ragged:$ngpu,ragged_tight:$ngpu,ragged_direct:$ngpu" \
-      --out "experiments/results/profile_ep_$(date +%F)_h200x$ngpu.json" > "$OUT/profile_ep.log" 2>&1
+      --out "experiments/results/profile_ep_$(date +%F)_${GPU}x$ngpu.json" > "$OUT/profile_ep.log" 2>&1
     echo "profile rc=$?"; grep -v "^[WI][0-9]" "$OUT/profile_ep.log" | grep -v "^ *[0-9.]*  " | tail -40
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+CONDITIONAL,+WHILE" \
       timeout -s KILL 150 python3 experiments/bench_ep.py --gpus "1,$ngpu" --ragged pallas --budget-s 110 \
       --plan "1:local:1,$ngpu:ragged_tight:1,$ngpu:alltoall_ragged:1" \
-      --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_cbcond.json" > "$OUT/ep_cbcond.log" 2>&1
+      --out "experiments/results/ep_bench_$(date +%F)_${GPU}x${ngpu}_cbcond.json" > "$OUT/ep_cbcond.log" 2>&1
     echo "cb-cond bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ep_cbcond.log" | tail -12 ;;
   eplayers)
     ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1"
     for g in 2 4 8; do [ "$g" -le "$ngpu" ] && plan="$plan,$g:alltoall_ragged:1,$g:alltoall:1"; done
     timeout -s KILL 400 python3 experiments/bench_ep.py --gpus 1,2,4,8 --ragged "" --layers 4 --plan "$plan" \
-      --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_4layers.json" > "$OUT/ep_layers.log" 2>&1
+      --out "experiments/results/ep_bench_$(date +%F)_${GPU}x${ngpu}_4layers.json" > "$OUT/ep_layers.log" 2>&1
     echo "bench rc=$?"; grep -E "^layer" "$OUT/ep_layers.log" | cut -c1-160; grep -A12 "^summary" "$OUT/ep_layers.log" ;;
   epsm)
     ngpu=$(nvidia-smi -L | wc -l); plan="1:local:1,$ngpu:alltoall_ragged:1,$ngpu:ragged_direct:1"
@@ -106,7 +107,7 @@ case "${1:-}" in
       xf="${XLA_FLAGS:-}${flags:+ $flags}"
       env ${xf:+XLA_FLAGS="$xf"} MOE_JAX_SM_MARGIN="${margin:-0}" timeout -s KILL 110 \
         python3 experiments/bench_ep.py --gpus "1,$ngpu" --ragged "" --plan "$plan" \
-        --out "experiments/results/ep_bench_$(date +%F)_h200x${ngpu}_$tag.json" > "$OUT/ep_$tag.log" 2>&1
+        --out "experiments/results/ep_bench_$(date +%F)_${GPU}x${ngpu}_$tag.json" > "$OUT/ep_$tag.log" 2>&1
       echo "== $tag rc=$?"; grep "^layer" "$OUT/ep_$tag.log" | cut -c1-140
     done ;;
   fast)
@@ -118,7 +119,7 @@ case "${1:-}" in
     for preset in ${FAST_PRESETS:-mixtral_small}; do
       for pd in ${FAST_PARAMS:-bf16}; do
         dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
-        tag="${preset}_$(date +%F)_h200_${pd}${FAST_TAG:-}"
+        tag="${preset}_$(date +%F)_${GPU}_${pd}${FAST_TAG:-}"
         dump=""; [ "${FAST_DUMP:-0}" = 1 ] && dump="--xla_dump_to=/tmp/xdump_$tag --xla_dump_hlo_module_re=jit_step"
         xf="${XLA_FLAGS:-}${dump:+ $dump}"
         env ${xf:+XLA_FLAGS="$xf"} timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" --top ${FAST_TOP:-40} \
@@ -161,31 +162,25 @@ case "${1:-}" in
       > "$OUT/dswiglu_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/dswiglu_tests.log"
     for shape in mixtral deepseek; do
       timeout -s KILL 120 python3 experiments/probe_dswiglu.py --shape "$shape" \
-        --out "experiments/results/probe_dswiglu_${shape}_$(date +%F)_h200.json" 2>&1 | grep -v "^[WI][0-9]" | tail -1
+        --out "experiments/results/probe_dswiglu_${shape}_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -1
     done
     timeout -s KILL 150 ncu --kernel-name regex:"gmm_dswiglu|gmm_fwd_t" --launch-skip 2 --launch-count 2 --set full \
       python3 experiments/probe_dswiglu.py --shape mixtral --row-split 2 --reps 0 \
       > "$OUT/ncu_dswiglu_mixtral_rows2.log" 2>&1  # comes back in the part's .tgz of logs
     grep -E "mosaic_gpu_kernel|Duration|Spilling Requests  |Compute \(SM\) Throughput" \
       "$OUT/ncu_dswiglu_mixtral_rows2.log" ;;
-  swiglu)
-    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py -k "fused_kernel" \
-      > "$OUT/swiglu_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/swiglu_tests.log"
-    timeout -s KILL 200 python3 experiments/sweep_grouped_swiglu.py --configs best --reps 20 \
-      --out "experiments/results/sweep_grouped_swiglu_$(date +%F)_h200_interleaved.json" 2>&1 \
-      | grep -v "^[WI][0-9]" | cut -c1-200 | tail -16 ;;
   kernels)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_rms_norm.py \
       tests/test_rope_kernel.py tests/test_gated_act.py tests/test_grouped_swiglu.py > "$OUT/kernels_tests.log" 2>&1
     echo "tests rc=$?"; tail -4 "$OUT/kernels_tests.log"
     for shape in ${KERNEL_SHAPES:-mixtral deepseek}; do
       timeout -s KILL 150 python3 experiments/bench_ops.py --shape "$shape" \
-        --out "experiments/results/ops_${shape}_$(date +%F)_h200.json" > "$OUT/ops_$shape.log" 2>&1
+        --out "experiments/results/ops_${shape}_$(date +%F)_${GPU}.json" > "$OUT/ops_$shape.log" 2>&1
       echo "== ops $shape rc=$?"; grep -v "^[WI][0-9]" "$OUT/ops_$shape.log" | tail -9
     done
     if [ "${KERNEL_TUNE:-0}" = 1 ]; then
       timeout -s KILL 200 python3 experiments/bench_ops.py --shape mixtral --tune-norm --reps 10 \
-        --out "experiments/results/tune_norm_mixtral_$(date +%F)_h200.json" > "$OUT/tune_norm.log" 2>&1
+        --out "experiments/results/tune_norm_mixtral_$(date +%F)_${GPU}.json" > "$OUT/tune_norm.log" 2>&1
       echo "== tune rc=$?"; grep "^best" "$OUT/tune_norm.log"
     fi ;;
   autotune)
@@ -201,7 +196,7 @@ case "${1:-}" in
     for preset in ${DSV3_PRESETS:-deepseek_v3_small}; do
       for pd in ${DSV3_PARAMS:-bf16}; do
         dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
-        tag="${preset}_$(date +%F)_h200_${pd}"
+        tag="${preset}_$(date +%F)_${GPU}_${pd}"
         timeout -s KILL ${DSV3_TIMEOUT:-300} python3 experiments/profile_model.py --config "$preset" \
           "model.param_dtype=$dt" ${DSV3_EXTRA:-} --out "experiments/results/profile_$tag.json" \
           > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
@@ -213,7 +208,7 @@ case "${1:-}" in
       done
     done ;;
   attn) timeout -s KILL 150 python3 experiments/probe_attention.py \
-      --out "experiments/results/probe_attention_causal_$(date +%F)_h200.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
+      --out "experiments/results/probe_attention_causal_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \

@@ -4,9 +4,7 @@
 
 Per shape (one MoE layer's fc1 of `mixtral_small` or `deepseek_small`, a random routing's group sizes), the
 baseline first: the grouped GEMM on its tuning-table config alone, and followed by the SwiGLU op (what
-the model runs unfused); then the fused kernel's forward per config (`--configs best`: SWIGLU_FWD's only),
-and on w1 interleaved in blocks of tile_n gate then tile_n up columns (`interleaved=True`: one B box
-and one accumulator per item; the interleave is done before the timing). GPU time from a profiler trace
+the model runs unfused); then the fused kernel's forward per config. GPU time from a profiler trace
 (`timing.device_ms`). The JSON is written after every row, so a sweep cut short keeps what it measured.
 """
 from __future__ import annotations
@@ -42,13 +40,6 @@ CONFIGS = [  # fields of FwdConfig over SWIGLU_FWD's
     dict(tile_m=64, tile_n=64, max_concurrent_steps=6),
     dict(tile_m=64, tile_n=64, max_concurrent_steps=8),
 ]
-# w1 interleaved (ops.gmm_pallas_swiglu.interleave_gate_up, outside the timing): one B box, one accumulator
-INTERLEAVED_CONFIGS = [
-    {},
-    dict(max_concurrent_steps=3),
-    dict(grid_minor_dim=0),
-    dict(tile_m=64, tile_n=128, max_concurrent_steps=4),
-]
 
 
 def _time(fn, *args, reps):
@@ -56,7 +47,7 @@ def _time(fn, *args, reps):
     return ms if ms is not None else 1e3 * median_seconds(fn, *args, iters=reps)
 
 
-def sweep(shape: dict, reps: int, on_row, configs: str = "all"):
+def sweep(shape: dict, reps: int, on_row):
     R, E, D, F = shape["R"], shape["E"], shape["D"], shape["F"]
     key = jax.random.key(0)
     gs = jnp.bincount(jax.random.randint(key, (R,), 0, E), length=E).astype(jnp.int32)
@@ -65,9 +56,9 @@ def sweep(shape: dict, reps: int, on_row, configs: str = "all"):
     tflop = 2 * R * D * 2 * F / 1e12
     rows = []
 
-    def add(name, fn, w=w1):
+    def add(name, fn):
         try:
-            ms = _time(jax.jit(fn), x, w, reps=reps)
+            ms = _time(jax.jit(fn), x, w1, reps=reps)
             row = {"variant": name, "ms": ms, "tflops": tflop / ms * 1e3}
         except Exception as e:  # a config the kernel or Mosaic refuses: keep sweeping
             row = {"variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
@@ -78,21 +69,16 @@ def sweep(shape: dict, reps: int, on_row, configs: str = "all"):
     add("gmm fwd (table config)", lambda x, w: grouped_matmul(x, w, gs))
     add("gmm fwd + swiglu (unfused)", lambda x, w: swiglu(grouped_matmul(x, w, gs).reshape(R, 2, F)))
     ref = jax.jit(lambda x, w: swiglu(grouped_matmul(x, w, gs).reshape(R, 2, F)))(x, w1).astype(jnp.float32)
-    plan = [(False, over) for over in (CONFIGS if configs == "all" else CONFIGS[:1])]
-    plan += [(True, over) for over in INTERLEAVED_CONFIGS]
-    for interleaved, over in plan:
+    for over in CONFIGS:
         cfg = dataclasses.replace(K.SWIGLU_FWD, **over)
-        name = f"fused{' interleaved w1' if interleaved else ''} {over}"
-        kw = dict(out_dtype=jnp.bfloat16, cfg=cfg, interleaved=interleaved)
         try:
-            w = K.interleave_gate_up(w1, cfg.tile_n) if interleaved else w1
-            h = K.gmm_swiglu_kernel(x, w, gs, **kw)[1].astype(jnp.float32)
+            h = K.gmm_swiglu_kernel(x, w1, gs, out_dtype=jnp.bfloat16, cfg=cfg)[1].astype(jnp.float32)
             err = float(jnp.linalg.norm(h - ref) / jnp.linalg.norm(ref))
         except Exception as e:
-            rows.append({"variant": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            rows.append({"variant": f"fused {over}", "error": f"{type(e).__name__}: {str(e)[:200]}"})
             print(rows[-1], flush=True)
             continue
-        add(name, lambda x, w, kw=kw: K.gmm_swiglu_kernel(x, w, gs, **kw), w)  # w in the layout it reads
+        add(f"fused {over}", lambda x, w, cfg=cfg: K.gmm_swiglu_kernel(x, w, gs, out_dtype=jnp.bfloat16, cfg=cfg))
         rows[-1]["rel_err_vs_unfused"] = err
     return rows
 
@@ -101,8 +87,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["mixtral", "deepseek"], choices=sorted(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--configs", choices=("all", "best"), default="all",
-                    help="best: of the two-accumulator configs only SWIGLU_FWD's (the interleaved ones always run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     result = {"device": jax.devices()[0].device_kind, "default": dataclasses.asdict(K.SWIGLU_FWD)}
@@ -110,7 +94,7 @@ def main(argv=None) -> int:
         def save(rows, name=name):
             result[name] = {"shape": SHAPES[name], "rows": rows}
             return write_result("sweep_grouped_swiglu", "_".join(args.shapes), result, args.out)
-        rows = sweep(SHAPES[name], args.reps, save, args.configs)
+        rows = sweep(SHAPES[name], args.reps, save)
         ok = [r for r in rows if "ms" in r and r["variant"].startswith("fused")]
         if ok:
             print(f"best {name}: {min(ok, key=lambda r: r['ms'])}")

@@ -15,10 +15,9 @@ One 128-column accumulator holding 64 gate and 64 up columns needs a B tile [til
 come from two places in w1. In the wgmma operand's (8, 64)-tiled layout the halves interleave every 8
 rows, so a TMA copy cannot fill one half; Mosaic refuses other tilings for the operand. Filled by one
 TMA copy per 8-row tile (16 per k-step) it ran correct but 1.77x slower (3.13 against 1.77 ms at the
-mixtral shape, H200, commit 42edfe9). `interleaved=True` takes w1 with its gate and up columns
-interleaved in blocks of tile_n (`interleave_gate_up`), so the B tile is one TMA box: built and checked
-against the reference in interpret mode and the CUDA lowering, not yet timed on the GPU
-(`bash experiments/gpu_session.sh swiglu`).
+mixtral shape, H200, commit 42edfe9). With w1's gate and up columns interleaved in HBM so that one TMA
+box fills the B tile (commit d74f7b0, since removed) it matched the unfused pair and no more: 1.706 against
+1.715 ms (GEMM alone 1.459) at the mixtral shape, 1.847 against 1.842 at deepseek's (H100, 2026-12-05).
 
 Ping-pong only: each compute WG takes whole items in turn on the shared ring (ops/gmm_pallas_pipeline.py),
 so one WG's epilogue runs under the other's wgmmas. The schedule (row segments, the tail past
@@ -60,30 +59,10 @@ def check_shapes(m, k, n2, cfg: FwdConfig) -> str:
     return ""
 
 
-def interleave_gate_up(w1, block):
-    """w1 [..., 2F] (gate [0, F), up [F, 2F)) -> the same columns as blocks of `block` gate columns then
-    the same `block` up columns: [g_0 u_0 g_1 u_1 ...] (the layout `interleaved=True` reads)."""
-    *lead, n2 = w1.shape
-    f = n2 // 2
-    if n2 % 2 or f % block:
-        raise ValueError(f"interleave_gate_up: 2F = {n2} must split into gate/up halves of whole {block}-column blocks")
-    w = w1.reshape(*lead, 2, f // block, block)
-    return jnp.swapaxes(w, -3, -2).reshape(*lead, n2)
-
-
-def deinterleave_gate_up(w1_il, block):
-    """The inverse of interleave_gate_up."""
-    *lead, n2 = w1_il.shape
-    w = w1_il.reshape(*lead, n2 // (2 * block), 2, block)
-    return jnp.swapaxes(w, -3, -2).reshape(*lead, n2)
-
-
 def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIGLU_FWD,
-                      interpret=False, interleaved=False):
+                      interpret=False):
     """(gu [M, 2F], h [M, F]) of lhs [M, K] and rhs [G, K, 2F] (see the module docstring); rows past
-    sum(group_sizes) are zeros in both. interleaved: rhs is `interleave_gate_up(w1, cfg.tile_n)`, so an
-    item's gate and up columns are one [tile_k, 2 tile_n] box: one TMA copy and one wgmma per k-step into
-    one accumulator (gu still comes out gate | up)."""
+    sum(group_sizes) are zeros in both."""
     m, k = lhs.shape
     g, _, n2 = rhs.shape
     f = n2 // 2
@@ -103,17 +82,15 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
     stages = cfg.max_concurrent_steps
     table, count = segment_table(group_sizes, m, tm, cfg.group_tiles)
     in_tf = smem_transforms(lhs.dtype, tk)
-    rhs_tf = smem_transforms(rhs.dtype, 2 * tn if interleaved else tn)
-    rhs_block = (tk, 2 * tn) if interleaved else (2, tk, tn)
+    rhs_tf = smem_transforms(rhs.dtype, tn)
 
     def body(table_gmem, count_gmem, lhs_gmem, rhs_gmem, gu_gmem, h_gmem):
         pl.run_scoped(
             functools.partial(scoped, table_gmem, count_gmem, lhs_gmem, rhs_gmem, gu_gmem, h_gmem),
             lhs_smem=plgpu.SMEM((stages, tm, tk), lhs.dtype, transforms=in_tf),
-            rhs_smem=plgpu.SMEM((stages, *rhs_block), rhs.dtype, transforms=rhs_tf),
+            rhs_smem=plgpu.SMEM((stages, 2, tk, tn), rhs.dtype, transforms=rhs_tf),
             out_smem=plgpu.SMEM((2, 3, tm, epi_n), out_dtype),  # per WG: gate, up, h chunks
-            loaded=plgpu.Barrier(num_arrivals=2 if interleaved else 3,
-                                 num_barriers=pipeline.loaded_barriers(stages, True)),
+            loaded=plgpu.Barrier(num_arrivals=3, num_barriers=pipeline.loaded_barriers(stages, True)),
             consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, True),
                                    num_barriers=stages),
             collective_axes="wg")
@@ -127,18 +104,11 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
             row0 = pl.multiple_of(row0, ROW_ALIGN)  # layout inference must see it (TMA tiles)
             ks = pl.ds(kk * tk, tk)
             plgpu.copy_gmem_to_smem(lhs_gmem.at[pl.ds(row0, tm), ks], lhs_smem.at[slot], barrier)
-            if interleaved:  # gate and up columns of the item side by side
-                plgpu.copy_gmem_to_smem(rhs_gmem.at[grp].at[ks, pl.ds(ni * 2 * tn, 2 * tn)],
-                                        rhs_smem.at[slot], barrier)
-                return
             for half in (0, 1):  # gate, up: the same F columns of each half of rhs
                 plgpu.copy_gmem_to_smem(rhs_gmem.at[grp].at[ks, pl.ds(half * f + ni * tn, tn)],
                                         rhs_smem.at[slot, half], barrier)
 
         def mma(info, kk, slot, accs):
-            if interleaved:
-                plgpu.wgmma(accs, lhs_smem.at[slot], rhs_smem.at[slot])
-                return
             for half, acc in enumerate(accs):
                 plgpu.wgmma(acc, lhs_smem.at[slot], rhs_smem.at[slot, half])
 
@@ -146,11 +116,7 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
             row0, packed, _, ni = info
             rows, start = packed & 0xFFFF, packed >> 16
             wg = lax.axis_index("wg")
-            if interleaved:
-                acc = accs[...]
-                gate, up = acc[:, :tn], acc[:, tn:]
-            else:
-                gate, up = (acc[...] for acc in accs)
+            gate, up = (acc[...] for acc in accs)
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
                 gc, uc = gate[:, cols], up[:, cols]
@@ -165,8 +131,7 @@ def gmm_swiglu_kernel(lhs, rhs, group_sizes, *, out_dtype, cfg: FwdConfig = SWIG
                     _ladder_store(out_smem.at[wg, j], dst, row0, start, rows, c0, epi_n, min(tm, m))
 
         pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,
-                     mma=mma, epilogue=epilogue, stages=stages,
-                     acc_shape=(tm, 2 * tn) if interleaved else ((tm, tn), (tm, tn)),
+                     mma=mma, epilogue=epilogue, acc_shape=((tm, tn), (tm, tn)), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
                      pingpong=True)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores

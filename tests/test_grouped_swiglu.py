@@ -94,61 +94,6 @@ def test_fused_kernel_lowers_for_cuda(monkeypatch):
     assert "mosaic_gpu" in jax.jit(f).trace(x, w1).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def test_interleave_gate_up_round_trip_and_order():
-    from ops.gmm_pallas_swiglu import deinterleave_gate_up, interleave_gate_up
-    w = jax.random.normal(jax.random.key(3), (2, 5, 2 * 192), jnp.float32)
-    il = interleave_gate_up(w, 64)
-    # block j holds gate columns [64j, 64j + 64) then the same up columns
-    np.testing.assert_array_equal(il[..., 64:128], w[..., 192:256])
-    np.testing.assert_array_equal(il[..., 128:192], w[..., 64:128])
-    np.testing.assert_array_equal(deinterleave_gate_up(il, 64), w)
-    with pytest.raises(ValueError, match="whole 64-column blocks"):
-        interleave_gate_up(w[..., :200], 64)
-
-
-def _kernel_against_reference(m, k, f, sizes, cfg, interpret, interleaved, seed=1):
-    """gmm_swiglu_kernel's (gu, h) against the one-hot reference on fresh random inputs."""
-    from ops import gmm_pallas_swiglu as K
-    from ops.gated_act import reference_swiglu
-    from ops.grouped_matmul import reference_grouped_matmul
-    x, w1, gs, _ = _inputs(seed, m, k, f, sizes)
-    rhs = K.interleave_gate_up(w1, cfg.tile_n) if interleaved else w1
-    gu, h = K.gmm_swiglu_kernel(x, rhs, gs, out_dtype=jnp.bfloat16, cfg=cfg, interpret=interpret,
-                                interleaved=interleaved)
-    gu_want = reference_grouped_matmul(x.astype(jnp.float32), w1.astype(jnp.float32), gs)
-    h_want = reference_swiglu(gu_want.reshape(m, 2, f))
-    assert _rel(gu, gu_want) < 1e-2 and _rel(h, h_want) < 1.5e-2
-    total = int(np.sum(sizes))
-    assert not np.any(np.asarray(gu[total:], np.float32)) and not np.any(np.asarray(h[total:], np.float32))
-
-
-def test_fused_kernel_interleaved_w1_interpret_matches_reference():
-    """One B box and one accumulator per item (w1 interleaved): gu in the plain gate | up order, h."""
-    from ops import gmm_pallas_swiglu as K
-    _kernel_against_reference(200, 128, 128, [70, 0, 100, 20], K.INTERPRET_SWIGLU_FWD, interpret=True,
-                              interleaved=True)
-
-
-def test_fused_kernel_interleaved_w1_lowers_for_cuda(monkeypatch):
-    from ops import gmm_pallas_swiglu as K
-    monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
-    x = jnp.ones((1000, 2048), jnp.bfloat16)
-    w1 = jnp.ones((4, 2048, 2 * 1408), jnp.bfloat16)
-    gs = jnp.array([300, 0, 500, 100], jnp.int32)
-    f = lambda x, w: K.gmm_swiglu_kernel(x, w, gs, out_dtype=jnp.bfloat16, interleaved=True)  # noqa: E731
-    assert "mosaic_gpu" in jax.jit(f).trace(x, w1).lower(lowering_platforms=("cuda",)).as_text()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,k,f,sizes", [
-    (4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),
-    (6000, 2048, 1408, [30 * (i % 7) for i in range(64)]),
-])
-def test_fused_kernel_interleaved_w1_gpu(m, k, f, sizes):
-    from ops import gmm_pallas_swiglu as K
-    _kernel_against_reference(m, k, f, sizes, K.SWIGLU_FWD, interpret=False, interleaved=True)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,f,sizes", [
     (4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),          # sum < M, an empty group
