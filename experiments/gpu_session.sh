@@ -17,7 +17,8 @@
 #            all-gather off, and with MOE_JAX_SM_MARGIN SMs left free by the persistent kernels
 #   autotune — the grouped-GEMM table for this GPU (own_key: "H200" on the H200): the forward sweep over
 #            every shape class, then the wgrad sweep with the cross-item ring; the table lands in $OUT
-#            after each sweep (a run cut short keeps what it measured)
+#            after each sweep (a run cut short keeps what it measured); AUTOTUNE_KINDS (fwd wgrad),
+#            AUTOTUNE_SHAPES (1,2,3,0: autotune's SHAPES), AUTOTUNE_CONFIGS (JSON {"fwd": [...]}: the candidates)
 #   dsv3   — the MLA GPU tests (cuDNN vs XLA), then profile_model.py (step time, MFU, peak memory, GPU
 #            time by category) of DSV3_PRESETS (deepseek_v3_small) with DSV3_PARAMS (bf16) parameters;
 #            DSV3_EXTRA adds overrides; then the PyTorch reference (MLA + MTP) in the same call (DSV3_TORCH=0 skips)
@@ -184,12 +185,18 @@ case "${1:-}" in
       echo "== tune rc=$?"; grep "^best" "$OUT/tune_norm.log"
     fi ;;
   autotune)
-    timeout -s KILL ${AUTOTUNE_FWD_S:-330} python3 experiments/autotune_grouped_matmul.py --kinds fwd \
-      --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_fwd.log" 2>&1; echo "fwd rc=$?"
-    grep "^PICK" "$OUT/autotune_fwd.log"
-    timeout -s KILL ${AUTOTUNE_WGRAD_S:-220} python3 experiments/autotune_grouped_matmul.py --kinds wgrad --ring \
-      --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_wgrad.log" 2>&1; echo "wgrad rc=$?"
-    grep "^PICK" "$OUT/autotune_wgrad.log"; cp ops/tuning/grouped_matmul.json "$OUT/" ;;
+    if [[ " ${AUTOTUNE_KINDS:-fwd wgrad} " == *" fwd "* ]]; then
+      timeout -s KILL ${AUTOTUNE_FWD_S:-330} python3 experiments/autotune_grouped_matmul.py --kinds fwd \
+        --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} ${AUTOTUNE_CONFIGS:+--configs "$AUTOTUNE_CONFIGS"} \
+        > "$OUT/autotune_fwd.log" 2>&1; echo "fwd rc=$?"
+      grep "^PICK" "$OUT/autotune_fwd.log"
+    fi
+    if [[ " ${AUTOTUNE_KINDS:-fwd wgrad} " == *" wgrad "* ]]; then
+      timeout -s KILL ${AUTOTUNE_WGRAD_S:-220} python3 experiments/autotune_grouped_matmul.py --kinds wgrad --ring \
+        --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_wgrad.log" 2>&1; echo "wgrad rc=$?"
+      grep "^PICK" "$OUT/autotune_wgrad.log"
+    fi
+    cp ops/tuning/grouped_matmul.json "$OUT/" ;;
   dsv3)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mla.py --durations=4 \
       > "$OUT/dsv3_tests.log" 2>&1; echo "tests rc=$?"; tail -8 "$OUT/dsv3_tests.log"
