@@ -8,6 +8,8 @@ profiler trace; the host-timed median where no trace has GPU events): relative e
 values, zeros where they must be (empty groups for wgrad, rows past the groups for fwd). A cross-item-ring wgrad
 config (--ring) only takes a class when it beats the class's best per-item config by more than
 --ring-margin (the per-item kernel is the longer GPU-verified one). --check exits 1 on any FAIL.
+A class's current entry is always among its candidates, so a short sweep (--configs) keeps a pick it
+did not beat; the log keeps every earlier row that this run did not re-time, each with its date.
 Never runs at import time.
 """
 from __future__ import annotations
@@ -132,6 +134,22 @@ def pick(results, ring_margin):
     return item
 
 
+def with_current(configs, current):
+    """The candidates of one class: `configs` plus the table's current entry for that class where it
+    is not among them, so a short sweep (--configs) cannot replace a pick with one it did not beat."""
+    if current and current not in configs:
+        return list(configs) + [dict(current)]
+    return list(configs)
+
+
+def merge_log(earlier, new, swept):
+    """The table's log after a sweep: `new` plus the earlier rows that no config of this run
+    re-timed (`swept`: (kind, shape, cfg) keys), each row keeping the date it was measured."""
+    keep = [r for r in earlier if (r["kind"], tuple(r["shape"]), json.dumps(r["cfg"], sort_keys=True))
+            not in swept]
+    return keep + new
+
+
 def rel(a, b):
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -239,20 +257,24 @@ def main():
     entry = table.setdefault(dev, {"fwd": {}, "wgrad": {}})
     shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
     kinds = args.kinds.split(",")
-    # earlier measurements of the (kind, shape) pairs this run does not sweep stay in the log
-    log = [r for r in entry.get("_measured", {}).get("log", [])
-           if not (r["kind"] in kinds and tuple(r["shape"]) in shapes)]
+    # earlier rows stay in the log unless this run re-times the same config at the same shape
+    earlier, new, swept = entry.get("_measured", {}).get("log", []), [], set()
     for e, m, k, n in shapes:
         for kind in kinds:
-            results = sweep(kind, e, m, k, n, configs[kind], args.reps, log,
-                            args.patterns.split(","))
+            cls = tuning.shape_class(m, k, n, e)
+            cands = with_current(configs[kind], entry.get(kind, {}).get(cls))
+            rows = []
+            results = sweep(kind, e, m, k, n, cands, args.reps, rows, args.patterns.split(","))
+            for r in rows:
+                r["date"] = time.strftime("%Y-%m-%d")
+            new += rows
+            swept |= {(kind, (e, m, k, n), json.dumps(c, sort_keys=True)) for c in cands}
             best = pick(results, args.ring_margin)
             if best:
-                entry.setdefault(kind, {})[tuning.shape_class(m, k, n, e)] = best[1]
-                print("PICK", kind, (e, m, k, n), tuning.shape_class(m, k, n, e), best[1],
-                      f"{best[0] * 1e3:.3f} ms", flush=True)
+                entry.setdefault(kind, {})[cls] = best[1]
+                print("PICK", kind, (e, m, k, n), cls, best[1], f"{best[0] * 1e3:.3f} ms", flush=True)
             entry["_measured"] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                  "date": time.strftime("%Y-%m-%d"), "log": log,
+                                  "date": time.strftime("%Y-%m-%d"), "log": merge_log(earlier, new, swept),
                                   "timing": "GPU kernel time per call (profiler) where available"}
             if not args.no_write:  # after every sweep: a run cut short still leaves a table
                 path.write_text(json.dumps(table, indent=1))

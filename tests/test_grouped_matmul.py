@@ -436,6 +436,26 @@ def test_autotune_picks_ring_only_when_correct_and_faster():
     assert not A.valid("wgrad", want * 1.1, want, [5, 0, 3], tol=2e-2)[0]
 
 
+def test_autotune_short_sweep_keeps_current_pick_and_earlier_rows():
+    """A short sweep (--configs) always times the class's current entry beside its candidates, and
+    the log keeps the earlier rows it did not re-time."""
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import autotune_grouped_matmul as A
+    cur, other = {"split": "n", "grid_minor_dim": 0}, {"split": "m", "tile_m": 256}
+    assert A.with_current([other], cur) == [other, cur]
+    assert A.with_current([dict(reversed(list(cur.items())))], cur) == [cur]  # key order does not matter
+    assert A.with_current([other], None) == [other]
+    shape = (8, 64, 32, 16)
+    old = [{"kind": "fwd", "shape": list(shape), "cfg": cur, "ms": 2.0},
+           {"kind": "fwd", "shape": list(shape), "cfg": {"split": "n"}, "ms": 3.0},
+           {"kind": "wgrad", "shape": list(shape), "cfg": cur, "ms": 4.0}]
+    new = [{"kind": "fwd", "shape": list(shape), "cfg": cur, "ms": 1.5, "date": "2026-12-05"}]
+    swept = {("fwd", shape, A.json.dumps(c, sort_keys=True)) for c in (cur, other)}
+    merged = A.merge_log(old, new, swept)
+    assert [r["ms"] for r in merged] == [3.0, 4.0, 1.5]
+
+
 def test_sm_margin_env(monkeypatch):
     from ops import gmm_pallas_common as common
     assert common.grid_sms(132) == 132
