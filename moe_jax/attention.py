@@ -13,7 +13,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax.config import ModelConfig
-from moe_jax.layers import Norm, param
+from moe_jax.layers import Norm, fan_in, param
 from moe_jax.rope import apply_rope, rope_tables  # noqa: F401  (re-exported; they live in moe_jax.rope)
 from ops.pallas_triton import backend_args
 from ops.rope_kernel import rope
@@ -45,7 +45,10 @@ def resolve_impl(impl: str, dtype, head_dims: tuple[int, ...], device=None) -> s
 
 
 class Attention(nnx.Module):
-    """Causal grouped-query attention (optional q/k/v biases and q/k RMSNorm), RoPE on q and k."""
+    """Causal grouped-query attention (optional q/k/v biases and q/k RMSNorm), RoPE on q and k. The input
+    is x [B,S,D] or the three copies (for q, k, v) of a fan-out norm (`fanout`)."""
+
+    fanout = 3  # consumers of the input: the q, k and v projections
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, n, kv, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim_
@@ -71,11 +74,11 @@ class Attention(nnx.Module):
     def qkv(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array):
         """q [B,S,N,H], k and v [B,S,K,H] in the compute dtype, RoPE applied to q and k (the
         positions are those of `cos_SH`/`sin_SH`; a KV-cache decode passes its slice of them)."""
-        x = x_BSD.astype(self.dtype)
+        xq, xk, xv = (x.astype(self.dtype) for x in fan_in(x_BSD, self.fanout))
         kernels = backend_args(self.kernels)
-        q = rope(self._proj(x, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH, **kernels)
-        k = rope(self._proj(x, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH, **kernels)
-        return q, k, self._proj(x, self.wv_DKH, self.bv_KH, None)
+        q = rope(self._proj(xq, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH, **kernels)
+        k = rope(self._proj(xk, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH, **kernels)
+        return q, k, self._proj(xv, self.wv_DKH, self.bv_KH, None)
 
     def out(self, o_BSNH: jax.Array) -> jax.Array:
         """The output projection of attention values [B,S,N,H] -> [B,S,D]."""

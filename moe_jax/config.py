@@ -81,6 +81,9 @@ class ModelConfig:
     # (Pallas/Triton kernels on one NVIDIA GPU where the shape fits, else plain JAX) | pallas (these, and
     # every pass of the permutation, ops.permute) | reference (plain JAX, fused by XLA) | interpret (the
     # Pallas kernels in interpret mode: CPU tests)
+    norm_fanout: bool = False     # the pre-attention and pre-MoE RMSNorms hand each consumer (q, k, v; router,
+    # dispatch, shared experts) its own copy, so the norm's backward kernel sums their gradients instead of an
+    # XLA pass (ops.rms_norm fanout; takes effect where the norm kernels run)
     attention_bias: bool = False  # biases on the q/k/v projections (Qwen2 / Qwen2-MoE)
     qk_norm: bool = False         # RMSNorm over head_dim on q and k before RoPE (Qwen3 / Qwen3-MoE)
     rope_scaling: RopeScalingConfig | None = None  # None: plain RoPE (moe_jax.rope)
@@ -131,6 +134,8 @@ class ModelConfig:
             object.__setattr__(self, "attention_impl", "auto")
         choice(c, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
         choice(c, "fused_kernels", self.fused_kernels, FUSED_KERNELS)
+        if not isinstance(self.norm_fanout, bool):
+            fail(c, "norm_fanout", self.norm_fanout, "must be true or false")
         if isinstance(self.remat, bool):
             object.__setattr__(self, "remat", "full" if self.remat else "none")
         choice(c, "remat", self.remat, REMAT_MODES)

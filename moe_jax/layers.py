@@ -42,17 +42,36 @@ def activate(h_xnF: jax.Array, activation: str, kernels: str = "reference") -> j
     raise ValueError(f"unknown activation {activation!r}")
 
 
+def fan_in(x, n: int) -> tuple:
+    """A module's n inputs, one per consumer: x itself n times, or the n copies a fan-out norm made
+    (`Norm(..)(x, fanout=n)`), so that each consumer's gradient reaches the norm apart."""
+    if isinstance(x, tuple):
+        if len(x) != n:
+            raise ValueError(f"expected one input or a fan-out of {n} copies, got {len(x)}")
+        return x
+    return (x,) * n
+
+
 class Norm(nnx.Module):
     """RMSNorm or LayerNorm (cfg.norm) over the last axis, computed in float32. RMSNorm goes through
     ops.rms_norm (Pallas kernels on NVIDIA GPUs per cfg.fused_kernels); LayerNorm is plain JAX."""
 
     def __init__(self, cfg: ModelConfig, dim: int):
         self.kind, self.eps, self.kernels = cfg.norm, cfg.norm_eps, cfg.fused_kernels
+        self.fused_fanout = cfg.norm_fanout
         self.scale = nnx.Param(jnp.ones((dim,), cfg.param_dtype), logical_axes=("norm",))
         if cfg.norm == "layernorm":
             self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype), logical_axes=("norm",))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, fanout: int = 1):
+        """The norm of x; with fanout=n > 1, a tuple of n copies of it, one per consumer (with
+        cfg.norm_fanout the RMSNorm kernel then sums their gradients itself: ops.rms_norm)."""
+        if self.kind == "rmsnorm" and fanout > 1 and self.fused_fanout:
+            return rms_norm(x, self.scale[...], self.eps, fanout=fanout, **backend_args(self.kernels))
+        y = self._norm(x)
+        return y if fanout == 1 else (y,) * fanout
+
+    def _norm(self, x: jax.Array) -> jax.Array:
         if self.kind == "rmsnorm":
             return rms_norm(x, self.scale[...], self.eps, **backend_args(self.kernels))
         xf = x.astype(jnp.float32)

@@ -51,8 +51,9 @@ class Block(nnx.Module):
         self.mlp = MoELayer(cfg, rngs=rngs) if is_moe else MLP(cfg, cfg.ffn_hidden_size, rngs=rngs)
 
     def __call__(self, x_BSD, cos_SH, sin_SH, rng=None, layout=None):
-        x = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SH, sin_SH)
-        h = self.mlp_norm(x)
+        # each norm hands its module one copy per consumer (q/k/v; router/dispatch/shared): Norm's fan-out
+        x = x_BSD + self.attn(self.attn_norm(x_BSD, getattr(self.attn, "fanout", 1)), cos_SH, sin_SH)
+        h = self.mlp_norm(x, getattr(self.mlp, "fanout", 1))
         if self.is_moe:
             y, aux = self.mlp(h, rng=rng, layout=layout)
         else:

@@ -9,7 +9,7 @@ from moe_jax import ep, parallel
 from moe_jax.config import ModelConfig, capacity
 from moe_jax.dispatch import LocalDispatcher
 from moe_jax.experts import GroupedExperts
-from moe_jax.layers import MLP, param
+from moe_jax.layers import MLP, fan_in, param
 from moe_jax.router import TopKRouter
 
 
@@ -44,7 +44,8 @@ def routed(dispatcher, x_TD: jax.Array, assignment, experts) -> tuple[jax.Array,
 
 
 class MoELayer(nnx.Module):
-    """Mixture-of-Experts feed-forward. `__call__(x[B,S,D], *, rng, layout) -> (y[B,S,D], aux)`.
+    """Mixture-of-Experts feed-forward. `__call__(x[B,S,D], *, rng, layout) -> (y[B,S,D], aux)`; x may also be
+    the `fanout` copies of a fan-out norm (router, dispatch, shared experts: `layers.fan_in`).
 
     `layout` (a `parallel.Layout`) runs the routed experts across its MoE mesh (`moe_jax.ep`); without
     one the layer runs on one device (and refuses an active multi-device mesh rather than ignore it).
@@ -58,19 +59,21 @@ class MoELayer(nnx.Module):
         self.router = TopKRouter(cfg, rngs=rngs)
         self.experts = experts_cls(cfg, rngs=rngs)
         self.shared = SharedExperts(cfg, rngs=rngs) if cfg.moe.shared_expert_intermediate_size else None
+        self.fanout = 2 if self.shared is None else 3  # the input's consumers: router, dispatch (, shared)
 
     def __call__(self, x_BSD: jax.Array, *, rng: jax.Array | None = None,
                  layout: parallel.Layout | None = None):
-        b, s, d = x_BSD.shape
-        x_TD = parallel.pin_batch(x_BSD, layout).reshape(b * s, d).astype(self.dtype)
-        routing = self.router(x_TD, seq_len=s, rng=rng)
+        xs = fan_in(x_BSD, self.fanout)
+        b, s, d = xs[0].shape
+        x_router, x_TD, *x_shared = (parallel.pin_batch(x, layout).reshape(b * s, d).astype(self.dtype) for x in xs)
+        routing = self.router(x_router, seq_len=s, rng=rng)
         if layout is not None and layout.num_devices > 1:
             y_TD, dropped = ep.run(routed, x_TD, routing.assignment, self.experts, self.cfg, layout)
         else:
             parallel.check_no_active_mesh("MoELayer")
             y_TD, dropped = routed(self.local_dispatcher(b * s), x_TD, routing.assignment, self.experts)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + self.shared(x_shared[0])
         aux = {"losses": routing.losses, "tokens_per_expert": routing.tokens_per_expert,
                "routed_counts": routing.routed_counts, "dropped": routing.dropped + dropped}
         return parallel.pin_batch(y_TD.reshape(b, s, d), layout), aux

@@ -9,6 +9,9 @@ backward). Backward: one program per `Launch.bwd_rows` rows, in chunks, writes
 (x̂ = x·r, r = 1/rms) and accumulates its rows' share of dscale = Σ_rows dy · x̂ in registers; XLA sums
 the [programs, D] partials. The fused add saves a pass over the residual stream each way: the forward
 reads x and delta once and writes s and y; the backward adds ds in the same program.
+`rms_norm(..., fanout=n)` returns n copies of y for n consumers (attention's q, k and v projections; the
+MoE layer's router, dispatch and shared experts): their cotangents reach the backward kernel apart and
+are summed there, which saves XLA's pass that would add them (n reads and a write of [R, D]).
 Rows of width D that is a power of two up to 16384 take the kernels (`backend="auto"` on one NVIDIA GPU);
 other widths, and CPU, take the reference: the formula with plain autodiff, which XLA fuses.
 """
@@ -62,17 +65,18 @@ def _fwd_kernel(*refs, eps, add):
     r_ref[...] = r
 
 
-def _bwd_kernel(*refs, chunk, add):
-    if add:
-        x_ref, w_ref, r_ref, dy_ref, dres_ref, dx_ref, dw_ref = refs
-    else:
-        (x_ref, w_ref, r_ref, dy_ref, dx_ref, dw_ref), dres_ref = refs, None
+def _bwd_kernel(*refs, chunk, add, ndy):
+    x_ref, w_ref, r_ref, *refs = refs
+    dy_refs, refs = refs[:ndy], refs[ndy:]
+    dres_ref, dx_ref, dw_ref = refs if add else (None, *refs)
     w = w_ref[...].astype(jnp.float32)
 
     def body(i, acc):
         rows = pl.ds(i * chunk, chunk)
         x = x_ref[rows, :].astype(jnp.float32)
-        dy = dy_ref[rows, :].astype(jnp.float32)
+        dy = dy_refs[0][rows, :].astype(jnp.float32)
+        for dy_ref in dy_refs[1:]:  # the cotangents of a fan-out's copies, summed here
+            dy = dy + dy_ref[rows, :].astype(jnp.float32)
         r = r_ref[rows]
         xh = x * r[:, None]
         g = dy * w[None, :]
@@ -104,8 +108,9 @@ def _fwd(x2, d2, scale, eps, interpret):
         interpret=interpret, name="rms_norm_fwd")(*([x2, d2] if add else [x2]), scale)
 
 
-def _bwd(x2, scale, r, dy2, dres2, interpret):
-    """dx [R, D] (+ dres2 when given) and dscale [D] (float32)."""
+def _bwd(x2, scale, r, dy2s, dres2, interpret):
+    """dx [R, D] (+ dres2 when given) and dscale [D] (float32), for dy = the sum of `dy2s` (a fan-out's
+    cotangents; one array for a plain norm)."""
     rows, d = x2.shape
     launch = LAUNCH
     per = rows_per_block(rows, 1, launch.bwd_rows)  # rows per program (a power of two dividing rows)
@@ -113,14 +118,14 @@ def _bwd(x2, scale, r, dy2, dres2, interpret):
     row_block = pl.BlockSpec((per, d), lambda i: (i, 0))
     add = dres2 is not None
     dx, ds = pl.pallas_call(
-        functools.partial(_bwd_kernel, chunk=chunk, add=add), grid=(rows // per,),
-        in_specs=[row_block, pl.BlockSpec((d,), lambda i: (0,)), pl.BlockSpec((per,), lambda i: (i,)),
-                  row_block] + ([row_block] if add else []),
+        functools.partial(_bwd_kernel, chunk=chunk, add=add, ndy=len(dy2s)), grid=(rows // per,),
+        in_specs=[row_block, pl.BlockSpec((d,), lambda i: (0,)), pl.BlockSpec((per,), lambda i: (i,))]
+        + [row_block] * (len(dy2s) + add),
         out_specs=[row_block, pl.BlockSpec((1, d), lambda i: (i, 0))],
         out_shape=[jax.ShapeDtypeStruct((rows, d), x2.dtype),
                    jax.ShapeDtypeStruct((rows // per, d), jnp.float32)],
         compiler_params=compiler_params(num_warps=launch.warps, interpret=interpret),
-        interpret=interpret, name="rms_norm_bwd")(x2, scale, r, dy2, *([dres2] if add else []))
+        interpret=interpret, name="rms_norm_bwd")(x2, scale, r, *dy2s, *([dres2] if add else []))
     return dx, jnp.sum(ds, axis=0)
 
 
@@ -140,11 +145,30 @@ def _rms_norm_fwd(x, scale, eps, interpret):
 
 def _rms_norm_bwd(eps, interpret, res, dy):
     x, scale, r = res
-    dx, ds = _bwd(_rows(x), scale, r, _rows(dy).astype(x.dtype), None, interpret)
+    dx, ds = _bwd(_rows(x), scale, r, [_rows(dy).astype(x.dtype)], None, interpret)
     return dx.reshape(x.shape), ds.astype(scale.dtype)
 
 
 _rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _rms_norm_fan(x, scale, eps, interpret, n):
+    return _rms_norm_fan_fwd(x, scale, eps, interpret, n)[0]
+
+
+def _rms_norm_fan_fwd(x, scale, eps, interpret, n):
+    y, res = _rms_norm_fwd(x, scale, eps, interpret)
+    return (y,) * n, res
+
+
+def _rms_norm_fan_bwd(eps, interpret, n, res, dys):
+    x, scale, r = res
+    dx, ds = _bwd(_rows(x), scale, r, [_rows(dy).astype(x.dtype) for dy in dys], None, interpret)
+    return dx.reshape(x.shape), ds.astype(scale.dtype)
+
+
+_rms_norm_fan.defvjp(_rms_norm_fan_fwd, _rms_norm_fan_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -161,7 +185,7 @@ def _add_rms_norm_fwd(x, delta, scale, eps, interpret):
 def _add_rms_norm_bwd(eps, interpret, res, cts):
     s, scale, r = res
     d_s, dy = cts
-    dx, ds = _bwd(_rows(s), scale, r, _rows(dy).astype(s.dtype), _rows(d_s).astype(s.dtype), interpret)
+    dx, ds = _bwd(_rows(s), scale, r, [_rows(dy).astype(s.dtype)], _rows(d_s).astype(s.dtype), interpret)
     dx = dx.reshape(s.shape)
     return dx, dx, ds.astype(scale.dtype)
 
@@ -183,13 +207,20 @@ def _check(op, x, scale):
     return kernel_takes(x.shape)
 
 
-def rms_norm(x, scale, eps: float, *, backend: str = "auto", interpret: bool = False):
+def rms_norm(x, scale, eps: float, *, fanout: int = 1, backend: str = "auto", interpret: bool = False):
     """RMSNorm of x [..., D] with scale [D]; float32 math, x's dtype out. Backends: "pallas" (the
-    kernels), "reference" (plain JAX), "auto" (pallas on one NVIDIA GPU where the shape fits)."""
+    kernels), "reference" (plain JAX), "auto" (pallas on one NVIDIA GPU where the shape fits).
+    fanout=n > 1 returns a tuple of n copies of the output, one per consumer: on the kernels their n
+    cotangents are summed inside the backward kernel instead of by XLA in a pass of their own."""
+    if not isinstance(fanout, int) or fanout < 1:
+        raise ValueError(f"rms_norm: fanout must be an int >= 1, got {fanout!r}")
     ok, why = _check("rms_norm", x, scale)
     if resolve("rms_norm", backend, ok, why, interpret, x) == "reference":
-        return reference_rms_norm(x, scale, eps)
-    return _rms_norm(x, scale, float(eps), bool(interpret))
+        y = reference_rms_norm(x, scale, eps)
+        return y if fanout == 1 else (y,) * fanout
+    if fanout == 1:
+        return _rms_norm(x, scale, float(eps), bool(interpret))
+    return _rms_norm_fan(x, scale, float(eps), bool(interpret), fanout)
 
 
 def add_rms_norm(x, delta, scale, eps: float, *, backend: str = "auto", interpret: bool = False):

@@ -201,16 +201,18 @@ def test_layer_views_and_stacking_round_trip(scan):
         model.layer(3)
 
 
-@pytest.mark.parametrize("qk_norm,remat", [(False, "none"), (True, "selective")])
-def test_fused_kernels_same_loss_and_grads(qk_norm, remat):
+@pytest.mark.parametrize("qk_norm,remat,fanout,shared", [(False, "none", False, None), (True, "selective", False, None),
+                                                        (False, "selective", True, 32)])
+def test_fused_kernels_same_loss_and_grads(qk_norm, remat, fanout, shared):
     """The Pallas RMSNorm, RoPE and SwiGLU-backward kernels (interpret mode) in the whole model: same
-    loss and gradients as the plain-JAX path (dense and MoE layers, with and without q/k norms, and
-    with the kernels' forward recomputed under selective remat)."""
-    moe = dataclasses.replace(small_cfg().moe, layer_freq=(0, 1))
+    loss and gradients as the plain-JAX path (dense and MoE layers, with and without q/k norms, with
+    the kernels' forward recomputed under selective remat, and with the norms' fan-out: q/k/v and
+    router/dispatch/shared experts each given their own copy, the gradients summed in the kernel)."""
+    moe = dataclasses.replace(small_cfg().moe, layer_freq=(0, 1), shared_expert_intermediate_size=shared)
     cfg = small_cfg(ffn_hidden_size=64, qk_norm=qk_norm, dtype="float32", remat=remat, num_layers=2, moe=moe)
     graphdef, params, rest = nnx.split(GPT(cfg, rngs=nnx.Rngs(1)), nnx.Param, ...)
-    graphdef_k, _, _ = nnx.split(GPT(dataclasses.replace(cfg, fused_kernels="interpret"), rngs=nnx.Rngs(1)),
-                                 nnx.Param, ...)
+    kcfg = dataclasses.replace(cfg, fused_kernels="interpret", norm_fanout=fanout)
+    graphdef_k, _, _ = nnx.split(GPT(kcfg, rngs=nnx.Rngs(1)), nnx.Param, ...)
     w = jax.random.normal(jax.random.key(5), (2, 16, cfg.vocab_size))
 
     def loss(p, rest, g):

@@ -68,6 +68,33 @@ def test_add_kernels_match_reference(shape, dtype):
                                   np.asarray(reference_add_rms_norm(x, delta, scale, 1e-5)[0], np.float32))
 
 
+def _fan_value_and_grads(backend, x, scale, cts, interpret):
+    """n copies of the norm, each with its own cotangent (as q, k and v projections use them)."""
+    def f(x, scale):
+        ys = rms_norm(x, scale, 1e-5, fanout=len(cts), backend=backend, interpret=interpret)
+        return ys, sum(jnp.sum(y.astype(jnp.float32) * c) for y, c in zip(ys, cts))
+    ys = f(x, scale)[0]
+    assert isinstance(ys, tuple) and len(ys) == len(cts)
+    return (*ys, *jax.grad(lambda x, s: f(x, s)[1], argnums=(0, 1))(x, scale))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape,n", [((2, 64, 128), 3), ((6, 256), 2)])
+def test_fanout_kernels_match_reference(shape, n, dtype):
+    """fanout=n: every copy is the norm, and the gradients are those of the n cotangents' sum."""
+    x, scale, _ = _inputs(shape, dtype, seed=7)
+    cts = tuple(jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(8), n))
+    ours = _fan_value_and_grads("pallas", x, scale, cts, True)
+    ref = _fan_value_and_grads("reference", x, scale, cts, False)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype
+        _close(a, b, TOL[dtype])
+    # the fused sum is the plain norm's gradient of the summed cotangent
+    plain = _value_and_grads("pallas", x, scale, sum(cts).astype(dtype), True)
+    _close(ours[n], plain[1], TOL[dtype])
+    _close(ours[n + 1], plain[2], TOL[dtype])
+
+
 def test_reference_is_the_formula():
     x, scale, _ = _inputs((5, 64), "float32", seed=3)
     xn = np.asarray(x, np.float64)
@@ -86,6 +113,8 @@ def test_choice_and_errors():
         rms_norm(x, scale, 1e-5, backend="triton")
     with pytest.raises(ValueError, match="delta"):
         add_rms_norm(x, x[:2], scale, 1e-5)
+    with pytest.raises(ValueError, match="fanout"):
+        rms_norm(x, scale, 1e-5, fanout=0)
     x, scale, _ = _inputs((4, 128), "float32")
     if jax.devices()[0].platform == "cpu":  # auto: plain JAX off the GPU
         np.testing.assert_array_equal(rms_norm(x, scale, 1e-5), reference_rms_norm(x, scale, 1e-5))
@@ -103,5 +132,10 @@ def test_gpu_kernels_match_reference(shape):
     cts = (dy.astype(jnp.float32), 0.5 * dy.astype(jnp.float32))
     ours = jax.jit(lambda *a: _add_value_and_grads("pallas", *a, False))(x, delta, scale, cts)
     ref = jax.jit(lambda *a: _add_value_and_grads("reference", *a, False))(x, delta, scale, cts)
+    for a, b in zip(ours, ref):
+        _close(a, b, 2e-2)
+    cts = (dy.astype(jnp.float32), -0.5 * dy.astype(jnp.float32), delta.astype(jnp.float32))
+    ours = jax.jit(lambda *a: _fan_value_and_grads("pallas", *a, False))(x, scale, cts)
+    ref = jax.jit(lambda *a: _fan_value_and_grads("reference", *a, False))(x, scale, cts)
     for a, b in zip(ours, ref):
         _close(a, b, 2e-2)
