@@ -27,7 +27,8 @@
 #            profile_model.py (step time, GPU time by category) then torch_reference.py; FAST_EXTRA
 #            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
 #            reference; FAST_TESTS=1 first runs the ops' tests on the GPU; FAST_TOP kernels listed (40);
-#            FAST_DUMP=1 has XLA dump our step's buffer assignment (the buffers live at the peak) into a .tgz
+#            FAST_DUMP=1 has XLA dump our step's buffer assignment (the buffers live at the peak) and its
+#            optimized HLO (which ops each fusion holds: read it beside the profile's kernel names) into a .tgz
 #   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   plain  — the README's plain command, `train.py --config PRESET` (PLAIN_PRESETS: mixtral_small) for
@@ -128,7 +129,7 @@ case "${1:-}" in
           > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
         grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${FAST_LINES:-40}
         if [ -n "$dump" ]; then  # the buffer assignment (its live ranges name the peak) and the memory report
-          (cd /tmp/xdump_$tag && ls | grep -E "after_optimizations-(buffer-assignment|memory-usage-report)" \
+          (cd /tmp/xdump_$tag && ls | grep -E "after_optimizations(-buffer-assignment|-memory-usage-report)?\.txt$" \
             | tar czf "$OUT/xla_memory_$tag.tgz" -T -) && ls -la "$OUT/xla_memory_$tag.tgz"
           grep -A25 "(peak)" /tmp/xdump_$tag/*after_optimizations-buffer-assignment.txt | head -40
         fi
