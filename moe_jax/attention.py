@@ -74,7 +74,7 @@ class Attention(nnx.Module):
     def qkv(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array):
         """q [B,S,N,H], k and v [B,S,K,H] in the compute dtype, RoPE applied to q and k (the
         positions are those of `cos_SH`/`sin_SH`; a KV-cache decode passes its slice of them)."""
-        xq, xk, xv = (x.astype(self.dtype) for x in fan_in(x_BSD, self.fanout))
+        xq, xk, xv = fan_in(x_BSD, self.fanout, lambda x: x.astype(self.dtype))
         kernels = backend_args(self.kernels)
         q = rope(self._proj(xq, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH, **kernels)
         k = rope(self._proj(xk, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH, **kernels)

@@ -42,14 +42,15 @@ def activate(h_xnF: jax.Array, activation: str, kernels: str = "reference") -> j
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def fan_in(x, n: int) -> tuple:
-    """A module's n inputs, one per consumer: x itself n times, or the n copies a fan-out norm made
-    (`Norm(..)(x, fanout=n)`), so that each consumer's gradient reaches the norm apart."""
+def fan_in(x, n: int, prep=lambda a: a) -> tuple:
+    """A module's n inputs, one per consumer, each through `prep`: x itself n times (prepared once), or
+    the n copies a fan-out norm made (`Norm(..)(x, fanout=n)`), so that each consumer's gradient reaches
+    the norm apart."""
     if isinstance(x, tuple):
         if len(x) != n:
             raise ValueError(f"expected one input or a fan-out of {n} copies, got {len(x)}")
-        return x
-    return (x,) * n
+        return tuple(prep(a) for a in x)
+    return (prep(x),) * n
 
 
 class Norm(nnx.Module):
@@ -64,12 +65,12 @@ class Norm(nnx.Module):
             self.bias = nnx.Param(jnp.zeros((dim,), cfg.param_dtype), logical_axes=("norm",))
 
     def __call__(self, x: jax.Array, fanout: int = 1):
-        """The norm of x; with fanout=n > 1, a tuple of n copies of it, one per consumer (with
-        cfg.norm_fanout the RMSNorm kernel then sums their gradients itself: ops.rms_norm)."""
+        """The norm of x. With cfg.norm_fanout and fanout=n > 1 (the consumers of the output), an RMSNorm
+        returns a tuple of n copies and its backward kernel sums their gradients (ops.rms_norm); else the
+        one array, which the consumers share (`fan_in`)."""
         if self.kind == "rmsnorm" and fanout > 1 and self.fused_fanout:
             return rms_norm(x, self.scale[...], self.eps, fanout=fanout, **backend_args(self.kernels))
-        y = self._norm(x)
-        return y if fanout == 1 else (y,) * fanout
+        return self._norm(x)
 
     def _norm(self, x: jax.Array) -> jax.Array:
         if self.kind == "rmsnorm":

@@ -63,9 +63,9 @@ class MoELayer(nnx.Module):
 
     def __call__(self, x_BSD: jax.Array, *, rng: jax.Array | None = None,
                  layout: parallel.Layout | None = None):
-        xs = fan_in(x_BSD, self.fanout)
-        b, s, d = xs[0].shape
-        x_router, x_TD, *x_shared = (parallel.pin_batch(x, layout).reshape(b * s, d).astype(self.dtype) for x in xs)
+        b, s, d = (x_BSD[0] if isinstance(x_BSD, tuple) else x_BSD).shape
+        x_router, x_TD, *x_shared = fan_in(
+            x_BSD, self.fanout, lambda x: parallel.pin_batch(x, layout).reshape(b * s, d).astype(self.dtype))
         routing = self.router(x_router, seq_len=s, rng=rng)
         if layout is not None and layout.num_devices > 1:
             y_TD, dropped = ep.run(routed, x_TD, routing.assignment, self.experts, self.cfg, layout)
