@@ -31,6 +31,10 @@
 #            optimized HLO (which ops each fusion holds: read it beside the profile's kernel names) into a .tgz
 #   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
+#   ab     — a variant against the defaults in one call: AB_TESTS (pytest args, run with -m gpu first), ours with the
+#            defaults, ours with AB_EXTRA (overrides; AB_NAME names it), then the reference; AB_PRESET (mixtral_small),
+#            AB_PARAMS (bf16); prints each step time, MFU and ratio (e.g. AB_EXTRA=model.norm_fanout=true AB_NAME=fanout
+#            AB_TESTS=tests/test_rms_norm.py bash experiments/gpu_session.sh ab: ~5 device minutes)
 #   plain  — the README's plain command, `train.py --config PRESET` (PLAIN_PRESETS: mixtral_small) for
 #            PLAIN_STEPS (40) steps, nothing else overridden: its own log lines (throughput, MFU)
 #   cache  — the compile cache on this GPU: train.py twice on a 2-layer mixtral_small with a fresh cache
@@ -139,6 +143,32 @@ case "${1:-}" in
           > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
     done ;;
+  ab)
+    # a variant (AB_EXTRA overrides) against the defaults, then the reference, in one call: the ratio that decides
+    [ -n "${AB_EXTRA:-}" ] || { echo "ab: set AB_EXTRA (the variant's overrides, e.g. model.norm_fanout=true)"; exit 2; }
+    if [ -n "${AB_TESTS:-}" ]; then
+      timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider $AB_TESTS > "$OUT/ab_tests.log" 2>&1
+      echo "tests rc=$?"; tail -2 "$OUT/ab_tests.log"
+    fi
+    pd=${AB_PARAMS:-bf16}; preset=${AB_PRESET:-mixtral_small}; name=${AB_NAME:-variant}
+    FAST_PRESETS=$preset FAST_PARAMS=$pd FAST_TORCH=0 FAST_TAG=_base FAST_LINES=3 bash "$0" fast
+    FAST_PRESETS=$preset FAST_PARAMS=$pd FAST_EXTRA="$AB_EXTRA" FAST_TAG=_$name FAST_LINES=3 bash "$0" fast
+    python3 - "$preset" "$pd" "$name" "$GPU" <<'PY'
+import json, sys, time
+preset, pd, name, gpu = sys.argv[1:]
+stem = f"experiments/results/{{}}_{preset}_{time.strftime('%Y-%m-%d')}_{gpu}_{pd}"
+try:
+    base, var = (json.load(open(stem.format("profile") + f"_{t}.json")) for t in ("base", name))
+    ref = json.load(open(stem.format("torch_ref") + f"_{name}.json"))
+except OSError as e:
+    sys.exit(f"ab: a result is missing ({e})")
+t = ref["step_time_s"] * 1e3
+for tag, r in (("base", base), (name, var)):
+    print(f"AB {tag:10s} {r['wall_ms']:7.1f} ms  MFU {100 * r['mfu']:.1f} %  peak {r['peak_memory_gib']:.2f} GiB"
+          f"  ours/torch {t / r['wall_ms']:.3f}")
+print(f"AB torch      {t:7.1f} ms  MFU {100 * ref['mfu']:.1f} %  | {name}/base {base['wall_ms'] / var['wall_ms']:.3f}x")
+PY
+    ;;
   plain)
     # the runner logs to TensorBoard through tensorboardX, which the device lacks: its wheel travels in .whl
     python3 -c "import tensorboardX" 2>/dev/null || { echo "plain: no tensorboardX here; carry .whl and install it" \
@@ -224,7 +254,7 @@ case "${1:-}" in
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|plain|cache|kernels|dsv3|attn"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|plain|cache|kernels|dsv3|attn|dswiglu"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 # the device brings back at most 8 files: this run's logs travel as one archive (GPU_KEEP_LOGS=1 keeps them)
