@@ -195,6 +195,9 @@ class ModelConfig:
         return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
 
+STEP_PROGRAMS = ("one", "layers")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation, data and logging for one run."""
@@ -228,10 +231,14 @@ class TrainConfig:
     # with param_dtype != dtype: the experts' weights also kept in dtype, written by the optimizer
     # (one cast pass per step less; moe_jax/weight_copy.py)
     expert_weight_copy: bool = True
+    # "one": the step is one XLA program (compile time grows with depth); "layers": a program per kind
+    # of layer, run layer by layer from Python (compile time flat in depth; moe_jax/layer_programs.py)
+    programs: str = "one"
 
     def __post_init__(self):
         c = "TrainConfig"
         check_types(c, self)
+        choice(c, "programs", self.programs, STEP_PROGRAMS)
         positive(c, self, "steps", "batch_size", "seq_len", "grad_accum", "log_every",
                  "keep_checkpoints")
         for f in ("seed", "skip_nonfinite_steps"):

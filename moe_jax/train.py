@@ -101,64 +101,33 @@ def _add_losses(losses: dict, more: dict) -> dict:
     return {**losses, **{k: losses.get(k, 0.0) + v for k, v in more.items()}}
 
 
-def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
-                    *, jit: bool = True, layout: parallel.Layout | None = None, shardings=None):
-    """Return `step(state, batch) -> (state, metrics)`; `batch` = {"inputs", "targets"} int32 [B,S].
+def head_loss(model: GPT, h_BSD: jax.Array, targets: jax.Array, aux: dict, *, rng, layout):
+    """The loss from the last layer's output on: final norm, LM head fused with the cross-entropy,
+    multi-token prediction; plus every router loss in `aux["losses"]`. Returns (total, (ce, aux))."""
+    x_BSD = model.final_norm(h_BSD)
+    ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(),
+                                  targets.reshape(-1))  # no [B, S, V] logits in memory
+    total = ce
+    if model.mtp is not None:  # multi-token prediction: its loss scaled, its router losses as they are
+        remat = (None if model.cfg.remat == "none" else  # the model's remat policy, as its layers
+                 lambda f: jax.checkpoint(f, policy=REMAT_POLICIES[model.cfg.remat], prevent_cse=False))
+        mtp, mtp_aux = mtp_loss(model, h_BSD, targets, rng=rng, layout=layout, remat=remat)
+        total = total + model.cfg.mtp_loss_scaling_factor * mtp
+        aux = {**aux, "losses": _add_losses(aux["losses"], mtp_aux["losses"]), "mtp_loss": mtp}
+        if "routed_counts" in mtp_aux:
+            aux["mtp_routed_counts"] = mtp_aux["routed_counts"]
+    total = total + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
+    return total, (ce, aux)
 
-    With a `layout` (and the state `shardings` of `init_sharded_state`) the model runs across it (MoE
-    layers dispatch over the `expert` axis) and the step is jitted with explicit in/out shardings.
-    With `tc.skip_nonfinite_steps`, a step whose loss or gradient norm is not finite leaves params,
-    optimizer and expert-bias state unchanged (`metrics["skipped"]`); step and data position advance.
-    """
-    optimizer = optimizer or make_optimizer(tc)
+
+def make_apply(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation):
+    """`apply(state, grads, total, ce, aux, rng) -> (state, metrics)`: the step after the gradients —
+    optimizer update, expert-bias update, metrics, the non-finite skip, the weight copy's refresh.
+    `total`, `ce` and `aux` carry a leading micro-batch axis; `grads` are in the params' dtypes."""
     schedule = lr_schedule(tc)
-    accum = tc.grad_accum
 
-    def loss_fn(params, rest, inputs, targets, rng, copy):
-        model = nnx.merge(graphdef, weight_copy.swap_in(params, copy), rest)
-        h_BSD, aux = model.trunk(inputs, rng=rng, layout=layout)
-        x_BSD = model.final_norm(h_BSD)
-        ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(),
-                                      targets.reshape(-1))  # no [B, S, V] logits in memory
-        total = ce
-        if model.mtp is not None:  # multi-token prediction: its loss scaled, its router losses as they are
-            remat = (None if model.cfg.remat == "none" else  # the model's remat policy, as its layers
-                     lambda f: jax.checkpoint(f, policy=REMAT_POLICIES[model.cfg.remat], prevent_cse=False))
-            mtp, mtp_aux = mtp_loss(model, h_BSD, targets, rng=rng, layout=layout, remat=remat)
-            total = total + model.cfg.mtp_loss_scaling_factor * mtp
-            aux = {**aux, "losses": _add_losses(aux["losses"], mtp_aux["losses"]), "mtp_loss": mtp}
-            if "routed_counts" in mtp_aux:
-                aux["mtp_routed_counts"] = mtp_aux["routed_counts"]
-        total = total + sum(aux["losses"].values(), jnp.zeros((), jnp.float32))
-        return total, (ce, aux)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def apply(state: TrainState, grads, total, ce, aux, rng) -> tuple[TrainState, dict]:
         old_model_state = jax.tree.map(lambda x: x, state.model_state)  # the bias update below mutates it
-        rng, step_rng = jax.random.split(state.rng)
-        split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
-        micro = jax.tree.map(split, batch)
-        if layout is not None:  # keep each micro-batch split over (data, fsdp)
-            micro = jax.tree.map(lambda x: parallel.constrain(x, (None, "act_batch", None), layout),
-                                 micro)
-
-        def micro_step(carry, xs):
-            grads_acc, i = carry
-            (total, (ce, aux)), grads = grad_fn(state.params, state.model_state, xs["inputs"],
-                                                xs["targets"], jax.random.fold_in(step_rng, i),
-                                                state.compute_params)
-            if grads_acc is not None:
-                grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / accum, grads_acc, grads)
-            return (grads, i + 1), (total, ce, aux)
-
-        if accum == 1:  # the gradients as they come: no float32 accumulator (three passes over them)
-            (grads, _), out = micro_step((None, 0), jax.tree.map(lambda x: x[0], micro))
-            total, ce, aux = jax.tree.map(lambda v: v[None], out)
-        else:
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-            (grads, _), (total, ce, aux) = jax.lax.scan(micro_step, (zeros, 0), micro)
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
@@ -186,6 +155,57 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
                             opt_state=opt_state, model_state=model_state, rng=rng,
                             compute_params=weight_copy.refresh(params, state.compute_params))
         return new, metrics
+    return apply
+
+
+def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
+                    *, jit: bool = True, layout: parallel.Layout | None = None, shardings=None):
+    """Return `step(state, batch) -> (state, metrics)`; `batch` = {"inputs", "targets"} int32 [B,S].
+
+    With a `layout` (and the state `shardings` of `init_sharded_state`) the model runs across it (MoE
+    layers dispatch over the `expert` axis) and the step is jitted with explicit in/out shardings.
+    With `tc.skip_nonfinite_steps`, a step whose loss or gradient norm is not finite leaves params,
+    optimizer and expert-bias state unchanged (`metrics["skipped"]`); step and data position advance.
+    """
+    optimizer = optimizer or make_optimizer(tc)
+    if tc.programs == "layers" and jit:
+        from moe_jax.layer_programs import make_layer_step
+        return make_layer_step(graphdef, tc, optimizer, layout=layout, shardings=shardings)
+    accum = tc.grad_accum
+    apply = make_apply(graphdef, tc, optimizer)
+
+    def loss_fn(params, rest, inputs, targets, rng, copy):
+        model = nnx.merge(graphdef, weight_copy.swap_in(params, copy), rest)
+        h_BSD, aux = model.trunk(inputs, rng=rng, layout=layout)
+        return head_loss(model, h_BSD, targets, aux, rng=rng, layout=layout)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
+        micro = jax.tree.map(split, batch)
+        if layout is not None:  # keep each micro-batch split over (data, fsdp)
+            micro = jax.tree.map(lambda x: parallel.constrain(x, (None, "act_batch", None), layout),
+                                 micro)
+
+        def micro_step(carry, xs):
+            grads_acc, i = carry
+            (total, (ce, aux)), grads = grad_fn(state.params, state.model_state, xs["inputs"],
+                                                xs["targets"], jax.random.fold_in(step_rng, i),
+                                                state.compute_params)
+            if grads_acc is not None:
+                grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / accum, grads_acc, grads)
+            return (grads, i + 1), (total, ce, aux)
+
+        if accum == 1:  # the gradients as they come: no float32 accumulator (three passes over them)
+            (grads, _), out = micro_step((None, 0), jax.tree.map(lambda x: x[0], micro))
+            total, ce, aux = jax.tree.map(lambda v: v[None], out)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            (grads, _), (total, ce, aux) = jax.lax.scan(micro_step, (zeros, 0), micro)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        return apply(state, grads, total, ce, aux, rng)
 
     if layout is not None and jit:
         return jax.jit(step, donate_argnums=0,

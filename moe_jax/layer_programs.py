@@ -1,0 +1,209 @@
+"""The train step as a few small jitted programs, one pair per kind of layer: compile time flat in depth.
+
+`train.programs = "layers"` (`make_train_step` picks it). The step of `make_train_step` is one XLA
+program holding a copy of every layer, so its compile time grows with depth (~9 s per mixtral_small
+layer on the GPU). Here a Python loop runs the step from programs that every layer of a kind shares:
+
+  embed    tokens -> the first layer's input, and the embedding's backward (a `jax.vjp` closure)
+  forward  one layer: its output, router losses and statistics, and its backward closure, whose
+           leaves are the activations the backward needs (`ModelConfig.remat` decides which)
+  head     final norm, LM head + cross-entropy, multi-token prediction: the loss and its gradients
+  backward one layer's closure applied to the output's cotangent: the layer's parameter gradients
+           and its input's cotangent
+  apply    optimizer, expert-bias update, metrics, the weight copy (`train.make_apply`)
+
+Each program compiles once per kind of layer (dense, MoE) whatever the depth: layers of a kind have the
+same structure and shapes, and the layer index (for its rng) is an argument. No stacked buffers: each
+layer's activations are its own arrays, as in the one-program step. The host dispatches 2 programs per
+layer and a few more per micro-batch; dispatch runs ahead of the GPU.
+
+The numbers are the one-program step's: the same operations in the same order (tests/test_layer_programs.py).
+With expert weight copies (`train.expert_weight_copy`) the layers are differentiated with respect to
+the copies and the gradients cast to the weights' dtype, as `weight_copy.swap_in`'s backward does.
+Needs one layer per stack (`model.scan_layers=false`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from moe_jax import parallel
+from moe_jax.model import REMAT_POLICIES, collect_aux
+from moe_jax.rope import model_rope_tables
+
+
+def _block(graphdef, params, rest):
+    """The Block of a stack of one layer (its Variables' leading axis of 1 sliced off)."""
+    g, st = nnx.split(nnx.merge(graphdef, params, rest))
+    return nnx.merge(g, jax.tree.map(lambda a: a[0], st))
+
+
+def _copy_key(path) -> str:
+    return jax.tree_util.keystr(path[:-1])  # the Variable's path (the leaf's ends in `.value`)
+
+
+class _Programs:
+    """The jitted programs of one model structure (built from the first state the step sees)."""
+
+    def __init__(self, graphdef, state, tc, optimizer, layout, shardings):
+        from moe_jax.train import head_loss, make_apply  # train imports this module lazily
+        model = nnx.merge(graphdef, state.params, state.model_state)
+        cfg = self.cfg = model.cfg
+        if any(n != 1 for _, _, n in model.runs):
+            raise ValueError("train.programs='layers' runs each layer as its own program and needs "
+                             "model.scan_layers=false (one layer per stack)")
+        self.graphdef, self.layout, self.accum = graphdef, layout, tc.grad_accum
+        self.dtype = jnp.dtype(cfg.dtype)
+        # every layer's (graphdef, forward, backward): shared by layers of one structure
+        self.layer_graphdefs = [nnx.split(stack, nnx.Param, ...)[0] for stack in model.stacks]
+        self.forward = {gd: jax.jit(functools.partial(self._layer_forward, gd))
+                        for gd in dict.fromkeys(self.layer_graphdefs)}
+        # a layer's backward takes its output's cotangent (donated: dx has its shape) and its losses'
+        self.backward = jax.jit(lambda vjp, dy, dlosses: vjp((dy, dlosses)), donate_argnums=1)
+        self.embed_backward = jax.jit(lambda vjp, dx: vjp(dx)[0])
+        self.embed = jax.jit(self._embed)
+        # the head differentiates the embedding only where it reads it (tied head, MTP)
+        self.head_reads_embed = cfg.tie_embeddings or model.mtp is not None
+        self.head = jax.jit(functools.partial(self._head, head_loss))
+        self.split = jax.jit(self._split)
+        self.accumulate = jax.jit(self._accumulate, donate_argnums=0)
+        apply = make_apply(graphdef, tc, optimizer)
+
+        def apply_cast(state, grads, total, ce, aux, rng):  # copies' (bf16) gradients in the weights' dtype
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+            return apply(state, grads, total, ce, aux, rng)
+        out = {} if layout is None else {"out_shardings": (shardings, parallel.replicated(layout))}
+        self.apply = jax.jit(apply_cast, donate_argnums=0, **out)
+
+    # ---------------------------------------------------------------- the programs
+    def _split(self, rng, batch):
+        """(next state rng, micro-batch rngs [accum], micro-batches [accum, B/accum, S])."""
+        rng, step_rng = jax.random.split(rng)
+        micro = jax.tree.map(lambda x: x.reshape(self.accum, x.shape[0] // self.accum, *x.shape[1:]), batch)
+        if self.layout is not None:  # keep each micro-batch split over (data, fsdp)
+            micro = jax.tree.map(lambda x: parallel.constrain(x, (None, "act_batch", None), self.layout), micro)
+        keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(jnp.arange(self.accum))
+        return rng, keys, micro
+
+    def _embed(self, embed, tokens):
+        x, vjp = jax.vjp(lambda e: jnp.take(e, tokens, axis=0).astype(self.dtype), embed)
+        return x, vjp
+
+    def _layer_forward(self, graphdef, params, rest, x, rng, index):
+        cos, sin = model_rope_tables(self.cfg, x.shape[1])
+        r = jax.random.fold_in(rng, index)
+
+        def layer(params, x, rest, r):
+            y, aux = _block(graphdef, params, rest)(x, cos, sin, r, layout=self.layout)
+            aux = {"losses": {}} if aux is None else aux
+            return (y, aux["losses"]), {k: v for k, v in aux.items() if k != "losses"}
+
+        if self.cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
+        (y, losses), vjp, stats = jax.vjp(lambda p, x: layer(p, x, rest, r), params, x, has_aux=True)
+        return y, losses, stats, vjp
+
+    def _head(self, head_loss, diff, params, rest, h, targets, rng, layer_aux):
+        """Loss and gradients of the head's parameters (`diff`: their leaves) and of h."""
+        leaves, treedef = jax.tree.flatten(params)
+        where = self._head_leaves(params)
+        aux = collect_aux([{"losses": losses, **jax.tree.map(lambda v: v[None], stats)}
+                           for losses, stats in layer_aux if stats])  # MoE layers (dense ones have none)
+
+        def loss(diff, h):
+            full = list(leaves)
+            for i, v in zip(where, diff):
+                full[i] = v
+            model = nnx.merge(self.graphdef, jax.tree.unflatten(treedef, full), rest)
+            return head_loss(model, h, targets, aux, rng=rng, layout=self.layout)
+
+        (total, (ce, aux)), (g_diff, dh) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(diff, h)
+        return total, ce, aux, g_diff, dh
+
+    def _accumulate(self, acc, grads):
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / self.accum, acc, grads)
+
+    # ---------------------------------------------------------------- the step
+    def _head_leaves(self, params) -> list[int]:
+        """Indices (in `jax.tree.leaves(params)`) of the leaves the head differentiates."""
+        out = []
+        for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
+            top = path[0].key
+            if top != "stacks" and (top != "embed_VD" or self.head_reads_embed):
+                out.append(i)
+        return out
+
+    def view(self, params, copy):
+        """params with the copied weights' values replaced by their copies (differentiated directly)."""
+        if copy is None:
+            return params
+        return jax.tree_util.tree_map_with_path(
+            lambda path, v: copy[_copy_key(path)][...] if _copy_key(path) in copy else v, params)
+
+    def micro_step(self, state, params, tokens, targets, rng):
+        """(total, ce, aux, grads) of one micro-batch; grads in `params`' structure (`params`: the
+        compute view of the state's parameters)."""
+        rest = state.model_state
+        x, embed_vjp = self.embed(params["embed_VD"][...], tokens)
+        vjps, layer_aux = [], []
+        for s, gd in enumerate(self.layer_graphdefs):
+            rest_s = rest["stacks"][s] if "stacks" in rest and s in rest["stacks"] else nnx.State({})
+            x, losses, stats, vjp = self.forward[gd](params["stacks"][s], rest_s, x, rng, jnp.int32(s))
+            vjps.append(vjp)
+            layer_aux.append((losses, stats))
+        leaves, treedef = jax.tree.flatten(params)
+        where = self._head_leaves(params)
+        total, ce, aux, g_head, dx = self.head([leaves[i] for i in where], params, rest, x, targets, rng,
+                                               layer_aux)
+        del x
+        g_stacks = [None] * len(vjps)
+        for s in reversed(range(len(vjps))):
+            losses = layer_aux[s][0]
+            g_stacks[s], dx = self.backward(vjps[s], dx, jax.tree.map(jnp.ones_like, losses))
+            vjps[s] = None  # its activations go as soon as its backward has run
+        g_embed = self.embed_backward(embed_vjp, dx)
+        return total, ce, aux, self._assemble(params, treedef, where, g_head, g_stacks, g_embed)
+
+    def _assemble(self, params, treedef, where, g_head, g_stacks, g_embed):
+        """The gradients in the structure of `params`, from the programs' pieces."""
+        grads = [None] * treedef.num_leaves
+        for i, g in zip(where, g_head):
+            grads[i] = g
+        paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        stack_leaves = [iter(jax.tree.leaves(g)) for g in g_stacks]
+        for i, path in enumerate(paths):
+            if path[0].key == "stacks":
+                grads[i] = next(stack_leaves[path[1].key])
+            elif path[0].key == "embed_VD":
+                grads[i] = g_embed if grads[i] is None else g_embed + grads[i]
+        return jax.tree.unflatten(treedef, grads)
+
+    def step(self, state, batch):
+        rng, keys, micro = self.split(state.rng, batch)
+        params = self.view(state.params, state.compute_params)
+        outs, grads = [], None
+        for i in range(self.accum):
+            total, ce, aux, g = self.micro_step(state, params, micro["inputs"][i], micro["targets"][i], keys[i])
+            outs.append((total, ce, aux))
+            if self.accum == 1:
+                grads = g
+            else:
+                grads = self.accumulate(grads if grads is not None else
+                                        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), g), g)
+        total, ce, aux = jax.tree.map(lambda *v: jnp.stack(v), *outs)
+        return self.apply(state, grads, total, ce, aux, rng)
+
+
+def make_layer_step(graphdef, tc, optimizer: optax.GradientTransformation, *, layout=None, shardings=None):
+    """`step(state, batch) -> (state, metrics)` as `train.make_train_step`'s, run as per-layer programs
+    (see the module docstring). The programs are built at the first call."""
+    def step(state, batch):
+        if step.programs is None:
+            step.programs = _Programs(graphdef, state, tc, optimizer, layout, shardings)
+        return step.programs.step(state, batch)
+    step.programs = None  # the _Programs, once built: their jitted functions and caches
+    return step

@@ -1,0 +1,82 @@
+"""`train.programs="layers"` (moe_jax/layer_programs.py): the step run as per-layer programs gives the
+one-program step's numbers, and compiles one forward/backward per kind of layer whatever the depth."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax.config import ModelConfig, MoEConfig, TrainConfig
+from moe_jax.model import GPT
+from moe_jax.train import init_state, make_train_step
+
+
+def model_cfg(**kw) -> ModelConfig:
+    moe = MoEConfig(num_experts=4, router_topk=2, ffn_hidden_size=16, aux_loss_coeff=0.01, z_loss_coeff=1e-3,
+                    layer_freq=(0, 1, 1))
+    return ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=2, num_kv_heads=1, ffn_hidden_size=32,
+                       max_seq_len=32, moe=moe, **kw)
+
+
+def batch(seed):
+    t = jax.random.randint(jax.random.key(seed), (4, 17), 0, 64)
+    return {"inputs": t[:, :-1], "targets": t[:, 1:]}
+
+
+def run(cfg, tc, steps=2):
+    graphdef, state = init_state(GPT(cfg, rngs=nnx.Rngs(0)), tc)
+    step = make_train_step(graphdef, tc)
+    out = []
+    for i in range(steps):
+        state, m = step(state, batch(i))
+        out.append(m)
+    return state, out, step
+
+
+@pytest.mark.parametrize("model_kw,train_kw,tol", [
+    ({}, {}, 1e-5),
+    ({}, {"grad_accum": 2}, 1e-5),
+    ({"remat": "selective"}, {}, 1e-5),
+    # bf16 compute on fp32 master weights: the layers differentiate the experts' bf16 copies
+    ({"dtype": "bfloat16", "param_dtype": "float32"}, {}, 2e-2),
+])
+def test_layer_programs_match_the_one_program_step(model_kw, train_kw, tol):
+    cfg = model_cfg(**model_kw)
+    tc = TrainConfig(batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, **train_kw)
+    want_state, want, _ = run(cfg, tc)
+    got_state, got, _ = run(cfg, dataclasses.replace(tc, programs="layers"))
+    assert set(got[-1]) == set(want[-1])
+    for m_got, m_want in zip(got, want):
+        for k in m_want:
+            np.testing.assert_allclose(np.asarray(m_got[k], np.float32), np.asarray(m_want[k], np.float32),
+                                       rtol=tol, atol=tol, err_msg=k)
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+    assert int(got_state.step) == 2
+
+
+def test_one_forward_and_backward_program_per_kind_of_layer():
+    """Six layers (one dense, five MoE) compile two forward programs, each once."""
+    cfg = dataclasses.replace(model_cfg(), num_layers=6,
+                              moe=dataclasses.replace(model_cfg().moe, layer_freq=(0, 1, 1, 1, 1, 1)))
+    tc = TrainConfig(batch_size=4, seq_len=16, programs="layers")
+    _, metrics, step = run(cfg, tc)
+    programs = step.programs
+    assert len(programs.forward) == 2
+    assert all(f._cache_size() == 1 for f in programs.forward.values())
+    assert programs.backward._cache_size() == 2  # a dense layer's closure and an MoE layer's
+    assert np.isfinite(float(metrics[-1]["loss"]))
+
+
+def test_layer_programs_need_one_layer_per_stack():
+    tc = TrainConfig(batch_size=4, seq_len=16, programs="layers")
+    graphdef, state = init_state(GPT(model_cfg(scan_layers=True), rngs=nnx.Rngs(0)), tc)
+    with pytest.raises(ValueError, match="scan_layers=false"):
+        make_train_step(graphdef, tc)(state, batch(0))
+
+
+def test_unknown_programs_value_is_refused():
+    with pytest.raises(ValueError, match="programs"):
+        TrainConfig(programs="per_layer")
