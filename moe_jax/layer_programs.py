@@ -1,8 +1,9 @@
 """The train step as a few small jitted programs, one pair per kind of layer: compile time flat in depth.
 
 `train.programs = "layers"` (`make_train_step` picks it). The step of `make_train_step` is one XLA
-program holding a copy of every layer, so its compile time grows with depth (~9 s per mixtral_small
-layer on the GPU). Here a Python loop runs the step from programs that every layer of a kind shares:
+program holding a copy of every layer, so its compile time grows with depth (~120 s for the 12-layer
+mixtral_small on the GPU, against ~15 s scanned). Here a Python loop runs the step from programs that
+every layer of a kind shares:
 
   embed    tokens -> the first layer's input, and the embedding's backward (a `jax.vjp` closure)
   forward  one layer: its output, router losses and statistics, and its backward closure, whose
@@ -32,14 +33,8 @@ import optax
 from flax import nnx
 
 from moe_jax import parallel
-from moe_jax.model import REMAT_POLICIES, collect_aux
+from moe_jax.model import REMAT_POLICIES, _loop_stack, collect_aux
 from moe_jax.rope import model_rope_tables
-
-
-def _block(graphdef, params, rest):
-    """The Block of a stack of one layer (its Variables' leading axis of 1 sliced off)."""
-    g, st = nnx.split(nnx.merge(graphdef, params, rest))
-    return nnx.merge(g, jax.tree.map(lambda a: a[0], st))
 
 
 def _copy_key(path) -> str:
@@ -71,6 +66,12 @@ class _Programs:
         self.head = jax.jit(functools.partial(self._head, head_loss))
         self.split = jax.jit(self._split)
         self.accumulate = jax.jit(self._accumulate, donate_argnums=0)
+        # where each parameter leaf's gradient comes from: the head's j-th, stack s's, the embedding's
+        paths, self.treedef = jax.tree_util.tree_flatten_with_path(state.params)
+        self.head_where = [i for i, (path, _) in enumerate(paths) if path[0].key != "stacks"
+                           and (path[0].key != "embed_VD" or self.head_reads_embed)]
+        self.stack_of = [path[1].key if path[0].key == "stacks" else None for path, _ in paths]
+        self.embed_at = next(i for i, (path, _) in enumerate(paths) if path[0].key == "embed_VD")
         apply = make_apply(graphdef, tc, optimizer)
 
         def apply_cast(state, grads, total, ce, aux, rng):  # copies' (bf16) gradients in the weights' dtype
@@ -95,47 +96,40 @@ class _Programs:
 
     def _layer_forward(self, graphdef, params, rest, x, rng, index):
         cos, sin = model_rope_tables(self.cfg, x.shape[1])
-        r = jax.random.fold_in(rng, index)
 
-        def layer(params, x, rest, r):
-            y, aux = _block(graphdef, params, rest)(x, cos, sin, r, layout=self.layout)
+        def layer(params, x, rest, rng, index):  # the one-program step's layer (aux stacked [1, ...])
+            y, aux = _loop_stack(nnx.merge(graphdef, params, rest), x, cos, sin, rng, index, self.layout, "none")
             aux = {"losses": {}} if aux is None else aux
             return (y, aux["losses"]), {k: v for k, v in aux.items() if k != "losses"}
 
         if self.cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
-        (y, losses), vjp, stats = jax.vjp(lambda p, x: layer(p, x, rest, r), params, x, has_aux=True)
+        (y, losses), vjp, stats = jax.vjp(lambda p, x: layer(p, x, rest, rng, index), params, x, has_aux=True)
         return y, losses, stats, vjp
 
     def _head(self, head_loss, diff, params, rest, h, targets, rng, layer_aux):
         """Loss and gradients of the head's parameters (`diff`: their leaves) and of h."""
-        leaves, treedef = jax.tree.flatten(params)
-        where = self._head_leaves(params)
-        aux = collect_aux([{"losses": losses, **jax.tree.map(lambda v: v[None], stats)}
+        leaves = jax.tree.leaves(params)
+        aux = collect_aux([{"losses": losses, **stats}
                            for losses, stats in layer_aux if stats])  # MoE layers (dense ones have none)
 
         def loss(diff, h):
             full = list(leaves)
-            for i, v in zip(where, diff):
+            for i, v in zip(self.head_where, diff):
                 full[i] = v
-            model = nnx.merge(self.graphdef, jax.tree.unflatten(treedef, full), rest)
+            model = nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, full), rest)
             return head_loss(model, h, targets, aux, rng=rng, layout=self.layout)
 
         (total, (ce, aux)), (g_diff, dh) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(diff, h)
         return total, ce, aux, g_diff, dh
 
     def _accumulate(self, acc, grads):
+        """acc + grads / accum in float32 (acc None: the first micro-batch's)."""
+        if acc is None:
+            return jax.tree.map(lambda g: g.astype(jnp.float32) / self.accum, grads)
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / self.accum, acc, grads)
 
     # ---------------------------------------------------------------- the step
-    def _head_leaves(self, params) -> list[int]:
-        """Indices (in `jax.tree.leaves(params)`) of the leaves the head differentiates."""
-        out = []
-        for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0]):
-            top = path[0].key
-            if top != "stacks" and (top != "embed_VD" or self.head_reads_embed):
-                out.append(i)
-        return out
 
     def view(self, params, copy):
         """params with the copied weights' values replaced by their copies (differentiated directly)."""
@@ -155,10 +149,9 @@ class _Programs:
             x, losses, stats, vjp = self.forward[gd](params["stacks"][s], rest_s, x, rng, jnp.int32(s))
             vjps.append(vjp)
             layer_aux.append((losses, stats))
-        leaves, treedef = jax.tree.flatten(params)
-        where = self._head_leaves(params)
-        total, ce, aux, g_head, dx = self.head([leaves[i] for i in where], params, rest, x, targets, rng,
-                                               layer_aux)
+        leaves = jax.tree.leaves(params)
+        total, ce, aux, g_head, dx = self.head([leaves[i] for i in self.head_where], params, rest, x, targets,
+                                               rng, layer_aux)
         del x
         g_stacks = [None] * len(vjps)
         for s in reversed(range(len(vjps))):
@@ -166,21 +159,20 @@ class _Programs:
             g_stacks[s], dx = self.backward(vjps[s], dx, jax.tree.map(jnp.ones_like, losses))
             vjps[s] = None  # its activations go as soon as its backward has run
         g_embed = self.embed_backward(embed_vjp, dx)
-        return total, ce, aux, self._assemble(params, treedef, where, g_head, g_stacks, g_embed)
+        return total, ce, aux, self._assemble(g_head, g_stacks, g_embed)
 
-    def _assemble(self, params, treedef, where, g_head, g_stacks, g_embed):
-        """The gradients in the structure of `params`, from the programs' pieces."""
-        grads = [None] * treedef.num_leaves
-        for i, g in zip(where, g_head):
+    def _assemble(self, g_head, g_stacks, g_embed):
+        """The gradients in the structure of the params, from the programs' pieces."""
+        grads = [None] * self.treedef.num_leaves
+        for i, g in zip(self.head_where, g_head):
             grads[i] = g
-        paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         stack_leaves = [iter(jax.tree.leaves(g)) for g in g_stacks]
-        for i, path in enumerate(paths):
-            if path[0].key == "stacks":
-                grads[i] = next(stack_leaves[path[1].key])
-            elif path[0].key == "embed_VD":
-                grads[i] = g_embed if grads[i] is None else g_embed + grads[i]
-        return jax.tree.unflatten(treedef, grads)
+        for i, s in enumerate(self.stack_of):
+            if s is not None:
+                grads[i] = next(stack_leaves[s])
+        e = self.embed_at
+        grads[e] = g_embed if grads[e] is None else g_embed + grads[e]
+        return jax.tree.unflatten(self.treedef, grads)
 
     def step(self, state, batch):
         rng, keys, micro = self.split(state.rng, batch)
@@ -189,11 +181,7 @@ class _Programs:
         for i in range(self.accum):
             total, ce, aux, g = self.micro_step(state, params, micro["inputs"][i], micro["targets"][i], keys[i])
             outs.append((total, ce, aux))
-            if self.accum == 1:
-                grads = g
-            else:
-                grads = self.accumulate(grads if grads is not None else
-                                        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), g), g)
+            grads = g if self.accum == 1 else self.accumulate(grads, g)
         total, ce, aux = jax.tree.map(lambda *v: jnp.stack(v), *outs)
         return self.apply(state, grads, total, ce, aux, rng)
 
