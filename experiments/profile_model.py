@@ -5,7 +5,8 @@
 
 Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, `init_run_state`,
 `make_train_step`), compiles the step ahead of time (its HLO text maps each
-kernel back to its HLO instruction, op_name and Python source line), times `--wall-steps` steps sent
+kernel back to its HLO instruction, op_name and Python source line; with `train.programs=layers` the
+first step compiles the programs, `compile_s` is its time and kernels are categorised by name), times `--wall-steps` steps sent
 back to back as training sends them, then traces `--steps` steps the same way with jax.profiler.
 Prints GPU time per step by category (`CATEGORIES`), the top kernels, step wall time, GPU busy time
 (union over streams), `idle_ms` = wall - busy (busy comes from the traced steps and wall from the
@@ -260,9 +261,13 @@ def main(argv=None) -> dict:
     batches = [data.batch(i) for i in range(n_batches)]
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, put(batches[0])).compile()
+    if hasattr(step, "lower"):  # one program: compiled ahead of time, its HLO maps kernels to source
+        compiled = step.lower(state, put(batches[0])).compile()
+        hlo_text = compiled.as_text()
+    else:  # train.programs=layers: its programs compile at the first step; kernels by name only
+        state = jax.block_until_ready(step(state, put(batches[0])))[0]
+        compiled, hlo_text = step, ""
     compile_s = time.perf_counter() - t0
-    hlo_text = compiled.as_text()
     if args.hlo_out:
         opener = gzip.open if args.hlo_out.endswith(".gz") else open
         with opener(args.hlo_out, "wt") as f:
@@ -270,7 +275,7 @@ def main(argv=None) -> dict:
     meta = hlo_metadata(hlo_text)
     hlo_summary = summarize_hlo(hlo_text)
     print("compiled step:", json.dumps(hlo_summary), flush=True)
-    buffers = memory_split(compiled)
+    buffers = memory_split(compiled) if hlo_text else None
     print("XLA buffer assignment (GiB):", json.dumps(buffers), flush=True)
     box = {"state": state, "i": 0}
     del state
@@ -297,7 +302,7 @@ def main(argv=None) -> dict:
     events = gpu_events_with_stats(data_) if data_ is not None else []
     source = "gpu" if events else None
     if not events and data_ is not None and jax.default_backend() == "cpu":
-        events = host_op_events(data_, "jit_step")
+        events = host_op_events(data_, "jit_step" if hlo_text else "jit_")
         source = "host XLA:CPU ops" if events else None
     elif not events and data_ is not None:  # a layout this parser does not know: say what there is
         print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8]) for pl in data_.planes])

@@ -41,6 +41,21 @@ def _copy_key(path) -> str:
     return jax.tree_util.keystr(path[:-1])  # the Variable's path (the leaf's ends in `.value`)
 
 
+# outputs the backward recomputes from their inputs instead of a layer's forward keeping them: a view of a
+# weight (a slice, reshape or cast) would be a copy of it, an upcast a second copy of an activation
+_RECOMPUTED = frozenset(("convert_element_type", "reshape", "squeeze", "expand_dims", "broadcast_in_dim",
+                         "slice", "dynamic_slice", "transpose"))
+
+
+def _residual_policy(base):
+    """A remat policy: what `base` saves (`...`: everything, None: nothing) except `_RECOMPUTED`'s outputs."""
+    def policy(prim, *args, **params):
+        if prim.name in _RECOMPUTED:
+            return False
+        return True if base is ... else base is not None and base(prim, *args, **params)
+    return policy
+
+
 class _Programs:
     """The jitted programs of one model structure (built from the first state the step sees)."""
 
@@ -102,8 +117,7 @@ class _Programs:
             aux = {"losses": {}} if aux is None else aux
             return (y, aux["losses"]), {k: v for k, v in aux.items() if k != "losses"}
 
-        if self.cfg.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.cfg.remat])
+        layer = jax.checkpoint(layer, policy=_residual_policy(REMAT_POLICIES.get(self.cfg.remat, ...)))
         (y, losses), vjp, stats = jax.vjp(lambda p, x: layer(p, x, rest, rng, index), params, x, has_aux=True)
         return y, losses, stats, vjp
 

@@ -32,6 +32,16 @@ def test_profile_model_runs_on_cpu(tmp_path):
         assert sum(bool(r["op_name"] and r["source"]) for r in res["top_kernels"]) > len(res["top_kernels"]) / 2
 
 
+def test_profile_model_runs_the_per_layer_programs(tmp_path):
+    """train.programs=layers: no single program to compile ahead; the first step's time is compile_s."""
+    out = tmp_path / "profile.json"
+    profile_model.main(["--config", "tiny_moe", "--steps", "1", "--wall-steps", "2", "--out", str(out),
+                        "train.batch_size=2", "train.seq_len=32", "train.programs=layers"])
+    res = json.loads(out.read_text())
+    assert res["wall_ms"] > 0 and res["compile_s"] > 0 and res["xla_buffers_gib"] is None
+    assert set(res["categories"]) == set(profile_model.CATEGORY_NAMES)
+
+
 @pytest.mark.parametrize("kernel,op_name,want", [
     ("gmm_fwd_kernel", "", "grouped GEMM"),
     ("gmm_wgrad_kernel", "jit(step)/while/body/closed_call/transpose(jvp())/pallas_call", "grouped GEMM"),
