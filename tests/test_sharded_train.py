@@ -15,14 +15,14 @@ from flax import nnx
 STEPS = 2
 
 
-def _cfg(chunks=1, **par):
+def _cfg(chunks=1, programs="one", **par):
     cfg = load_config("tiny_moe", [f"moe.dispatcher.overlap_chunks={chunks}",
                                    "model.d_model=32", "model.num_layers=2", "model.num_heads=4",
                                    "model.num_kv_heads=2", "model.ffn_hidden_size=64",
                                    "model.vocab_size=128", "moe.ffn_hidden_size=32",
                                    "moe.layer_freq=[0,1]", "moe.grouped_gemm_backend=xla",
                                    "train.batch_size=8", "train.seq_len=16", "train.lr=1e-2",
-                                   "train.warmup_steps=0", "train.data=synthetic"])
+                                   "train.warmup_steps=0", "train.data=synthetic", f"train.programs={programs}"])
     return dataclasses.replace(cfg, parallel=ParallelConfig(**par))
 
 
@@ -58,6 +58,7 @@ def _reference():
 @pytest.mark.parametrize("par", [
     dict(data=2, fsdp=2, tensor=2, expert=4),               # DP x FSDP x TP, folded EP=4
     dict(data=4, fsdp=1, tensor=2, expert=8, chunks=2),  # EP=8 > DP=4: folding
+    dict(data=2, fsdp=2, tensor=2, expert=4, programs="layers"),  # the per-layer programs, sharded
 ])
 def test_sharded_steps_match_unsharded(par):
     ref = _reference()
