@@ -3,9 +3,11 @@ scanned; target: 16 layers within 1.35x of 4 on CPU, 48 within 1.3x of 12 on the
 
   PYTHONPATH=. python experiments/bench_compile.py --config tiny_moe --layers 4,16
   PYTHONPATH=. python experiments/bench_compile.py --config mixtral_small --layers 12,48 model.param_dtype=bfloat16
+  PYTHONPATH=. python experiments/bench_compile.py --config mixtral_small --layers 12,48 train.programs=layers
 
 Each depth repeats the preset's layer pattern (its first layer kept as is, e.g. a first dense layer);
-the step is lowered and compiled (no run), and the JSON records seconds per depth and the ratios.
+the step is lowered and compiled (no run), and the JSON records seconds per depth and the ratios. With
+`train.programs=layers` every program of a step is compiled (seconds per program in the JSON).
 """
 from __future__ import annotations
 
@@ -36,17 +38,23 @@ def depth_overrides(cfg, layers: int) -> list[str]:
     return out
 
 
-def compile_seconds(cfg) -> tuple[float, float]:
-    """(lower seconds, compile seconds) of the jitted train step on abstract state and batch."""
+def compile_seconds(cfg) -> tuple[float, float, dict | None]:
+    """(lower seconds, compile seconds, seconds per program or None) of the train step on abstract state
+    and batch. `train.programs=layers`: every program one step runs, each lowered and compiled (lowering
+    counted in the compile seconds)."""
     tc = cfg.train
     graphdef, state = init_state_abstract(cfg)
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32) for k in ("inputs", "targets")}
     step = make_train_step(graphdef, tc)
+    if tc.programs == "layers":
+        t0 = time.perf_counter()
+        programs = step.build(state).compile_all(state, batch)
+        return 0.0, time.perf_counter() - t0, {k: v[1] for k, v in programs.items()}
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     t1 = time.perf_counter()
     lowered.compile()
-    return t1 - t0, time.perf_counter() - t1
+    return t1 - t0, time.perf_counter() - t1, None
 
 
 def init_state_abstract(cfg):
@@ -72,10 +80,14 @@ def main(argv=None) -> int:
     rows = []
     for n in (int(v) for v in args.layers.split(",")):
         cfg = load_config(args.config, list(args.overrides) + depth_overrides(base, n))
-        lower_s, compile_s = compile_seconds(cfg)
+        lower_s, compile_s, programs = compile_seconds(cfg)
         rows.append({"layers": n, "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
                      "total_s": round(lower_s + compile_s, 2)})
-        print(f"layers {n:>3}: lower {lower_s:6.1f} s, compile {compile_s:6.1f} s", flush=True)
+        line = f"layers {n:>3}: lower {lower_s:6.1f} s, compile {compile_s:6.1f} s"
+        if programs is not None:
+            rows[-1]["programs_s"] = {k: round(v, 2) for k, v in programs.items()}
+            line += "  (" + ", ".join(f"{k} {v:.1f}" for k, v in programs.items()) + ")"
+        print(line, flush=True)
     for r in rows[1:]:
         r["ratio_to_first"] = round(r["total_s"] / rows[0]["total_s"], 3)
         print(f"{r['layers']} vs {rows[0]['layers']} layers: {r['ratio_to_first']:.2f}x")

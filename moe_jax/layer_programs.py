@@ -26,6 +26,7 @@ Needs one layer per stack (`model.scan_layers=false`).
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -200,12 +201,56 @@ class _Programs:
         return self.apply(state, grads, total, ce, aux, rng)
 
 
+    # ---------------------------------------------------------------- ahead of time
+
+    _JITTED = ("split", "embed", "head", "backward", "embed_backward", "accumulate", "apply")
+
+    def compile_all(self, state, batch) -> dict[str, tuple[int, float]]:
+        """Lower and compile every program one step runs, on abstract (or concrete) `state` and `batch`;
+        nothing runs. Returns (programs compiled, seconds lowering and compiling) per name ("forward": one
+        per kind of layer). The step's Python loop is traced with `jax.eval_shape`: each program is compiled
+        at its first call with a new signature, as the jit caches would at a real step."""
+        seconds: dict[str, tuple[int, float]] = {}
+        saved = {name: getattr(self, name) for name in self._JITTED}
+        saved_forward = dict(self.forward)
+        seen = set()
+
+        def compiling(name, f):
+            def call(*args):
+                leaves, tree = jax.tree.flatten(args)
+                key = (name, id(f), tree, tuple((x.shape, x.dtype) for x in leaves))
+                if key not in seen:
+                    seen.add(key)
+                    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+                    t0 = time.perf_counter()
+                    f.lower(*jax.tree.unflatten(tree, abstract)).compile()
+                    n, t = seconds.get(name, (0, 0.0))
+                    seconds[name] = (n + 1, t + time.perf_counter() - t0)
+                return f(*args)  # traced into the eval_shape: its output's shapes and structure
+            return call
+        try:
+            for name, f in saved.items():
+                setattr(self, name, compiling(name, f))
+            self.forward = {gd: compiling("forward", f) for gd, f in saved_forward.items()}
+            jax.eval_shape(self.step, state, batch)
+        finally:
+            for name, f in saved.items():
+                setattr(self, name, f)
+            self.forward = saved_forward
+        return seconds
+
+
 def make_layer_step(graphdef, tc, optimizer: optax.GradientTransformation, *, layout=None, shardings=None):
     """`step(state, batch) -> (state, metrics)` as `train.make_train_step`'s, run as per-layer programs
-    (see the module docstring). The programs are built at the first call."""
-    def step(state, batch):
+    (see the module docstring). The programs are built at the first call, or by `step.build(state)`
+    (state may be abstract: `step.build(state).compile_all(state, batch)` compiles ahead of time)."""
+    def build(state) -> _Programs:
         if step.programs is None:
             step.programs = _Programs(graphdef, state, tc, optimizer, layout, shardings)
-        return step.programs.step(state, batch)
+        return step.programs
+
+    def step(state, batch):
+        return build(state).step(state, batch)
     step.programs = None  # the _Programs, once built: their jitted functions and caches
+    step.build = build
     return step

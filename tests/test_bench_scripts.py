@@ -63,3 +63,8 @@ def test_bench_ops_and_compile_run_on_cpu(tmp_path):
                                "model.d_model=32", "train.batch_size=2", "train.seq_len=16"]) == 0
     res = json.loads((tmp_path / "c.json").read_text())
     assert [r["layers"] for r in res["rows"]] == [2, 3] and res["rows"][1]["ratio_to_first"] > 0
+    assert bench_compile.main(["--config", "tiny_moe", "--layers", "2", "--out", str(tmp_path / "l.json"),
+                               "model.d_model=32", "train.batch_size=2", "train.seq_len=16",
+                               "train.programs=layers"]) == 0
+    programs = json.loads((tmp_path / "l.json").read_text())["rows"][0]["programs_s"]
+    assert {"forward", "backward", "head", "apply"} <= set(programs) and all(v > 0 for v in programs.values())

@@ -70,6 +70,28 @@ def test_one_forward_and_backward_program_per_kind_of_layer():
     assert np.isfinite(float(metrics[-1]["loss"]))
 
 
+def test_programs_compile_ahead_of_time_on_abstract_state():
+    """compile_all (bench_compile.py's measure) compiles what a real step would: at 6 layers as at 3, one
+    forward per kind of layer and one backward per closure, with grad_accum 2's accumulator; nothing runs."""
+    tc = TrainConfig(batch_size=4, seq_len=16, programs="layers", grad_accum=2)
+    counts = {}
+    for layers, freq in ((3, (0, 1, 1)), (6, (0, 1, 1, 1, 1, 1))):
+        cfg = dataclasses.replace(model_cfg(), num_layers=layers, moe=dataclasses.replace(model_cfg().moe,
+                                                                                           layer_freq=freq))
+        box = {}
+
+        def make():
+            box["graphdef"], state = init_state(GPT(cfg, rngs=nnx.Rngs(0)), tc)
+            return state
+        state = jax.eval_shape(make)
+        b = {k: jax.ShapeDtypeStruct((4, 16), np.int32) for k in ("inputs", "targets")}
+        step = make_train_step(box["graphdef"], tc)
+        counts[layers] = {k: n for k, (n, s) in step.build(state).compile_all(state, b).items()}
+        assert all(f._cache_size() == 0 for f in step.programs.forward.values())  # traced, never dispatched
+    assert counts[3] == counts[6] == {"split": 1, "embed": 1, "forward": 2, "head": 1, "backward": 2,
+                                      "accumulate": 2, "embed_backward": 1, "apply": 1}
+
+
 def test_layer_programs_need_one_layer_per_stack():
     tc = TrainConfig(batch_size=4, seq_len=16, programs="layers")
     graphdef, state = init_state(GPT(model_cfg(scan_layers=True), rngs=nnx.Rngs(0)), tc)
