@@ -6,13 +6,18 @@ scanned; target: 16 layers within 1.35x of 4 on CPU, 48 within 1.3x of 12 on the
   PYTHONPATH=. python experiments/bench_compile.py --config mixtral_small --layers 12,48 train.programs=layers
 
 Each depth repeats the preset's layer pattern (its first layer kept as is, e.g. a first dense layer);
-the step is lowered and compiled (no run), and the JSON records seconds per depth and the ratios. With
+the step is lowered and compiled (no run), each depth in a new process (`--same-process`: all in this
+one, where later depths reuse XLA's caches), and the JSON records seconds per depth and the ratios. With
 `train.programs=layers` every program of a step is compiled (seconds per program in the JSON).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,30 +74,60 @@ def init_state_abstract(cfg):
     return box["graphdef"], state
 
 
+def measure(config: str, overrides: list[str], n: int) -> dict:
+    """One depth's row: seconds lowering and compiling (and per program with train.programs=layers)."""
+    base = load_config(config, overrides)
+    cfg = load_config(config, list(overrides) + depth_overrides(base, n))
+    lower_s, compile_s, programs = compile_seconds(cfg)
+    row = {"layers": n, "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
+           "total_s": round(lower_s + compile_s, 2)}
+    if programs is not None:
+        row["programs_s"] = {k: round(v, 2) for k, v in programs.items()}
+    return row
+
+
+def measure_fresh(config: str, overrides: list[str], n: int) -> dict:
+    """measure() in a new process with no persistent compile cache: XLA's in-process caches (GPU
+    autotuning results, the backend's start-up) would otherwise make every depth after the first look
+    cheaper, and the per-layer programs are the same at every depth."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row_path = Path(tmp) / "row.json"
+        env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"  # nor a program another depth left on disk
+        subprocess.run([sys.executable, __file__, "--config", config, "--layers", str(n),
+                        "--row-json", str(row_path), *overrides], check=True, env=env)
+        return json.loads(row_path.read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny_moe")
     ap.add_argument("--layers", default="4,16", help="comma list of depths")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--same-process", action="store_true",
+                    help="measure every depth in this process (default: each in a new one, so none reuses "
+                         "another's compile caches)")
+    ap.add_argument("--row-json", default=None, help=argparse.SUPPRESS)  # measure_fresh's child
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    base = load_config(args.config, args.overrides)
+    depths = [int(v) for v in args.layers.split(",")]
+    if args.row_json:
+        Path(args.row_json).write_text(json.dumps(measure(args.config, args.overrides, depths[0])))
+        return 0
+    fresh = not args.same_process and len(depths) > 1
     rows = []
-    for n in (int(v) for v in args.layers.split(",")):
-        cfg = load_config(args.config, list(args.overrides) + depth_overrides(base, n))
-        lower_s, compile_s, programs = compile_seconds(cfg)
-        rows.append({"layers": n, "lower_s": round(lower_s, 2), "compile_s": round(compile_s, 2),
-                     "total_s": round(lower_s + compile_s, 2)})
-        line = f"layers {n:>3}: lower {lower_s:6.1f} s, compile {compile_s:6.1f} s"
-        if programs is not None:
-            rows[-1]["programs_s"] = {k: round(v, 2) for k, v in programs.items()}
-            line += "  (" + ", ".join(f"{k} {v:.1f}" for k, v in programs.items()) + ")"
+    for n in depths:
+        row = (measure_fresh if fresh else measure)(args.config, args.overrides, n)
+        rows.append(row)
+        line = f"layers {n:>3}: lower {row['lower_s']:6.1f} s, compile {row['compile_s']:6.1f} s"
+        if "programs_s" in row:
+            line += "  (" + ", ".join(f"{k} {v:.1f}" for k, v in row["programs_s"].items()) + ")"
         print(line, flush=True)
     for r in rows[1:]:
         r["ratio_to_first"] = round(r["total_s"] / rows[0]["total_s"], 3)
         print(f"{r['layers']} vs {rows[0]['layers']} layers: {r['ratio_to_first']:.2f}x")
     write_result("compile", Path(args.config).stem, {"config": args.config, "overrides": args.overrides,
-                                                     "rows": rows}, args.out)
+                                                     "fresh_process_per_depth": fresh, "rows": rows}, args.out)
     return 0
 
 

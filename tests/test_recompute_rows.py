@@ -43,7 +43,7 @@ def _residual_shapes(f, *args):
 
 @pytest.mark.parametrize("backend,interpret,gates,capacity", [
     ("xla", False, False, None), ("xla", False, True, 40),
-    pytest.param("pallas", True, False, None, marks=pytest.mark.slow)])  # interpret: ~30 s; pallas runs on the GPU below
+    pytest.param("pallas", True, False, None, marks=pytest.mark.slow)])  # interpret: ~30 s; GPU below
 def test_op_matches_grouped_matmul_on_the_same_rows(backend, interpret, gates, capacity):
     t, d, n = (64, 64, 128) if interpret else (48, 24, 20)
     dtype = jnp.bfloat16 if interpret else jnp.float32
