@@ -200,7 +200,6 @@ class _Programs:
         total, ce, aux = jax.tree.map(lambda *v: jnp.stack(v), *outs)
         return self.apply(state, grads, total, ce, aux, rng)
 
-
     # ---------------------------------------------------------------- ahead of time
 
     _JITTED = ("split", "embed", "head", "backward", "embed_backward", "accumulate", "apply")
