@@ -35,6 +35,9 @@
 #            defaults, ours with AB_EXTRA (overrides; AB_NAME names it), then the reference; AB_PRESET (mixtral_small),
 #            AB_PARAMS (bf16); prints each step time, MFU and ratio (e.g. AB_EXTRA=model.norm_fanout=true AB_NAME=fanout
 #            AB_TESTS=tests/test_rms_norm.py bash experiments/gpu_session.sh ab: ~5 device minutes)
+#   layers — the per-layer programs (`train.programs=layers`, bf16 parameters, LAYERS_PRESET: mixtral_small):
+#            bench_compile.py at LAYERS_DEPTHS (12,48; each depth a new process, no compile cache), then
+#            probe_layer_memory.py (device memory in use after each program; what a layer's closure keeps)
 #   plain  — the README's plain command, `train.py --config PRESET` (PLAIN_PRESETS: mixtral_small) for
 #            PLAIN_STEPS (40) steps, nothing else overridden: its own log lines (throughput, MFU)
 #   cache  — the compile cache on this GPU: train.py twice on a 2-layer mixtral_small with a fresh cache
@@ -169,6 +172,15 @@ for tag, r in (("base", base), (name, var)):
 print(f"AB torch      {t:7.1f} ms  MFU {100 * ref['mfu']:.1f} %  | {name}/base {base['wall_ms'] / var['wall_ms']:.3f}x")
 PY
     ;;
+  layers)
+    preset=${LAYERS_PRESET:-mixtral_small}
+    timeout -s KILL 330 python3 experiments/bench_compile.py --config "$preset" --layers ${LAYERS_DEPTHS:-12,48} \
+      model.param_dtype=bfloat16 train.programs=layers \
+      --out "experiments/results/compile_layers_${preset}_$(date +%F)_${GPU}.json" > "$OUT/compile_layers.log" 2>&1
+    echo "== bench_compile rc=$?"; grep -v "^[WI][0-9]" "$OUT/compile_layers.log" | tail -4
+    timeout -s KILL 200 python3 experiments/probe_layer_memory.py --config "$preset" model.param_dtype=bfloat16 \
+      --out "experiments/results/layer_memory_${preset}_$(date +%F)_${GPU}.json" > "$OUT/layer_memory.log" 2>&1
+    echo "== probe_layer_memory rc=$?"; grep -v "^[WI][0-9]" "$OUT/layer_memory.log" | tail -${LAYERS_LINES:-60} ;;
   plain)
     # the runner logs to TensorBoard through tensorboardX, which the device lacks: its wheel travels in .whl
     python3 -c "import tensorboardX" 2>/dev/null || { echo "plain: no tensorboardX here; carry .whl and install it" \
@@ -254,7 +266,7 @@ PY
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|plain|cache|kernels|dsv3|attn|dswiglu"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|layers|plain|cache|kernels|dsv3|attn|dswiglu"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 # the device brings back at most 8 files: this run's logs travel as one archive (GPU_KEEP_LOGS=1 keeps them)

@@ -11,7 +11,9 @@ every layer of a kind shares:
   head     final norm, LM head + cross-entropy, multi-token prediction: the loss and its gradients
   backward one layer's closure applied to the output's cotangent: the layer's parameter gradients
            and its input's cotangent
-  apply    optimizer, expert-bias update, metrics, the weight copy (`train.make_apply`)
+  apply    optimizer, expert-bias update, metrics, the weight copy: with the default optimizer a
+           layer at a time as well (moe_jax/layer_update.py), else one program (`train.make_apply`;
+           also under a mesh layout, whose out_shardings keep the state's)
 
 Each program compiles once per kind of layer (dense, MoE) whatever the depth: layers of a kind have the
 same structure and shapes, and the layer index (for its rng) is an argument. No stacked buffers: each
@@ -34,6 +36,7 @@ import optax
 from flax import nnx
 
 from moe_jax import parallel
+from moe_jax.layer_update import LayerUpdate
 from moe_jax.model import REMAT_POLICIES, _loop_stack, collect_aux
 from moe_jax.rope import model_rope_tables
 
@@ -61,7 +64,7 @@ class _Programs:
     """The jitted programs of one model structure (built from the first state the step sees)."""
 
     def __init__(self, graphdef, state, tc, optimizer, layout, shardings):
-        from moe_jax.train import head_loss, make_apply  # train imports this module lazily
+        from moe_jax.train import head_loss, make_apply, make_optimizer  # train imports this lazily
         model = nnx.merge(graphdef, state.params, state.model_state)
         cfg = self.cfg = model.cfg
         if any(n != 1 for _, _, n in model.runs):
@@ -88,13 +91,18 @@ class _Programs:
                            and (path[0].key != "embed_VD" or self.head_reads_embed)]
         self.stack_of = [path[1].key if path[0].key == "stacks" else None for path, _ in paths]
         self.embed_at = next(i for i, (path, _) in enumerate(paths) if path[0].key == "embed_VD")
-        apply = make_apply(graphdef, tc, optimizer)
+        if optimizer is None and layout is None:  # the default optimizer: updated a layer at a time
+            groups = [[i for i, s in enumerate(self.stack_of) if s == k] for k in range(len(model.stacks))]
+            groups.append([i for i, s in enumerate(self.stack_of) if s is None])
+            self.apply = LayerUpdate(graphdef, tc, state, groups)
+        else:  # one program over every parameter (sharded: its out_shardings keep the state's layout)
+            apply = make_apply(graphdef, tc, optimizer or make_optimizer(tc))
 
-        def apply_cast(state, grads, total, ce, aux, rng):  # copies' (bf16) gradients in the weights' dtype
-            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
-            return apply(state, grads, total, ce, aux, rng)
-        out = {} if layout is None else {"out_shardings": (shardings, parallel.replicated(layout))}
-        self.apply = jax.jit(apply_cast, donate_argnums=0, **out)
+            def apply_cast(state, grads, total, ce, aux, rng):  # copies' (bf16) gradients in the weights' dtype
+                grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+                return apply(state, grads, total, ce, aux, rng)
+            out = {} if layout is None else {"out_shardings": (shardings, parallel.replicated(layout))}
+            self.apply = jax.jit(apply_cast, donate_argnums=0, **out)
 
     # ---------------------------------------------------------------- the programs
     def _split(self, rng, batch):
@@ -145,6 +153,13 @@ class _Programs:
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / self.accum, acc, grads)
 
     # ---------------------------------------------------------------- the step
+    # watch(event, layer, value): called after each layer's forward and backward and after the head
+    # (experiments/probe_layer_memory.py reads the device's memory there); None: nothing is called
+    watch = None
+
+    def _watch(self, event, layer, value):
+        if self.watch is not None:
+            self.watch(event, layer, value)
 
     def view(self, params, copy):
         """params with the copied weights' values replaced by their copies (differentiated directly)."""
@@ -162,17 +177,20 @@ class _Programs:
         for s, gd in enumerate(self.layer_graphdefs):
             rest_s = rest["stacks"][s] if "stacks" in rest and s in rest["stacks"] else nnx.State({})
             x, losses, stats, vjp = self.forward[gd](params["stacks"][s], rest_s, x, rng, jnp.int32(s))
+            self._watch("forward", s, vjp)
             vjps.append(vjp)
             layer_aux.append((losses, stats))
         leaves = jax.tree.leaves(params)
         total, ce, aux, g_head, dx = self.head([leaves[i] for i in self.head_where], params, rest, x, targets,
                                                rng, layer_aux)
         del x
+        self._watch("head", None, dx)
         g_stacks = [None] * len(vjps)
         for s in reversed(range(len(vjps))):
             losses = layer_aux[s][0]
             g_stacks[s], dx = self.backward(vjps[s], dx, jax.tree.map(jnp.ones_like, losses))
             vjps[s] = None  # its activations go as soon as its backward has run
+            self._watch("backward", s, dx)
         g_embed = self.embed_backward(embed_vjp, dx)
         return total, ce, aux, self._assemble(g_head, g_stacks, g_embed)
 
@@ -210,7 +228,11 @@ class _Programs:
         per kind of layer). The step's Python loop is traced with `jax.eval_shape`: each program is compiled
         at its first call with a new signature, as the jit caches would at a real step."""
         seconds: dict[str, tuple[int, float]] = {}
-        saved = {name: getattr(self, name) for name in self._JITTED}
+        owners = {name: self for name in self._JITTED}
+        if isinstance(self.apply, LayerUpdate):  # its programs, not the Python function that runs them
+            del owners["apply"]
+            owners.update({f"apply.{name}": self.apply for name in LayerUpdate.JITTED})
+        saved = {name: getattr(owner, name.rpartition(".")[2]) for name, owner in owners.items()}
         saved_forward = dict(self.forward)
         seen = set()
 
@@ -229,17 +251,18 @@ class _Programs:
             return call
         try:
             for name, f in saved.items():
-                setattr(self, name, compiling(name, f))
+                setattr(owners[name], name.rpartition(".")[2], compiling(name, f))
             self.forward = {gd: compiling("forward", f) for gd, f in saved_forward.items()}
             jax.eval_shape(self.step, state, batch)
         finally:
             for name, f in saved.items():
-                setattr(self, name, f)
+                setattr(owners[name], name.rpartition(".")[2], f)
             self.forward = saved_forward
         return seconds
 
 
-def make_layer_step(graphdef, tc, optimizer: optax.GradientTransformation, *, layout=None, shardings=None):
+def make_layer_step(graphdef, tc, optimizer: optax.GradientTransformation | None = None, *, layout=None,
+                    shardings=None):
     """`step(state, batch) -> (state, metrics)` as `train.make_train_step`'s, run as per-layer programs
     (see the module docstring). The programs are built at the first call, or by `step.build(state)`
     (state may be abstract: `step.build(state).compile_all(state, batch)` compiles ahead of time)."""

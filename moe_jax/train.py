@@ -39,10 +39,13 @@ def lr_schedule(tc: TrainConfig) -> optax.Schedule:
         decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
 
 
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW (decay on matrices only) after global-norm clipping."""
+def make_optimizer(tc: TrainConfig, *, clip: bool = True) -> optax.GradientTransformation:
+    """AdamW (decay on matrices only) after global-norm clipping. `clip=False`: the clip is an identity
+    (the same state), for an update that clips by a norm computed beforehand (moe_jax/layer_update.py)."""
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    chain = [optax.clip_by_global_norm(tc.grad_clip)] if tc.grad_clip else []
+    chain = []
+    if tc.grad_clip:
+        chain.append(optax.clip_by_global_norm(tc.grad_clip) if clip else optax.identity())
     chain.append(optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps,
                              weight_decay=tc.weight_decay, mask=decay_mask))
     return optax.chain(*chain)
@@ -120,31 +123,39 @@ def head_loss(model: GPT, h_BSD: jax.Array, targets: jax.Array, aux: dict, *, rn
     return total, (ce, aux)
 
 
+def step_metrics(tc: TrainConfig, step, total, ce, aux, grad_norm) -> dict:
+    """The step's metrics from the micro-batches' losses (leading axis) and the gradient norm."""
+    metrics = {"loss": total.mean(), "ce": ce.mean(), "grad_norm": grad_norm, "lr": lr_schedule(tc)(step)}
+    metrics.update({k: v.mean() for k, v in aux["losses"].items()})
+    if "mtp_loss" in aux:
+        metrics["mtp_loss"] = aux["mtp_loss"].mean()  # mean over the MTP modules, before scaling
+    return metrics
+
+
+def update_biases(graphdef, params, model_state, aux) -> tuple[Any, dict]:
+    """(model_state after the step's expert-bias update, its metrics); unchanged without routed counts."""
+    if "routed_counts" not in aux:
+        return model_state, {}
+    routed = aux["routed_counts"].sum(0)
+    model = nnx.merge(graphdef, params, model_state)
+    mtp_counts = aux["mtp_routed_counts"].sum(0) if "mtp_routed_counts" in aux else None
+    _update_expert_biases(model, routed, mtp_counts)
+    return split_model(model)[2], dict(tokens_per_expert=aux["tokens_per_expert"].sum(0), routed_counts=routed,
+                                       dropped=aux["dropped"].sum(0))
+
+
 def make_apply(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation):
     """`apply(state, grads, total, ce, aux, rng) -> (state, metrics)`: the step after the gradients —
     optimizer update, expert-bias update, metrics, the non-finite skip, the weight copy's refresh.
     `total`, `ce` and `aux` carry a leading micro-batch axis; `grads` are in the params' dtypes."""
-    schedule = lr_schedule(tc)
 
     def apply(state: TrainState, grads, total, ce, aux, rng) -> tuple[TrainState, dict]:
         old_model_state = jax.tree.map(lambda x: x, state.model_state)  # the bias update below mutates it
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-
-        model_state = state.model_state
-        metrics = {"loss": total.mean(), "ce": ce.mean(), "grad_norm": optax.tree.norm(grads),
-                   "lr": schedule(state.step)}
-        metrics.update({k: v.mean() for k, v in aux["losses"].items()})
-        if "mtp_loss" in aux:
-            metrics["mtp_loss"] = aux["mtp_loss"].mean()  # mean over the MTP modules, before scaling
-        if "routed_counts" in aux:
-            routed = aux["routed_counts"].sum(0)
-            model = nnx.merge(graphdef, params, model_state)
-            mtp_counts = aux["mtp_routed_counts"].sum(0) if "mtp_routed_counts" in aux else None
-            _update_expert_biases(model, routed, mtp_counts)
-            model_state = split_model(model)[2]
-            metrics.update(tokens_per_expert=aux["tokens_per_expert"].sum(0), routed_counts=routed,
-                           dropped=aux["dropped"].sum(0))
+        metrics = step_metrics(tc, state.step, total, ce, aux, optax.tree.norm(grads))
+        model_state, more = update_biases(graphdef, params, state.model_state, aux)
+        metrics.update(more)
         if tc.skip_nonfinite_steps:  # a non-finite loss or gradient: keep the old weights, skip the batch
             ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
@@ -167,10 +178,10 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
     With `tc.skip_nonfinite_steps`, a step whose loss or gradient norm is not finite leaves params,
     optimizer and expert-bias state unchanged (`metrics["skipped"]`); step and data position advance.
     """
-    optimizer = optimizer or make_optimizer(tc)
-    if tc.programs == "layers" and jit:
+    if tc.programs == "layers" and jit:  # the default optimizer (None) is then run a layer at a time
         from moe_jax.layer_programs import make_layer_step
         return make_layer_step(graphdef, tc, optimizer, layout=layout, shardings=shardings)
+    optimizer = optimizer or make_optimizer(tc)
     accum = tc.grad_accum
     apply = make_apply(graphdef, tc, optimizer)
 

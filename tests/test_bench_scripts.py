@@ -67,4 +67,17 @@ def test_bench_ops_and_compile_run_on_cpu(tmp_path):
                                "model.d_model=32", "train.batch_size=2", "train.seq_len=16",
                                "train.programs=layers"]) == 0
     programs = json.loads((tmp_path / "l.json").read_text())["rows"][0]["programs_s"]
-    assert {"forward", "backward", "head", "apply"} <= set(programs) and all(v > 0 for v in programs.values())
+    assert {"forward", "backward", "head", "apply.update"} <= set(programs) and all(v > 0 for v in programs.values())
+
+
+def test_probe_layer_memory_runs_on_cpu(tmp_path):
+    """Its timeline has each layer's forward and backward and the head; the closures hold arrays."""
+    import probe_layer_memory
+    res = probe_layer_memory.main(["--config", "tiny_moe", "--out", str(tmp_path / "m.json"), "model.d_model=32",
+                                   "model.num_layers=3", "moe.layer_freq=[0,1,1]", "train.batch_size=2",
+                                   "train.seq_len=16"])
+    events = [(r["event"], r["layer"]) for r in res["timeline"]]
+    assert events == [("forward", 0), ("forward", 1), ("forward", 2), ("head", None),
+                      ("backward", 2), ("backward", 1), ("backward", 0)]
+    assert all(r["closure_gib"] > 0 for r in res["timeline"] if r["event"] == "forward")
+    assert res["largest_closure"]["leaves"] and json.loads((tmp_path / "m.json").read_text())["config"] == "tiny_moe"

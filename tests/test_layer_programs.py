@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from moe_jax.config import ModelConfig, MoEConfig, TrainConfig
+from moe_jax.layer_update import LayerUpdate
 from moe_jax.model import GPT
 from moe_jax.train import init_state, make_train_step
 
@@ -40,21 +41,32 @@ def run(cfg, tc, steps=2):
     ({"remat": "selective"}, {}, 1e-5),
     # bf16 compute on fp32 master weights: the layers differentiate the experts' bf16 copies
     ({"dtype": "bfloat16", "param_dtype": "float32"}, {}, 2e-2),
+    # the per-layer update's clip (by a norm it sums over the layers first) and the expert-bias update
+    ({"moe": {"router_enable_expert_bias": True, "router_score_function": "sigmoid"}}, {"grad_clip": 0.05}, 1e-5),
 ])
 def test_layer_programs_match_the_one_program_step(model_kw, train_kw, tol):
+    moe_kw = model_kw.pop("moe", {})
     cfg = model_cfg(**model_kw)
+    cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **moe_kw))
     tc = TrainConfig(batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, **train_kw)
     want_state, want, _ = run(cfg, tc)
-    got_state, got, _ = run(cfg, dataclasses.replace(tc, programs="layers"))
+    got_state, got, step = run(cfg, dataclasses.replace(tc, programs="layers"))
+    assert isinstance(step.programs.apply, LayerUpdate)  # the default optimizer: a layer at a time
+    if tc.grad_clip < 1:
+        assert float(want[0]["grad_norm"]) > tc.grad_clip  # the clip acts
     assert set(got[-1]) == set(want[-1])
     for m_got, m_want in zip(got, want):
         for k in m_want:
             np.testing.assert_allclose(np.asarray(m_got[k], np.float32), np.asarray(m_want[k], np.float32),
                                        rtol=tol, atol=tol, err_msg=k)
-    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
-        assert a.dtype == b.dtype
+    for a, b in zip(jax.tree.leaves((got_state.params, got_state.opt_state, got_state.model_state,
+                                     got_state.compute_params)),
+                    jax.tree.leaves((want_state.params, want_state.opt_state, want_state.model_state,
+                                     want_state.compute_params))):
+        assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
-    assert int(got_state.step) == 2
+    assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
+    assert int(got_state.step) == 2 and int(got_state.data_pos) == 2
 
 
 def test_one_forward_and_backward_program_per_kind_of_layer():
@@ -89,7 +101,10 @@ def test_programs_compile_ahead_of_time_on_abstract_state():
         counts[layers] = {k: n for k, (n, s) in step.build(state).compile_all(state, b).items()}
         assert all(f._cache_size() == 0 for f in step.programs.forward.values())  # traced, never dispatched
     assert counts[3] == counts[6] == {"split": 1, "embed": 1, "forward": 2, "head": 1, "backward": 2,
-                                      "accumulate": 2, "embed_backward": 1, "apply": 1}
+                                      "accumulate": 2, "embed_backward": 1,
+                                      # the update: one sum of squares and one update per kind of group
+                                      # (dense layer, MoE layer, the rest), one finish
+                                      "apply.sumsq": 3, "apply.update": 3, "apply.finish": 1}
 
 
 def test_layer_programs_need_one_layer_per_stack():
@@ -102,3 +117,18 @@ def test_layer_programs_need_one_layer_per_stack():
 def test_unknown_programs_value_is_refused():
     with pytest.raises(ValueError, match="programs"):
         TrainConfig(programs="per_layer")
+
+
+def test_a_given_optimizer_is_applied_in_one_program():
+    """An optimizer passed in (any optax transformation) is applied whole, as the one-program step does."""
+    import optax
+    cfg, tc = model_cfg(), TrainConfig(batch_size=4, seq_len=16, programs="layers")
+    sgd = optax.sgd(0.1)
+    graphdef, state = init_state(GPT(cfg, rngs=nnx.Rngs(0)), tc, sgd)
+    want, _ = make_train_step(graphdef, dataclasses.replace(tc, programs="one"), sgd)(state, batch(0))
+    graphdef, state = init_state(GPT(cfg, rngs=nnx.Rngs(0)), tc, sgd)
+    step = make_train_step(graphdef, tc, sgd)
+    got, _ = step(state, batch(0))
+    assert not isinstance(step.programs.apply, LayerUpdate)
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

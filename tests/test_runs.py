@@ -125,12 +125,15 @@ def test_checkpointer_refuses_a_non_finite_state(tmp_path):
     assert ck.all_steps() == [3]
 
 
-def test_skip_nonfinite_steps_leaves_the_state_unchanged():
+@pytest.mark.parametrize("programs", ["one", "layers"])
+def test_skip_nonfinite_steps_leaves_the_state_unchanged(programs):
     """train.skip_nonfinite_steps: a step whose loss or gradient norm is not finite applies no update
-    (params, optimizer and expert-bias state as they were); the step and data position move on."""
+    (params, optimizer and expert-bias state as they were); the step and data position move on. With
+    train.programs=layers the update runs a layer at a time (moe_jax/layer_update.py)."""
     cfg = load_config("tiny_moe", ["model.d_model=16", "model.num_layers=1", "moe.layer_freq=1",
                                    "moe.num_experts=2", "moe.ffn_hidden_size=8", "train.skip_nonfinite_steps=2",
-                                   "moe.router_enable_expert_bias=true", "moe.router_score_function=sigmoid"])
+                                   "moe.router_enable_expert_bias=true", "moe.router_score_function=sigmoid",
+                                   f"train.programs={programs}"])
     graphdef, state = init_state(GPT(cfg.model, rngs=nnx.Rngs(0)), cfg.train)
     step = make_train_step(graphdef, cfg.train)
     rows = np.random.default_rng(0).integers(0, 256, (2, 17))
