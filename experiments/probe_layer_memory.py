@@ -5,9 +5,10 @@
 
 Builds the run as profile_model.py does (with `train.programs=layers`), runs one step (the compile), then
 one more with `_Programs.watch` set: after each layer's forward, the head and each layer's backward it
-waits for the program and reads the device's bytes in use, and for each forward the bytes of the
-layer's backward closure (the activations it keeps). Prints the timeline, the largest leaves of the
-first MoE layer's closure (shape, dtype), and the peak; writes JSON
+waits for the program and reads the device's bytes in use, and for each forward the bytes of what it
+returned for its backward (the activations its closure keeps; the layer's inputs, its weights and x, are
+given to the backward again, not copied). Prints the timeline, the largest of those arrays for the
+largest layer (shape, dtype), and the peak; writes JSON
 (default experiments/results/layer_memory_<preset>_<date>_<device>.json). On CPU the device reports no
 memory statistics: only the closures' bytes are reported.
 """

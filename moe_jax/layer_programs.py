@@ -60,6 +60,15 @@ def _residual_policy(base):
     return policy
 
 
+def _layer_backward(kept, params, x, dy, dlosses, closure):
+    """A layer's parameter gradients and input cotangent: its closure rebuilt from the arrays its forward
+    returned (`kept`) and its inputs (`closure`: the closure's treedef and where each leaf comes from)."""
+    tree, where = closure
+    given, kept = jax.tree.leaves((params, x)), iter(kept)
+    vjp = tree.unflatten([given[w] if w >= 0 else next(kept) for w in where])
+    return vjp((dy, dlosses))
+
+
 class _Programs:
     """The jitted programs of one model structure (built from the first state the step sees)."""
 
@@ -77,7 +86,9 @@ class _Programs:
         self.forward = {gd: jax.jit(functools.partial(self._layer_forward, gd))
                         for gd in dict.fromkeys(self.layer_graphdefs)}
         # a layer's backward takes its output's cotangent (donated: dx has its shape) and its losses'
-        self.backward = jax.jit(lambda vjp, dy, dlosses: vjp((dy, dlosses)), donate_argnums=1)
+        # (a partial: jit's caches are per function object, and each model's programs are their own)
+        self.backward = jax.jit(functools.partial(_layer_backward), static_argnums=5, donate_argnums=3)
+        self.closures = {}  # (graphdef, x's shape and dtype) -> (closure treedef, where its leaves come from)
         self.embed_backward = jax.jit(lambda vjp, dx: vjp(dx)[0])
         self.embed = jax.jit(self._embed)
         # the head differentiates the embedding only where it reads it (tied head, MTP)
@@ -128,7 +139,14 @@ class _Programs:
 
         layer = jax.checkpoint(layer, policy=_residual_policy(REMAT_POLICIES.get(self.cfg.remat, ...)))
         (y, losses), vjp, stats = jax.vjp(lambda p, x: layer(p, x, rest, rng, index), params, x, has_aux=True)
-        return y, losses, stats, vjp
+        # the closure keeps the layer's inputs (its weights, x) among its leaves: returned, each would be a
+        # copy (an output buffer); instead the backward is given them again. Which leaves those are is
+        # static: recorded here, at trace time, for every layer of this kind and shape
+        leaves, tree = jax.tree.flatten(vjp)
+        given = {id(v): k for k, v in enumerate(jax.tree.leaves((params, x)))}
+        where = tuple(given.get(id(v), -1) for v in leaves)
+        self.closures[graphdef, x.shape, jnp.dtype(x.dtype)] = (tree, where)
+        return y, losses, stats, [v for v, w in zip(leaves, where) if w < 0]
 
     def _head(self, head_loss, diff, params, rest, h, targets, rng, layer_aux):
         """Loss and gradients of the head's parameters (`diff`: their leaves) and of h."""
@@ -173,23 +191,27 @@ class _Programs:
         compute view of the state's parameters)."""
         rest = state.model_state
         x, embed_vjp = self.embed(params["embed_VD"][...], tokens)
-        vjps, layer_aux = [], []
+        saved, layer_aux = [], []  # per layer: (what its forward kept, its input, its closure's recipe)
         for s, gd in enumerate(self.layer_graphdefs):
             rest_s = rest["stacks"][s] if "stacks" in rest and s in rest["stacks"] else nnx.State({})
-            x, losses, stats, vjp = self.forward[gd](params["stacks"][s], rest_s, x, rng, jnp.int32(s))
-            self._watch("forward", s, vjp)
-            vjps.append(vjp)
+            closure = (gd, x.shape, jnp.dtype(x.dtype))
+            y, losses, stats, kept = self.forward[gd](params["stacks"][s], rest_s, x, rng, jnp.int32(s))
+            self._watch("forward", s, kept)
+            saved.append((kept, x, self.closures[closure]))
             layer_aux.append((losses, stats))
+            x = y
         leaves = jax.tree.leaves(params)
         total, ce, aux, g_head, dx = self.head([leaves[i] for i in self.head_where], params, rest, x, targets,
                                                rng, layer_aux)
-        del x
+        del x, y
         self._watch("head", None, dx)
-        g_stacks = [None] * len(vjps)
-        for s in reversed(range(len(vjps))):
+        g_stacks = [None] * len(saved)
+        for s in reversed(range(len(saved))):
+            kept, x, closure = saved[s]
             losses = layer_aux[s][0]
-            g_stacks[s], dx = self.backward(vjps[s], dx, jax.tree.map(jnp.ones_like, losses))
-            vjps[s] = None  # its activations go as soon as its backward has run
+            g_stacks[s], dx = self.backward(kept, params["stacks"][s], x, dx, jax.tree.map(jnp.ones_like, losses),
+                                            closure)
+            saved[s] = kept = x = None  # its activations go as soon as its backward has run
             self._watch("backward", s, dx)
         g_embed = self.embed_backward(embed_vjp, dx)
         return total, ce, aux, self._assemble(g_head, g_stacks, g_embed)
@@ -238,11 +260,12 @@ class _Programs:
 
         def compiling(name, f):
             def call(*args):
-                leaves, tree = jax.tree.flatten(args)
-                key = (name, id(f), tree, tuple((x.shape, x.dtype) for x in leaves))
+                leaves, tree = jax.tree.flatten(args)  # arrays, and a static argument's parts
+                array = [hasattr(x, "shape") for x in leaves]
+                key = (name, id(f), tree, tuple((x.shape, x.dtype) if a else x for x, a in zip(leaves, array)))
                 if key not in seen:
                     seen.add(key)
-                    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+                    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) if a else x for x, a in zip(leaves, array)]
                     t0 = time.perf_counter()
                     f.lower(*jax.tree.unflatten(tree, abstract)).compile()
                     n, t = seconds.get(name, (0, 0.0))
