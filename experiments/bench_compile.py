@@ -3,12 +3,13 @@ scanned; target: 16 layers within 1.35x of 4 on CPU, 48 within 1.3x of 12 on the
 
   PYTHONPATH=. python experiments/bench_compile.py --config tiny_moe --layers 4,16
   PYTHONPATH=. python experiments/bench_compile.py --config mixtral_small --layers 12,48 model.param_dtype=bfloat16
-  PYTHONPATH=. python experiments/bench_compile.py --config mixtral_small --layers 12,48 train.programs=layers
+  PYTHONPATH=. python experiments/bench_compile.py --config mixtral_small --layers 12,48 train.programs=one
 
 Each depth repeats the preset's layer pattern (its first layer kept as is, e.g. a first dense layer);
 the step is lowered and compiled (no run), each depth in a new process (`--same-process`: all in this
 one, where later depths reuse XLA's caches), and the JSON records seconds per depth and the ratios. With
-`train.programs=layers` every program of a step is compiled (seconds per program in the JSON).
+per-layer programs (`train.programs`: auto, on one device) every program of a step is compiled (seconds
+per program in the JSON); `train.programs=one` measures the step as one program.
 """
 from __future__ import annotations
 
@@ -45,16 +46,19 @@ def depth_overrides(cfg, layers: int) -> list[str]:
 
 def compile_seconds(cfg) -> tuple[float, float, dict | None]:
     """(lower seconds, compile seconds, seconds per program or None) of the train step on abstract state
-    and batch. `train.programs=layers`: every program one step runs, each lowered and compiled (lowering
-    counted in the compile seconds)."""
+    and batch. Per-layer programs (`train.programs`, auto on one device): every program one step runs,
+    each lowered and compiled (lowering counted in the compile seconds)."""
     tc = cfg.train
     graphdef, state = init_state_abstract(cfg)
     batch = {k: jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len), jnp.int32) for k in ("inputs", "targets")}
     step = make_train_step(graphdef, tc)
-    if tc.programs == "layers":
-        t0 = time.perf_counter()
-        programs = step.build(state).compile_all(state, batch)
-        return 0.0, time.perf_counter() - t0, {k: v[1] for k, v in programs.items()}
+    if hasattr(step, "build"):  # per-layer programs, or the one program of a scanned model
+        programs = step.build(state)
+        if programs is not None:
+            t0 = time.perf_counter()
+            seconds = programs.compile_all(state, batch)
+            return 0.0, time.perf_counter() - t0, {k: v[1] for k, v in seconds.items()}
+        step = step.one
     t0 = time.perf_counter()
     lowered = step.lower(state, batch)
     t1 = time.perf_counter()

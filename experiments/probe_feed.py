@@ -36,7 +36,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    cfg, state, step, data, _, _ = build(args.config, args.overrides)
+    cfg, state, step, data, _, _ = build(args.config, ["train.programs=one", *args.overrides])  # its feed
     n = 4 + args.steps + args.traced
     batches = [data.batch(i) for i in range(n)]
     compiled = step.lower(state, jax.device_put(batches[0])).compile()

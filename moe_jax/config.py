@@ -195,7 +195,7 @@ class ModelConfig:
         return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
 
 
-STEP_PROGRAMS = ("one", "layers")
+STEP_PROGRAMS = ("auto", "one", "layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +232,9 @@ class TrainConfig:
     # (one cast pass per step less; moe_jax/weight_copy.py)
     expert_weight_copy: bool = True
     # "one": the step is one XLA program (compile time grows with depth); "layers": a program per kind
-    # of layer, run layer by layer from Python (compile time flat in depth; moe_jax/layer_programs.py)
-    programs: str = "one"
+    # of layer, run layer by layer from Python (compile time flat in depth; moe_jax/layer_programs.py);
+    # "auto": layers on one device with unscanned layers, else one (`train.step_programs`)
+    programs: str = "auto"
 
     def __post_init__(self):
         c = "TrainConfig"

@@ -285,17 +285,28 @@ class _Programs:
 
 
 def make_layer_step(graphdef, tc, optimizer: optax.GradientTransformation | None = None, *, layout=None,
-                    shardings=None):
+                    shardings=None, scanned=None):
     """`step(state, batch) -> (state, metrics)` as `train.make_train_step`'s, run as per-layer programs
     (see the module docstring). The programs are built at the first call, or by `step.build(state)`
-    (state may be abstract: `step.build(state).compile_all(state, batch)` compiles ahead of time)."""
-    def build(state) -> _Programs:
-        if step.programs is None:
-            step.programs = _Programs(graphdef, state, tc, optimizer, layout, shardings)
+    (state may be abstract: `step.build(state).compile_all(state, batch)` compiles ahead of time).
+    `scanned`: the step to run instead when the model's layers are scanned (`step.build` then returns
+    None and `step.one` is that step); without it a scanned model is refused."""
+    def build(state) -> _Programs | None:
+        if step.programs is None and step.one is None:
+            if scanned is not None and _has_scanned_stacks(graphdef, state):
+                step.one = scanned
+            else:
+                step.programs = _Programs(graphdef, state, tc, optimizer, layout, shardings)
         return step.programs
 
     def step(state, batch):
-        return build(state).step(state, batch)
+        programs = build(state)
+        return step.one(state, batch) if programs is None else programs.step(state, batch)
     step.programs = None  # the _Programs, once built: their jitted functions and caches
+    step.one = None       # or the one-program step, for a scanned model
     step.build = build
     return step
+
+
+def _has_scanned_stacks(graphdef, state) -> bool:
+    return any(n != 1 for _, _, n in nnx.merge(graphdef, state.params, state.model_state).runs)

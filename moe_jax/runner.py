@@ -26,7 +26,7 @@ from moe_jax.model import GPT
 from moe_jax.resume import check_resume
 from moe_jax.tokenizer import RUN_SUBDIR, check_same_tokenizer, record_run_tokenizer, run_tokenizer_meta
 from moe_jax.tokens import TokenFileError
-from moe_jax.train import init_sharded_state, init_state, make_train_step
+from moe_jax.train import init_sharded_state, init_state, make_train_step, step_programs
 
 
 class NonFiniteLossError(RuntimeError):
@@ -275,7 +275,8 @@ def _train(cfg: Config, data, val_data, layout, out: Path, *, start_ckpt: int | 
     n_dev = 1 if layout is None else layout.num_devices
     log(f"model: {counts['total'] / 1e6:.2f}M params, {counts['active'] / 1e6:.2f}M active "
         f"({len(mc.moe_layers)} MoE layers) | {jax.devices()[0].device_kind} | "
-        f"{tokens_per_step} tokens/step | {flops_tok / 1e9:.3f} GFLOP/token | {kernels_note(mc)}")
+        f"{tokens_per_step} tokens/step | {flops_tok / 1e9:.3f} GFLOP/token | {kernels_note(mc)} | step as "
+        + {"layers": "per-layer programs", "one": "one program"}[step_programs(tc, mc.scan_layers, layout)])
 
     start = int(state.step)
     record = runs.RunRecord(out, start_step=start, resume=resume, write=main, log=log)

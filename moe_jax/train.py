@@ -1,6 +1,7 @@
 """Train state, optimizer, loss and the jitted train step (gradient accumulation, expert-bias update)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -169,6 +170,15 @@ def make_apply(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformatio
     return apply
 
 
+def step_programs(tc: TrainConfig, scan_layers: bool, layout: parallel.Layout | None) -> str:
+    """What the step runs as: `tc.programs`, with "auto" resolved — per-layer programs ("layers": as fast,
+    compile time flat in depth) on one device with unscanned layers, else one program ("one": a mesh's
+    step keeps its shardings in one program; scanned layers are one stack)."""
+    if tc.programs != "auto":
+        return tc.programs
+    return "layers" if layout is None and not scan_layers else "one"
+
+
 def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation | None = None,
                     *, jit: bool = True, layout: parallel.Layout | None = None, shardings=None):
     """Return `step(state, batch) -> (state, metrics)`; `batch` = {"inputs", "targets"} int32 [B,S].
@@ -178,9 +188,13 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
     With `tc.skip_nonfinite_steps`, a step whose loss or gradient norm is not finite leaves params,
     optimizer and expert-bias state unchanged (`metrics["skipped"]`); step and data position advance.
     """
-    if tc.programs == "layers" and jit:  # the default optimizer (None) is then run a layer at a time
+    if jit and (tc.programs == "layers" or (tc.programs == "auto" and layout is None)):
+        # per-layer programs (the default optimizer, None, then updates a layer at a time as well); "auto"
+        # falls back to the one program at the first step if the model's layers are scanned
         from moe_jax.layer_programs import make_layer_step
-        return make_layer_step(graphdef, tc, optimizer, layout=layout, shardings=shardings)
+        one = None if tc.programs == "layers" else make_train_step(
+            graphdef, dataclasses.replace(tc, programs="one"), optimizer, layout=layout, shardings=shardings)
+        return make_layer_step(graphdef, tc, optimizer, layout=layout, shardings=shardings, scanned=one)
     optimizer = optimizer or make_optimizer(tc)
     accum = tc.grad_accum
     apply = make_apply(graphdef, tc, optimizer)

@@ -107,6 +107,25 @@ def test_programs_compile_ahead_of_time_on_abstract_state():
                                       "apply.sumsq": 3, "apply.update": 3, "apply.finish": 1}
 
 
+def test_auto_runs_per_layer_programs_on_one_device_and_one_program_otherwise():
+    """train.programs=auto (the default): per-layer programs for unscanned layers without a mesh; a scanned
+    model falls back to the one program at its first step; under a mesh layout the step is one program."""
+    from moe_jax.train import step_programs
+    tc = TrainConfig(batch_size=4, seq_len=16)
+    assert tc.programs == "auto" and step_programs(tc, False, None) == "layers"
+    layout = object()  # step_programs only asks whether there is a mesh layout
+    assert step_programs(tc, True, None) == "one" and step_programs(tc, False, layout) == "one"
+    graphdef, state = init_state(GPT(model_cfg(), rngs=nnx.Rngs(0)), tc)
+    step = make_train_step(graphdef, tc)
+    step(state, batch(0))
+    assert step.programs is not None and step.one is None
+    graphdef, state = init_state(GPT(model_cfg(scan_layers=True), rngs=nnx.Rngs(0)), tc)
+    step = make_train_step(graphdef, tc)
+    new, m = step(state, batch(0))
+    assert step.programs is None and step.one is not None and np.isfinite(float(m["loss"]))
+    assert step.build(state) is None
+
+
 def test_layer_programs_need_one_layer_per_stack():
     tc = TrainConfig(batch_size=4, seq_len=16, programs="layers")
     graphdef, state = init_state(GPT(model_cfg(scan_layers=True), rngs=nnx.Rngs(0)), tc)
