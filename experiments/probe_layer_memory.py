@@ -4,9 +4,10 @@
       [--out PATH]
 
 Builds the run as profile_model.py does (with `train.programs=layers`), runs one step (the compile), then
-one more with `_Programs.watch` set: after each layer's forward, the head and each layer's backward it
-waits for the program and reads the device's bytes in use, and for each forward the bytes of what it
-returned for its backward (the activations its closure keeps; the layer's inputs, its weights and x, are
+one more with `_Programs.watch` set: after each layer's forward, the head, each layer's backward, the
+gradients and the update it waits for the program and reads the device's bytes in use (and the peak so
+far: where it rises, the program just run set it), and for each forward the bytes of what it returned
+for its backward (the activations its closure keeps; the layer's inputs, its weights and x, are
 given to the backward again, not copied). Prints the timeline, the largest of those arrays for the
 largest layer (shape, dtype), and the peak; writes JSON
 (default experiments/results/layer_memory_<preset>_<date>_<device>.json). On CPU the device reports no
@@ -69,8 +70,8 @@ def main(argv=None) -> dict:
             row["closure_gib"] = sum(x.nbytes for x in jax.tree.leaves(value)) / GIB
             closures.setdefault(row["closure_gib"], (layer, value))
         timeline.append(row)
-        print(f"{event:9s} {'' if layer is None else layer:>3}  in use "
-              f"{'-' if in_use is None else f'{in_use:7.2f}'} GiB"
+        gib = lambda v: "-" if v is None else f"{v:7.2f}"  # noqa: E731
+        print(f"{event:9s} {'' if layer is None else layer:>3}  in use {gib(in_use)} GiB, peak so far {gib(peak)}"
               + (f"  closure {row['closure_gib']:.3f} GiB" if "closure_gib" in row else ""), flush=True)
 
     base, _ = _in_use()

@@ -171,8 +171,9 @@ class _Programs:
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32) / self.accum, acc, grads)
 
     # ---------------------------------------------------------------- the step
-    # watch(event, layer, value): called after each layer's forward and backward and after the head
-    # (experiments/probe_layer_memory.py reads the device's memory there); None: nothing is called
+    # watch(event, layer, value): called after each layer's forward and backward, the head, the last
+    # micro-batch's gradients and the update (experiments/probe_layer_memory.py reads the device's memory
+    # there); None: nothing is called
     watch = None
 
     def _watch(self, event, layer, value):
@@ -238,7 +239,10 @@ class _Programs:
             outs.append((total, ce, aux))
             grads = g if self.accum == 1 else self.accumulate(grads, g)
         total, ce, aux = jax.tree.map(lambda *v: jnp.stack(v), *outs)
-        return self.apply(state, grads, total, ce, aux, rng)
+        self._watch("gradients", None, grads)
+        new, metrics = self.apply(state, grads, total, ce, aux, rng)
+        self._watch("update", None, new)
+        return new, metrics
 
     # ---------------------------------------------------------------- ahead of time
 

@@ -78,6 +78,6 @@ def test_probe_layer_memory_runs_on_cpu(tmp_path):
                                    "train.seq_len=16"])
     events = [(r["event"], r["layer"]) for r in res["timeline"]]
     assert events == [("forward", 0), ("forward", 1), ("forward", 2), ("head", None),
-                      ("backward", 2), ("backward", 1), ("backward", 0)]
+                      ("backward", 2), ("backward", 1), ("backward", 0), ("gradients", None), ("update", None)]
     assert all(r["closure_gib"] > 0 for r in res["timeline"] if r["event"] == "forward")
     assert res["largest_closure"]["leaves"] and json.loads((tmp_path / "m.json").read_text())["config"] == "tiny_moe"
