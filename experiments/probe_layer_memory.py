@@ -66,9 +66,9 @@ def main(argv=None) -> dict:
         jax.block_until_ready(value)
         in_use, peak = _in_use()
         row = {"event": event, "layer": layer, "in_use_gib": in_use, "peak_gib": peak}
-        if event == "forward":
+        if event == "forward":  # what it kept, described (holding the arrays would add to the memory read)
             row["closure_gib"] = sum(x.nbytes for x in jax.tree.leaves(value)) / GIB
-            closures.setdefault(row["closure_gib"], (layer, value))
+            closures.setdefault(row["closure_gib"], (layer, len(jax.tree.leaves(value)), closure_leaves(value)))
         timeline.append(row)
         gib = lambda v: "-" if v is None else f"{v:7.2f}"  # noqa: E731
         print(f"{event:9s} {'' if layer is None else layer:>3}  in use {gib(in_use)} GiB, peak so far {gib(peak)}"
@@ -84,9 +84,9 @@ def main(argv=None) -> dict:
         programs.watch = None
     after, peak = _in_use()
     largest = max(closures) if closures else 0.0
-    layer, vjp = closures.get(largest, (None, None))
-    leaves = closure_leaves(vjp)[:args.top] if vjp is not None else []
-    print(f"largest closure: layer {layer}, {largest:.3f} GiB in {len(jax.tree.leaves(vjp))} arrays")
+    layer, count, leaves = closures.get(largest, (None, 0, []))
+    leaves = leaves[:args.top]
+    print(f"largest closure: layer {layer}, {largest:.3f} GiB in {count} arrays")
     for r in leaves:
         print(f"  {r['gib']:7.3f} GiB  {r['count']:2d} x {r['dtype']:9s} {r['shape']}")
     print(f"after the step: {'-' if after is None else f'{after:.2f}'} GiB in use; peak "

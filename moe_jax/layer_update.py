@@ -64,7 +64,9 @@ class LayerUpdate:
             self.copy_at = {where[path[0].key]: j for j, (path, _) in enumerate(copy_paths)}
         self.sumsq = jax.jit(self._sumsq)
         self.finish = jax.jit(self._finish)
-        self.update = jax.jit(self._update, donate_argnums=(0, 2, 4))  # not the grads: no output of their size
+        # not the grads (no output of their size); keep_unused: the copies are written, never read, and an
+        # unused argument would be dropped, its donation with it
+        self.update = jax.jit(self._update, donate_argnums=(0, 2, 4), keep_unused=True)
 
     def _param_shaped(self, node) -> bool:
         return jax.tree.structure(node) == self.pdef
