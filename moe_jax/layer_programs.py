@@ -60,13 +60,13 @@ def _residual_policy(base):
     return policy
 
 
-def _layer_backward(kept, params, x, dy, dlosses, closure):
+def _layer_backward(kept, params, x, dy, losses, closure):
     """A layer's parameter gradients and input cotangent: its closure rebuilt from the arrays its forward
     returned (`kept`) and its inputs (`closure`: the closure's treedef and where each leaf comes from)."""
     tree, where = closure
     given, kept = jax.tree.leaves((params, x)), iter(kept)
     vjp = tree.unflatten([given[w] if w >= 0 else next(kept) for w in where])
-    return vjp((dy, dlosses))
+    return vjp((dy, jax.tree.map(jnp.ones_like, losses)))  # the losses enter the total with weight 1
 
 
 class _Programs:
@@ -85,10 +85,12 @@ class _Programs:
         self.layer_graphdefs = [nnx.split(stack, nnx.Param, ...)[0] for stack in model.stacks]
         self.forward = {gd: jax.jit(functools.partial(self._layer_forward, gd))
                         for gd in dict.fromkeys(self.layer_graphdefs)}
-        # a layer's backward takes its output's cotangent (donated: dx has its shape) and its losses'
+        # a layer's backward takes its output's cotangent (donated: dx has its shape) and its losses (their
+        # cotangents are ones)
         # (a partial: jit's caches are per function object, and each model's programs are their own)
         self.backward = jax.jit(functools.partial(_layer_backward), static_argnums=5, donate_argnums=3)
         self.closures = {}  # (graphdef, x's shape and dtype) -> (closure treedef, where its leaves come from)
+        self.index = [jnp.int32(s) for s in range(len(model.stacks))]  # on the device once, not every step
         self.embed_backward = jax.jit(lambda vjp, dx: vjp(dx)[0])
         self.embed = jax.jit(self._embed)
         # the head differentiates the embedding only where it reads it (tied head, MTP)
@@ -196,7 +198,7 @@ class _Programs:
         for s, gd in enumerate(self.layer_graphdefs):
             rest_s = rest["stacks"][s] if "stacks" in rest and s in rest["stacks"] else nnx.State({})
             closure = (gd, x.shape, jnp.dtype(x.dtype))
-            y, losses, stats, kept = self.forward[gd](params["stacks"][s], rest_s, x, rng, jnp.int32(s))
+            y, losses, stats, kept = self.forward[gd](params["stacks"][s], rest_s, x, rng, self.index[s])
             self._watch("forward", s, kept)
             saved.append((kept, x, self.closures[closure]))
             layer_aux.append((losses, stats))
@@ -210,8 +212,7 @@ class _Programs:
         for s in reversed(range(len(saved))):
             kept, x, closure = saved[s]
             losses = layer_aux[s][0]
-            g_stacks[s], dx = self.backward(kept, params["stacks"][s], x, dx, jax.tree.map(jnp.ones_like, losses),
-                                            closure)
+            g_stacks[s], dx = self.backward(kept, params["stacks"][s], x, dx, losses, closure)
             saved[s] = kept = x = None  # its activations go as soon as its backward has run
             self._watch("backward", s, dx)
         g_embed = self.embed_backward(embed_vjp, dx)
