@@ -1,16 +1,17 @@
 """The train step as a few small jitted programs, one pair per kind of layer: compile time flat in depth.
 
-`train.programs = "layers"` (`make_train_step` picks it). The step of `make_train_step` is one XLA
-program holding a copy of every layer, so its compile time grows with depth (~120 s for the 12-layer
-mixtral_small on the GPU, against ~15 s scanned). Here a Python loop runs the step from programs that
-every layer of a kind shares:
+`train.programs = "layers"`, and "auto" (the default) on one device (`make_train_step` picks it). The
+one-program step (`train.programs = "one"`) holds a copy of every layer, so its compile time grows with
+depth (80–130 s for the 12-layer mixtral_small on the GPU). Here a Python loop runs the step from
+programs that every layer of a kind shares (~13–20 s at 12 or 48 layers):
 
   embed    tokens -> the first layer's input, and the embedding's backward (a `jax.vjp` closure)
-  forward  one layer: its output, router losses and statistics, and its backward closure, whose
-           leaves are the activations the backward needs (`ModelConfig.remat` decides which)
+  forward  one layer: its output, router losses and statistics, and the arrays of its backward closure
+           (a `jax.vjp`'s) that are not its inputs: the activations the backward needs
+           (`ModelConfig.remat` decides which); its weights and input are handed to the backward again
   head     final norm, LM head + cross-entropy, multi-token prediction: the loss and its gradients
-  backward one layer's closure applied to the output's cotangent: the layer's parameter gradients
-           and its input's cotangent
+  backward one layer's closure, rebuilt, applied to the output's cotangent: the layer's parameter
+           gradients and its input's cotangent
   apply    optimizer, expert-bias update, metrics, the weight copy: with the default optimizer a
            layer at a time as well (moe_jax/layer_update.py), else one program (`train.make_apply`;
            also under a mesh layout, whose out_shardings keep the state's)
@@ -18,7 +19,8 @@ every layer of a kind shares:
 Each program compiles once per kind of layer (dense, MoE) whatever the depth: layers of a kind have the
 same structure and shapes, and the layer index (for its rng) is an argument. No stacked buffers: each
 layer's activations are its own arrays, as in the one-program step. The host dispatches 2 programs per
-layer and a few more per micro-batch; dispatch runs ahead of the GPU.
+layer, 2 per group of the optimizer's update and a few more per micro-batch; dispatch runs ahead of
+the GPU.
 
 The numbers are the one-program step's: the same operations in the same order (tests/test_layer_programs.py).
 With expert weight copies (`train.expert_weight_copy`) the layers are differentiated with respect to
