@@ -83,7 +83,8 @@ def test_training_cli_writes_the_step(tmp_path):
     out = _run(f"""
 import sys
 sys.argv = ["train.py", "--no-progress", "--compile-cache", {str(cache)!r}, "train.steps=1",
-            "train.out_dir={tmp_path / 'run'}", "train.tensorboard=false", "train.heatmap=false"]
+            "train.out_dir={tmp_path / 'run'}", "train.tensorboard=false", "train.heatmap=false",
+            "train.programs=one"]  # one program, over the cache's 1 s threshold (per-layer ones here are not)
 sys.path.insert(0, "experiments")
 import train
 sys.exit(train.main())

@@ -15,13 +15,14 @@ def test_profile_model_runs_on_cpu(tmp_path):
     out = tmp_path / "profile.json"
     hlo = tmp_path / "step.hlo.txt.gz"
     profile_model.main(["--config", "tiny_moe", "--steps", "2", "--wall-steps", "2", "--out", str(out),
-                        "--hlo-out", str(hlo), "train.batch_size=2", "train.seq_len=32"])
+                        "--hlo-out", str(hlo), "train.batch_size=2", "train.seq_len=32", "train.programs=one"])
     res = json.loads(out.read_text())
     with gzip.open(hlo, "rt") as f:  # the compiled step's HLO text, gzipped by its name
         assert "ENTRY" in f.read()
     assert res["wall_ms"] > 0 and res["compile_s"] > 0 and res["traced_steps"] == 2
     assert set(res["categories"]) == set(profile_model.CATEGORY_NAMES)
-    assert res["overrides"] == ["train.batch_size=2", "train.seq_len=32"] and res["params"]["active"] > 0
+    assert res["overrides"] == ["train.batch_size=2", "train.seq_len=32", "train.programs=one"]
+    assert res["params"]["active"] > 0
     assert res["events_source"] in (None, "host XLA:CPU ops")  # no GPU here
     buffers = res["xla_buffers_gib"]  # the state comes in and, donated, goes out in the same buffers
     assert buffers["arguments"] > 0 and buffers["temp"] > 0 and 0 < buffers["aliased"] <= buffers["outputs"]
