@@ -41,6 +41,7 @@ from moe_jax import parallel
 from moe_jax.layer_update import LayerUpdate
 from moe_jax.model import REMAT_POLICIES, _loop_stack, collect_aux
 from moe_jax.rope import model_rope_tables
+from moe_jax.train import head_loss, make_apply, make_optimizer  # (train imports this module lazily)
 
 
 def _copy_key(path) -> str:
@@ -75,7 +76,6 @@ class _Programs:
     """The jitted programs of one model structure (built from the first state the step sees)."""
 
     def __init__(self, graphdef, state, tc, optimizer, layout, shardings):
-        from moe_jax.train import head_loss, make_apply, make_optimizer  # train imports this lazily
         model = nnx.merge(graphdef, state.params, state.model_state)
         cfg = self.cfg = model.cfg
         if any(n != 1 for _, _, n in model.runs):
@@ -97,7 +97,7 @@ class _Programs:
         self.embed = jax.jit(self._embed)
         # the head differentiates the embedding only where it reads it (tied head, MTP)
         self.head_reads_embed = cfg.tie_embeddings or model.mtp is not None
-        self.head = jax.jit(functools.partial(self._head, head_loss))
+        self.head = jax.jit(self._head)
         self.split = jax.jit(self._split)
         self.accumulate = jax.jit(self._accumulate, donate_argnums=0)
         # where each parameter leaf's gradient comes from: the head's j-th, stack s's, the embedding's
@@ -152,7 +152,7 @@ class _Programs:
         self.closures[graphdef, x.shape, jnp.dtype(x.dtype)] = (tree, where)
         return y, losses, stats, [v for v, w in zip(leaves, where) if w < 0]
 
-    def _head(self, head_loss, diff, params, rest, h, targets, rng, layer_aux):
+    def _head(self, diff, params, rest, h, targets, rng, layer_aux):
         """Loss and gradients of the head's parameters (`diff`: their leaves) and of h."""
         leaves = jax.tree.leaves(params)
         aux = collect_aux([{"losses": losses, **stats}

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from moe_jax.config import TrainConfig
+from moe_jax.train import make_optimizer, step_metrics, step_ok, update_biases, where_ok
 
 
 def _keystr_of_variable(path) -> str:
@@ -42,9 +43,7 @@ class LayerUpdate:
     JITTED = ("sumsq", "finish", "update")  # its programs (layer_programs.compile_all compiles them)
 
     def __init__(self, graphdef, tc: TrainConfig, state, groups: list[list[int]]):
-        from moe_jax.train import make_optimizer, step_metrics, update_biases  # train imports this lazily
         self.graphdef, self.tc, self.groups = graphdef, tc, groups
-        self._metrics, self._biases = step_metrics, update_biases
         self.inner = make_optimizer(tc, clip=False)  # the clip as an identity: applied here, by the norm
         paths, self.pdef = jax.tree_util.tree_flatten_with_path(state.params)
         covered = sorted(i for g in groups for i in g)
@@ -81,13 +80,12 @@ class LayerUpdate:
     def _finish(self, params, model_state, sums, total, ce, aux, step, data_pos):
         """(grad norm, ok, model_state, step + 1, data_pos + 1, metrics)."""
         norm = jnp.sqrt(functools.reduce(operator.add, sums, 0))
-        metrics = self._metrics(self.tc, step, total, ce, aux, norm)
-        copy = jax.tree.map(lambda x: x, model_state)  # the bias update mutates the state it merges
-        new_model_state, more = self._biases(self.graphdef, params, copy, aux)
+        metrics = step_metrics(self.tc, step, total, ce, aux, norm)
+        new_model_state, more = update_biases(self.graphdef, params, model_state, aux)
         metrics.update(more)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(norm)
+        ok = step_ok(metrics)
         if self.tc.skip_nonfinite_steps:
-            new_model_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_model_state, model_state)
+            new_model_state = where_ok(ok, new_model_state, model_state)
             metrics["skipped"] = ~ok
         return norm, ok, new_model_state, step + 1, data_pos + 1, metrics
 
@@ -104,8 +102,8 @@ class LayerUpdate:
         new_params = optax.apply_updates(params, updates)
         new_nodes, new_shared = self._cut_opt(new_opt, lambda node: node)
         if self.tc.skip_nonfinite_steps:  # a non-finite loss or gradient: keep the old values
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-            new_params, new_nodes, new_shared = keep((new_params, new_nodes, new_shared), (params, nodes, shared))
+            new_params, new_nodes, new_shared = where_ok(ok, (new_params, new_nodes, new_shared),
+                                                         (params, nodes, shared))
         copies = [None if c is None else p.astype(c.dtype) for p, c in zip(new_params, copies)]
         return new_params, new_nodes, new_shared, copies
 

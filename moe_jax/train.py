@@ -134,15 +134,26 @@ def step_metrics(tc: TrainConfig, step, total, ce, aux, grad_norm) -> dict:
 
 
 def update_biases(graphdef, params, model_state, aux) -> tuple[Any, dict]:
-    """(model_state after the step's expert-bias update, its metrics); unchanged without routed counts."""
+    """(model_state after the step's expert-bias update, its metrics); unchanged without routed counts.
+    `model_state` itself is left as it was (the update runs on a copy of its tree)."""
     if "routed_counts" not in aux:
         return model_state, {}
     routed = aux["routed_counts"].sum(0)
-    model = nnx.merge(graphdef, params, model_state)
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, model_state))  # merge's Variables mutate
     mtp_counts = aux["mtp_routed_counts"].sum(0) if "mtp_routed_counts" in aux else None
     _update_expert_biases(model, routed, mtp_counts)
     return split_model(model)[2], dict(tokens_per_expert=aux["tokens_per_expert"].sum(0), routed_counts=routed,
                                        dropped=aux["dropped"].sum(0))
+
+
+def step_ok(metrics: dict) -> jax.Array:
+    """Whether the step's loss and gradient norm are finite (`train.skip_nonfinite_steps` skips it if not)."""
+    return jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+
+def where_ok(ok, new, old):
+    """`new` where ok, else `old`, leaf by leaf (a skipped step keeps the old values)."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def make_apply(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformation):
@@ -151,17 +162,15 @@ def make_apply(graphdef, tc: TrainConfig, optimizer: optax.GradientTransformatio
     `total`, `ce` and `aux` carry a leading micro-batch axis; `grads` are in the params' dtypes."""
 
     def apply(state: TrainState, grads, total, ce, aux, rng) -> tuple[TrainState, dict]:
-        old_model_state = jax.tree.map(lambda x: x, state.model_state)  # the bias update below mutates it
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = step_metrics(tc, state.step, total, ce, aux, optax.tree.norm(grads))
         model_state, more = update_biases(graphdef, params, state.model_state, aux)
         metrics.update(more)
         if tc.skip_nonfinite_steps:  # a non-finite loss or gradient: keep the old weights, skip the batch
-            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-            model_state = keep(model_state, old_model_state)
+            ok = step_ok(metrics)
+            params, opt_state, model_state = where_ok(ok, (params, opt_state, model_state),
+                                                      (state.params, state.opt_state, state.model_state))
             metrics["skipped"] = ~ok
         new = state.replace(step=state.step + 1, data_pos=state.data_pos + 1, params=params,
                             opt_state=opt_state, model_state=model_state, rng=rng,
@@ -188,7 +197,7 @@ def make_train_step(graphdef, tc: TrainConfig, optimizer: optax.GradientTransfor
     With `tc.skip_nonfinite_steps`, a step whose loss or gradient norm is not finite leaves params,
     optimizer and expert-bias state unchanged (`metrics["skipped"]`); step and data position advance.
     """
-    if jit and (tc.programs == "layers" or (tc.programs == "auto" and layout is None)):
+    if jit and step_programs(tc, scan_layers=False, layout=layout) == "layers":
         # per-layer programs (the default optimizer, None, then updates a layer at a time as well); "auto"
         # falls back to the one program at the first step if the model's layers are scanned
         from moe_jax.layer_programs import make_layer_step
