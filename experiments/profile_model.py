@@ -5,9 +5,8 @@
 
 Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, `init_run_state`,
 `make_train_step`), compiles the step ahead of time (its HLO text maps each kernel back to its HLO
-instruction, op_name and Python source line; with per-layer programs — `train.programs=layers`, and
-the default "auto" on one device — the first step compiles the programs, `compile_s` is its time and
-kernels are categorised by name only, so the optimizer's kernels count as elementwise: pass
+instruction, op_name and Python source line; per-layer programs, the default on one device, compile at
+the first step, `compile_s` is its time and kernels go by name only, the optimizer's as elementwise:
 `train.programs=one` for the split by HLO source), times `--wall-steps` steps sent
 back to back as training sends them, then traces `--steps` steps the same way with jax.profiler.
 Prints GPU time per step by category (`CATEGORIES`), the top kernels, step wall time, GPU busy time
