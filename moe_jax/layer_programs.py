@@ -55,9 +55,12 @@ _RECOMPUTED = frozenset(("convert_element_type", "reshape", "squeeze", "expand_d
 
 
 def _residual_policy(base):
-    """A remat policy: what `base` saves (`...`: everything, None: nothing) except `_RECOMPUTED`'s outputs."""
+    """A remat policy: what `base` saves (`...`: everything, None: nothing) except `_RECOMPUTED`'s outputs.
+    Saving everything, a `checkpoint_name`'s output is not saved either: it is its input, which is saved
+    where the backward needs it (attention's output is both the cuDNN kernel's residual and the output
+    projection's input: kept under both names it would be a second buffer, and a copy, per layer)."""
     def policy(prim, *args, **params):
-        if prim.name in _RECOMPUTED:
+        if prim.name in _RECOMPUTED or (base is ... and prim.name == "name"):
             return False
         return True if base is ... else base is not None and base(prim, *args, **params)
     return policy

@@ -151,3 +151,36 @@ def test_a_given_optimizer_is_applied_in_one_program():
     assert not isinstance(step.programs.apply, LayerUpdate)
     for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_the_residual_policy_keeps_a_named_value_once():
+    """A value both saved by a custom_vjp (as cuDNN attention saves its output) and named for the remat
+    policy (`checkpoint_name`, as attention's output is) is one residual, not two: returned twice from a
+    layer's forward program it would be a second buffer and a copy."""
+    from jax.ad_checkpoint import checkpoint_name
+
+    from moe_jax.layer_programs import _residual_policy
+
+    @jax.custom_vjp
+    def op(x):
+        return jax.numpy.tanh(x)
+
+    def op_fwd(x):
+        y = jax.numpy.tanh(x)
+        return y, y  # its output is its residual
+
+    op.defvjp(op_fwd, lambda y, dy: (dy * (1 - y * y),))
+
+    def f(x, w):
+        return checkpoint_name(op(x), "attn_out") @ w
+
+    x, w = jax.random.normal(jax.random.key(0), (8, 4)), jax.random.normal(jax.random.key(1), (4, 3))
+    for base, saved in ((..., 1), (None, 0)):
+        g = jax.checkpoint(f, policy=_residual_policy(base))
+        _, vjp = jax.vjp(g, x, w)
+        residuals = [v for v in jax.tree.leaves(vjp) if v.shape == (8, 4) and v is not x]
+        assert len(residuals) == saved, (base, [v.shape for v in jax.tree.leaves(vjp)])
+        dx, dw = vjp(jax.random.normal(jax.random.key(2), (8, 3)))
+        want = jax.grad(lambda x, w: (f(x, w) * jax.random.normal(jax.random.key(2), (8, 3))).sum(), (0, 1))(x, w)
+        np.testing.assert_allclose(dx, want[0], rtol=1e-5)
+        np.testing.assert_allclose(dw, want[1], rtol=1e-5)
