@@ -28,7 +28,9 @@
 #            adds overrides to ours (FAST_TAG names the variant in the files), FAST_TORCH=0 skips the
 #            reference; FAST_TESTS=1 first runs the ops' tests on the GPU; FAST_TOP kernels listed (40);
 #            FAST_DUMP=1 has XLA dump our step's buffer assignment (the buffers live at the peak) and its
-#            optimized HLO (which ops each fusion holds: read it beside the profile's kernel names) into a .tgz
+#            optimized HLO (which ops each fusion holds: read it beside the profile's kernel names) into a .tgz;
+#            FAST_DUMP=all dumps every program (the per-layer programs) and counts each one's copies;
+#            RUN_TAG (fast and ab) ends every result file's name (one call's files do not replace another's)
 #   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   ab     — a variant against the defaults in one call: AB_TESTS (pytest args, run with -m gpu first), ours with the
@@ -128,8 +130,11 @@ case "${1:-}" in
     for preset in ${FAST_PRESETS:-mixtral_small}; do
       for pd in ${FAST_PARAMS:-bf16}; do
         dt=$([ "$pd" = bf16 ] && echo bfloat16 || echo float32)
-        tag="${preset}_$(date +%F)_${GPU}_${pd}${FAST_TAG:-}"
-        dump=""; [ "${FAST_DUMP:-0}" = 1 ] && dump="--xla_dump_to=/tmp/xdump_$tag --xla_dump_hlo_module_re=jit_step"
+        tag="${preset}_$(date +%F)_${GPU}_${pd}${FAST_TAG:-}${RUN_TAG:+_$RUN_TAG}"
+        dump=""; case "${FAST_DUMP:-0}" in
+          1) dump="--xla_dump_to=/tmp/xdump_$tag --xla_dump_hlo_module_re=jit_step" ;;
+          all) dump="--xla_dump_to=/tmp/xdump_$tag" ;;  # every program (the per-layer ones are jit__layer_*)
+        esac
         xf="${XLA_FLAGS:-}${dump:+ $dump}"
         env ${xf:+XLA_FLAGS="$xf"} timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" --top ${FAST_TOP:-40} \
           "model.param_dtype=$dt" ${FAST_EXTRA:-} --out "experiments/results/profile_$tag.json" \
@@ -139,6 +144,9 @@ case "${1:-}" in
           (cd /tmp/xdump_$tag && ls | grep -E "after_optimizations(-buffer-assignment|-memory-usage-report)?\.txt$" \
             | tar czf "$OUT/xla_memory_$tag.tgz" -T -) && ls -la "$OUT/xla_memory_$tag.tgz"
           grep -A25 "(peak)" /tmp/xdump_$tag/*after_optimizations-buffer-assignment.txt | head -40
+          # copies XLA kept in each program (a program output that is an input or another output is one)
+          (cd /tmp/xdump_$tag && for f in *after_optimizations.txt; do
+             n=$(grep -cE "[})] copy(-start)?\(" "$f"); [ "$n" -gt 0 ] && echo "copies $n $f"; done) | sort -k2 -n | tail -20
         fi
         [ "${FAST_TORCH:-1}" = 0 ] && continue
         timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/torch_reference.py --config "$preset" \
@@ -156,13 +164,13 @@ case "${1:-}" in
     pd=${AB_PARAMS:-bf16}; preset=${AB_PRESET:-mixtral_small}; name=${AB_NAME:-variant}
     FAST_PRESETS=$preset FAST_PARAMS=$pd FAST_TORCH=0 FAST_TAG=_base FAST_LINES=3 bash "$0" fast
     FAST_PRESETS=$preset FAST_PARAMS=$pd FAST_EXTRA="$AB_EXTRA" FAST_TAG=_$name FAST_LINES=3 bash "$0" fast
-    python3 - "$preset" "$pd" "$name" "$GPU" <<'PY'
+    python3 - "$preset" "$pd" "$name" "$GPU" "${RUN_TAG:+_$RUN_TAG}" <<'PY'
 import json, sys, time
-preset, pd, name, gpu = sys.argv[1:]
+preset, pd, name, gpu, run_tag = sys.argv[1:]
 stem = f"experiments/results/{{}}_{preset}_{time.strftime('%Y-%m-%d')}_{gpu}_{pd}"
 try:
-    base, var = (json.load(open(stem.format("profile") + f"_{t}.json")) for t in ("base", name))
-    ref = json.load(open(stem.format("torch_ref") + f"_{name}.json"))
+    base, var = (json.load(open(stem.format("profile") + f"_{t}{run_tag}.json")) for t in ("base", name))
+    ref = json.load(open(stem.format("torch_ref") + f"_{name}{run_tag}.json"))
 except OSError as e:
     sys.exit(f"ab: a result is missing ({e})")
 t = ref["step_time_s"] * 1e3
