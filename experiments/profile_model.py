@@ -183,8 +183,13 @@ def gaps(events, steps: int, top: int = 15) -> dict:
     """The GPU's idle time inside the traced span: each gap between the end of all work so far and the
     next kernel, per step — in total, by length (`GAP_BUCKETS_US`), and the `top` (kernel before,
     kernel after) pairs by total gap. A kernel launched from a CUDA graph (XLA's command buffers)
-    is marked [graph]: gaps at graph boundaries and around kernels launched one by one show here."""
-    label = lambda name, st: name[:70] + (" [graph]" if "cuda_graph_id" in st else "")  # noqa: E731
+    is marked [graph]: gaps at graph boundaries and around kernels launched one by one show here. A
+    copy carries its program (hlo_module) and size."""
+    def label(name, st):  # a copy names its program and size: what it copies is otherwise unknown
+        if name.startswith("Memcpy"):
+            size = re.search(r"size:(\d+)", str(st.get("memcpy_details", "")))
+            name += f" ({st.get('hlo_module', '?')}{f', {int(size.group(1)) / 2**20:.1f} MiB' if size else ''})"
+        return name[:90] + (" [graph]" if "cuda_graph_id" in st else "")
     pairs = collections.defaultdict(lambda: [0, 0])
     edges = (*GAP_BUCKETS_US, float("inf"))
     buckets = {f"<{b}us" if b != float("inf") else f">={GAP_BUCKETS_US[-1]}us": [0, 0] for b in edges}

@@ -103,6 +103,9 @@ class _Programs:
         self.head = jax.jit(self._head)
         self.split = jax.jit(self._split)
         self.accumulate = jax.jit(self._accumulate, donate_argnums=0)
+        # the micro-batches' losses and statistics stacked [accum, ...]: one program (stacked one by one,
+        # each leaf was a dispatch of its own and a copy on the device)
+        self.stack = jax.jit(lambda outs: jax.tree.map(lambda *v: jnp.stack(v), *outs))
         # where each parameter leaf's gradient comes from: the head's j-th, stack s's, the embedding's
         paths, self.treedef = jax.tree_util.tree_flatten_with_path(state.params)
         self.head_where = [i for i, (path, _) in enumerate(paths) if path[0].key != "stacks"
@@ -244,7 +247,7 @@ class _Programs:
             total, ce, aux, g = self.micro_step(state, params, micro["inputs"][i], micro["targets"][i], keys[i])
             outs.append((total, ce, aux))
             grads = g if self.accum == 1 else self.accumulate(grads, g)
-        total, ce, aux = jax.tree.map(lambda *v: jnp.stack(v), *outs)
+        total, ce, aux = self.stack(outs)
         self._watch("gradients", None, grads)
         new, metrics = self.apply(state, grads, total, ce, aux, rng)
         self._watch("update", None, new)
@@ -252,7 +255,7 @@ class _Programs:
 
     # ---------------------------------------------------------------- ahead of time
 
-    _JITTED = ("split", "embed", "head", "backward", "embed_backward", "accumulate", "apply")
+    _JITTED = ("split", "embed", "head", "backward", "embed_backward", "accumulate", "stack", "apply")
 
     def compile_all(self, state, batch) -> dict[str, tuple[int, float]]:
         """Lower and compile every program one step runs, on abstract (or concrete) `state` and `batch`;

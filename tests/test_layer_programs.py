@@ -101,7 +101,7 @@ def test_programs_compile_ahead_of_time_on_abstract_state():
         counts[layers] = {k: n for k, (n, s) in step.build(state).compile_all(state, b).items()}
         assert all(f._cache_size() == 0 for f in step.programs.forward.values())  # traced, never dispatched
     assert counts[3] == counts[6] == {"split": 1, "embed": 1, "forward": 2, "head": 1, "backward": 2,
-                                      "accumulate": 2, "embed_backward": 1,
+                                      "accumulate": 2, "embed_backward": 1, "stack": 1,
                                       # the update: one sum of squares and one update per kind of group
                                       # (dense layer, MoE layer, the rest), one finish
                                       "apply.sumsq": 3, "apply.update": 3, "apply.finish": 1}

@@ -152,3 +152,13 @@ def test_gaps_are_measured_after_the_union_of_overlapping_kernels():
     assert out["top"][0] == {"before": "c", "after": "d [graph]", "ms_per_step": pytest.approx(0.131),
                              "count_per_step": 1}
     assert out["top"][1]["before"] == "b [graph]" and out["top"][1]["after"] == "c"
+
+
+def test_a_copy_in_the_gaps_names_its_program_and_size():
+    ev = [("k", 0, 1_000, {}),
+          ("MemcpyD2D", 200_000, 1_000, {"hlo_module": "jit__update", "memcpy_details": "kind:D2D size:2097152"}),
+          ("MemcpyD2D", 400_000, 1_000, {})]
+    top = profile_model.gaps(ev, steps=1)["top"]
+    assert top[0]["after"] == "MemcpyD2D (jit__update, 2.0 MiB)"
+    assert top[1] == {"before": "MemcpyD2D (jit__update, 2.0 MiB)", "after": "MemcpyD2D (?)",
+                      "ms_per_step": pytest.approx(0.199), "count_per_step": 1}
