@@ -127,13 +127,14 @@ class _Programs:
 
     # ---------------------------------------------------------------- the programs
     def _split(self, rng, batch):
-        """(next state rng, micro-batch rngs [accum], micro-batches [accum, B/accum, S])."""
+        """(next state rng, the micro-batches' rngs, the micro-batches [B/accum, S]): tuples of `accum`
+        arrays, each its own output (indexing a stacked output outside a program is a dispatch each)."""
         rng, step_rng = jax.random.split(rng)
         micro = jax.tree.map(lambda x: x.reshape(self.accum, x.shape[0] // self.accum, *x.shape[1:]), batch)
         if self.layout is not None:  # keep each micro-batch split over (data, fsdp)
             micro = jax.tree.map(lambda x: parallel.constrain(x, (None, "act_batch", None), self.layout), micro)
         keys = jax.vmap(lambda i: jax.random.fold_in(step_rng, i))(jnp.arange(self.accum))
-        return rng, keys, micro
+        return rng, tuple(keys), tuple(jax.tree.map(lambda x: x[i], micro) for i in range(self.accum))
 
     def _embed(self, embed, tokens):
         x, vjp = jax.vjp(lambda e: jnp.take(e, tokens, axis=0).astype(self.dtype), embed)
@@ -244,7 +245,7 @@ class _Programs:
         params = self.view(state.params, state.compute_params)
         outs, grads = [], None
         for i in range(self.accum):
-            total, ce, aux, g = self.micro_step(state, params, micro["inputs"][i], micro["targets"][i], keys[i])
+            total, ce, aux, g = self.micro_step(state, params, micro[i]["inputs"], micro[i]["targets"], keys[i])
             outs.append((total, ce, aux))
             grads = g if self.accum == 1 else self.accumulate(grads, g)
         total, ce, aux = self.stack(outs)
