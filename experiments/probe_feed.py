@@ -5,7 +5,7 @@
 For each way of feeding the batch — `numpy` (the host array passed to the jitted step, as the runner
 does on one device), `put` (jax.device_put just before the dispatch) and `ahead` (batch i+1 put on the
 device before step i is dispatched) — times steps sent back to back (median gap between the ends of
-consecutive steps) and traces a few, reporting GPU busy time and the idle gaps (profile_model.gaps).
+consecutive steps) and traces a few, reporting GPU busy time and the idle gaps (gpu_timeline.gaps).
 Run it again with XLA_FLAGS=--xla_gpu_enable_command_buffer= to see what CUDA graphs change.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 
-from profile_model import _busy_ns, build, gaps  # noqa: E402
+from gpu_timeline import busy_ns, gaps  # noqa: E402
+from profile_model import build  # noqa: E402
 from timing import gpu_events_with_stats, trace  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def main(argv=None):
         events = gpu_events_with_stats(data_) if data_ is not None else []
         row = {"wall_ms": statistics.median(wall), "wall_min_ms": min(wall), "wall_all": wall}
         if events:
-            row["gpu_busy_ms"] = _busy_ns(events) / args.traced / 1e6
+            row["gpu_busy_ms"] = busy_ns(events) / args.traced / 1e6
             g = gaps(events, args.traced, top=4)
             row["gaps_ms"] = g["ms_per_step"]
             row["gaps_top"] = [(t["before"][:40], t["after"][:40], round(t["ms_per_step"], 3)) for t in g["top"]]

@@ -6,13 +6,13 @@
 Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, `init_run_state`,
 `make_train_step`), compiles the step ahead of time (its HLO text maps each kernel back to its HLO
 instruction, op_name and Python source line; per-layer programs, the default on one device, compile at
-the first step, `compile_s` is its time and kernels go by name only, the optimizer's as elementwise:
-`train.programs=one` for the split by HLO source), times `--wall-steps` steps sent
+the first step, `compile_s` is its time, and kernels go by name and program (the optimizer's programs are
+"optimizer"): `train.programs=one` for the split by HLO source), times `--wall-steps` steps sent
 back to back as training sends them, then traces `--steps` steps the same way with jax.profiler.
-Prints GPU time per step by category (`CATEGORIES`), the top kernels, step wall time, GPU busy time
+Prints GPU time per step by category (`CATEGORIES`) and by program, the top kernels, step wall time, GPU busy time
 (union over streams), `idle_ms` = wall - busy (busy comes from the traced steps and wall from the
 timed ones, so the difference is partly the GPU's speed moving between samples, not all idle time),
-the GPU's idle gaps inside the traced steps (`gaps`), peak memory;
+the GPU's idle gaps inside the traced steps (`gpu_timeline.gaps`), peak memory;
 writes all of it as JSON (default experiments/results/profile_<preset>_<date>_<device>.json).
 Without a GPU (tests) the trace's host-side XLA:CPU op events are reported instead, if any.
 """
@@ -39,6 +39,7 @@ from moe_jax.data import make_dataset  # noqa: E402
 from moe_jax.presets import load_config  # noqa: E402
 from moe_jax.runner import init_run_state  # noqa: E402
 from moe_jax.train import make_train_step  # noqa: E402
+from gpu_timeline import busy_ns, gaps  # noqa: E402
 from timing import event_stats, gpu_events_with_stats, trace  # noqa: E402
 
 # op_name parts of attention: the cuDNN primitives (dot_product_attention_fwd/_bwd) and the einsums of
@@ -137,17 +138,6 @@ def hlo_metadata(text: str) -> dict[str, dict]:
     return meta
 
 
-def _busy_ns(events) -> int:
-    """Time covered by at least one event (streams overlap)."""
-    total, end = 0, None
-    for _, s, d, *_ in sorted(events, key=lambda e: e[1]):
-        if end is None or s >= end:
-            total, end = total + d, s + d
-        elif s + d > end:
-            total, end = total + s + d - end, s + d
-    return total
-
-
 def host_op_events(data, module_prefix: str = "jit_step"):
     """XLA:CPU op events of the step's module on the host plane (what a CPU trace has instead of
     kernels): [(hlo_op, start ns, duration ns, stats)]."""
@@ -176,67 +166,39 @@ def _instruction(name: str, stats: dict, meta: dict) -> str:
     return str(stats.get("hlo_op", ""))
 
 
-GAP_BUCKETS_US = (5, 20, 100)
-
-
-def gaps(events, steps: int, top: int = 15) -> dict:
-    """The GPU's idle time inside the traced span: each gap between the end of all work so far and the
-    next kernel, per step — in total, by length (`GAP_BUCKETS_US`), and the `top` (kernel before,
-    kernel after) pairs by total gap. A kernel launched from a CUDA graph (XLA's command buffers)
-    is marked [graph]: gaps at graph boundaries and around kernels launched one by one show here. A
-    copy carries its program (hlo_module) and size."""
-    def label(name, st):  # a copy names its program and size: what it copies is otherwise unknown
-        if name.startswith("Memcpy"):
-            size = re.search(r"size:(\d+)", str(st.get("memcpy_details", "")))
-            name += f" ({st.get('hlo_module', '?')}{f', {int(size.group(1)) / 2**20:.1f} MiB' if size else ''})"
-        return name[:90] + (" [graph]" if "cuda_graph_id" in st else "")
-    pairs = collections.defaultdict(lambda: [0, 0])
-    edges = (*GAP_BUCKETS_US, float("inf"))
-    buckets = {f"<{b}us" if b != float("inf") else f">={GAP_BUCKETS_US[-1]}us": [0, 0] for b in edges}
-    end, before = None, None
-    ev = sorted(events, key=lambda e: e[1])
-    first = next((i for i, e in enumerate(ev) if not e[0].startswith("Memcpy")), 0)
-    for name, s, d, st in ev[first:]:  # from the first kernel: the first step's input copy precedes its dispatch
-        if end is not None and s > end:
-            g = s - end
-            row = pairs[(before, label(name, st))]
-            row[0], row[1] = row[0] + g, row[1] + 1
-            b = next(k for k, e in zip(buckets, edges) if g < e * 1e3)
-            buckets[b][0] += g
-            buckets[b][1] += 1
-        if end is None or s + d > end:
-            end, before = s + d, label(name, st)
-    per = lambda ns: ns / steps / 1e6  # noqa: E731
-    rows = sorted(pairs.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"ms_per_step": per(sum(v[0] for v in pairs.values())),
-            "count_per_step": sum(v[1] for v in pairs.values()) / steps,
-            "buckets": {k: {"ms_per_step": per(ns), "count_per_step": n / steps} for k, (ns, n) in buckets.items()},
-            "top": [{"before": a, "after": b, "ms_per_step": per(ns), "count_per_step": n / steps}
-                    for (a, b), (ns, n) in rows]}
+# the per-layer step's optimizer programs (moe_jax/layer_update.py): their fusions are the update's
+OPTIMIZER_PROGRAMS = ("jit__sumsq", "jit__finish", "jit__update")
 
 
 def split_time(events, meta: dict, steps: int, top: int = 25):
-    """Per step: ms by category, and the `top` (kernel, HLO instruction) pairs with their share, op_name
-    and source (one cuBLAS kernel serves many dots: each keeps its own row and category)."""
-    per_op = collections.defaultdict(lambda: [0, 0])  # (kernel, instruction) -> [ns, calls]
+    """Per step: ms by category and by program (the kernel's hlo_module), and the `top` (kernel, HLO
+    instruction, program) rows with their share, op_name and source (one cuBLAS kernel serves many dots:
+    each keeps its own row and category). Under per-layer programs no HLO text maps the kernels; their
+    program does: the optimizer's programs count as "optimizer" but for their GEMMs."""
+    per_op = collections.defaultdict(lambda: [0, 0])  # (kernel, instruction, program) -> [ns, calls]
+    programs = collections.Counter()
     for name, _, dur, stats in events:
-        row = per_op[(name, _instruction(name, stats, meta))]
+        program = str(stats.get("hlo_module", ""))
+        row = per_op[(name, _instruction(name, stats, meta), program)]
         row[0] += dur
         row[1] += 1
+        programs[program or "?"] += dur / steps / 1e6
     total = sum(ns for ns, _ in per_op.values()) or 1
-    mapped = sum(ns for (_, hlo), (ns, _) in per_op.items() if hlo in meta) / total
+    mapped = sum(ns for (_, hlo, _), (ns, _) in per_op.items() if hlo in meta) / total
     cats = collections.Counter({c: 0.0 for c in CATEGORY_NAMES})
     rows = []
-    for (name, hlo), (ns, calls) in per_op.items():
+    for (name, hlo, program), (ns, calls) in per_op.items():
         md = meta.get(hlo, {})
         cat = category(name, md.get("op_name", ""), hlo, " < ".join(md.get("frames", [])))
+        if program in OPTIMIZER_PROGRAMS and "GEMM" not in cat:
+            cat = "optimizer"
         cats[cat] += ns / steps / 1e6
         rows.append({"kernel": name[:160], "ms_per_step": ns / steps / 1e6, "share": ns / total,
-                     "calls_per_step": calls / steps, "category": cat, "hlo_op": hlo,
+                     "calls_per_step": calls / steps, "category": cat, "hlo_op": hlo, "program": program,
                      "op_name": md.get("op_name", ""), "source": md.get("source", "")})
     rows.sort(key=lambda r: -r["ms_per_step"])
     split = {c: {"ms_per_step": v, "share": v * steps * 1e6 / total} for c, v in cats.items()}
-    return split, rows[:top], mapped
+    return split, rows[:top], mapped, dict(programs.most_common())
 
 
 def build(config: str, overrides):
@@ -270,7 +232,7 @@ def main(argv=None) -> dict:
     if hasattr(step, "lower"):  # one program: compiled ahead of time, its HLO maps kernels to source
         compiled = step.lower(state, put(batches[0])).compile()
         hlo_text = compiled.as_text()
-    else:  # train.programs=layers: its programs compile at the first step; kernels by name only
+    else:  # train.programs=layers: its programs compile at the first step; kernels by name and program
         state = jax.block_until_ready(step(state, put(batches[0])))[0]
         compiled, hlo_text = step, ""
     compile_s = time.perf_counter() - t0
@@ -312,10 +274,10 @@ def main(argv=None) -> dict:
         source = "host XLA:CPU ops" if events else None
     elif not events and data_ is not None:  # a layout this parser does not know: say what there is
         print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8]) for pl in data_.planes])
-    split, top, mapped = split_time(events, meta, args.steps, args.top)
+    split, top, mapped, by_program = split_time(events, meta, args.steps, args.top)
     idle_gaps = gaps(events, args.steps) if source == "gpu" else None
     stats_found = sorted({k for *_, st in events for k in st})
-    busy = _busy_ns(events) / args.steps / 1e6 if source == "gpu" else None
+    busy = busy_ns(events) / args.steps / 1e6 if source == "gpu" else None
     span = ((max(s + d for _, s, d, _ in events) - min(s for _, s, _, _ in events)) / args.steps / 1e6
             if source == "gpu" else None)
     device = jax.devices()[0].device_kind
@@ -335,7 +297,7 @@ def main(argv=None) -> dict:
            "event_stats_found": stats_found, "hlo_mapped_share": mapped,
            "gpu_busy_ms": busy, "gpu_span_ms": span, "idle_ms": None if busy is None else wall_ms - busy,
            "peak_memory_gib": M.peak_memory_gib(), "xla_buffers_gib": buffers, "hlo": hlo_summary,
-           "categories": split,
+           "categories": split, "programs": by_program,
            "top_kernels": top, "gaps": idle_gaps}
     report(res)
     out = Path(args.out) if args.out else (Path(__file__).parent / "results" / (
@@ -387,11 +349,12 @@ def report(res: dict) -> None:
     print(f"{'category':<20} {'ms/step':>9} {'share':>7}")
     for cat, v in sorted(res["categories"].items(), key=lambda kv: -kv[1]["ms_per_step"]):
         print(f"{cat:<20} {v['ms_per_step']:9.3f} {100 * v['share']:6.1f}%")
+    print("by program (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in res.get("programs", {}).items()))
     print(f"\ntop {len(res['top_kernels'])} (kernel, HLO op): ms/step, share, calls/step, category, kernel | HLO op "
-          f"| op_name | source")
+          f"| program | op_name | source")
     for r in res["top_kernels"]:
         print(f"{r['ms_per_step']:9.3f} {100 * r['share']:5.1f}% {r['calls_per_step']:6.1f} {r['category']:<18} "
-              f"{r['kernel'][:70]} | {r['hlo_op']} | {r['op_name'][-90:]} | {r['source']}")
+              f"{r['kernel'][:70]} | {r['hlo_op']} | {r.get('program', '')} | {r['op_name'][-90:]} | {r['source']}")
     g = res.get("gaps")
     if g:
         by_len = ", ".join(f"{k} {v['ms_per_step']:.2f} ms ({v['count_per_step']:.0f})"

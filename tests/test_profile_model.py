@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import gpu_timeline  # noqa: E402
 import profile_model  # noqa: E402
 
 
@@ -112,7 +113,7 @@ stack_frame_id=2}
                    "moe_jax/train.py:123 make_train_step.<locals>.step"]}
     assert profile_model._instruction("multiply_fusion_3", {}, meta) == "multiply_fusion.3"
     ev = [("a", 0, 10, {}), ("b", 5, 10, {}), ("c", 20, 5, {}), ("d", 21, 2, {})]  # overlapping streams
-    assert profile_model._busy_ns(ev) == 15 + 5
+    assert gpu_timeline.busy_ns(ev) == 15 + 5
 
 
 def test_split_time_keeps_each_hlo_op_of_a_shared_kernel():
@@ -128,7 +129,7 @@ def test_split_time_keeps_each_hlo_op_of_a_shared_kernel():
               ("nvjet_tst_a", 3_000_000, 1_000_000, {"hlo_op": "custom-call.2"}),
               ("loop_multiply_fusion_3", 4_000_000, 500_000, {}),
               ("mystery", 5_000_000, 500_000, {})]
-    split, top, mapped = profile_model.split_time(events, meta, steps=1, top=3)
+    split, top, mapped, _ = profile_model.split_time(events, meta, steps=1, top=3)
     assert split["dense GEMM"]["ms_per_step"] == pytest.approx(3.0)
     assert split["attention"]["ms_per_step"] == pytest.approx(1.0)
     assert split["optimizer"]["ms_per_step"] == pytest.approx(0.5) and split["other"]["share"] == pytest.approx(0.1)
@@ -144,7 +145,7 @@ def test_gaps_are_measured_after_the_union_of_overlapping_kernels():
           ("c", 18_000, 1_000, {}),                         # 3 us gap after b
           ("d", 150_000, 1_000, g),                         # 131 us gap after c
           ("e", 151_500, 500, g)]                           # 0.5 us gap after d
-    out = profile_model.gaps(ev, steps=1)
+    out = gpu_timeline.gaps(ev, steps=1)
     assert out["count_per_step"] == 3
     assert out["ms_per_step"] == pytest.approx((3_000 + 131_000 + 500) / 1e6)
     assert out["buckets"]["<5us"] == {"ms_per_step": pytest.approx(3.5e-3), "count_per_step": 2}
@@ -158,7 +159,22 @@ def test_a_copy_in_the_gaps_names_its_program_and_size():
     ev = [("k", 0, 1_000, {}),
           ("MemcpyD2D", 200_000, 1_000, {"hlo_module": "jit__update", "memcpy_details": "kind:D2D size:2097152"}),
           ("MemcpyD2D", 400_000, 1_000, {})]
-    top = profile_model.gaps(ev, steps=1)["top"]
+    top = gpu_timeline.gaps(ev, steps=1)["top"]
     assert top[0]["after"] == "MemcpyD2D (jit__update, 2.0 MiB)"
     assert top[1] == {"before": "MemcpyD2D (jit__update, 2.0 MiB)", "after": "MemcpyD2D (?)",
                       "ms_per_step": pytest.approx(0.199), "count_per_step": 1}
+
+
+def test_split_time_by_program_counts_the_per_layer_update_as_optimizer():
+    """Per-layer programs: no HLO text maps the kernels, their hlo_module does."""
+    events = [("loop_add_fusion", 0, 2_000_000, {"hlo_module": "jit__update"}),
+              ("loop_add_fusion", 2_000_000, 1_000_000, {"hlo_module": "jit__layer_backward"}),
+              ("input_reduce_fusion", 3_000_000, 500_000, {"hlo_module": "jit__sumsq"}),
+              ("nvjet_tst_a", 4_000_000, 1_000_000, {"hlo_module": "jit__layer_forward"})]
+    split, top, _, programs = profile_model.split_time(events, {}, steps=2, top=4)
+    assert split["optimizer"]["ms_per_step"] == pytest.approx(1.25)
+    assert split["elementwise/fusion"]["ms_per_step"] == pytest.approx(0.5)
+    assert split["dense GEMM"]["ms_per_step"] == pytest.approx(0.5)
+    assert programs == {"jit__update": pytest.approx(1.0), "jit__layer_backward": pytest.approx(0.5),
+                        "jit__layer_forward": pytest.approx(0.5), "jit__sumsq": pytest.approx(0.25)}
+    assert top[0]["program"] == "jit__update" and top[0]["category"] == "optimizer"
