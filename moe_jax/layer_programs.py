@@ -88,13 +88,15 @@ class _Programs:
         self.dtype = jnp.dtype(cfg.dtype)
         # every layer's (graphdef, forward, backward): shared by layers of one structure
         self.layer_graphdefs = [nnx.split(stack, nnx.Param, ...)[0] for stack in model.stacks]
-        self.forward = {gd: jax.jit(functools.partial(self._layer_forward, gd))
-                        for gd in dict.fromkeys(self.layer_graphdefs)}
+        kinds = list(dict.fromkeys(self.layer_graphdefs))
+        # each layer's kind, a number: a graphdef's hash walks its whole structure (~0.2 ms a lookup)
+        self.kind = [kinds.index(gd) for gd in self.layer_graphdefs]
+        self.forward = {k: jax.jit(functools.partial(self._layer_forward, gd, k)) for k, gd in enumerate(kinds)}
         # a layer's backward takes its output's cotangent (donated: dx has its shape) and its losses (their
         # cotangents are ones)
         # (a partial: jit's caches are per function object, and each model's programs are their own)
         self.backward = jax.jit(functools.partial(_layer_backward), static_argnums=5, donate_argnums=3)
-        self.closures = {}  # (graphdef, x's shape and dtype) -> (closure treedef, where its leaves come from)
+        self.closures = {}  # (kind, x's shape and dtype) -> (closure treedef, where its leaves come from)
         self.index = [jnp.int32(s) for s in range(len(model.stacks))]  # on the device once, not every step
         self.embed_backward = jax.jit(lambda vjp, dx: vjp(dx)[0])
         self.embed = jax.jit(self._embed)
@@ -140,7 +142,7 @@ class _Programs:
         x, vjp = jax.vjp(lambda e: jnp.take(e, tokens, axis=0).astype(self.dtype), embed)
         return x, vjp
 
-    def _layer_forward(self, graphdef, params, rest, x, rng, index):
+    def _layer_forward(self, graphdef, kind, params, rest, x, rng, index):
         cos, sin = model_rope_tables(self.cfg, x.shape[1])
 
         def layer(params, x, rest, rng, index):  # the one-program step's layer (aux stacked [1, ...])
@@ -156,7 +158,7 @@ class _Programs:
         leaves, tree = jax.tree.flatten(vjp)
         given = {id(v): k for k, v in enumerate(jax.tree.leaves((params, x)))}
         where = tuple(given.get(id(v), -1) for v in leaves)
-        self.closures[graphdef, x.shape, jnp.dtype(x.dtype)] = (tree, where)
+        self.closures[kind, x.shape, jnp.dtype(x.dtype)] = (tree, where)
         return y, losses, stats, [v for v, w in zip(leaves, where) if w < 0]
 
     def _head(self, diff, params, rest, h, targets, rng, layer_aux):
@@ -204,10 +206,10 @@ class _Programs:
         rest = state.model_state
         x, embed_vjp = self.embed(params["embed_VD"][...], tokens)
         saved, layer_aux = [], []  # per layer: (what its forward kept, its input, its closure's recipe)
-        for s, gd in enumerate(self.layer_graphdefs):
+        for s, kind in enumerate(self.kind):
             rest_s = rest["stacks"][s] if "stacks" in rest and s in rest["stacks"] else nnx.State({})
-            closure = (gd, x.shape, jnp.dtype(x.dtype))
-            y, losses, stats, kept = self.forward[gd](params["stacks"][s], rest_s, x, rng, self.index[s])
+            closure = (kind, x.shape, jnp.dtype(x.dtype))
+            y, losses, stats, kept = self.forward[kind](params["stacks"][s], rest_s, x, rng, self.index[s])
             self._watch("forward", s, kept)
             saved.append((kept, x, self.closures[closure]))
             layer_aux.append((losses, stats))
@@ -289,7 +291,7 @@ class _Programs:
         try:
             for name, f in saved.items():
                 setattr(owners[name], name.rpartition(".")[2], compiling(name, f))
-            self.forward = {gd: compiling("forward", f) for gd, f in saved_forward.items()}
+            self.forward = {k: compiling("forward", f) for k, f in saved_forward.items()}
             jax.eval_shape(self.step, state, batch)
         finally:
             for name, f in saved.items():
