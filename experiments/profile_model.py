@@ -257,9 +257,13 @@ def main(argv=None) -> dict:
         jax.block_until_ready(run())
     # as training runs (and the PyTorch reference is timed): step i+1 is sent before step i is waited
     # for, so a step's time is the gap between the ends of consecutive steps, host dispatch hidden
-    ends, last = [], run()
+    # host_ms: how long sending a step takes the host (near the step's wall time: the host waits on the
+    # device for most of it, e.g. on the runtime's bound on programs in flight)
+    ends, host, last = [], [], run()
     for _ in range(args.wall_steps):
+        t = time.perf_counter()
         queued = run()
+        host.append(time.perf_counter() - t)
         jax.block_until_ready(last)
         ends.append(time.perf_counter())
         last = queued
@@ -292,6 +296,7 @@ def main(argv=None) -> dict:
                [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
            "config": args.config, "overrides": list(args.overrides), "params": counts,
            "compile_s": compile_s, "wall_ms": wall_ms, "wall_ms_all": [1e3 * w for w in wall],
+           "host_ms": 1e3 * statistics.median(host),
            "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
            "traced_steps": args.steps, "events_source": source, "events": len(events),
            "event_stats_found": stats_found, "hlo_mapped_share": mapped,
@@ -339,7 +344,8 @@ def report(res: dict) -> None:
     f = lambda v, spec=".2f": "n/a" if v is None else format(v, spec)  # noqa: E731
     mfu = "n/a" if res["mfu"] is None else f"{100 * res['mfu']:.1f}%"
     print(f"\n== {res['config']} {' '.join(res['overrides'])} on {res['device']}: wall {res['wall_ms']:.2f} ms/step "
-          f"(MFU {mfu}) | GPU busy {f(res['gpu_busy_ms'])} ms | wall - busy {f(res['idle_ms'])} ms | span "
+          f"(MFU {mfu}) | host {f(res.get('host_ms'))} ms | GPU busy {f(res['gpu_busy_ms'])} ms | wall - busy "
+          f"{f(res['idle_ms'])} ms | span "
           f"{f(res['gpu_span_ms'])} ms | peak {f(res['peak_memory_gib'])} GiB | compile {res['compile_s']:.1f} s")
     if not res["events"]:
         print("no GPU events (and no host XLA op events) in the trace: wall time only")

@@ -20,7 +20,7 @@ def test_profile_model_runs_on_cpu(tmp_path):
     res = json.loads(out.read_text())
     with gzip.open(hlo, "rt") as f:  # the compiled step's HLO text, gzipped by its name
         assert "ENTRY" in f.read()
-    assert res["wall_ms"] > 0 and res["compile_s"] > 0 and res["traced_steps"] == 2
+    assert res["wall_ms"] > 0 and res["compile_s"] > 0 and res["traced_steps"] == 2 and res["host_ms"] > 0
     assert set(res["categories"]) == set(profile_model.CATEGORY_NAMES)
     assert res["overrides"] == ["train.batch_size=2", "train.seq_len=32", "train.programs=one"]
     assert res["params"]["active"] > 0
