@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 from moe_jax import parallel
-from moe_jax.layer_update import LayerUpdate
+from moe_jax.layer_update import LayerUpdate, sum_of_squares
 from moe_jax.model import REMAT_POLICIES, _loop_stack, collect_aux
 from moe_jax.rope import model_rope_tables
 from moe_jax.train import head_loss, make_apply, make_optimizer  # (train imports this module lazily)
@@ -66,13 +66,19 @@ def _residual_policy(base):
     return policy
 
 
-def _layer_backward(kept, params, x, dy, losses, closure):
+def _layer_backward(kept, params, x, dy, losses, closure, sumsq_dtypes=None):
     """A layer's parameter gradients and input cotangent: its closure rebuilt from the arrays its forward
-    returned (`kept`) and its inputs (`closure`: the closure's treedef and where each leaf comes from)."""
+    returned (`kept`) and its inputs (`closure`: the closure's treedef and where each leaf comes from).
+    With `sumsq_dtypes` (its master weights' dtypes) also the gradients' sum of squares, which the
+    optimizer's clip needs: computed here, it is no program of its own and fuses with the gradients'
+    last passes."""
     tree, where = closure
     given, kept = jax.tree.leaves((params, x)), iter(kept)
     vjp = tree.unflatten([given[w] if w >= 0 else next(kept) for w in where])
-    return vjp((dy, jax.tree.map(jnp.ones_like, losses)))  # the losses enter the total with weight 1
+    grads, dx = vjp((dy, jax.tree.map(jnp.ones_like, losses)))  # the losses enter the total with weight 1
+    if sumsq_dtypes is None:
+        return grads, dx
+    return grads, dx, sum_of_squares(jax.tree.leaves(grads), sumsq_dtypes)
 
 
 class _Programs:
@@ -95,7 +101,7 @@ class _Programs:
         # a layer's backward takes its output's cotangent (donated: dx has its shape) and its losses (their
         # cotangents are ones)
         # (a partial: jit's caches are per function object, and each model's programs are their own)
-        self.backward = jax.jit(functools.partial(_layer_backward), static_argnums=5, donate_argnums=3)
+        self.backward = jax.jit(functools.partial(_layer_backward), static_argnums=(5, 6), donate_argnums=3)
         self.closures = {}  # (kind, x's shape and dtype) -> (closure treedef, where its leaves come from)
         self.index = [jnp.int32(s) for s in range(len(model.stacks))]  # on the device once, not every step
         self.embed_backward = jax.jit(lambda vjp, dx: vjp(dx)[0])
@@ -114,10 +120,14 @@ class _Programs:
                            and (path[0].key != "embed_VD" or self.head_reads_embed)]
         self.stack_of = [path[1].key if path[0].key == "stacks" else None for path, _ in paths]
         self.embed_at = next(i for i, (path, _) in enumerate(paths) if path[0].key == "embed_VD")
+        self.sumsq_dtypes = None  # per stack: its weights' dtypes, where its backward sums its squares
         if optimizer is None and layout is None:  # the default optimizer: updated a layer at a time
             groups = [[i for i, s in enumerate(self.stack_of) if s == k] for k in range(len(model.stacks))]
             groups.append([i for i, s in enumerate(self.stack_of) if s is None])
             self.apply = LayerUpdate(graphdef, tc, state, groups)
+            if self.accum == 1:  # each layer's backward sums its gradients' squares (group s is stack s)
+                self.sumsq_dtypes = [tuple(jnp.dtype(p.dtype) for p in jax.tree.leaves(state.params["stacks"][s]))
+                                     for s in range(len(model.stacks))]
         else:  # one program over every parameter (sharded: its out_shardings keep the state's layout)
             apply = make_apply(graphdef, tc, optimizer or make_optimizer(tc))
 
@@ -201,8 +211,9 @@ class _Programs:
             lambda path, v: copy[_copy_key(path)][...] if _copy_key(path) in copy else v, params)
 
     def micro_step(self, state, params, tokens, targets, rng):
-        """(total, ce, aux, grads) of one micro-batch; grads in `params`' structure (`params`: the
-        compute view of the state's parameters)."""
+        """(total, ce, aux, grads, sums) of one micro-batch; grads in `params`' structure (`params`: the
+        compute view of the state's parameters), sums {stack: its gradients' sum of squares} where the
+        layers' backward computed them (`sumsq_dtypes`), else {}."""
         rest = state.model_state
         x, embed_vjp = self.embed(params["embed_VD"][...], tokens)
         saved, layer_aux = [], []  # per layer: (what its forward kept, its input, its closure's recipe)
@@ -219,15 +230,18 @@ class _Programs:
                                                rng, layer_aux)
         del x, y
         self._watch("head", None, dx)
-        g_stacks = [None] * len(saved)
+        g_stacks, sums = [None] * len(saved), {}
         for s in reversed(range(len(saved))):
             kept, x, closure = saved[s]
             losses = layer_aux[s][0]
-            g_stacks[s], dx = self.backward(kept, params["stacks"][s], x, dx, losses, closure)
+            dtypes = None if self.sumsq_dtypes is None else self.sumsq_dtypes[s]
+            g_stacks[s], dx, *sumsq = self.backward(kept, params["stacks"][s], x, dx, losses, closure, dtypes)
+            if sumsq:
+                sums[s] = sumsq[0]
             saved[s] = kept = x = None  # its activations go as soon as its backward has run
             self._watch("backward", s, dx)
         g_embed = self.embed_backward(embed_vjp, dx)
-        return total, ce, aux, self._assemble(g_head, g_stacks, g_embed)
+        return total, ce, aux, self._assemble(g_head, g_stacks, g_embed), sums
 
     def _assemble(self, g_head, g_stacks, g_embed):
         """The gradients in the structure of the params, from the programs' pieces."""
@@ -247,12 +261,13 @@ class _Programs:
         params = self.view(state.params, state.compute_params)
         outs, grads = [], None
         for i in range(self.accum):
-            total, ce, aux, g = self.micro_step(state, params, micro[i]["inputs"], micro[i]["targets"], keys[i])
+            total, ce, aux, g, sums = self.micro_step(state, params, micro[i]["inputs"], micro[i]["targets"],
+                                                      keys[i])
             outs.append((total, ce, aux))
             grads = g if self.accum == 1 else self.accumulate(grads, g)
         total, ce, aux = self.stack(outs)
         self._watch("gradients", None, grads)
-        new, metrics = self.apply(state, grads, total, ce, aux, rng)
+        new, metrics = self.apply(state, grads, total, ce, aux, rng, *([sums] if sums else []))
         self._watch("update", None, new)
         return new, metrics
 

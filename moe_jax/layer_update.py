@@ -6,7 +6,8 @@ updates every parameter in one program, and its compile time grows with the numb
 per layer and one for the rest (embedding, final norm, LM head, MTP), and three programs run the update;
 groups of like layers share theirs:
 
-  sumsq   a group's gradient sum of squares (per leaf in the gradient's dtype, as `optax.tree.norm`)
+  sumsq   a group's gradient sum of squares (per leaf in the parameter's dtype, as `optax.tree.norm`);
+          a layer's backward program may compute its own instead (`sum_of_squares`, passed as `sums`)
   finish  the global norm, the non-finite check, the metrics, the expert-bias update, step + 1
   update  a group's global-norm clip, AdamW with its weight decay, the non-finite keep, and the bf16
           copies of its expert weights (`weight_copy`)
@@ -34,8 +35,14 @@ def _keystr_of_variable(path) -> str:
     return jax.tree_util.keystr(path[:-1])  # the nnx Variable's path (its leaf's path ends in `.value`)
 
 
+def sum_of_squares(grads, dtypes):
+    """Σ g² of a group, over its gradients in the parameters' dtypes (leaf sums added in order)."""
+    return functools.reduce(operator.add, [jnp.sum(jnp.square(g.astype(d))) for g, d in zip(grads, dtypes)], 0)
+
+
 class LayerUpdate:
-    """`update(state, grads, total, ce, aux, rng) -> (state, metrics)`, `train.make_apply`'s contract.
+    """`update(state, grads, total, ce, aux, rng, sums=None) -> (state, metrics)`, `train.make_apply`'s
+    contract; `sums` {group index: its gradient sum of squares} where the caller has them already.
 
     `groups`: lists of flat parameter-leaf indices (in `jax.tree.leaves(state.params)` order) that
     together cover every leaf once; like groups (same leaf shapes and dtypes) share compiled programs."""
@@ -73,9 +80,7 @@ class LayerUpdate:
     # ---------------------------------------------------------------- the programs
     @staticmethod
     def _sumsq(grads, params):
-        """Σ g² of a group, over its gradients in the parameters' dtypes (leaf sums added in order)."""
-        return functools.reduce(operator.add, [jnp.sum(jnp.square(g.astype(p.dtype)))
-                                               for g, p in zip(grads, params)], 0)
+        return sum_of_squares(grads, [p.dtype for p in params])
 
     def _finish(self, params, model_state, sums, total, ce, aux, step, data_pos):
         """(grad norm, ok, model_state, step + 1, data_pos + 1, metrics)."""
@@ -119,7 +124,7 @@ class LayerUpdate:
         return self.odef.unflatten([next(param_nodes) if p else next(shared) for p in self.per_param])
 
     # ---------------------------------------------------------------- the step's tail
-    def __call__(self, state, grads, total, ce, aux, rng):
+    def __call__(self, state, grads, total, ce, aux, rng, sums=None):
         params = self.pdef.flatten_up_to(state.params)
         grads = self.pdef.flatten_up_to(grads)
         nodes, shared = self._cut_opt(state.opt_state, self.pdef.flatten_up_to)
@@ -128,7 +133,9 @@ class LayerUpdate:
             copy_leaves = jax.tree.leaves(state.compute_params)
             for i, j in self.copy_at.items():
                 copies[i] = copy_leaves[j]
-        sums = [self.sumsq([grads[i] for i in g], [params[i] for i in g]) for g in self.groups]
+        sums = sums or {}
+        sums = [sums[k] if k in sums else self.sumsq([grads[i] for i in g], [params[i] for i in g])
+                for k, g in enumerate(self.groups)]
         norm, ok, model_state, step, data_pos, metrics = self.finish(
             state.params, state.model_state, sums, total, ce, aux, state.step, state.data_pos)
         new_params, new_nodes, new_copies = list(params), [list(n) for n in nodes], list(copies)

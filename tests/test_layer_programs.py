@@ -79,6 +79,8 @@ def test_one_forward_and_backward_program_per_kind_of_layer():
     assert len(programs.forward) == 2
     assert all(f._cache_size() == 1 for f in programs.forward.values())
     assert programs.backward._cache_size() == 2  # a dense layer's closure and an MoE layer's
+    # each layer's backward sums its gradients' squares: the update's own sum runs for the rest alone
+    assert programs.apply.sumsq._cache_size() == 1
     assert np.isfinite(float(metrics[-1]["loss"]))
 
 
