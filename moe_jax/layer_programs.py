@@ -292,7 +292,7 @@ class _Programs:
         def compiling(name, f):
             def call(*args):
                 leaves, tree = jax.tree.flatten(args)  # arrays, and a static argument's parts
-                array = [hasattr(x, "shape") for x in leaves]
+                array = [hasattr(x, "shape") and hasattr(x, "dtype") for x in leaves]  # not a static np.dtype
                 key = (name, id(f), tree, tuple((x.shape, x.dtype) if a else x for x, a in zip(leaves, array)))
                 if key not in seen:
                     seen.add(key)

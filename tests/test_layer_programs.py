@@ -69,8 +69,14 @@ def test_layer_programs_match_the_one_program_step(model_kw, train_kw, tol):
     assert int(got_state.step) == 2 and int(got_state.data_pos) == 2
 
 
-def test_one_forward_and_backward_program_per_kind_of_layer():
+def test_one_forward_and_backward_program_per_kind_of_layer(monkeypatch):
     """Six layers (one dense, five MoE) compile two forward programs, each once."""
+    traced = []  # the update's own sum of squares, traced once per signature (jit caches are per function)
+
+    def sumsq(grads, params, _f=LayerUpdate._sumsq):
+        traced.append(len(grads))
+        return _f(grads, params)
+    monkeypatch.setattr(LayerUpdate, "_sumsq", staticmethod(sumsq))
     cfg = dataclasses.replace(model_cfg(), num_layers=6,
                               moe=dataclasses.replace(model_cfg().moe, layer_freq=(0, 1, 1, 1, 1, 1)))
     tc = TrainConfig(batch_size=4, seq_len=16, programs="layers")
@@ -80,7 +86,7 @@ def test_one_forward_and_backward_program_per_kind_of_layer():
     assert all(f._cache_size() == 1 for f in programs.forward.values())
     assert programs.backward._cache_size() == 2  # a dense layer's closure and an MoE layer's
     # each layer's backward sums its gradients' squares: the update's own sum runs for the rest alone
-    assert programs.apply.sumsq._cache_size() == 1
+    assert len(traced) == 1 and programs.apply.sumsq._cache_size() == 1
     assert np.isfinite(float(metrics[-1]["loss"]))
 
 
@@ -107,6 +113,11 @@ def test_programs_compile_ahead_of_time_on_abstract_state():
                                       # the update: one sum of squares and one update per kind of group
                                       # (dense layer, MoE layer, the rest), one finish
                                       "apply.sumsq": 3, "apply.update": 3, "apply.finish": 1}
+    # grad_accum 1: each layer's backward sums its squares (a static dtypes argument): one sum for the rest
+    one = dataclasses.replace(tc, grad_accum=1)
+    step = make_train_step(box["graphdef"], one)
+    counts = {k: n for k, (n, s) in step.build(state).compile_all(state, b).items()}
+    assert counts["backward"] == 2 and counts["apply.sumsq"] == 1 and "accumulate" not in counts
 
 
 def test_auto_runs_per_layer_programs_on_one_device_and_one_program_otherwise():
