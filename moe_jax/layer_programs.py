@@ -120,6 +120,7 @@ class _Programs:
                            and (path[0].key != "embed_VD" or self.head_reads_embed)]
         self.stack_of = [path[1].key if path[0].key == "stacks" else None for path, _ in paths]
         self.embed_at = next(i for i, (path, _) in enumerate(paths) if path[0].key == "embed_VD")
+        self._view_keys = None  # ((params' treedef, copy's keys), [(leaf index, its copy's key)]): `view`'s plan
         self.sumsq_dtypes = None  # per stack: its weights' dtypes, where its backward sums its squares
         if optimizer is None and layout is None:  # the default optimizer: updated a layer at a time
             groups = [[i for i, s in enumerate(self.stack_of) if s == k] for k in range(len(model.stacks))]
@@ -207,8 +208,15 @@ class _Programs:
         """params with the copied weights' values replaced by their copies (differentiated directly)."""
         if copy is None:
             return params
-        return jax.tree_util.tree_map_with_path(
-            lambda path, v: copy[_copy_key(path)][...] if _copy_key(path) in copy else v, params)
+        leaves, treedef = jax.tree.flatten(params)
+        structure = (treedef, tuple(copy))
+        if self._view_keys is None or self._view_keys[0] != structure:  # each leaf's copy key, once
+            paths = jax.tree_util.tree_flatten_with_path(params)[0]
+            self._view_keys = (structure, [(i, _copy_key(path)) for i, (path, _) in enumerate(paths)
+                                           if _copy_key(path) in copy])
+        for i, key in self._view_keys[1]:
+            leaves[i] = copy[key][...]
+        return jax.tree.unflatten(treedef, leaves)
 
     def micro_step(self, state, params, tokens, targets, rng):
         """(total, ce, aux, grads, sums) of one micro-batch; grads in `params`' structure (`params`: the
