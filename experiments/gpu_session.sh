@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call per part, each well inside the 10-minute limit; results land in experiments/results/
 # and are copied to $OUT so they come back. Usage (device tool): bash experiments/gpu_session.sh PART
-#   tests  — every @pytest.mark.gpu test (Pallas kernels, MoE layer through Pallas)
+#   tests  — the @pytest.mark.gpu tests (Pallas kernels, MoE layer through Pallas); TESTS_ARGS (pytest
+#            arguments: files, -k) picks a part, TESTS_TIMEOUT (540 s) bounds it; the log keeps what ran
 #   model  — mixtral_small and deepseek_small train benchmarks (Pallas experts; remat off, then on
 #            if that fails; MODEL_EXTRA="model.remat=true" runs only that, MODEL_PRESETS picks presets)
 #   layer  — bench_moe.py: MoE layer fwd+bwd vs a dense MLP of the same FLOPs
@@ -62,7 +63,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE "[HAB][0-9]+" | head -1 | tr A-Z a-z)
 GPU=${GPU:-gpu}
 case "${1:-}" in
-  tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+  tests)
+    # all of them take more than one call (an H100, stop 39: 68 of them in 380 s): TESTS_ARGS picks files
+    # or -k expressions for one call, e.g. TESTS_ARGS="tests/test_grouped_matmul.py" then the rest with --deselect
+    timeout -s KILL ${TESTS_TIMEOUT:-540} python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=15 \
+      ${TESTS_ARGS:-} > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?"; tail -40 "$OUT/gpu_tests.log" ;;
   model)
     for preset in ${MODEL_PRESETS:-mixtral_small deepseek_small}; do
       for extra in ${MODEL_EXTRA-"" "model.remat=true"}; do
