@@ -37,16 +37,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax import parallel
+from moe_jax import parallel, weight_copy
 from moe_jax.layer_update import LayerUpdate, sum_of_squares
 from moe_jax.model import REMAT_POLICIES, _loop_stack, collect_aux
 from moe_jax.rope import model_rope_tables
 from moe_jax.train import head_loss, make_apply, make_optimizer  # (train imports this module lazily)
-
-
-def _copy_key(path) -> str:
-    return jax.tree_util.keystr(path[:-1])  # the Variable's path (the leaf's ends in `.value`)
-
 
 # outputs the backward recomputes from their inputs instead of a layer's forward keeping them: a view of a
 # weight (a slice, reshape or cast) would be a copy of it, an upcast a second copy of an activation
@@ -212,8 +207,8 @@ class _Programs:
         structure = (treedef, tuple(copy))
         if self._view_keys is None or self._view_keys[0] != structure:  # each leaf's copy key, once
             paths = jax.tree_util.tree_flatten_with_path(params)[0]
-            self._view_keys = (structure, [(i, _copy_key(path)) for i, (path, _) in enumerate(paths)
-                                           if _copy_key(path) in copy])
+            self._view_keys = (structure, [(i, weight_copy.leaf_key(path)) for i, (path, _) in enumerate(paths)
+                                           if weight_copy.leaf_key(path) in copy])
         for i, key in self._view_keys[1]:
             leaves[i] = copy[key][...]
         return jax.tree.unflatten(treedef, leaves)

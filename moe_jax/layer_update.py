@@ -27,12 +27,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moe_jax import weight_copy
 from moe_jax.config import TrainConfig
 from moe_jax.train import make_optimizer, step_metrics, step_ok, update_biases, where_ok
-
-
-def _keystr_of_variable(path) -> str:
-    return jax.tree_util.keystr(path[:-1])  # the nnx Variable's path (its leaf's path ends in `.value`)
 
 
 def sum_of_squares(grads, dtypes):
@@ -65,7 +62,7 @@ class LayerUpdate:
         # the expert weights' compute copies (a dict {Variable path: Variable}): which leaf each copies
         self.copy_at = {}
         if state.compute_params is not None:
-            where = {_keystr_of_variable(path): i for i, (path, _) in enumerate(paths)}
+            where = {weight_copy.leaf_key(path): i for i, (path, _) in enumerate(paths)}
             copy_paths, self.cdef = jax.tree_util.tree_flatten_with_path(state.compute_params)
             self.copy_at = {where[path[0].key]: j for j, (path, _) in enumerate(copy_paths)}
         self.sumsq = jax.jit(self._sumsq)

@@ -27,6 +27,12 @@ from moe_jax.parallel import _is_var
 COPIED = ("w1_EDnF", "w2_EFD")
 
 
+def leaf_key(path) -> str:
+    """The `compute_params` key of a flattened leaf's weight: its nnx Variable's path (the leaf's path, from
+    `jax.tree_util.tree_flatten_with_path`, ends in the Variable's `.value`)."""
+    return jax.tree_util.keystr(path[:-1])
+
+
 def _flat(params) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): v
             for path, v in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)[0]}
