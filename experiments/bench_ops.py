@@ -35,6 +35,7 @@ from ops.grouped_swiglu import grouped_swiglu, swiglu_grouped_matmul  # noqa: E4
 from ops import rms_norm as norm_ops  # noqa: E402
 from ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from ops.rope_kernel import rope  # noqa: E402
+from ops import softmax_ce as ce_ops  # noqa: E402
 from timing import median_seconds, write_result  # noqa: E402
 
 SHAPES = {"mixtral": dict(T=16384, k=2, E=8, D=2048, F=4096, V=32000),
@@ -137,13 +138,15 @@ def rows(shape: dict, reps: int, only: str = ""):
     default_chunk = chunk_rows(T, V)
     # ours (the default chunk), the plain form, and the chunked form at other chunk sizes (larger chunks:
     # larger GEMMs, more temporary memory)
-    variants = [("ours", "chunked", None), ("xla_plain", "reference", None)] + [
-        (f"ours_chunk{c}", "chunked", c) for c in (default_chunk // 2, default_chunk * 2, default_chunk * 4)
+    # (the softmax pass through XLA's fusions: "ours_xla_softmax")
+    variants = [("ours", "chunked", None, "auto"), ("xla_plain", "reference", None, "auto"),
+                ("ours_xla_softmax", "chunked", None, "reference")] + [
+        (f"ours_chunk{c}", "chunked", c, "auto") for c in (default_chunk // 2, default_chunk * 2, default_chunk * 4)
         if 0 < c <= T and T % c == 0]
-    for key_, backend, chunk in variants:
+    for key_, backend, chunk, kernels in variants:
         g = jax.jit(jax.value_and_grad(
-            lambda x, w, backend=backend, chunk=chunk: linear_cross_entropy(x, w, tg, backend=backend, chunk=chunk),
-            argnums=(0, 1)))
+            lambda x, w, backend=backend, chunk=chunk, kernels=kernels: linear_cross_entropy(
+                x, w, tg, backend=backend, chunk=chunk, kernels=kernels), argnums=(0, 1)))
         t = median_seconds(g, x, wv, iters=reps)
         mem = g.lower(x, wv).compile().memory_analysis()
         ce[f"{key_}_ms"] = 1e3 * t
@@ -151,6 +154,43 @@ def rows(shape: dict, reps: int, only: str = ""):
     ce["chunk_rows"] = default_chunk
     ce["tflops_ours"] = 6 * T * D * V / (ce["ours_ms"] * 1e-3) / 1e12
     out.append(ce)
+    out.append(softmax_ce_row(default_chunk, V, reps))
+    return out
+
+
+def _softmax_ce_inputs(c: int, v: int):
+    ks = jax.random.split(jax.random.key(14), 3)
+    return (6.0 * jax.random.normal(ks[0], (c, v)), jax.random.randint(ks[1], (c,), 0, v),
+            jax.random.uniform(ks[2], (c,)) + 0.5)
+
+
+def softmax_ce_row(c: int, v: int, reps: int) -> dict:
+    """One chunk's softmax pass (ops.softmax_ce: float32 logits [C, V] -> loss, bf16 gradient), the kernel
+    against XLA's fusions of the formula; the least bytes are one read of the logits and one write."""
+    args = _softmax_ce_inputs(c, v)
+    row = {"op": f"cross-entropy softmax pass [C,V] f32 -> bf16 (C={c})", "ours_backend": "pallas",
+           "min_bytes": c * v * (4 + 2)}
+    for key_, backend in (("ours", "pallas"), ("xla_plain", "reference")):
+        f = jax.jit(lambda *a, backend=backend: ce_ops.softmax_cross_entropy_rows(*a, BF16, **_kw(backend)))
+        row[f"{key_}_ms"] = 1e3 * median_seconds(f, *args, iters=reps)
+    return row
+
+
+def tune_ce(shape: dict, reps: int, on_row=print) -> list[dict]:
+    """The softmax pass (ms) per ops.softmax_ce.Launch at one chunk of the LM head's logits."""
+    c, v = chunk_rows(shape["T"], shape["V"]), shape["V"]
+    args, out, default = _softmax_ce_inputs(c, v), [], ce_ops.LAUNCH
+    try:
+        for block in (2048, 4096, 8192):
+            for programs in (132, 264, 528, c):
+                for warps in (4, 8, 16):
+                    ce_ops.LAUNCH = ce_ops.Launch(block, programs, warps)
+                    f = jax.jit(lambda *a: ce_ops.softmax_cross_entropy_rows(*a, BF16, **_kw("pallas")))
+                    out.append({"block": block, "programs": programs, "warps": warps,
+                                "ce_ms": 1e3 * median_seconds(f, *args, iters=reps)})
+                    on_row(out)
+    finally:
+        ce_ops.LAUNCH = default
     return out
 
 
@@ -252,7 +292,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="", help="just the ops whose name contains this (e.g. permute)")
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
+    ap.add_argument("--tune-ce", action="store_true", help="sweep ops.softmax_ce.Launch instead")
     args = ap.parse_args(argv)
+    if args.tune_ce:
+        def save_ce(rows_):
+            print(rows_[-1], flush=True)
+            return write_result("tune_ce", args.shape, {"shape": SHAPES[args.shape], "default": dataclasses.asdict(
+                ce_ops.Launch()), "rows": rows_, "best": min(rows_, key=lambda r: r["ce_ms"])}, args.out)
+        rows_ = tune_ce(SHAPES[args.shape], args.reps, save_ce)
+        print(f"best: {min(rows_, key=lambda r: r['ce_ms'])}")
+        return 0
     if args.tune_norm:
         def save(rows_):
             print(rows_[-1], flush=True)

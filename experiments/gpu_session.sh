@@ -47,6 +47,9 @@
 #            directory; the second run's "first step" line must say its program was read from the cache
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
+#   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
+#            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
+#            (--tune-ce; CE_TUNE=0 skips it)
 #   kernels — the fused ops' GPU tests (RMSNorm, RoPE, SwiGLU backward, fc1+SwiGLU, SwiGLU+fc2 against plain JAX), then
 #            bench_ops.py per shape in KERNEL_SHAPES (mixtral deepseek): ours vs XLA, % of copy bandwidth;
 #            KERNEL_TUNE=1 then sweeps RMSNorm's launch shape (bench_ops.py --tune-norm, JSON after each row)
@@ -273,13 +276,22 @@ PY
   attn) timeout -s KILL 150 python3 experiments/probe_attention.py \
       --out "experiments/results/probe_attention_causal_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
+  ce)
+    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cross_entropy.py \
+      > "$OUT/ce_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/ce_tests.log"
+    timeout -s KILL 150 python3 experiments/bench_ops.py --shape mixtral --only cross \
+      --out "experiments/results/ops_cross_mixtral_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/ce_bench.log" 2>&1
+    echo "bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/ce_bench.log" | tail -14
+    [ "${CE_TUNE:-1}" = 1 ] && { timeout -s KILL 200 python3 experiments/bench_ops.py --tune-ce --reps 10 \
+      --out "experiments/results/tune_ce_mixtral_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/ce_tune.log" 2>&1
+      echo "tune rc=$?"; grep -v "^[WI][0-9]" "$OUT/ce_tune.log" | tail -40; } ;;
   wgrad)
     timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_matmul.py \
       -k wgrad --durations=8 > "$OUT/wgrad_tests.log" 2>&1; echo "tests rc=$?"; tail -12 "$OUT/wgrad_tests.log"
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|layers|plain|cache|kernels|dsv3|attn|dswiglu"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|ce|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|layers|plain|cache|kernels|dsv3|attn|dswiglu"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 # the device brings back at most 8 files: this run's logs travel as one archive (GPU_KEEP_LOGS=1 keeps them)

@@ -57,7 +57,7 @@ def make_eval_step(mc: ModelConfig, *, layout: parallel.Layout | None = None, sh
         model = nnx.merge(graphdef, params, rest)
         x_BSD, aux = model.hidden(batch["inputs"], layout=layout)
         ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(),
-                                      batch["targets"].reshape(-1))
+                                      batch["targets"].reshape(-1), kernels=mc.fused_kernels)
         out = {"ce": ce, **aux["losses"]}
         if "routed_counts" in aux:
             out["routed_counts"] = aux["routed_counts"]

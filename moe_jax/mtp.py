@@ -75,7 +75,7 @@ def mtp_loss(model, h_BSD: jax.Array, targets_BS: jax.Array, *, rng: jax.Array |
         h, normed, aux = (call if remat is None else remat(call))(state, h, e, r)
         labels, mask = shifted_targets(targets_BS, k)
         losses.append(ops.linear_cross_entropy(normed.reshape(-1, normed.shape[-1]), head,
-                                               labels.reshape(-1), mask.reshape(-1)))
+                                               labels.reshape(-1), mask.reshape(-1), kernels=cfg.fused_kernels))
         if aux is not None:
             for name, v in aux["losses"].items():
                 router_losses[name] = router_losses.get(name, 0.0) + jnp.sum(v)

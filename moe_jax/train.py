@@ -109,8 +109,8 @@ def head_loss(model: GPT, h_BSD: jax.Array, targets: jax.Array, aux: dict, *, rn
     """The loss from the last layer's output on: final norm, LM head fused with the cross-entropy,
     multi-token prediction; plus every router loss in `aux["losses"]`. Returns (total, (ce, aux))."""
     x_BSD = model.final_norm(h_BSD)
-    ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(),
-                                  targets.reshape(-1))  # no [B, S, V] logits in memory
+    ce = ops.linear_cross_entropy(x_BSD.reshape(-1, x_BSD.shape[-1]), model.head(), targets.reshape(-1),
+                                  kernels=model.cfg.fused_kernels)  # no [B, S, V] logits in memory
     total = ce
     if model.mtp is not None:  # multi-token prediction: its loss scaled, its router losses as they are
         remat = (None if model.cfg.remat == "none" else  # the model's remat policy, as its layers

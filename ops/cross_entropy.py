@@ -10,6 +10,8 @@ and turned at once into the chunk's gradients — dx_c = softmax'·w^T and dw +=
 the loss is the end of the graph and its cotangent is a scalar (the backward pass only scales them).
 The FLOPs are the plain form's (one logits matmul, two gradient matmuls); peak memory is one
 chunk's logits. Backends: "chunked" (that), "reference" (plain, autodiff), "auto" (= "chunked").
+Each chunk's softmax, loss and logit gradient is `ops.softmax_ce.softmax_cross_entropy_rows` (`kernels`:
+its backend, as `ModelConfig.fused_kernels`; one pass over the float32 logits on one NVIDIA GPU).
 Under a mesh with the vocabulary split over `tensor`, XLA partitions the chunk matmuls and the
 logsumexp reduction (vocab-parallel) like any other op.
 """
@@ -19,6 +21,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from ops.pallas_triton import backend_args
+from ops.softmax_ce import softmax_cross_entropy_rows
 
 BACKENDS = ("auto", "chunked", "reference")
 CHUNK_BYTES = 256 * 2**20  # float32 logits per chunk
@@ -44,20 +49,17 @@ def _chunks(x_TD, targets_T, weights_T, c):
     return x_TD.reshape(t // c, c, -1), targets_T.reshape(t // c, c), weights_T.reshape(t // c, c)
 
 
-def _loss_and_grads(x_TD, w_DV, targets_T, weights_T, c):
+def _loss_and_grads(x_TD, w_DV, targets_T, weights_T, c, kernels):
     """(weighted sum of token losses, dx [T, D], dw [D, V] float32) — gradients of the sum."""
     xs, ts, ws = _chunks(x_TD, targets_T, weights_T, c)
 
     def body(dw, xtw):
         x, tg, wt = xtw
         logits = jnp.dot(x, w_DV, preferred_element_type=jnp.float32)          # [C, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        gold = jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0]
-        p = jnp.exp(logits - lse[:, None])
-        dlogits = ((p - jax.nn.one_hot(tg, w_DV.shape[1], dtype=p.dtype)) * wt[:, None]).astype(x.dtype)
+        loss, dlogits = softmax_cross_entropy_rows(logits, tg, wt, x.dtype, **backend_args(kernels))
         dx = jnp.dot(dlogits, w_DV.T, preferred_element_type=jnp.float32).astype(x.dtype)
         dw = dw + jnp.dot(x.T, dlogits, preferred_element_type=jnp.float32)
-        return dw, (jnp.sum(wt * (lse - gold)), dx)
+        return dw, (jnp.sum(loss), dx)
 
     dw0 = jnp.zeros(w_DV.shape, jnp.float32)
     dw, (losses, dx) = jax.lax.scan(body, dw0, (xs, ts, ws))
@@ -76,18 +78,18 @@ def _loss_only(x_TD, w_DV, targets_T, weights_T, c):
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts, ws))[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked(x_TD, w_DV, targets_T, weights_T, c):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(x_TD, w_DV, targets_T, weights_T, c, kernels):
     return _loss_only(x_TD, w_DV, targets_T, weights_T, c) / jnp.sum(weights_T)
 
 
-def _chunked_fwd(x_TD, w_DV, targets_T, weights_T, c):
-    total, dx, dw = _loss_and_grads(x_TD, w_DV, targets_T, weights_T, c)
+def _chunked_fwd(x_TD, w_DV, targets_T, weights_T, c, kernels):
+    total, dx, dw = _loss_and_grads(x_TD, w_DV, targets_T, weights_T, c, kernels)
     den = jnp.sum(weights_T)
     return total / den, (dx, dw.astype(w_DV.dtype), den)
 
 
-def _chunked_bwd(c, res, g):
+def _chunked_bwd(c, kernels, res, g):
     dx, dw, den = res
     scale = g / den
     return (dx * scale.astype(dx.dtype)).astype(dx.dtype), (dw * scale.astype(dw.dtype)), None, None
@@ -97,10 +99,11 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
 def linear_cross_entropy(x_TD, w_DV, targets_T, weights_T=None, *, backend: str = "auto",
-                         chunk: int | None = None) -> jax.Array:
+                         chunk: int | None = None, kernels: str = "auto") -> jax.Array:
     """Mean over T of the cross-entropy of logits x_TD @ w_DV against targets_T (float32 scalar);
     with `weights_T` [T] (not differentiated; e.g. a 0/1 mask) the weighted mean. `chunk`: rows per
-    chunk (must divide T; default from `CHUNK_BYTES`)."""
+    chunk (must divide T; default from `CHUNK_BYTES`). `kernels` (`ModelConfig.fused_kernels`: auto,
+    pallas, reference, interpret): the backend of each chunk's softmax and gradient (ops.softmax_ce)."""
     if backend not in BACKENDS:
         raise ValueError(f"linear_cross_entropy: backend={backend!r} is invalid: one of {list(BACKENDS)}")
     if x_TD.ndim != 2 or w_DV.ndim != 2 or targets_T.shape != x_TD.shape[:1]:
@@ -118,4 +121,4 @@ def linear_cross_entropy(x_TD, w_DV, targets_T, weights_T=None, *, backend: str 
         raise ValueError(f"linear_cross_entropy: chunk={c} must divide T={x_TD.shape[0]}")
     weights_T = (jnp.ones(targets_T.shape, jnp.float32) if weights_T is None
                  else jax.lax.stop_gradient(weights_T.astype(jnp.float32)))
-    return _chunked(x_TD, w_DV, targets_T, weights_T, c)
+    return _chunked(x_TD, w_DV, targets_T, weights_T, c, kernels)

@@ -66,3 +66,71 @@ def test_weighted_matches_reference_and_masked_subset(chunk):
     masked = linear_cross_entropy(x, w, tg, jnp.asarray(keep, jnp.float32), chunk=chunk)
     np.testing.assert_allclose(masked, linear_cross_entropy(x[:30], w, tg[:30], backend="reference"),
                                rtol=2e-6)
+
+
+# ----------------------------------------------------------------------------- the softmax pass's kernel
+from ops import softmax_ce  # noqa: E402
+from ops.softmax_ce import Launch, reference_softmax_cross_entropy_rows, softmax_cross_entropy_rows  # noqa: E402
+from ops.pallas_triton import one_gpu  # noqa: E402
+
+
+@pytest.mark.parametrize("launch,c,v", [
+    (Launch(block=64, programs=8, warps=4), 48, 200),     # 4 column blocks, the last one masked; 6 rows a program
+    (Launch(block=4096, programs=264, warps=4), 12, 96),  # one block wider than the row; a program a row
+])
+def test_softmax_ce_rows_kernel_matches_reference(monkeypatch, launch, c, v):
+    monkeypatch.setattr(softmax_ce, "LAUNCH", launch)
+    ks = jax.random.split(jax.random.key(11), 3)
+    logits = 4.0 * jax.random.normal(ks[0], (c, v))
+    tg = jax.random.randint(ks[1], (c,), 0, v)
+    wt = jax.random.uniform(ks[2], (c,)) * (jnp.arange(c) % 5 != 0)  # zeros and random weights
+    loss, d = softmax_cross_entropy_rows(logits, tg, wt, jnp.bfloat16, backend="pallas", interpret=True)
+    loss_r, d_r = reference_softmax_cross_entropy_rows(logits, tg, wt, jnp.bfloat16)
+    assert loss.dtype == jnp.float32 and d.dtype == jnp.bfloat16 and d.shape == (c, v)
+    np.testing.assert_allclose(loss, loss_r, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d, np.float32), np.asarray(d_r, np.float32), atol=4e-3)
+    assert np.abs(np.asarray(d_r, np.float32)).max() > 0.1  # the gradient is not trivially small
+
+
+def test_linear_cross_entropy_through_the_kernel(monkeypatch):
+    """The chunked loss with its softmax pass in the kernel (interpret mode) against plain autodiff."""
+    monkeypatch.setattr(softmax_ce, "LAUNCH", Launch(block=32, programs=4, warps=4))
+    T, D, V = 64, 16, 72
+    ks = jax.random.split(jax.random.key(12), 4)
+    x = jax.random.normal(ks[0], (T, D))
+    w = 0.3 * jax.random.normal(ks[1], (D, V))
+    tg = jax.random.randint(ks[2], (T,), 0, V)
+    wt = jax.random.uniform(ks[3], (T,)) * (jnp.arange(T) % 3 != 0)
+
+    def f(x, w, backend, kernels):
+        return 3.0 * linear_cross_entropy(x, w, tg, wt, backend=backend, chunk=16, kernels=kernels)
+
+    l1, g1 = jax.value_and_grad(f, argnums=(0, 1))(x, w, "chunked", "interpret")
+    l2, g2 = jax.value_and_grad(f, argnums=(0, 1))(x, w, "reference", "reference")
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(g1, g2):
+        assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
+
+
+def test_softmax_ce_rows_errors():
+    with pytest.raises(ValueError, match="logits"):
+        softmax_cross_entropy_rows(jnp.zeros((4, 5)), jnp.zeros((3,), jnp.int32), jnp.ones((3,)), jnp.float32)
+    with pytest.raises(ValueError, match="backend"):
+        softmax_cross_entropy_rows(jnp.zeros((4, 5)), jnp.zeros((4,), jnp.int32), jnp.ones((4,)), jnp.float32,
+                                   backend="triton")
+
+
+@pytest.mark.gpu
+def test_softmax_ce_rows_kernel_on_gpu():
+    """The kernel at the benchmark models' chunk (2048 rows of V = 32000) against the formula."""
+    if not one_gpu():
+        pytest.skip("needs one NVIDIA GPU")
+    ks = jax.random.split(jax.random.key(13), 3)
+    c, v = 2048, 32000
+    logits = 6.0 * jax.random.normal(ks[0], (c, v))
+    tg = jax.random.randint(ks[1], (c,), 0, v)
+    wt = jax.random.uniform(ks[2], (c,)) + 0.5
+    loss, d = jax.jit(lambda *a: softmax_cross_entropy_rows(*a, jnp.bfloat16, backend="pallas"))(logits, tg, wt)
+    loss_r, d_r = jax.jit(lambda *a: reference_softmax_cross_entropy_rows(*a, jnp.bfloat16))(logits, tg, wt)
+    np.testing.assert_allclose(loss, loss_r, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(d, np.float32), np.asarray(d_r, np.float32), atol=4e-3)
