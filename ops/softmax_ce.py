@@ -27,8 +27,9 @@ from ops.pallas_triton import compiler_params, resolve
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """Columns per block (a power of two), programs in the grid (the largest divisor of the rows at most
-    this; few enough that the rows in flight fit L2), warps per program. bench_ops.py --tune-ce sweeps them."""
+    """Columns per block (a power of two; a block as wide as the row reads it once), programs in the grid
+    (the largest divisor of the rows at most this; few enough that the rows in flight fit L2), warps per
+    program. bench_ops.py --tune-ce sweeps them."""
     block: int = 4096
     programs: int = 264
     warps: int = 8
@@ -56,30 +57,34 @@ def _kernel(l_ref, t_ref, w_ref, d_ref, loss_ref, *, v, block, rows_per):
         r = first + i
         t, wt = t_ref[r], w_ref[r]
 
-        def load(j):
+        def load(j, keep):  # the first read asks L2 to keep the block for the second
             cols = j * block + lanes
-            x = pltriton.load(l_ref.at[r, pl.ds(j * block, block)], mask=cols < v, other=-jnp.inf)
+            x = pltriton.load(l_ref.at[r, pl.ds(j * block, block)], mask=cols < v, other=-jnp.inf,
+                              eviction_policy="evict_last" if keep else "evict_first")
             return cols, x.astype(jnp.float32)
 
-        def stats(j, c):  # running max, sum of exp(x - max), the target's logit
-            m, s, gold = c
-            cols, x = load(j)
+        def stats(cols, x, m, s, gold):  # running max, sum of exp(x - max), the target's logit
             m2 = jnp.maximum(m, jnp.max(x))
             s = s * jnp.exp(m - m2) + jnp.sum(jnp.exp(x - m2))
             return m2, s, gold + jnp.sum(jnp.where(cols == t, x, 0.0))
 
-        zero = jnp.zeros((), jnp.float32)
-        m, s, gold = jax.lax.fori_loop(0, nb, stats, (zero - jnp.inf, zero, zero))
-        lse = m + jnp.log(s)
-        loss_ref[r] = wt * (lse - gold)
-
-        def grads(j, c):
-            cols, x = load(j)
+        def grads(j, cols, x, lse):
             d = (jnp.exp(x - lse) - jnp.where(cols == t, 1.0, 0.0)) * wt
             pltriton.store(d_ref.at[r, pl.ds(j * block, block)], d.astype(d_ref.dtype), mask=cols < v)
-            return c
 
-        jax.lax.fori_loop(0, nb, grads, 0)
+        zero = jnp.zeros((), jnp.float32)
+        if nb == 1:  # the whole row in one block: one read
+            cols, x = load(0, False)
+            m, s, gold = stats(cols, x, zero - jnp.inf, zero, zero)
+        else:
+            m, s, gold = jax.lax.fori_loop(0, nb, lambda j, c: stats(*load(j, True), *c),
+                                           (zero - jnp.inf, zero, zero))
+        lse = m + jnp.log(s)
+        loss_ref[r] = wt * (lse - gold)
+        if nb == 1:
+            grads(0, cols, x, lse)
+        else:
+            jax.lax.fori_loop(0, nb, lambda j, c: (grads(j, *load(j, False), lse), c)[1], 0)
         return carry
 
     jax.lax.fori_loop(0, rows_per, row, 0)
