@@ -199,8 +199,9 @@ PY
     echo "== probe_layer_memory rc=$?"; grep -v "^[WI][0-9]" "$OUT/layer_memory.log" | tail -${LAYERS_LINES:-60} ;;
   plain)
     # the runner logs to TensorBoard through tensorboardX, which the device lacks: its wheel travels in .whl
-    python3 -c "import tensorboardX" 2>/dev/null || { echo "plain: no tensorboardX here; carry .whl and install it" \
-      "first (NOTES_speed.md, stop 27)"; exit 2; }
+    # (`pip` there may belong to another Python: python3 -m pip)
+    python3 -c "import tensorboardX" 2>/dev/null || { echo "plain: no tensorboardX here; carry .whl and run" \
+      "python3 -m pip install --no-deps .whl/*.whl first (NOTES_speed.md, stop 27)"; exit 2; }
     for preset in ${PLAIN_PRESETS:-mixtral_small}; do
       timeout -s KILL ${PLAIN_TIMEOUT:-300} python3 experiments/train.py --config "$preset" --no-progress \
         train.steps=${PLAIN_STEPS:-40} train.out_dir="runs/plain_$preset" --overwrite > "$OUT/plain_$preset.log" 2>&1

@@ -18,7 +18,7 @@ def kernels_note(mc) -> str:
         note += f" | grouped GEMM {gemm}" + (f" ({table_note()})" if gemm == "pallas" else "")
         if act_fc2_fusable(mc.moe.activation, mc.moe.grouped_gemm_backend, mc.fused_kernels, mc.dtype):
             note += ", SwiGLU's backward in fc2's dgrad where the shape fits"
-    note += f" | norm/RoPE/SwiGLU kernels {describe_kernels(mc.fused_kernels)}"
+    note += f" | norm/RoPE/SwiGLU/cross-entropy kernels {describe_kernels(mc.fused_kernels)}"
     if mc.norm_fanout and mc.norm == "rmsnorm":
         note += " (norm fan-out)"
     if mc.moe is not None and mc.fused_kernels in ("pallas", "interpret"):
