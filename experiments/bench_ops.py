@@ -182,9 +182,15 @@ def _kernel_ms(f, args, reps: int) -> float:
 
 
 def tune_ce(shape: dict, reps: int, on_row=print) -> list[dict]:
-    """The softmax pass (ms) per ops.softmax_ce.Launch at one chunk of the LM head's logits."""
+    """The softmax pass (ms) per ops.softmax_ce.Launch at one chunk of the LM head's logits, each launch's
+    outputs checked against the formula's (`max_err`: the largest difference of loss and gradient; a
+    launch over 1e-2 is an `error` row)."""
     c, v = chunk_rows(shape["T"], shape["V"]), shape["V"]
     args, out, default = _softmax_ce_inputs(c, v), [], ce_ops.LAUNCH
+    want = jax.jit(lambda *a: ce_ops.reference_softmax_cross_entropy_rows(*a, BF16))(*args)
+
+    def err(got):
+        return max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - w.astype(jnp.float32)))) for g, w in zip(got, want))
     try:
         whole = 1 << (v - 1).bit_length()  # one block per row: a single read
         for block, warps_ in ((2048, (4, 8)), (4096, (4, 8, 16)), (8192, (8, 16)), (whole, (16, 32))):
@@ -192,12 +198,16 @@ def tune_ce(shape: dict, reps: int, on_row=print) -> list[dict]:
                 for warps in warps_:
                     ce_ops.LAUNCH = ce_ops.Launch(block, programs, warps)
                     f = jax.jit(lambda *a: ce_ops.softmax_cross_entropy_rows(*a, BF16, **_kw("pallas")))
+                    row = {"block": block, "programs": programs, "warps": warps}
                     try:
-                        ms = _kernel_ms(f, args, reps)
+                        row["max_err"] = err(f(*args))
+                        if row["max_err"] > 1e-2:
+                            row["error"] = f"outputs differ from the formula's by {row['max_err']:.3g}"
+                        else:
+                            row["ce_ms"] = _kernel_ms(f, args, reps)
                     except Exception as e:  # noqa: BLE001 (a launch that does not compile: its error is the row)
-                        out.append({"block": block, "programs": programs, "warps": warps, "error": str(e)[:200]})
-                    else:
-                        out.append({"block": block, "programs": programs, "warps": warps, "ce_ms": ms})
+                        row["error"] = str(e)[:200]
+                    out.append(row)
                     on_row(out)
     finally:
         ce_ops.LAUNCH = default
