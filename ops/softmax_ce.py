@@ -11,7 +11,7 @@ twice — an online max/sum of exponentials (and the target's logit), then the g
 second read comes from L2. GPU time for [2048, 32000] (H100, 2026-12-06, `bench_ops.py --only cross`):
 0.18 ms against 0.30 ms for XLA's passes (`--tune-ce`: one row a program in 8192-column blocks, 16 warps,
 ahead of persistent grids of 1-4 programs per SM and of one whole-row block); in the mixtral_small step
-1.54 ms against ~2.45 ms.
+1.54 ms per step against 2.45 ms for XLA's passes in stop 38's H100 profile (experiments/NOTES_speed.md).
 Any width V (the last block is masked), any rows; `backend="auto"` takes the kernel on one NVIDIA GPU
 (ops.pallas_triton.resolve), the plain formula elsewhere.
 """
