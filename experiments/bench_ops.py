@@ -314,23 +314,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     ap.add_argument("--tune-ce", action="store_true", help="sweep ops.softmax_ce.Launch instead")
     args = ap.parse_args(argv)
-    if args.tune_ce:
-        def save_ce(rows_):
-            print(rows_[-1], flush=True)
-            return write_result("tune_ce", args.shape, {"shape": SHAPES[args.shape], "default": dataclasses.asdict(
-                ce_ops.Launch()), "rows": rows_, "best": min(rows_, key=lambda r: r.get("ce_ms", 1e9))}, args.out)
-        rows_ = tune_ce(SHAPES[args.shape], args.reps, save_ce)
-        print(f"best: {min(rows_, key=lambda r: r.get('ce_ms', 1e9))}")
-        return 0
-    if args.tune_norm:
-        def save(rows_):
-            print(rows_[-1], flush=True)
-            best = min(rows_, key=lambda r: r["norm_ms"])
-            return write_result("tune_norm", args.shape, {"shape": SHAPES[args.shape], "default": dataclasses.asdict(
-                norm_ops.Launch()), "rows": rows_, "best": best}, args.out)
-        rows_ = tune_norm(SHAPES[args.shape], args.reps, save)
-        print(f"best: {min(rows_, key=lambda r: r['norm_ms'])}")
-        return 0
+    for flag, kind, module, sweep, key in ((args.tune_ce, "tune_ce", ce_ops, tune_ce, "ce_ms"),
+                                           (args.tune_norm, "tune_norm", norm_ops, tune_norm, "norm_ms")):
+        if flag:  # a sweep: its JSON rewritten after each row (a sweep cut short keeps what it measured)
+            def best(rows_, key=key):
+                return min(rows_, key=lambda r: r.get(key, 1e9))
+
+            def save(rows_, kind=kind, module=module, best=best):
+                print(rows_[-1], flush=True)
+                return write_result(kind, args.shape, {"shape": SHAPES[args.shape], "default": dataclasses.asdict(
+                    module.Launch()), "rows": rows_, "best": best(rows_)}, args.out)
+            print(f"best: {best(sweep(SHAPES[args.shape], args.reps, save))}")
+            return 0
     ceiling = copy_ceiling(args.reps)
     table = rows(SHAPES[args.shape], args.reps, args.only)
     print(f"copy ceiling {ceiling / 1e12:.2f} TB/s on {jax.devices()[0].device_kind}")

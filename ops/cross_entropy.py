@@ -11,7 +11,8 @@ the loss is the end of the graph and its cotangent is a scalar (the backward pas
 The FLOPs are the plain form's (one logits matmul, two gradient matmuls); peak memory is one
 chunk's logits. Backends: "chunked" (that), "reference" (plain, autodiff), "auto" (= "chunked").
 Each chunk's softmax, loss and logit gradient is `ops.softmax_ce.softmax_cross_entropy_rows` (`kernels`:
-its backend, as `ModelConfig.fused_kernels`; one pass over the float32 logits on one NVIDIA GPU).
+its backend, as `ModelConfig.fused_kernels`; on one NVIDIA GPU a kernel that reads each row of the
+float32 logits twice, where XLA's fusions take three passes).
 Under a mesh with the vocabulary split over `tensor`, XLA partitions the chunk matmuls and the
 logsumexp reduction (vocab-parallel) like any other op.
 """

@@ -4,14 +4,15 @@
   loss_c    = w_c · (logsumexp(logits_c) − logits_c[target_c])
   dlogits_c = w_c · (softmax(logits_c) − onehot(target_c))          (in grad_dtype)
 
-This is the inner step of `ops.cross_entropy`'s chunked LM-head loss, which makes each chunk's gradient
-in its forward pass. XLA runs it as three passes over the chunk's float32 logits (the max, the sum of
+This is the inner step of `ops.cross_entropy`'s chunked LM-head loss, which makes each chunk's gradient in
+its forward pass. XLA runs it as three passes over the chunk's float32 logits (the max, the sum of
 exponentials, then the gradient): three reads and one write. The kernel reads each row in column blocks
-twice — an online max/sum of exponentials (and the target's logit), then the gradient — so part of the
-second read comes from L2. GPU time for [2048, 32000] (H100, 2026-12-06, `bench_ops.py --only cross`):
-0.18 ms against 0.30 ms for XLA's passes (`--tune-ce`: one row a program in 8192-column blocks, 16 warps,
-ahead of persistent grids of 1-4 programs per SM and of one whole-row block); in the mixtral_small step
-1.54 ms per step against 2.45 ms for XLA's passes in stop 38's H100 profile (experiments/NOTES_speed.md).
+twice — an online max/sum of exponentials (and the target's logit), then the gradient; the first read asks
+L2 to keep each block for the second (how much it keeps was not measured). GPU time for [2048, 32000] (H100,
+2026-12-06, `bench_ops.py --tune-ce`): 0.18 ms at the default launch (one row a program in 8192-column
+blocks, 16 warps; ahead of persistent grids of 1-4 programs per SM and of one whole-row block) against
+0.30 ms for XLA's passes; in the mixtral_small step 1.54 ms per step against 2.45 ms for XLA's passes in stop 38's
+H100 profile (experiments/NOTES_speed.md).
 Any width V (the last block is masked), any rows; `backend="auto"` takes the kernel on one NVIDIA GPU
 (ops.pallas_triton.resolve), the plain formula elsewhere.
 """
