@@ -8,6 +8,8 @@ profiler trace; the host-timed median where no trace has GPU events): relative e
 values, zeros where they must be (empty groups for wgrad, rows past the groups for fwd). A cross-item-ring wgrad
 config (--ring) only takes a class when it beats the class's best per-item config by more than
 --ring-margin (the per-item kernel is the longer GPU-verified one). --check exits 1 on any FAIL.
+--kinds fwd_t sweeps the forward kernel with a transposed rhs (the dgrad's form) into the table's
+fwd_t entry, which ops.tuning.fwd_config prefers for a transposed rhs of that exact class.
 A class's current entry is always among its candidates, so a short sweep (--configs) keeps a pick it
 did not beat; the log keeps every earlier row that this run did not re-time, each with its date.
 Never runs at import time.
@@ -40,6 +42,10 @@ SHAPES = [  # (E, M, K, N): one per class
     (64, 65536, 2048, 1408),
     (64, 65536, 1408, 2048),
     (16, 32768, 2048, 4096),
+    # mixtral_small's own shapes: fc2 forward / fc2 wgrad (8, 32768, 4096, 2048) and fc1's dgrad
+    # (--kinds fwd_t: the forward kernel with rhs [G, N, K]) (8, 32768, 8192, 2048)
+    (8, 32768, 4096, 2048),
+    (8, 32768, 8192, 2048),
 ]
 FWD = [dict(split=sp, tile_m=tm, tile_n=tn, max_concurrent_steps=s, delay_release=d,
             grid_tile_width=w, pingpong=pp)
@@ -168,11 +174,13 @@ def sweep(kind, e, m, k, n, configs, reps, log, patterns=("dirichlet",)):
     others). Returns [(score seconds, config)]."""
     ks = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(ks[0], (m, k), jnp.float32).astype(jnp.bfloat16)
-    if kind == "fwd":
-        w = (jax.random.normal(ks[1], (e, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
-        ref_fn = jax.jit(lambda x, w, gs: xla_fwd(x, w, gs, False, jnp.bfloat16))
+    if kind in ("fwd", "fwd_t"):
+        tr = kind == "fwd_t"  # the dgrad's form: rhs [G, N, K]
+        w = (jax.random.normal(ks[1], (e, n, k) if tr else (e, k, n), jnp.float32)
+             / np.sqrt(k)).astype(jnp.bfloat16)
+        ref_fn = jax.jit(lambda x, w, gs: xla_fwd(x, w, gs, tr, jnp.bfloat16))
         def make(c):
-            return jax.jit(lambda x, w, gs: P.gmm_fwd(x, w, gs, False, jnp.bfloat16, cfg=c))
+            return jax.jit(lambda x, w, gs: P.gmm_fwd(x, w, gs, tr, jnp.bfloat16, cfg=c))
         base = P.FwdConfig()
     else:
         w = jax.random.normal(ks[2], (m, n), jnp.float32).astype(jnp.bfloat16)  # dy
@@ -191,7 +199,7 @@ def sweep(kind, e, m, k, n, configs, reps, log, patterns=("dirichlet",)):
     results = []
     for c in configs:
         cfg = dataclasses.replace(base, **c)
-        if kind == "fwd" and n % (cfg.tile_n * (2 if cfg.split == "n" and not cfg.pingpong
+        if kind != "wgrad" and n % (cfg.tile_n * (2 if cfg.split == "n" and not cfg.pingpong
                                                 else 1)):
             continue
         fa, fb = ((1, 1) if cfg.pingpong else (2, 1) if getattr(cfg, "split", "b") == "a"
@@ -228,7 +236,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default="ops/tuning/grouped_matmul.json")
-    ap.add_argument("--kinds", default="fwd,wgrad")
+    ap.add_argument("--kinds", default="fwd,wgrad",
+                    help="fwd, wgrad, fwd_t (the forward kernel with a transposed rhs, as in the "
+                    "dgrad; its picks go to the table's fwd_t entry, which ops.tuning prefers there)")
     ap.add_argument("--shapes", default="0,1,2")
     ap.add_argument("--check", default=None, help="correctness checks (comma list or 'all'): "
                     + ",".join(CHECKS))
@@ -248,7 +258,7 @@ def main():
             if any(s in name for s in ("m256", "d1", "pp", "ring")):  # K not a multiple of stages
                 ok &= check(name, m=3000, k=1408, n=1536, e=16)
         sys.exit(0 if ok else 1)
-    configs = {"fwd": FWD, "wgrad": WGRAD + (WGRAD_RING if args.ring else [])}
+    configs = {"fwd": FWD, "fwd_t": FWD, "wgrad": WGRAD + (WGRAD_RING if args.ring else [])}
     if args.configs:
         configs.update(json.loads(args.configs))
     path = pathlib.Path(args.out)
@@ -262,7 +272,10 @@ def main():
     for e, m, k, n in shapes:
         for kind in kinds:
             cls = tuning.shape_class(m, k, n, e)
-            cands = with_current(configs[kind], entry.get(kind, {}).get(cls))
+            # fwd_t: what the dgrad runs now (the class's fwd entry) is among its candidates
+            current = entry.get(kind, {}).get(cls) or (
+                entry.get("fwd", {}).get(cls) if kind == "fwd_t" else None)
+            cands = with_current(configs[kind], current)
             rows = []
             results = sweep(kind, e, m, k, n, cands, args.reps, rows, args.patterns.split(","))
             for r in rows:

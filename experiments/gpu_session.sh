@@ -19,7 +19,9 @@
 #   autotune — the grouped-GEMM table for this GPU (own_key: "H200" on the H200): the forward sweep over
 #            every shape class, then the wgrad sweep with the cross-item ring; the table lands in $OUT
 #            after each sweep (a run cut short keeps what it measured); AUTOTUNE_KINDS (fwd wgrad),
-#            AUTOTUNE_SHAPES (1,2,3,0: autotune's SHAPES), AUTOTUNE_CONFIGS (JSON {"fwd": [...]}: the candidates)
+#            AUTOTUNE_SHAPES (1,2,3,0: autotune's SHAPES; 4,5 are mixtral_small's fc2 and fc1-dgrad shapes),
+#            AUTOTUNE_CONFIGS (JSON {"fwd": [...]}: the candidates); AUTOTUNE_KINDS may add fwd_t (the dgrad's form);
+#            AUTOTUNE_SHAPES_<kind> sets one kind's shapes (e.g. AUTOTUNE_SHAPES_fwd_t=5)
 #   dsv3   — the MLA GPU tests (cuDNN vs XLA), then profile_model.py (step time, MFU, peak memory, GPU
 #            time by category) of DSV3_PRESETS (deepseek_v3_small) with DSV3_PARAMS (bf16) parameters;
 #            DSV3_EXTRA adds overrides; then the PyTorch reference (MLA + MTP) in the same call (DSV3_TORCH=0 skips)
@@ -245,17 +247,14 @@ PY
       echo "== tune rc=$?"; grep "^best" "$OUT/tune_norm.log"
     fi ;;
   autotune)
-    if [[ " ${AUTOTUNE_KINDS:-fwd wgrad} " == *" fwd "* ]]; then
-      timeout -s KILL ${AUTOTUNE_FWD_S:-330} python3 experiments/autotune_grouped_matmul.py --kinds fwd \
-        --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} ${AUTOTUNE_CONFIGS:+--configs "$AUTOTUNE_CONFIGS"} \
-        > "$OUT/autotune_fwd.log" 2>&1; echo "fwd rc=$?"
-      grep "^PICK" "$OUT/autotune_fwd.log"
-    fi
-    if [[ " ${AUTOTUNE_KINDS:-fwd wgrad} " == *" wgrad "* ]]; then
-      timeout -s KILL ${AUTOTUNE_WGRAD_S:-220} python3 experiments/autotune_grouped_matmul.py --kinds wgrad --ring \
-        --shapes ${AUTOTUNE_SHAPES:-1,2,3,0} > "$OUT/autotune_wgrad.log" 2>&1; echo "wgrad rc=$?"
-      grep "^PICK" "$OUT/autotune_wgrad.log"
-    fi
+    for kind in ${AUTOTUNE_KINDS:-fwd wgrad}; do  # fwd_t: the forward kernel with a transposed rhs (dgrad)
+      ring=$([ "$kind" = wgrad ] && echo --ring)
+      limit=$([ "$kind" = wgrad ] && echo ${AUTOTUNE_WGRAD_S:-220} || echo ${AUTOTUNE_FWD_S:-330})
+      timeout -s KILL $limit python3 experiments/autotune_grouped_matmul.py --kinds $kind $ring \
+        --shapes $(v=AUTOTUNE_SHAPES_$kind; echo ${!v:-${AUTOTUNE_SHAPES:-1,2,3,0}}) ${AUTOTUNE_CONFIGS:+--configs "$AUTOTUNE_CONFIGS"} \
+        > "$OUT/autotune_$kind.log" 2>&1; echo "$kind rc=$?"
+      grep "^PICK" "$OUT/autotune_$kind.log"
+    done
     cp ops/tuning/grouped_matmul.json "$OUT/" ;;
   dsv3)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_mla.py --durations=4 \

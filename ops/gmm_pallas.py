@@ -62,7 +62,7 @@ def gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, *, interpret=False,
     from ops.tuning import fwd_config
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     cfg = cfg or (INTERPRET_FWD if interpret else fwd_config(lhs.shape[0], lhs.shape[1], n,
-                                                             rhs.shape[0]))
+                                                             rhs.shape[0], transpose_rhs))
     lhs_p = _pad_to(lhs, 1, cfg.tile_k)
     rhs_p = _pad_to(_pad_to(rhs, 2 if transpose_rhs else 1, cfg.tile_k),
                     1 if transpose_rhs else 2,

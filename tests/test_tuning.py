@@ -35,3 +35,20 @@ def test_every_tuned_entry_covers_the_shape_classes():
     for key in ("H100", "H200"):
         for kernel in ("fwd", "wgrad"):
             assert classes <= set(table[key][kernel]), (key, kernel)
+
+
+def test_transposed_rhs_prefers_its_own_entry_for_exactly_its_class(monkeypatch):
+    """fwd_config(transpose_rhs=True) takes the table's fwd_t entry of the exact class, else the fwd
+    lookup (never a fwd_t entry of a neighbouring K bucket)."""
+    fwd = {"g<=16,n>=2048,k<4096": {"tile_m": 128, "tile_n": 128, "max_concurrent_steps": 6},
+           "g<=16,n>=2048,k>=4096": {"tile_m": 128, "tile_n": 128, "max_concurrent_steps": 4}}
+    fwd_t = {"g<=16,n>=2048,k>=4096": {"tile_m": 128, "tile_n": 128, "max_concurrent_steps": 5,
+                                        "pingpong": True}}
+    monkeypatch.setattr(tuning, "_table", lambda name: {"H200": {"fwd": fwd, "fwd_t": fwd_t}})
+    monkeypatch.setattr(tuning, "device_key", lambda device=None: "H200")
+    long_k = (32768, 8192, 2048, 8)   # fc1's dgrad at mixtral_small: k>=4096
+    short_k = (32768, 2048, 2048, 8)
+    assert tuning.fwd_config(*long_k, transpose_rhs=True).max_concurrent_steps == 5
+    assert tuning.fwd_config(*long_k, transpose_rhs=True).pingpong
+    assert tuning.fwd_config(*long_k).max_concurrent_steps == 4          # the forward keeps its own
+    assert tuning.fwd_config(*short_k, transpose_rhs=True).max_concurrent_steps == 6  # fwd's exact class

@@ -64,17 +64,23 @@ def shape_class(m, k, n, g) -> str:
 
 def _lookup(kernel, m, k, n, g):
     """The class's entry; else one that differs only in the K bucket; else the default."""
-    table = _table("grouped_matmul")
-    dev = table.get(device_key(), table.get("default", {}))
-    entry = dev.get(kernel, {})
+    entry = _entries(kernel)
     cls = shape_class(m, k, n, g)
     near = [v for key, v in sorted(entry.items()) if key.rsplit(",", 1)[0] == cls.rsplit(",", 1)[0]]
     return entry.get(cls, near[0] if near else entry.get("default", {}))
 
 
-def fwd_config(m, k, n, g):
+def _entries(kernel):
+    table = _table("grouped_matmul")
+    return table.get(device_key(), table.get("default", {})).get(kernel, {})
+
+
+def fwd_config(m, k, n, g, transpose_rhs=False):
+    """The forward kernel's config; with transpose_rhs (the dgrad's form, rhs [G, N, K]) the
+    table's "fwd_t" entry for exactly this class where it has one, else the "fwd" lookup."""
     from ops.gmm_pallas import FwdConfig
-    cfg = FwdConfig(**_lookup("fwd", m, k, n, g))
+    own_t = _entries("fwd_t").get(shape_class(m, k, n, g)) if transpose_rhs else None
+    cfg = FwdConfig(**(own_t or _lookup("fwd", m, k, n, g)))
     return _fit(cfg, n, "tile_n", 2 if cfg.split == "n" and not cfg.pingpong else 1)
 
 
