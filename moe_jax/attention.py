@@ -16,7 +16,7 @@ from moe_jax.config import ModelConfig
 from moe_jax.layers import Norm, fan_in, param
 from moe_jax.rope import apply_rope, rope_tables  # noqa: F401  (re-exported; they live in moe_jax.rope)
 from ops.pallas_triton import backend_args
-from ops.rope_kernel import rope
+from ops.rope_kernel import rope, rope_qkv, takes_qkv
 
 CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -73,9 +73,20 @@ class Attention(nnx.Module):
 
     def qkv(self, x_BSD: jax.Array, cos_SH: jax.Array, sin_SH: jax.Array):
         """q [B,S,N,H], k and v [B,S,K,H] in the compute dtype, RoPE applied to q and k (the
-        positions are those of `cos_SH`/`sin_SH`; a KV-cache decode passes its slice of them)."""
-        xq, xk, xv = fan_in(x_BSD, self.fanout, lambda x: x.astype(self.dtype))
+        positions are those of `cos_SH`/`sin_SH`; a KV-cache decode passes its slice of them).
+        Where the RoPE kernels run and the projections have no biases or norms, one merged projection
+        [B,S,N+2K,H] feeds `ops.rope_kernel.rope_qkv` (no slice of q, k, v out of a merged GEMM, no
+        concatenate of their gradients); else three projections and `rope` on q and k."""
         kernels = backend_args(self.kernels)
+        n, kv, h = self.wq_DNH.shape[1], self.wk_DKH.shape[1], self.wq_DNH.shape[2]
+        merged_shape = (*x_BSD.shape[:2], n + 2 * kv, h) if not isinstance(x_BSD, tuple) else None
+        if (merged_shape and self.bq_NH is None and self.q_norm is None
+                and takes_qkv(merged_shape, cos_SH.shape, kv, x=x_BSD, **kernels)):
+            w = jnp.concatenate([w[...].astype(self.dtype) for w in (self.wq_DNH, self.wk_DKH, self.wv_DKH)],
+                                axis=1)
+            y = jnp.einsum("bsd,dch->bsch", x_BSD.astype(self.dtype), w)
+            return rope_qkv(y, cos_SH, sin_SH, num_kv=kv, **kernels)
+        xq, xk, xv = fan_in(x_BSD, self.fanout, lambda x: x.astype(self.dtype))
         q = rope(self._proj(xq, self.wq_DNH, self.bq_NH, self.q_norm), cos_SH, sin_SH, **kernels)
         k = rope(self._proj(xk, self.wk_DKH, self.bk_KH, self.k_norm), cos_SH, sin_SH, **kernels)
         return q, k, self._proj(xv, self.wv_DKH, self.bv_KH, None)

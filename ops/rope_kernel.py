@@ -14,6 +14,13 @@ tables by ref slicing. One kernel serves both directions (the backward is the fo
 swapped and negated). Shapes with N and H/2 powers of two, H <= 256 and N·H <= 16384 take the kernel
 (`backend="auto"` on an NVIDIA GPU); others, and CPU, take the reference (`moe_jax.rope.apply_rope`'s
 formula with plain autodiff, which XLA fuses).
+
+  rope_qkv(y[B,S,N+2K,H], cos, sin, num_kv=K) -> (q[B,S,N,H], k[B,S,K,H], v[B,S,K,H]): the q, k and v
+  heads of one merged projection, RoPE applied to q and k, in one pass over y. Its backward writes the
+  merged gradient [B,S,N+2K,H] in one pass (dq, dk rotated back, dv copied). With separate projections
+  XLA merges the three GEMMs itself and then slices q, k, v out of the product (a copy) and
+  concatenates dq, dk, dv for the backward's GEMM (another); here neither copy is made. Each program
+  takes a [BS, K, H] chunk of heads: chunks 0..N/K-1 are q's, then k's, then v's.
 """
 from __future__ import annotations
 
@@ -111,3 +118,142 @@ def rope(x_BSNH, cos_SH, sin_SH, *, backend: str = "auto", interpret: bool = Fal
     if resolve("rope", backend, ok, why, interpret, x_BSNH) == "reference":
         return reference_rope(x_BSNH, cos_SH, sin_SH)
     return _rope(x_BSNH, cos_SH, sin_SH, bool(interpret))
+
+
+# ----------------------------------------------------------------------------- q, k, v of one projection
+def reference_rope_qkv(y_BSCH, cos_SH, sin_SH, num_kv):
+    """(q, k, v) of the merged heads y [B, S, N + 2K, H]: slices, RoPE on q and k (plain JAX)."""
+    n = y_BSCH.shape[2] - 2 * num_kv
+    q, k, v = y_BSCH[:, :, :n], y_BSCH[:, :, n:n + num_kv], y_BSCH[:, :, n + num_kv:]
+    return reference_rope(q, cos_SH, sin_SH), reference_rope(k, cos_SH, sin_SH), v
+
+
+def _qkv_fwd_kernel(y_ref, c_ref, s_ref, q_ref, k_ref, v_ref, *, nq):
+    j = pl.program_id(1)  # the chunk of K heads: q's (j < nq), k's (j == nq), v's (j == nq + 1)
+
+    @pl.when(j < nq)
+    def _():
+        _kernel(y_ref, c_ref, s_ref, q_ref, bwd=False)
+
+    @pl.when(j == nq)
+    def _():
+        _kernel(y_ref, c_ref, s_ref, k_ref, bwd=False)
+
+    @pl.when(j == nq + 1)
+    def _():
+        v_ref[...] = y_ref[...]
+
+
+def _qkv_bwd_kernel(dq_ref, dk_ref, dv_ref, c_ref, s_ref, dy_ref, *, nq):
+    j = pl.program_id(1)
+
+    @pl.when(j < nq)
+    def _():
+        _kernel(dq_ref, c_ref, s_ref, dy_ref, bwd=True)
+
+    @pl.when(j == nq)
+    def _():
+        _kernel(dk_ref, c_ref, s_ref, dy_ref, bwd=True)
+
+    @pl.when(j == nq + 1)
+    def _():
+        dy_ref[...] = dv_ref[...]
+
+
+def _qkv_specs(b, s, num_kv, hd, nq):
+    """grid and block specs over [B·S, ., H] in chunks of K heads: (grid, the merged array's chunk j,
+    q's chunk (j clamped into q's nq chunks), k's or v's whole heads, the tables)."""
+    bs = rows_per_block(s, num_kv * hd)
+    per_seq = s // bs
+    chunk = (bs, num_kv, hd)
+    return ((b * per_seq, nq + 2), pl.BlockSpec(chunk, lambda i, j: (i, j, 0)),
+            pl.BlockSpec(chunk, lambda i, j: (i, jnp.minimum(j, nq - 1), 0)),
+            pl.BlockSpec(chunk, lambda i, j: (i, 0, 0)),
+            pl.BlockSpec((bs, hd), lambda i, j: (i % per_seq, 0)))
+
+
+def _qkv_call(y, cos, sin, num_kv, interpret):
+    b, s, c, hd = y.shape
+    n = c - 2 * num_kv
+    grid, merged, q_spec, kv_spec, t_spec = _qkv_specs(b, s, num_kv, hd, n // num_kv)
+    q, k, v = pl.pallas_call(
+        functools.partial(_qkv_fwd_kernel, nq=n // num_kv), grid=grid,
+        in_specs=[merged, t_spec, t_spec], out_specs=[q_spec, kv_spec, kv_spec],
+        out_shape=[jax.ShapeDtypeStruct((b * s, n, hd), y.dtype),
+                   jax.ShapeDtypeStruct((b * s, num_kv, hd), y.dtype),
+                   jax.ShapeDtypeStruct((b * s, num_kv, hd), y.dtype)],
+        compiler_params=compiler_params(num_warps=4, interpret=interpret),
+        interpret=interpret, name="rope_qkv_fwd",
+    )(y.reshape(b * s, c, hd), cos.astype(jnp.float32), sin.astype(jnp.float32))
+    return q.reshape(b, s, n, hd), k.reshape(b, s, num_kv, hd), v.reshape(b, s, num_kv, hd)
+
+
+def _qkv_bwd_call(dq, dk, dv, cos, sin, interpret):
+    b, s, n, hd = dq.shape
+    num_kv = dk.shape[2]
+    grid, merged, q_spec, kv_spec, t_spec = _qkv_specs(b, s, num_kv, hd, n // num_kv)
+    dy = pl.pallas_call(
+        functools.partial(_qkv_bwd_kernel, nq=n // num_kv), grid=grid,
+        in_specs=[q_spec, kv_spec, kv_spec, t_spec, t_spec], out_specs=merged,
+        out_shape=jax.ShapeDtypeStruct((b * s, n + 2 * num_kv, hd), dq.dtype),
+        compiler_params=compiler_params(num_warps=4, interpret=interpret),
+        interpret=interpret, name="rope_qkv_bwd",
+    )(dq.reshape(b * s, n, hd), dk.reshape(b * s, num_kv, hd), dv.reshape(b * s, num_kv, hd),
+      cos.astype(jnp.float32), sin.astype(jnp.float32))
+    return dy.reshape(b, s, n + 2 * num_kv, hd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _rope_qkv(y, cos, sin, num_kv, interpret):
+    return _qkv_call(y, cos, sin, num_kv, interpret)
+
+
+def _rope_qkv_fwd(y, cos, sin, num_kv, interpret):
+    return _qkv_call(y, cos, sin, num_kv, interpret), (cos, sin)
+
+
+def _rope_qkv_bwd(num_kv, interpret, res, g):
+    cos, sin = res
+    dq, dk, dv = g
+    return _qkv_bwd_call(dq, dk, dv, cos, sin, interpret), jnp.zeros_like(cos), jnp.zeros_like(sin)
+
+
+_rope_qkv.defvjp(_rope_qkv_fwd, _rope_qkv_bwd)
+
+
+def qkv_kernel_takes(y_shape, table_shape, num_kv) -> tuple[bool, str]:
+    """Whether the merged kernel takes y [B, S, N + 2K, H] (K = num_kv), and why not."""
+    _, s, c, hd = y_shape
+    n = c - 2 * num_kv
+    if tuple(table_shape) != (s, hd):
+        return False, f"tables {tuple(table_shape)} are not [S, H] = {(s, hd)}"
+    if hd % 2 or not is_pow2(hd // 2) or hd > MAX_HEAD:
+        return False, f"head dim {hd} is not 2·(a power of two) <= {MAX_HEAD}"
+    if not is_pow2(num_kv) or num_kv * hd > MAX_ROW:
+        return False, f"{num_kv} KV heads (needs a power of two with K·H <= {MAX_ROW})"
+    if n <= 0 or n % num_kv:
+        return False, f"{n} query heads (needs a positive multiple of the {num_kv} KV heads)"
+    return True, ""
+
+
+def takes_qkv(y_shape, table_shape, num_kv, *, backend: str = "auto", interpret: bool = False, x=None) -> bool:
+    """Whether `rope_qkv` with these arguments runs the kernel (not the reference); never raises."""
+    ok, why = qkv_kernel_takes(y_shape, table_shape, num_kv)
+    return ok and resolve("rope_qkv", backend, ok, why, interpret, x) == "pallas"
+
+
+def rope_qkv(y_BSCH, cos_SH, sin_SH, *, num_kv: int, backend: str = "auto", interpret: bool = False):
+    """(q [B,S,N,H], k [B,S,K,H], v [B,S,K,H]) from the merged projection y [B, S, N + 2K, H]
+    (K = num_kv; its heads in the order q, k, v), RoPE (rotate-half, float32 math) on q and k.
+    Backends as `rope`; the kernel's backward writes the merged gradient in one pass."""
+    if y_BSCH.ndim != 4 or y_BSCH.shape[-1] % 2 or y_BSCH.shape[2] <= 2 * num_kv or num_kv < 1:
+        raise ValueError(f"rope_qkv: y {y_BSCH.shape} must be [B, S, N + 2K, H] with N >= 1 query heads, "
+                         f"K = num_kv = {num_kv} >= 1 and an even head dim H")
+    want = (y_BSCH.shape[1], y_BSCH.shape[3])
+    if cos_SH.shape != want or sin_SH.shape != want:
+        raise ValueError(f"rope_qkv: cos {cos_SH.shape} and sin {sin_SH.shape} must be [S, H] = {want} "
+                         f"for y {y_BSCH.shape}")
+    ok, why = qkv_kernel_takes(y_BSCH.shape, cos_SH.shape, num_kv)
+    if resolve("rope_qkv", backend, ok, why, interpret, y_BSCH) == "reference":
+        return reference_rope_qkv(y_BSCH, cos_SH, sin_SH, num_kv)
+    return _rope_qkv(y_BSCH, cos_SH, sin_SH, int(num_kv), bool(interpret))
