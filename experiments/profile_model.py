@@ -68,7 +68,7 @@ CATEGORIES = (
     ("dense GEMM", lambda k, o, h, s: _has(k, "gemm", "xmma", "cutlass", "nvjet", "sm90_", "gemv", "splitk")
      or _has(h, "gemm", "cublas") or o.endswith("dot_general")),
     ("reductions", lambda k, o, h, s: _has(k, "rms_norm_")),  # ops.rms_norm's Pallas kernels
-    ("elementwise/fusion", lambda k, o, h, s: _has(k, "rope_fwd", "rope_bwd", "swiglu_bwd")),  # and these
+    ("elementwise/fusion", lambda k, o, h, s: _has(k, "rope_", "swiglu_bwd")),  # and these (rope_qkv_*)
     ("gather/scatter", lambda k, o, h, s: _has(k + " " + h, "gather", "scatter")),
     ("reductions", lambda k, o, h, s: _has(k + " " + h, "reduce", "reduction")),
     ("copies/transposes", lambda k, o, h, s: _has(k + " " + h, "copy", "transpose", "memcpy", "memset",

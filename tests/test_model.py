@@ -202,12 +202,13 @@ def test_layer_views_and_stacking_round_trip(scan):
 
 
 @pytest.mark.parametrize("qk_norm,remat,fanout,shared", [(False, "none", False, None), (True, "selective", False, None),
-                                                        (False, "selective", True, 32)])
+                                                        (False, "selective", True, 32), (False, "full", False, None)])
 def test_fused_kernels_same_loss_and_grads(qk_norm, remat, fanout, shared):
     """The Pallas RMSNorm, RoPE and SwiGLU-backward kernels (interpret mode) in the whole model: same
     loss and gradients as the plain-JAX path (dense and MoE layers, with and without q/k norms, with
-    the kernels' forward recomputed under selective remat, and with the norms' fan-out: q/k/v and
-    router/dispatch/shared experts each given their own copy, the gradients summed in the kernel)."""
+    the kernels' forward recomputed under selective and full remat, and with the norms' fan-out: q/k/v and
+    router/dispatch/shared experts each given their own copy, the gradients summed in the kernel). Without
+    q/k norms or fan-out the attention runs its merged q/k/v projection through `rope_qkv`."""
     moe = dataclasses.replace(small_cfg().moe, layer_freq=(0, 1), shared_expert_intermediate_size=shared)
     cfg = small_cfg(ffn_hidden_size=64, qk_norm=qk_norm, dtype="float32", remat=remat, num_layers=2, moe=moe)
     graphdef, params, rest = nnx.split(GPT(cfg, rngs=nnx.Rngs(1)), nnx.Param, ...)

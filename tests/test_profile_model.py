@@ -54,6 +54,7 @@ def test_profile_model_runs_the_per_layer_programs(tmp_path):
      "attention"),
     ("loop_multiply_fusion", "jit(step)/while/body/closed_call/transpose(jvp(dot_product_attention))/mul",
      "attention"),
+    ("rope_qkv_bwd", "", "elementwise/fusion"),
     ("loop_gather_fusion", "", "gather/scatter"),
     ("input_scatter_fusion", "", "gather/scatter"),
     ("loop_multiply_fusion", "", "elementwise/fusion"),
