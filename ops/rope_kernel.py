@@ -128,36 +128,25 @@ def reference_rope_qkv(y_BSCH, cos_SH, sin_SH, num_kv):
     return reference_rope(q, cos_SH, sin_SH), reference_rope(k, cos_SH, sin_SH), v
 
 
+def _by_chunk(nq, q, k, v, c_ref, s_ref, bwd):
+    """Program (i, j) of the chunk grid: rotates q's chunk j (j < nq) or k's (j == nq), copies v's
+    (j == nq + 1); q, k and v are (source, destination) ref pairs."""
+    j = pl.program_id(1)
+    for when, (src, dst), rotate in ((j < nq, q, True), (j == nq, k, True), (j == nq + 1, v, False)):
+        @pl.when(when)
+        def _(src=src, dst=dst, rotate=rotate):
+            if rotate:
+                _kernel(src, c_ref, s_ref, dst, bwd=bwd)
+            else:
+                dst[...] = src[...]
+
+
 def _qkv_fwd_kernel(y_ref, c_ref, s_ref, q_ref, k_ref, v_ref, *, nq):
-    j = pl.program_id(1)  # the chunk of K heads: q's (j < nq), k's (j == nq), v's (j == nq + 1)
-
-    @pl.when(j < nq)
-    def _():
-        _kernel(y_ref, c_ref, s_ref, q_ref, bwd=False)
-
-    @pl.when(j == nq)
-    def _():
-        _kernel(y_ref, c_ref, s_ref, k_ref, bwd=False)
-
-    @pl.when(j == nq + 1)
-    def _():
-        v_ref[...] = y_ref[...]
+    _by_chunk(nq, (y_ref, q_ref), (y_ref, k_ref), (y_ref, v_ref), c_ref, s_ref, bwd=False)
 
 
 def _qkv_bwd_kernel(dq_ref, dk_ref, dv_ref, c_ref, s_ref, dy_ref, *, nq):
-    j = pl.program_id(1)
-
-    @pl.when(j < nq)
-    def _():
-        _kernel(dq_ref, c_ref, s_ref, dy_ref, bwd=True)
-
-    @pl.when(j == nq)
-    def _():
-        _kernel(dk_ref, c_ref, s_ref, dy_ref, bwd=True)
-
-    @pl.when(j == nq + 1)
-    def _():
-        dy_ref[...] = dv_ref[...]
+    _by_chunk(nq, (dq_ref, dy_ref), (dk_ref, dy_ref), (dv_ref, dy_ref), c_ref, s_ref, bwd=True)
 
 
 def _qkv_specs(b, s, num_kv, hd, nq):
