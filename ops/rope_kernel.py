@@ -90,13 +90,20 @@ def _rope_bwd(interpret, res, dy):
 _rope.defvjp(_rope_fwd, _rope_bwd)
 
 
+def _bad_head_dim(hd) -> str:
+    """Why the kernels cannot take head dim hd ("" when they can)."""
+    if hd % 2 or not is_pow2(hd // 2) or hd > MAX_HEAD:
+        return f"head dim {hd} is not 2·(a power of two) <= {MAX_HEAD}"
+    return ""
+
+
 def kernel_takes(x_shape, table_shape) -> tuple[bool, str]:
     """Whether the kernel takes x [B, S, N, H] with tables of `table_shape`, and why not."""
     _, s, n, hd = x_shape
     if tuple(table_shape) != (s, hd):
         return False, f"tables {tuple(table_shape)} are not [S, H] = {(s, hd)}"
-    if hd % 2 or not is_pow2(hd // 2) or hd > MAX_HEAD:
-        return False, f"head dim {hd} is not 2·(a power of two) <= {MAX_HEAD}"
+    if why := _bad_head_dim(hd):
+        return False, why
     if not is_pow2(n):
         return False, f"{n} heads (needs a power of two)"
     if n * hd > MAX_ROW:
@@ -216,8 +223,8 @@ def qkv_kernel_takes(y_shape, table_shape, num_kv) -> tuple[bool, str]:
     n = c - 2 * num_kv
     if tuple(table_shape) != (s, hd):
         return False, f"tables {tuple(table_shape)} are not [S, H] = {(s, hd)}"
-    if hd % 2 or not is_pow2(hd // 2) or hd > MAX_HEAD:
-        return False, f"head dim {hd} is not 2·(a power of two) <= {MAX_HEAD}"
+    if why := _bad_head_dim(hd):
+        return False, why
     if not is_pow2(num_kv) or num_kv * hd > MAX_ROW:
         return False, f"{num_kv} KV heads (needs a power of two with K·H <= {MAX_ROW})"
     if n <= 0 or n % num_kv:
