@@ -128,9 +128,9 @@ def rows(shape: dict, reps: int, only: str = ""):
             t = median_seconds(run, *args, iters=reps)
             row[f"{key_}_ms"] = 1e3 * t
         out.append(row)
-    if not only and jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow
-        out += fused_fc1_rows(shape, reps)                 # for the CPU smoke test
-        out += fused_fc2_rows(shape, reps)
+    if jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow for the CPU smoke test
+        out += fused_fc1_rows(shape, reps) if only in ("", "fc1") else []  # (--only fc1 / fc2: these rows alone)
+        out += fused_fc2_rows(shape, reps) if only in ("", "fc2") else []
     # cross-entropy of the LM head: time and the peak memory of the step's temporaries
     ce = {"op": f"lm head + cross-entropy [T,D]x[D,V] fwd+bwd (V={V})"}
     if only not in ce["op"]:
@@ -265,13 +265,16 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     t = median_seconds(unfused, dy, w2, gu, iters=reps)
     part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     default = dswiglu_ops.config_for(E)
-    variants = {"default": (default, True),
-                "noprefetch": (default, False),
-                "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True),
-                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True)}
+    variants = {"default": (default, True, False),
+                "noprefetch": (default, False, False),
+                "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True, False),
+                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True, False),
+                "staged": (dswiglu_ops.DSWIGLU_BWD_STAGED, True, True)}  # every chunk prefetched
+    stage_all = dswiglu_ops.STAGE_ALL
     try:
-        for name, (cfg, prefetch) in variants.items():
-            dswiglu_ops.PREFETCH = prefetch  # read when the kernel is traced (a new jit per variant)
+        for name, (cfg, prefetch, staged) in variants.items():
+            # read when the kernel is traced (a new jit per variant)
+            dswiglu_ops.PREFETCH, dswiglu_ops.STAGE_ALL = prefetch, staged
             fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
             key_ = "ours" if name == "default" else f"ours_{name}"
             try:
@@ -281,7 +284,7 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 continue
             part[f"{key_}_ms"], part[f"{key_}_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     finally:
-        dswiglu_ops.PREFETCH = True
+        dswiglu_ops.PREFETCH, dswiglu_ops.STAGE_ALL = True, stage_all
     return [row, part]
 
 
