@@ -269,7 +269,10 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 "noprefetch": (default, False, False),
                 "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True, False),
                 "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True, False),
-                "staged": (dswiglu_ops.DSWIGLU_BWD_STAGED, True, True)}  # every chunk prefetched
+                # every chunk prefetched: 3 ring slots of 64-deep k-steps, or 5 of 32 (the SMEM's other fit)
+                "staged": (dswiglu_ops.DSWIGLU_BWD_STAGED, True, True),
+                "staged_k32": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_STAGED, tile_k=32, max_concurrent_steps=5),
+                               True, True)}
     stage_all = dswiglu_ops.STAGE_ALL
     try:
         for name, (cfg, prefetch, staged) in variants.items():
