@@ -265,19 +265,13 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     t = median_seconds(unfused, dy, w2, gu, iters=reps)
     part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     default = dswiglu_ops.config_for(E)
-    variants = {"default": (default, True, False),
-                "noprefetch": (default, False, False),
-                "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True, False),
-                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True, False),
-                # every chunk prefetched: 3 ring slots of 64-deep k-steps, or 5 of 32 (the SMEM's other fit)
-                "staged": (dswiglu_ops.DSWIGLU_BWD_STAGED, True, True),
-                "staged_k32": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_STAGED, tile_k=32, max_concurrent_steps=5),
-                               True, True)}
-    stage_all = dswiglu_ops.STAGE_ALL
+    variants = {"default": (default, True),
+                "noprefetch": (default, False),
+                "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True),
+                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True)}
     try:
-        for name, (cfg, prefetch, staged) in variants.items():
-            # read when the kernel is traced (a new jit per variant)
-            dswiglu_ops.PREFETCH, dswiglu_ops.STAGE_ALL = prefetch, staged
+        for name, (cfg, prefetch) in variants.items():
+            dswiglu_ops.PREFETCH = prefetch  # read when the kernel is traced (a new jit per variant)
             fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
             key_ = "ours" if name == "default" else f"ours_{name}"
             try:
@@ -287,7 +281,7 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 continue
             part[f"{key_}_ms"], part[f"{key_}_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     finally:
-        dswiglu_ops.PREFETCH, dswiglu_ops.STAGE_ALL = True, stage_all
+        dswiglu_ops.PREFETCH = True
     return [row, part]
 
 
@@ -316,7 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--only", default="", help="just the ops whose name contains this (e.g. permute)")
+    ap.add_argument("--only", default="",
+                    help="just the ops whose name contains this (e.g. permute; fc1 or fc2: the fused "
+                         "grouped-GEMM rows alone)")
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     ap.add_argument("--tune-ce", action="store_true", help="sweep ops.softmax_ce.Launch instead")
     args = ap.parse_args(argv)

@@ -15,9 +15,7 @@ chunk's loads start before the item's main loop, PREFETCH), computes
 both gradients in fp32 from the accumulator, a block of rows at a time (ROW_SPLIT), and writes them
 back over the staging buffer, then
 TMA-stores the segment's rows of them (the ladder of ops/gmm_pallas_fwd.py). The tail past
-sum(group_sizes) is written as zeros without reading gu. With STAGE_ALL every chunk has its own staging
-buffer and all of them load before the main loop (no load waits inside the epilogue, one ring stage
-fewer for the SMEM).
+sum(group_sizes) is written as zeros without reading gu.
 """
 from __future__ import annotations
 
@@ -52,19 +50,12 @@ PREFETCH = True
 # pattern (column slices conflict on banks). H200, mixtral shape: spill requests 1.37 M -> 0.31 M, 1.290
 # -> 1.159 ms per call (deepseek's 1.307 -> 1.310); in the step ~1 % less kernel time (ops/NOTES_fused_ops.md).
 ROW_SPLIT = 2
-# Every column chunk's gate and up in its own staging buffer (2 WGs x 2 chunks x gate/up x 128 x 64 bf16 =
-# 128 KiB), all loaded by the prologue under the item's main loop: the epilogue never waits on a load
-# issued after its previous chunk's stores. The SMEM leaves room for 3 ring slots (DSWIGLU_BWD_STAGED).
-STAGE_ALL = False
-DSWIGLU_BWD_STAGED = dataclasses.replace(DSWIGLU_BWD, max_concurrent_steps=3)
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
 
 
 def config_for(num_groups: int) -> FwdConfig:
-    """The GPU config for w2 of num_groups experts (see DSWIGLU_BWD; DSWIGLU_BWD_STAGED under STAGE_ALL)."""
-    if STAGE_ALL:
-        return DSWIGLU_BWD_STAGED
+    """The GPU config for w2 of num_groups experts (see DSWIGLU_BWD)."""
     return DSWIGLU_BWD_FEW_GROUPS if num_groups <= 16 else DSWIGLU_BWD
 
 
@@ -101,8 +92,6 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
                          f"staging row), got epi_n={epi_n}")
     grid_n = f // tn
     k_iters = n // tk
-    chunks = tn // epi_n
-    nbuf = chunks if STAGE_ALL else 1  # staging buffers per WG (read at trace time)
     stages = cfg.max_concurrent_steps
     table, count = segment_table(group_sizes, m, tm, cfg.group_tiles)
     in_tf = smem_transforms(dy.dtype, tk)
@@ -114,11 +103,11 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             functools.partial(scoped, table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem),
             lhs_smem=plgpu.SMEM((stages, tm, tk), dy.dtype, transforms=in_tf),
             rhs_smem=plgpu.SMEM((stages, *rhs_block), w2.dtype, transforms=rhs_tf),
-            stage_smem=plgpu.SMEM((2, nbuf, 2, tm, epi_n), out_dtype),  # per WG, buffer: gate, up in; grads out
+            stage_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype),  # per WG: gate, up chunks in; grads out
             loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(stages, True)),
             consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, True),
                                    num_barriers=stages),
-            gu_loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2 * nbuf),
+            gu_loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2),
             collective_axes="wg")
 
     def scoped(table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem, lhs_smem, rhs_smem,
@@ -137,28 +126,24 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             b = rhs_smem.at[slot]
             plgpu.wgmma(acc_ref, lhs_smem.at[slot], b if interpret else plgpu.transpose_ref(b, (1, 0)))
 
-        def buf(c):  # chunk c's staging buffer
-            return c if nbuf > 1 else 0
-
         def load_gu(info, c):
             """Start the TMA loads of the item's gate and up chunk c into this WG's staging buffer
-            (after the stores issued so far have read it: once per item when every chunk has its own)."""
+            (after the stores issued so far have read it)."""
             row0, _, grp, ni = info
             row0 = pl.multiple_of(row0, ROW_ALIGN)
             wg = lax.axis_index("wg")
-            if nbuf == 1 or c == 0:
-                _wait_staging()
+            _wait_staging()
 
             @pl.when(grp < g)
             def _():
                 for half in (0, 1):
                     plgpu.copy_gmem_to_smem(
                         gu_gmem.at[pl.ds(row0, tm), pl.ds(half * f + ni * tn + c * epi_n, epi_n)],
-                        stage_smem.at[wg, buf(c), half], gu_loaded.at[wg * nbuf + buf(c)])
+                        stage_smem.at[wg, half], gu_loaded.at[wg])
 
-        def prologue(info):  # chunk 0 (STAGE_ALL: every chunk) lands while the main loop runs
-            for c in range(nbuf if PREFETCH or nbuf > 1 else 0):
-                load_gu(info, c)
+        def prologue(info):  # chunk 0 lands while the main loop runs
+            if PREFETCH:
+                load_gu(info, 0)
 
         def epilogue(info, acc_ref):
             row0, packed, grp, ni = info
@@ -170,31 +155,30 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
                 col0 = ni * tn + c * epi_n
-                if nbuf == 1 and (c or not PREFETCH):
+                if c or not PREFETCH:
                     load_gu(info, c)
-                b = buf(c)
 
                 @pl.when(grp < g)
                 def _():
-                    plgpu.barrier_wait(gu_loaded.at[wg * nbuf + b])
+                    plgpu.barrier_wait(gu_loaded.at[wg])
 
                 @pl.when(grp >= g)
                 def _():  # the tail: dh is zero; zeros in, so no NaN from stale staging
                     zeros = jnp.zeros((tm, epi_n), out_dtype)
-                    stage_smem[wg, b, 0] = zeros
-                    stage_smem[wg, b, 1] = zeros
+                    stage_smem[wg, 0] = zeros
+                    stage_smem[wg, 1] = zeros
 
                 for r in range(ROW_SPLIT):
                     rs = slice(r * rb, (r + 1) * rb)
-                    gate = stage_smem[wg, b, 0, rs].astype(jnp.float32)
-                    up = stage_smem[wg, b, 1, rs].astype(jnp.float32)
+                    gate = stage_smem[wg, 0, rs].astype(jnp.float32)
+                    up = stage_smem[wg, 1, rs].astype(jnp.float32)
                     d = dh[rs, cols]
                     s = 1.0 / (1.0 + jnp.exp(-gate))
-                    stage_smem[wg, b, 0, rs] = (d * up * s * (1.0 + gate * (1.0 - s))).astype(out_dtype)
-                    stage_smem[wg, b, 1, rs] = (d * gate * s).astype(out_dtype)
+                    stage_smem[wg, 0, rs] = (d * up * s * (1.0 + gate * (1.0 - s))).astype(out_dtype)
+                    stage_smem[wg, 1, rs] = (d * gate * s).astype(out_dtype)
                 plgpu.commit_smem()
                 for half in (0, 1):
-                    _ladder_store(stage_smem.at[wg, b, half], dgu_gmem, row0, start, rows, half * f + col0,
+                    _ladder_store(stage_smem.at[wg, half], dgu_gmem, row0, start, rows, half * f + col0,
                                   epi_n, min(tm, m))
 
         pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,

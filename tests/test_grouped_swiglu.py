@@ -117,17 +117,12 @@ def check_act_fc2(backend, m, f, n, sizes, seed=0, tol=1.5e-2, **kw):
     _assert_matches(backend, ("y", "dgu", "dw2"), got, want, sizes, tol)
 
 
-@pytest.mark.parametrize("row_split,stage_all", [pytest.param(1, False, marks=pytest.mark.slow), (2, False),
-                                                 (2, True)])  # (2, False): the default
-def test_act_fc2_fused_dgrad_interpret_matches_reference(row_split, stage_all, monkeypatch):
+@pytest.mark.parametrize("row_split", [pytest.param(1, marks=pytest.mark.slow), 2])  # 2: the default
+def test_act_fc2_fused_dgrad_interpret_matches_reference(row_split, monkeypatch):
     """fc2's dgrad with SwiGLU's backward in the epilogue (interpret mode): uneven groups, an empty
-    one, rows past the sum, two column tiles of F; the epilogue on whole chunks or row blocks (ROW_SPLIT),
-    each chunk's gate/up in one staging buffer or in its own (STAGE_ALL: two chunks of a tile here)."""
+    one, rows past the sum, two column tiles of F; the epilogue on whole chunks or row blocks (ROW_SPLIT)."""
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "ROW_SPLIT", row_split)
-    monkeypatch.setattr(K, "STAGE_ALL", stage_all)
-    cfg = K.INTERPRET_DSWIGLU_BWD
-    assert cfg.tile_n // cfg.epi_n == 2  # STAGE_ALL has two buffers to keep apart
     check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
 
 
@@ -186,20 +181,18 @@ def test_act_fc2_backend_choice_and_errors():
         swiglu_grouped_matmul(gu, jnp.ones((2, 64, 128), jnp.bfloat16), jnp.array([32, 32]))
 
 
-@pytest.mark.parametrize("row_split,stage_all", [(1, False), (2, False), (2, True)])
-def test_fused_dgrad_kernel_lowers_for_cuda(row_split, stage_all, monkeypatch):
+@pytest.mark.parametrize("row_split", [1, 2])
+def test_fused_dgrad_kernel_lowers_for_cuda(row_split, monkeypatch):
     """The fused dgrad's GPU config (transposed w2 operand, 128 x 128 tiles) lowers for CUDA here, at
-    deepseek_small's F = 1408 with an empty group and rows past the sum (both ROW_SPLIT forms, and
-    every chunk staged)."""
+    deepseek_small's F = 1408 with an empty group and rows past the sum (both ROW_SPLIT forms)."""
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
     monkeypatch.setattr(K, "ROW_SPLIT", row_split)
-    monkeypatch.setattr(K, "STAGE_ALL", stage_all)
     dy = jnp.ones((1000, 2048), jnp.bfloat16)
     w2 = jnp.ones((4, 1408, 2048), jnp.bfloat16)
     gu = jnp.ones((1000, 2 * 1408), jnp.bfloat16)
     gs = jnp.array([300, 0, 500, 100], jnp.int32)
-    f = lambda dy, w, gu: K.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=K.config_for(4))  # noqa: E731
+    f = lambda dy, w, gu: K.gmm_dswiglu_kernel(dy, w, gu, gs)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(dy, w2, gu).lower(lowering_platforms=("cuda",)).as_text()
 
 
@@ -208,9 +201,8 @@ def test_fused_dgrad_kernel_lowers_for_cuda(row_split, stage_all, monkeypatch):
     (4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),          # sum < M, an empty group
     (6000, 1408, 2048, [30 * (i % 7) for i in range(64)]),    # deepseek's F, 64 groups
 ])
-@pytest.mark.parametrize("row_split,stage_all", [(1, False), (2, False), (2, True)])
-def test_fused_dgrad_gpu(m, f, n, sizes, row_split, stage_all, monkeypatch):
+@pytest.mark.parametrize("row_split", [1, 2])
+def test_fused_dgrad_gpu(m, f, n, sizes, row_split, monkeypatch):
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "ROW_SPLIT", row_split)
-    monkeypatch.setattr(K, "STAGE_ALL", stage_all)
     check_act_fc2("pallas", m, f, n, sizes)
