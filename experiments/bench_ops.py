@@ -6,11 +6,12 @@ Each row times an op's forward + backward (`jax.vjp` with a random cotangent) fo
 the op in `ops/` (ours: the Pallas kernels of ops.permute_kernel, ops.gated_act, ops.rms_norm,
 ops.rope_kernel; and "reference": the formula with plain autodiff, what XLA makes of it; the
 permutation also through its gather-only VJPs with XLA gathers, "xla_gathers", and the default's mix of
-the two, "auto_mix"), and gives the bytes
+the two, "auto_mix"; the router's sort: the counting sort against a stable argsort), and gives the bytes
 the op must move at least (inputs read once, outputs written once) over the time, as a share of the
 device-to-device copy bandwidth measured in the same run (the ceiling).
 Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V=32000) or
-`deepseek_small` (k=6, F=1408).
+`deepseek_small` (k=6, F=1408). The fused grouped-GEMM rows (`--only fc1` / `fc2`), the routing sort
+and the cross-entropy rows are GPU time from a profiler trace; the others host time (median of --reps).
 """
 from __future__ import annotations
 
@@ -128,6 +129,8 @@ def rows(shape: dict, reps: int, only: str = ""):
             t = median_seconds(run, *args, iters=reps)
             row[f"{key_}_ms"] = 1e3 * t
         out.append(row)
+    if only in "routing sort":
+        out.append(sort_row(shape, reps))
     if jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow for the CPU smoke test
         out += fused_fc1_rows(shape, reps) if only in ("", "fc1") else []  # (--only fc1 / fc2: these rows alone)
         out += fused_fc2_rows(shape, reps) if only in ("", "fc2") else []
@@ -155,6 +158,20 @@ def rows(shape: dict, reps: int, only: str = ""):
     out.append(ce)
     out.append(softmax_ce_row(default_chunk, V, reps))
     return out
+
+
+def sort_row(shape: dict, reps: int) -> dict:
+    """The router's sort of its T·k assignments by expert (dropped ones last): `ops.permute.stable_rank`
+    (a counting sort, what `moe_jax.dispatch.sort_by_expert` runs) against a stable argsort then its
+    inverse (what it ran before), GPU time, with the ranks checked equal."""
+    T, k, E = shape["T"], shape["k"], shape["E"]
+    keys = jax.random.randint(jax.random.key(12), (T * k,), 0, E + 1)
+    ours = jax.jit(lambda e: P.stable_rank(e, E + 1))
+    plain = jax.jit(lambda e: P.inverse(jnp.argsort(e, stable=True).astype(jnp.int32), T * k))
+    row = {"op": f"routing sort [T*k] keys < E+1 (E={E})", "ours_backend": "counting sort",
+           "ranks_equal": bool(jnp.array_equal(ours(keys), plain(keys)))}
+    row["ours_ms"], row["xla_plain_ms"] = _kernel_ms(ours, (keys,), reps), _kernel_ms(plain, (keys,), reps)
+    return row
 
 
 def _softmax_ce_inputs(c: int, v: int):
@@ -232,7 +249,7 @@ def fused_fc1_rows(shape: dict, reps: int) -> list[dict]:
         for backend, name in (("pallas", "ours"), ("unfused", "unfused")):
             f = lambda x, w: grouped_swiglu(x, w, gs, backend=backend)  # noqa: E731
             run = jax.jit(f) if what == "fwd" else fwd_bwd(f, x, w1)[0]
-            t = median_seconds(run, x, w1, iters=reps)
+            t = _kernel_ms(run, (x, w1), reps) / 1e3
             row[f"{name}_ms"] = 1e3 * t
             row[f"{name}_tflops"] = mult * flops / t / 1e12
         out.append(row)
@@ -254,7 +271,7 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     row = {"op": "swiglu + grouped fc2 [R,2F]x[E,F,D] fwd+bwd", "ours_backend": "pallas (dgrad epilogue)"}
     for backend, name in (("pallas", "ours"), ("unfused", "unfused")):
         f = lambda a, w: swiglu_grouped_matmul(a, w, gs, backend=backend)  # noqa: E731
-        t = median_seconds(fwd_bwd(f, gu, w2)[0], gu, w2, iters=reps)
+        t = _kernel_ms(fwd_bwd(f, gu, w2)[0], (gu, w2), reps) / 1e3
         row[f"{name}_ms"], row[f"{name}_tflops"] = 1e3 * t, flops / t / 1e12
     # the backward's first half alone: the fused kernel per config against fc2's dgrad then SwiGLU's
     # backward kernel (what "unfused" runs)
@@ -262,20 +279,23 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     part = {"op": "fc2 dgrad + swiglu bwd [R,D]x[E,F,D]^T", "ours_backend": "pallas (dgrad epilogue)"}
     unfused = jax.jit(lambda dy, w, gu: swiglu_vjp(gu.reshape(rows_, 2, F), gmm_pallas.gmm_fwd(
         dy, w, gs, True, BF16)).reshape(rows_, 2 * F))
-    t = median_seconds(unfused, dy, w2, gu, iters=reps)
+    t = _kernel_ms(unfused, (dy, w2, gu), reps) / 1e3
     part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     default = dswiglu_ops.config_for(E)
     variants = {"default": (default, True),
                 "noprefetch": (default, False),
+                "stages3": (dataclasses.replace(default, max_concurrent_steps=3), True),
                 "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True),
-                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True)}
+                "stages4_noprefetch": (dataclasses.replace(default, max_concurrent_steps=4), False),
+                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True),
+                "default_again": (default, True)}
     try:
         for name, (cfg, prefetch) in variants.items():
             dswiglu_ops.PREFETCH = prefetch  # read when the kernel is traced (a new jit per variant)
             fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
             key_ = "ours" if name == "default" else f"ours_{name}"
             try:
-                t = median_seconds(fused, dy, w2, gu, iters=reps)
+                t = _kernel_ms(fused, (dy, w2, gu), reps) / 1e3
             except Exception as e:  # e.g. a config past the SMEM limit: say so, keep the others
                 part[f"{key_}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moe_jax.routing import Assignment
-from ops.permute import inverse, permute as permute_rows, unpermute as unpermute_rows
+from ops.permute import inverse, permute as permute_rows, stable_rank, unpermute as unpermute_rows
 
 
 @flax.struct.dataclass
@@ -45,8 +45,8 @@ def sort_by_expert(a: Assignment, *, capacity: int | None = None) -> Permutation
     t, k = a.experts.shape
     e = a.num_experts
     flat_e = jnp.where(a.kept, a.experts, e).reshape(-1)
-    order = jnp.argsort(flat_e, stable=True).astype(jnp.int32)   # sorted row -> flat assignment
-    rank = inverse(order, t * k)                      # flat assignment -> sorted row
+    rank = stable_rank(flat_e, e + 1)                 # flat assignment -> sorted row
+    order = inverse(rank, t * k)                      # sorted row -> flat assignment
     if capacity is None:
         return Permutation(dest=rank.reshape(t, k), src=order, group_sizes=a.tokens_per_expert,
                            num_rows=t * k)

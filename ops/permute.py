@@ -188,3 +188,24 @@ def inverse(index, rows: int):
     no i maps to j — the other map of the pair above."""
     n = index.shape[0]
     return jnp.full((rows,), n, jnp.int32).at[index].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+
+
+def stable_rank(keys, num_keys: int, *, block: int = 128):
+    """rank[i] = the position of element i in the stable sort of `keys` (int, each in [0, num_keys)):
+    `inverse(jnp.argsort(keys, stable=True), n)` without a sort. A counting sort: each key's first
+    position, plus the same key's count in the earlier `block`-sized blocks (a cumsum over a
+    [n / block, num_keys] count table), plus its count earlier in its own block (a [block, block]
+    comparison per block, fused by XLA into one reduction). The router's keys take few values (the
+    experts, plus one for dropped), where a GPU radix sort costs several kernels and memsets."""
+    n = keys.shape[0]
+    keys = keys.astype(jnp.int32)
+    padded = jnp.pad(keys, (0, -n % block), constant_values=num_keys)    # after every real key
+    kb = padded.reshape(-1, block)
+    counts = (kb[:, :, None] == jnp.arange(num_keys + 1, dtype=jnp.int32)[None, None]).sum(1, dtype=jnp.int32)
+    totals = counts.sum(0)
+    first = jnp.cumsum(totals) - totals                                    # [num_keys + 1]
+    before = jnp.cumsum(counts, axis=0) - counts                           # [blocks, num_keys + 1]
+    earlier = jnp.arange(block)[:, None] > jnp.arange(block)[None, :]      # [i, j]: j before i
+    within = ((kb[:, :, None] == kb[:, None, :]) & earlier[None]).sum(-1, dtype=jnp.int32)
+    rank = first[kb] + jnp.take_along_axis(before, kb, axis=1) + within
+    return rank.reshape(-1)[:n]

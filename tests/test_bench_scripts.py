@@ -56,7 +56,8 @@ def test_bench_ops_runs_on_cpu(tmp_path):
     import bench_ops
     assert bench_ops.main(["--shape", "tiny", "--reps", "2", "--out", str(tmp_path / "ops.json")]) == 0
     rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
-    assert len(rows) == 8 and all(r["xla_plain_ms"] > 0 for r in rows)
+    assert len(rows) == 9 and all(r["xla_plain_ms"] > 0 for r in rows)
+    assert [r["ranks_equal"] for r in rows if r["op"].startswith("routing sort")] == [True]
     assert rows[-1]["op"].startswith("cross-entropy softmax pass") and rows[-1]["ours_ms"] > 0
     assert all(r["auto_mix_ms"] > 0 and r["xla_gathers_ms"] > 0 for r in rows if "permute" in r["op"])
 

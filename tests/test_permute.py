@@ -133,6 +133,17 @@ def test_inverse_and_bad_input():
                     jnp.zeros((2, 2)))
 
 
+@pytest.mark.parametrize("n,num_keys,block", [(1, 1, 128), (300, 9, 128), (1000, 65, 128), (4096, 3, 64),
+                                               (777, 200, 32)])
+def test_stable_rank_matches_a_stable_argsort(n, num_keys, block):
+    """The counting sort's ranks are the stable argsort's inverse, on fresh random keys (skewed, so
+    some keys repeat within a block and some never appear), jitted."""
+    keys = jax.random.randint(jax.random.key(n + num_keys), (n,), 0, num_keys) // 2 * 2 % num_keys
+    want = P.inverse(jnp.argsort(keys, stable=True).astype(jnp.int32), n)
+    got = jax.jit(P.stable_rank, static_argnums=1, static_argnames="block")(keys, num_keys, block=block)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_backend_choice():
     dest, src, _ = _maps(jax.random.key(2))
     x = jnp.ones((T, D))

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ops import vma
+from ops.permute import inverse, stable_rank
 
 MESH_AXES = ("edata", "expert", "etensor")
 
@@ -50,12 +51,6 @@ def _move_rows_bwd(inv, dy):
 move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
-def inverse(src, rows: int):
-    """inv[j] = i where src[i] == j, else len(src) (out of range)."""
-    n = src.shape[0]
-    return jnp.full((rows,), n, jnp.int32).at[src].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
-
-
 def excl_cumsum(x, axis=-1):
     return jnp.cumsum(x, axis=axis) - x
 
@@ -73,6 +68,6 @@ def resort_by_local_expert(rows_RD, counts_PL, row_start_P):
     inside = (r[:, None] >= starts[None]) & (r[:, None] < ends[None])            # [R, P*L]
     seg = jnp.argmax(inside, axis=1)
     local = jnp.where(inside.any(1), seg % L, L)                                 # L = padding
-    order = jnp.argsort(local, stable=True).astype(jnp.int32)
-    inv = inverse(order, order.shape[0])
+    inv = stable_rank(local, L + 1)
+    order = inverse(inv, inv.shape[0])
     return move_rows(rows_RD, order, inv), (inv, order), counts_PL.sum(0)
