@@ -74,8 +74,9 @@ def gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype, *, interpret=False,
     return out[:, :n] if out.shape[1] != n else out
 
 
-def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None):
-    """[G,A,B] with out[g] = a_g^T b_g; pads A and B to the tile sizes when needed."""
+def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None, sumsq=False):
+    """[G,A,B] with out[g] = a_g^T b_g; pads A and B to the tile sizes when needed. sumsq=True: (out,
+    Σ out² in float32 from the kernel's epilogue, of the values written)."""
     check_pallas_dtype(a.dtype)
     from ops.tuning import wgrad_config
     adim, bdim = a.shape[1], b.shape[1]
@@ -87,7 +88,8 @@ def gmm_wgrad(a, b, group_sizes, out_dtype, *, interpret=False, cfg=None):
     if interpret:  # see gmm_wgrad_kernel: interpret mode takes a pre-transposed a
         a_p = a_p.T
     out = gmm_wgrad_kernel(a_p, b_p, group_sizes, out_dtype=out_dtype, cfg=cfg,
-                           interpret=interpret, a_transposed=interpret)
+                           interpret=interpret, a_transposed=interpret, sumsq=sumsq)
+    out, sq = out if sumsq else (out, None)
     if out.shape[1:] != (adim, bdim):
-        out = out[:, :adim, :bdim]
-    return out
+        out = out[:, :adim, :bdim]  # (the padding is zeros: it adds nothing to the sums)
+    return (out, jnp.sum(sq)) if sumsq else out

@@ -19,8 +19,13 @@ from ops.gmm_pallas_common import (MEMORY_REGISTERS, ROW_ALIGN, WgradConfig, com
 
 # ----------------------------------------------------------------------------- wgrad
 def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpret=False,
-                     a_transposed=False):
+                     a_transposed=False, sumsq=False):
     """out[g] = a_g^T b_g : a[M,A] (or a^T [A,M] if a_transposed), b[M,B] -> [G,A,B].
+
+    sumsq=True: also (out, sq) with sq[g, j, r] = Σ over the j-th tile_b columns of out[g, r, :]², in
+    float32, of the values written (cast to out_dtype): each epilogue sums its tile's squares along its
+    columns from the registers and stores the [tile_a] vector beside the tile. `sq.sum()` is Σ out², what
+    the optimizer's clip would otherwise read the whole gradient again for.
 
     a_transposed=False feeds wgmma an M-major (transposed) A operand straight from the [M,A]
     tiles; GPU interpret mode (JAX 0.10) supports neither that nor layout_cast, so interpret runs
@@ -65,6 +70,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
     o_tf = smem_transforms(out_dtype, tb)
     a_block = (ca, tr) if a_transposed else (tr, ca)
 
+    sq_alloc = {"sq_smem": plgpu.SMEM((2, ta), jnp.float32)} if sumsq else {}  # the rows' sums of squares
+
     def step(wg, a_s, b_s, acc_ref, row_blk0, lo, hi):
         """One k-step of a WG: zero the rows of neighbouring groups in a boundary block (its own
         slice), then wgmma."""
@@ -94,18 +101,23 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
             a_op = plgpu.transpose_ref(a_s, (1, 0)).at[pl.ds(wg * ta, ta), :]
         plgpu.wgmma(acc_ref, a_op, b_s if split_a else own)
 
-    def store(wg, out_smem, out_gmem, acc_ref, gi, ai, bi):
-        """A WG's [ta, tb] result: registers -> SMEM -> TMA store."""
+    def store(wg, out_smem, out_gmem, acc_ref, gi, ai, bi, sq_smem=None, sq_gmem=None):
+        """A WG's [ta, tb] result: registers -> SMEM -> TMA store (and its rows' sums of squares)."""
         acc = acc_ref[...].astype(out_dtype)
+        a0, b0 = ai * ca + (wg * ta if split_a else 0), bi * cb + (0 if split_a or pp else wg * tb)
+        if sq_smem is not None:
+            wide = acc.astype(jnp.float32)
+            rows_sq = jnp.sum(wide * wide, axis=1)  # [ta]: a one-axis reduction of the WGMMA layout
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         out_smem[wg] = acc
+        if sq_smem is not None:
+            sq_smem[wg] = rows_sq
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            out_smem.at[wg],
-            out_gmem.at[gi, pl.ds(ai * ca + (wg * ta if split_a else 0), ta),
-                        pl.ds(bi * cb + (0 if split_a or pp else wg * tb), tb)])
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[gi, pl.ds(a0, ta), pl.ds(b0, tb)])
+        if sq_smem is not None:
+            plgpu.copy_smem_to_gmem(sq_smem.at[wg], sq_gmem.at[gi, lax.div(b0, jnp.int32(tb)), pl.ds(a0, ta)])
 
-    def body_per_item(table_gmem, a_gmem, b_gmem, out_gmem):
+    def body_per_item(table_gmem, a_gmem, b_gmem, out_gmem, sq_gmem=None):
         wg = lax.axis_index("wg")
 
         def make(steps, fblk, ai, bi, lo, hi, ctx):
@@ -134,8 +146,8 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
 
         @functools.partial(pl.run_scoped, allocs=allocs,
                            out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
-                           collective_axes="wg")
-        def _scope(allocs, out_smem):
+                           **sq_alloc, collective_axes="wg")
+        def _scope(allocs, out_smem, sq_smem=None):
             @plgpu.nd_loop((g, grid_a * grid_b), collective_axes="sm")
             def _loop(info):
                 gi = info.index[0]
@@ -148,7 +160,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
                     @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((ta, tb), jnp.float32))
                     def _acc(acc_ref):
                         eval_pipeline(acc_ref)
-                        store(wg, out_smem, out_gmem, acc_ref, gi, ai, bi)
+                        store(wg, out_smem, out_gmem, acc_ref, gi, ai, bi, sq_smem, sq_gmem)
 
                 make(steps, fblk, ai, bi, lo, hi, ctx)(a_gmem, b_gmem, allocations=allocs)
 
@@ -156,20 +168,21 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
 
     stages = cfg.max_concurrent_steps
 
-    def body_ring(table_gmem, a_gmem, b_gmem, out_gmem):
+    def body_ring(table_gmem, a_gmem, b_gmem, out_gmem, sq_gmem=None):
         pl.run_scoped(
-            functools.partial(ring_scoped, table_gmem, a_gmem, b_gmem, out_gmem),
+            functools.partial(ring_scoped, table_gmem, a_gmem, b_gmem, out_gmem, sq_gmem),
             a_smem=plgpu.SMEM((stages, *a_block), a.dtype, transforms=a_tf),
             b_smem=plgpu.SMEM((stages, tr, cb), b.dtype, transforms=b_tf),
             out_smem=plgpu.SMEM((2, ta, tb), out_dtype, transforms=o_tf),
+            **sq_alloc,
             loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(
                 stages, pp)),
             consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, pp),
                                    num_barriers=stages),
             collective_axes="wg")
 
-    def ring_scoped(table_gmem, a_gmem, b_gmem, out_gmem, a_smem, b_smem, out_smem, loaded,
-                    consumed):
+    def ring_scoped(table_gmem, a_gmem, b_gmem, out_gmem, sq_gmem, a_smem, b_smem, out_smem, loaded,
+                    consumed, sq_smem=None):
         wg = lax.axis_index("wg")
         tiles = grid_a * grid_b
 
@@ -195,7 +208,7 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
             step(wg, a_smem.at[slot], b_smem.at[slot], acc_ref, first + r * tr, lo, hi)
 
         def epilogue(info, acc_ref):
-            store(wg, out_smem, out_gmem, acc_ref, *info[:3])
+            store(wg, out_smem, out_gmem, acc_ref, *info[:3], sq_smem, sq_gmem)
 
         pipeline.run(num_items=jnp.int32(g * tiles), fetch=fetch, steps_of=lambda info: info[6],
                      load=load, mma=mma, epilogue=epilogue, acc_shape=(ta, tb), stages=stages,
@@ -204,8 +217,11 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
 
     body = body_ring if cfg.ring else body_per_item
+    out_type = jax.ShapeDtypeStruct((g, adim, bdim), out_dtype)
+    if sumsq:
+        out_type = (out_type, jax.ShapeDtypeStruct((g, bdim // tb, adim), jnp.float32))
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((g, adim, bdim), out_dtype),
+        body, out_type=out_type,
         grid=(num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
         kernel_name="gmm_wgrad_ring" if cfg.ring else "gmm_wgrad",  # named in profiles
         compiler_params=compiler_params(), interpret=interpret_params(interpret))

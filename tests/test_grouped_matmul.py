@@ -158,8 +158,9 @@ def test_pallas_interpret_transposed_one_group_takes_all():
                             seed=5, interpret=True)
 
 
-def _check_kernel(kind, m, k, n, sizes, transpose_rhs, over, interpret, seed=7):
-    """One Pallas kernel (fwd or wgrad) with an explicit config against the reference."""
+def _check_kernel(kind, m, k, n, sizes, transpose_rhs, over, interpret, seed=7, sumsq=False):
+    """One Pallas kernel (fwd or wgrad) with an explicit config against the reference; `sumsq`: the
+    wgrad epilogue's Σ out² against the sum of squares of the output it wrote."""
     import dataclasses
     from ops import gmm_pallas as P
     x, w, gs, dy = _inputs(seed, m, k, n, sizes, jnp.bfloat16, transpose_rhs)
@@ -175,7 +176,11 @@ def _check_kernel(kind, m, k, n, sizes, transpose_rhs, over, interpret, seed=7):
         base = P.INTERPRET_WGRAD if interpret else P.WgradConfig()
         cfg = dataclasses.replace(base, **over)
         got = jax.block_until_ready(P.gmm_wgrad(x, dy, gs, jnp.bfloat16, interpret=interpret,
-                                                cfg=cfg))
+                                                cfg=cfg, sumsq=sumsq))
+        if sumsq:
+            got, sq = got
+            want_sq = np.sum(np.square(np.asarray(got, np.float64)))
+            assert want_sq > 0 and abs(float(sq) - want_sq) <= 1e-5 * want_sq, (float(sq), want_sq)
         # per-group float64 products: a one-hot einsum over all rows runs as a plain loop in numpy
         # (~2 minutes at the GPU shapes, which looked like a kernel hang on the device)
         xf, df = np.asarray(x, np.float64), np.asarray(dy, np.float64)
@@ -210,6 +215,15 @@ def test_pallas_interpret_fwd_configs(over):
                                        max_concurrent_steps=4)])
 def test_pallas_interpret_wgrad_configs(over):
     _check_kernel("wgrad", 200, 128, 128, [70, 0, 100, 20], False, over, interpret=True)
+
+
+@pytest.mark.parametrize("over", [dict(split="a"), dict(split="b"),
+                                  dict(ring=True, delay_release=1, max_concurrent_steps=3),
+                                  dict(ring=True, pingpong=True, delay_release=1, max_concurrent_steps=4)])
+def test_pallas_interpret_wgrad_sumsq(over):
+    """The epilogue's sums of squares (per-item and ring pipelines, either split, ping-pong); A and B
+    not multiples of the tiles (padded: zeros), a group of zero rows."""
+    _check_kernel("wgrad", 200, 96, 160, [70, 0, 100, 20], False, over, interpret=True, seed=3, sumsq=True)
 
 
 def test_wgrad_rejects_delay_release():
