@@ -134,6 +134,7 @@ def rows(shape: dict, reps: int, only: str = ""):
     if jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow for the CPU smoke test
         out += fused_fc1_rows(shape, reps) if only in ("", "fc1") else []  # (--only fc1 / fc2: these rows alone)
         out += fused_fc2_rows(shape, reps) if only in ("", "fc2") else []
+        out += wgrad_sumsq_rows(shape, reps) if only in ("", "wgrad") else []
     # cross-entropy of the LM head: time and the peak memory of the step's temporaries
     ce = {"op": f"lm head + cross-entropy [T,D]x[D,V] fwd+bwd (V={V})"}
     if only not in ce["op"]:
@@ -305,6 +306,30 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     return [row, part]
 
 
+def wgrad_sumsq_rows(shape: dict, reps: int) -> list[dict]:
+    """The experts' weight gradients (fc1's [E,D,2F], fc2's [E,F,D]) with their sum of squares, which the
+    optimizer's clip needs: from the wgrad kernel's epilogue (`gmm_wgrad(..., sumsq=True)`, "ours") against
+    the kernel then XLA's reduction over its output ("xla_plain"), GPU time; `rel_err`: the two sums'."""
+    T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
+    key = jax.random.key(13)
+    rows_ = T * k
+    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
+    out = []
+    for name, (a_dim, b_dim) in (("fc1", (D, 2 * F)), ("fc2", (F, D))):
+        a = jax.random.normal(jax.random.fold_in(key, 1), (rows_, a_dim), BF16)
+        b = jax.random.normal(jax.random.fold_in(key, 2), (rows_, b_dim), BF16)
+        ours = jax.jit(lambda a, b: gmm_pallas.gmm_wgrad(a, b, gs, BF16, sumsq=True))
+        plain = jax.jit(lambda a, b: (lambda w: (w, jnp.sum(jnp.square(w.astype(jnp.float32)))))(
+            gmm_pallas.gmm_wgrad(a, b, gs, BF16)))
+        (w1, s1), (w2, s2) = ours(a, b), plain(a, b)
+        row = {"op": f"{name} wgrad + sum of squares [E,{a_dim},{b_dim}]", "ours_backend": "wgrad epilogue",
+               "rel_err": abs(float(s1) - float(s2)) / float(s2), "same_grad": bool(jnp.array_equal(w1, w2)),
+               "min_bytes": _nbytes(w1)}
+        row["ours_ms"], row["xla_plain_ms"] = _kernel_ms(ours, (a, b), reps), _kernel_ms(plain, (a, b), reps)
+        out.append(row)
+    return out
+
+
 def tune_norm(shape: dict, reps: int, on_row=print) -> list[dict]:
     """rms_norm fwd+bwd (ms) per ops.rms_norm.Launch on [T, D] bf16; `on_row(rows so far)` after each
     (a sweep cut short keeps what it measured)."""
@@ -332,7 +357,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="",
                     help="just the ops whose name contains this (e.g. permute; fc1 or fc2: the fused "
-                         "grouped-GEMM rows alone)")
+                         "grouped-GEMM rows alone; wgrad: the wgrad kernel's sums of squares)")
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     ap.add_argument("--tune-ce", action="store_true", help="sweep ops.softmax_ce.Launch instead")
     args = ap.parse_args(argv)

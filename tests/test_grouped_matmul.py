@@ -418,9 +418,11 @@ def test_table_configs_lower_for_cuda(dev, kind, name, cfg, monkeypatch):
     if kind == "fwd":
         w = jnp.ones((4, 1408, 2048), jnp.bfloat16)
         f = lambda x, w: P.gmm_fwd(x, w, gs, False, jnp.bfloat16, cfg=P.FwdConfig(**cfg))  # noqa: E731
-    else:
+    else:  # (wgrad also with the epilogue's sums of squares)
         w = jnp.ones((1000, 2048), jnp.bfloat16)
         f = lambda x, w: P.gmm_wgrad(x, w, gs, jnp.bfloat16, cfg=P.WgradConfig(**cfg))  # noqa: E731
+        sq = jax.jit(lambda x, w: P.gmm_wgrad(x, w, gs, jnp.bfloat16, cfg=P.WgradConfig(**cfg), sumsq=True))
+        assert "mosaic_gpu" in sq.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     text = jax.jit(f).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
 
