@@ -5,6 +5,9 @@ Backends: "reference" (plain JAX, autodiff), "xla" (lax.ragged_dot), "pallas" (M
 bf16/fp16 only), "auto" (pallas for bf16/fp16 on Hopper, xla elsewhere and for float32).
 "xla" and "pallas" share one custom_vjp:
   dgrad: dlhs = grouped_matmul(dy, rhs, transposed)       wgrad: drhs[g] = lhs_g^T dy_g -> [G,K,N]
+`sumsq_probe` (a float32 scalar, any value): its cotangent is defined as Σ drhs², the weight gradient's sum
+of squares, which a caller that differentiates with respect to the probe too gets with no pass over drhs
+(the Pallas wgrad kernel sums it in its epilogue; other backends reduce drhs; `sumsq_tap` on any weight).
 """
 from __future__ import annotations
 
@@ -78,6 +81,38 @@ def _mask_tail(x, group_sizes):
 
 
 # ----------------------------------------------------------------------------- custom_vjp
+def wgrad_with_sumsq(backend, interpret, a, b, group_sizes, out_dtype, probe):
+    """(out[g] = a_g^T b_g, the probe's cotangent): Σ out² (float32, of the values written) where a probe
+    is given — from the Pallas kernel's epilogue, else a reduction over out — and None where not."""
+    _, wgrad = _impl(backend, interpret)
+    if probe is None:
+        return wgrad(a, b, group_sizes, out_dtype), None
+    if backend == "pallas":
+        out, sq = wgrad(a, b, group_sizes, out_dtype, sumsq=True)
+    else:
+        out = wgrad(a, b, group_sizes, out_dtype)
+        sq = jnp.sum(jnp.square(out.astype(jnp.float32)))
+    return out, sq.astype(probe.dtype)
+
+
+@jax.custom_vjp
+def sumsq_tap(w, probe):
+    """w, unchanged; in the backward the probe's cotangent is Σ dw² (a reduction over dw): the probe
+    contract of `grouped_matmul` for a weight used by any other op (e.g. the "reference" backend)."""
+    return w
+
+
+def _tap_fwd(w, probe):
+    return w, jnp.zeros((), probe.dtype)
+
+
+def _tap_bwd(zero, dw):
+    return dw, (zero + jnp.sum(jnp.square(dw.astype(jnp.float32)))).astype(zero.dtype)
+
+
+sumsq_tap.defvjp(_tap_fwd, _tap_bwd)
+
+
 def _impl(backend, interpret):
     """(fwd, wgrad) functions of a kernel backend."""
     if backend == "xla":
@@ -87,8 +122,8 @@ def _impl(backend, interpret):
             functools.partial(gmm_pallas.gmm_wgrad, interpret=interpret))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _gmm(lhs, rhs, group_sizes, probe, transpose_rhs, backend, out_dtype, interpret):
     fwd, _ = _impl(backend, interpret)
     # the varying type goes on inside the custom_vjp, where it is not differentiated: outside, the
     # cast's transpose would psum the cotangent over the mesh axes (wrong gradients, and an
@@ -96,44 +131,43 @@ def _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
     return match_vma(fwd(lhs, rhs, group_sizes, transpose_rhs, out_dtype), lhs, rhs)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret):
-    out = _gmm(lhs, rhs, group_sizes, transpose_rhs, backend, out_dtype, interpret)
-    return out, (lhs, rhs, group_sizes)
+def _gmm_fwd(lhs, rhs, group_sizes, probe, transpose_rhs, backend, out_dtype, interpret):
+    out = _gmm(lhs, rhs, group_sizes, probe, transpose_rhs, backend, out_dtype, interpret)
+    return out, (lhs, rhs, group_sizes, probe)
 
 
 def _gmm_bwd(transpose_rhs, backend, out_dtype, interpret, res, dy):
-    lhs, rhs, group_sizes = res
-    fwd, wgrad = _impl(backend, interpret)
+    lhs, rhs, group_sizes, probe = res
+    fwd, _ = _impl(backend, interpret)
     dy = dy.astype(lhs.dtype)  # kernels take one operand dtype; accumulation stays fp32
     dlhs = fwd(dy, rhs, group_sizes, not transpose_rhs, lhs.dtype)
-    if transpose_rhs:  # rhs[g] is [N,K]: drhs[g] = dy_g^T lhs_g
-        drhs = wgrad(dy, lhs, group_sizes, rhs.dtype)
-    else:              # rhs[g] is [K,N]: drhs[g] = lhs_g^T dy_g
-        drhs = wgrad(lhs, dy, group_sizes, rhs.dtype)
-    return match_vma(dlhs, lhs), match_vma(drhs, rhs), None
+    # rhs[g] is [N,K] (transposed): drhs[g] = dy_g^T lhs_g; else [K,N]: drhs[g] = lhs_g^T dy_g
+    a, b = (dy, lhs) if transpose_rhs else (lhs, dy)
+    drhs, dprobe = wgrad_with_sumsq(backend, interpret, a, b, group_sizes, rhs.dtype, probe)
+    return match_vma(dlhs, lhs), match_vma(drhs, rhs), None, dprobe
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5, 6))
-def _gmm_remade(make_lhs, lhs_args, rhs, group_sizes, backend, out_dtype, interpret):
-    return _gmm(make_lhs(*lhs_args), rhs, group_sizes, False, backend, out_dtype, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5, 6, 7))
+def _gmm_remade(make_lhs, lhs_args, rhs, group_sizes, probe, backend, out_dtype, interpret):
+    return _gmm(make_lhs(*lhs_args), rhs, group_sizes, probe, False, backend, out_dtype, interpret)
 
 
-def _gmm_remade_fwd(make_lhs, lhs_args, rhs, group_sizes, backend, out_dtype, interpret):
-    out = _gmm_remade(make_lhs, lhs_args, rhs, group_sizes, backend, out_dtype, interpret)
-    return out, (lhs_args, rhs, group_sizes)  # lhs itself is not kept
+def _gmm_remade_fwd(make_lhs, lhs_args, rhs, group_sizes, probe, backend, out_dtype, interpret):
+    out = _gmm_remade(make_lhs, lhs_args, rhs, group_sizes, probe, backend, out_dtype, interpret)
+    return out, (lhs_args, rhs, group_sizes, probe)  # lhs itself is not kept
 
 
 def _gmm_remade_bwd(make_lhs, backend, out_dtype, interpret, res, dy):
-    lhs_args, rhs, group_sizes = res
+    lhs_args, rhs, group_sizes, probe = res
     # lhs is made again only once dy exists: without the tie XLA may schedule it in the forward
     # (or merge it with the forward's), and it would be held all the same
     lhs_args, dy = lax.optimization_barrier((lhs_args, dy))
     lhs, pull = jax.vjp(make_lhs, *lhs_args)
-    dlhs, drhs, _ = _gmm_bwd(False, backend, out_dtype, interpret, (lhs, rhs, group_sizes), dy)
-    return pull(dlhs), drhs, None
+    dlhs, drhs, _, dprobe = _gmm_bwd(False, backend, out_dtype, interpret, (lhs, rhs, group_sizes, probe), dy)
+    return pull(dlhs), drhs, None, dprobe
 
 
 _gmm_remade.defvjp(_gmm_remade_fwd, _gmm_remade_bwd)
@@ -213,13 +247,13 @@ def _check(lhs, rhs, group_sizes, transpose_rhs):
 
 
 def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto",
-                   preferred_element_type=None, interpret=False):
+                   preferred_element_type=None, interpret=False, sumsq_probe=None):
     """out[off_g:off_g+size_g] = lhs[off_g:off_g+size_g] @ rhs[g]  (rhs[g].T if transpose_rhs).
 
     lhs [M,K]; rhs [G,K,N] ([G,N,K] if transpose_rhs); group_sizes [G] int32, rows grouped
     contiguously; rows past sum(group_sizes) give zeros. Output dtype = preferred_element_type or
     lhs.dtype; accumulation in float32. `interpret=True` runs the Pallas kernels in Mosaic-GPU
-    interpret mode (CPU tests).
+    interpret mode (CPU tests). `sumsq_probe`: see the module docstring.
     """
     lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
     _check(lhs, rhs, group_sizes, transpose_rhs)
@@ -228,27 +262,29 @@ def grouped_matmul(lhs, rhs, group_sizes, *, transpose_rhs=False, backend="auto"
     backend = "pallas" if (interpret and backend == "auto") else resolve_backend(backend,
                                                                                  lhs.dtype)
     if backend == "reference":
+        rhs = rhs if sumsq_probe is None else sumsq_tap(rhs, sumsq_probe)
         return reference_grouped_matmul(lhs, rhs, group_sizes, transpose_rhs=transpose_rhs,
                                         out_dtype=out_dtype)
     _check_pallas(backend, lhs.dtype, interpret)
-    return _gmm(lhs, rhs, group_sizes, bool(transpose_rhs), backend, out_dtype, bool(interpret))
+    return _gmm(lhs, rhs, group_sizes, sumsq_probe, bool(transpose_rhs), backend, out_dtype, bool(interpret))
 
 
 def grouped_matmul_remade_lhs(make_lhs, lhs_args: tuple, rhs, group_sizes, *, backend="auto",
-                              interpret=False):
+                              interpret=False, sumsq_probe=None):
     """`grouped_matmul(make_lhs(*lhs_args), rhs, group_sizes)`, with lhs made again in the backward
     instead of kept from the forward: the backward keeps `lhs_args` and, when it reaches this op, runs
     `make_lhs` (and its VJP, for the cotangents of `lhs_args`) once more. For an lhs that is larger
     than its inputs and cheap to make — the MoE's expert-sorted rows, a gather of the tokens that
     is k times their size. `make_lhs` is a static function of arrays (hashable: not a fresh lambda
-    per call inside a loop that JAX must not retrace); out dtype = lhs's."""
+    per call inside a loop that JAX must not retrace); out dtype = lhs's. `sumsq_probe`: as grouped_matmul's."""
     lhs_args = tuple(jnp.asarray(a) for a in lhs_args)
     lhs = jax.eval_shape(make_lhs, *lhs_args)
     rhs, group_sizes = jnp.asarray(rhs), jnp.asarray(group_sizes)
     _check(lhs, rhs, group_sizes, False)
     backend = "pallas" if (interpret and backend == "auto") else resolve_backend(backend, lhs.dtype)
     if backend == "reference":
+        rhs = rhs if sumsq_probe is None else sumsq_tap(rhs, sumsq_probe)
         return reference_grouped_matmul(make_lhs(*lhs_args), rhs, group_sizes)
     _check_pallas(backend, lhs.dtype, interpret)
-    return _gmm_remade(make_lhs, lhs_args, rhs, group_sizes.astype(jnp.int32), backend,
+    return _gmm_remade(make_lhs, lhs_args, rhs, group_sizes.astype(jnp.int32), sumsq_probe, backend,
                        jnp.dtype(lhs.dtype), bool(interpret))

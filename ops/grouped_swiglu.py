@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from ops.gated_act import reference_swiglu, swiglu, swiglu_vjp
 from ops.grouped_matmul import (_check, _impl, check_pallas_dtype, grouped_matmul, is_hopper,
-                                reference_grouped_matmul, PALLAS_DTYPES)
+                                reference_grouped_matmul, sumsq_tap, wgrad_with_sumsq, PALLAS_DTYPES)
 from ops.shard_types import match_vma
 
 BACKENDS = ("auto", "pallas", "unfused", "reference")
@@ -143,21 +143,21 @@ def dswiglu_kernel_takes(gu, w2, interpret=False) -> tuple[bool, str]:
     return not why, why
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _act_fc2(gu, w2, group_sizes, interpret, recompute):
-    return _act_fc2_fwd(gu, w2, group_sizes, interpret, recompute)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _act_fc2(gu, w2, group_sizes, probe, interpret, recompute):
+    return _act_fc2_fwd(gu, w2, group_sizes, probe, interpret, recompute)[0]
 
 
-def _act_fc2_fwd(gu, w2, group_sizes, interpret, recompute):
+def _act_fc2_fwd(gu, w2, group_sizes, probe, interpret, recompute):
     h = reference_swiglu(gu.reshape(gu.shape[0], 2, -1))  # XLA's fusion runs at HBM speed
     fwd, _ = _impl("pallas", interpret)
     y = match_vma(fwd(h, w2, group_sizes, False, gu.dtype), gu, w2)
-    return y, (gu, None if recompute else h, w2, group_sizes)
+    return y, (gu, None if recompute else h, w2, group_sizes, probe)
 
 
 def _act_fc2_bwd(interpret, recompute, res, dy):
     from ops.gmm_pallas_dswiglu import gmm_dswiglu_kernel
-    gu, h, w2, group_sizes = res
+    gu, h, w2, group_sizes, probe = res
     dy = dy.astype(gu.dtype)
     if recompute:  # h for fc2's wgrad made again from gu (not kept from the forward). The barrier ties gu
         # to the cotangent: XLA can neither merge this with the forward's SwiGLU (which would keep h
@@ -167,9 +167,8 @@ def _act_fc2_bwd(interpret, recompute, res, dy):
     rhs = jnp.swapaxes(w2, 1, 2) if interpret else w2  # see gmm_dswiglu_kernel
     dgu = gmm_dswiglu_kernel(dy, rhs, gu, group_sizes, cfg=_dswiglu_config(interpret, w2.shape[0]),
                              interpret=interpret)
-    _, wgrad = _impl("pallas", interpret)
-    dw2 = wgrad(h, dy, group_sizes, w2.dtype)
-    return match_vma(dgu, gu), match_vma(dw2, w2), None
+    dw2, dprobe = wgrad_with_sumsq("pallas", interpret, h, dy, group_sizes, w2.dtype, probe)
+    return match_vma(dgu, gu), match_vma(dw2, w2), None, dprobe
 
 
 _act_fc2.defvjp(_act_fc2_fwd, _act_fc2_bwd)
@@ -197,14 +196,15 @@ def resolve_swiglu_gmm_backend(backend: str, gu, w2, interpret=False) -> str:
 
 
 def swiglu_grouped_matmul(gu, w2, group_sizes, *, backend: str = "auto", interpret: bool = False,
-                          recompute: bool = False):
+                          recompute: bool = False, sumsq_probe=None):
     """y[off_g:off_g+size_g] = swiglu(gu[off_g:off_g+size_g]) @ w2[g]: gu [M, 2F] (gate, up), w2
     [G, F, N] -> [M, N] in gu's dtype, fp32 accumulation. "pallas" (and "auto" where it runs): forward
     as XLA's SwiGLU fusion then the grouped GEMM; backward dgu from fc2's dgrad with SwiGLU's backward
     in its epilogue (ops/gmm_pallas_dswiglu.py), dw2 the grouped GEMM's wgrad. "unfused":
     `ops.gated_act.swiglu` then `ops.grouped_matmul`, each on its own "auto" backend. `interpret=True`
     runs the fused path's kernels in Mosaic-GPU interpret mode (CPU tests). `recompute=True`: the
-    SwiGLU output [M, F] is not kept for the backward; fc2's wgrad gets it again from gu there."""
+    SwiGLU output [M, F] is not kept for the backward; fc2's wgrad gets it again from gu there.
+    `sumsq_probe`: its cotangent is Σ dw2² (`ops.grouped_matmul`'s contract)."""
     gu, w2, group_sizes = jnp.asarray(gu), jnp.asarray(w2), jnp.asarray(group_sizes)
     if gu.ndim != 2 or gu.shape[1] % 2:
         raise ValueError(f"swiglu_grouped_matmul: gu must be [M, 2F] (gate, up), got shape {gu.shape}")
@@ -215,11 +215,12 @@ def swiglu_grouped_matmul(gu, w2, group_sizes, *, backend: str = "auto", interpr
     group_sizes = group_sizes.astype(jnp.int32)
     backend = resolve_swiglu_gmm_backend(backend, gu, w2, interpret)
     if backend == "reference":
+        w2 = w2 if sumsq_probe is None else sumsq_tap(w2, sumsq_probe)
         return reference_swiglu_grouped_matmul(gu, w2, group_sizes).astype(gu.dtype)
     if backend == "unfused":
         def act_fc2(g, w):
-            return grouped_matmul(swiglu(g.reshape(g.shape[0], 2, -1)), w, group_sizes)
+            return grouped_matmul(swiglu(g.reshape(g.shape[0], 2, -1)), w, group_sizes, sumsq_probe=sumsq_probe)
         # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2
         # output: the compiled gradient has as many dots as without recompute, XLA backend on CPU)
         return (jax.checkpoint(act_fc2) if recompute else act_fc2)(gu, w2)
-    return _act_fc2(gu, w2, group_sizes, bool(interpret), bool(recompute))
+    return _act_fc2(gu, w2, group_sizes, sumsq_probe, bool(interpret), bool(recompute))

@@ -6,6 +6,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
+import ops
 from ops import grouped_matmul
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
@@ -533,3 +534,43 @@ def test_kernel_outputs_typed_invariant_keep_per_device_gradients(monkeypatch):
     got = grads("pallas")
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def _probed_grads(f, x, w, dy):
+    """(dx, dw, the probe's cotangent) of f(x, w, probe), and (dx, dw) of f(x, w, None)."""
+    _, vjp = jax.vjp(lambda x, w, p: f(x, w, p), x, w, jnp.float32(0.0))
+    _, vjp_plain = jax.vjp(lambda x, w: f(x, w, None), x, w)
+    return vjp(dy), vjp_plain(dy)
+
+
+@pytest.mark.parametrize("kind,backend", [("gmm", "reference"), ("gmm", "xla"), ("gmm", "pallas"),
+                                          ("remade", "xla"), ("remade", "reference"),
+                                          # (the same backward as ("gmm", "pallas"); ~35 s in interpret mode)
+                                          pytest.param("remade", "pallas", marks=pytest.mark.slow),
+                                          ("act_fc2", "pallas"), ("act_fc2", "unfused"),
+                                          ("act_fc2", "reference")])
+def test_sumsq_probe_cotangent_is_the_weight_grads_sum_of_squares(kind, backend):
+    """The probe contract on every path the experts take (fc1 plain and with its rows made again, SwiGLU
+    then fc2): the probe's cotangent is Σ dw² of the weight gradient the same call returns, and the
+    gradients are those without a probe. Pallas in interpret mode; fresh random inputs, a zero-size group."""
+    from ops.grouped_swiglu import swiglu_grouped_matmul
+    sizes, m, k, n = [50, 0, 60, 20], 130, 64, 64
+    x, w, gs, dy = _inputs(11, m, 2 * k if kind == "act_fc2" else k, n, sizes, jnp.bfloat16, False)
+    if kind == "act_fc2":
+        w = w[:, :k]
+    interp = backend == "pallas"
+    if kind == "gmm":
+        def f(x, w, p):
+            return grouped_matmul(x, w, gs, backend=backend, interpret=interp, sumsq_probe=p)
+    elif kind == "remade":
+        def f(x, w, p):
+            return ops.grouped_matmul_remade_lhs(jnp.tanh, (x,), w, gs, backend=backend, interpret=interp,
+                                                 sumsq_probe=p)
+    else:
+        def f(x, w, p):
+            return swiglu_grouped_matmul(x, w, gs, backend=backend, interpret=interp, sumsq_probe=p)
+    (dx, dw, dp), (dx0, dw0) = _probed_grads(f, x, w, dy)
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(dx0, np.float32))
+    np.testing.assert_array_equal(np.asarray(dw, np.float32), np.asarray(dw0, np.float32))
+    want = np.sum(np.square(np.asarray(dw, np.float64)))
+    assert want > 0 and abs(float(dp) - want) <= 1e-5 * want, (float(dp), want)
