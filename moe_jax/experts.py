@@ -10,6 +10,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 import ops
 from moe_jax.config import ModelConfig
+from moe_jax import sumsq_probes
 from moe_jax.layers import activate, n_in, param
 from ops.grouped_matmul import resolve_backend as gmm_backend
 from ops import grouped_swiglu
@@ -18,29 +19,31 @@ from ops.pallas_triton import one_gpu
 
 
 def grouped_ffn(x_ND, group_sizes_E, w1_EDnF, w2_EFD, activation: str, backend: str,
-                kernels: str = "reference", recompute_act: bool = False, rows_of=None) -> jax.Array:
+                kernels: str = "reference", recompute_act: bool = False, rows_of=None,
+                probes=(None, None)) -> jax.Array:
     """fc1 → activation → fc2 of expert g on its contiguous row group, as two grouped GEMMs
     (`kernels`: the activation's backend, ModelConfig.fused_kernels). SwiGLU's backward runs in fc2's
     dgrad epilogue (ops.grouped_swiglu.swiglu_grouped_matmul) where `fuse_act_fc2` says so.
     `recompute_act`: the activation's output is recomputed in the backward, not kept. `rows_of`
     (make, args), with x_ND None: the rows are make(*args), made again in fc1's backward
-    (ops.grouped_matmul_remade_lhs) instead of kept."""
+    (ops.grouped_matmul_remade_lhs) instead of kept. `probes`: w1's and w2's `sumsq_probe`
+    (moe_jax/sumsq_probes.py), or None."""
     e, d, n, f = w1_EDnF.shape
     interpret = kernels == "interpret" and backend == "pallas"  # CPU tests of the whole Pallas path
     if rows_of is None:
         h = ops.grouped_matmul(x_ND, w1_EDnF.reshape(e, d, n * f), group_sizes_E, backend=backend,
-                               interpret=interpret)
+                               interpret=interpret, sumsq_probe=probes[0])
     else:
         h = ops.grouped_matmul_remade_lhs(*rows_of, w1_EDnF.reshape(e, d, n * f), group_sizes_E,
-                                          backend=backend, interpret=interpret)
+                                          backend=backend, interpret=interpret, sumsq_probe=probes[0])
     h = checkpoint_name(h, "gmm_out")
     if fuse_act_fc2(activation, backend, kernels, h, w2_EFD):
         y = swiglu_grouped_matmul(h, w2_EFD, group_sizes_E, backend="pallas", interpret=interpret,
-                                  recompute=recompute_act)
+                                  recompute=recompute_act, sumsq_probe=probes[1])
     else:
         def act_fc2(g, w):
             return ops.grouped_matmul(activate(g.reshape(-1, n, f), activation, kernels), w, group_sizes_E,
-                                      backend=backend, interpret=interpret)
+                                      backend=backend, interpret=interpret, sumsq_probe=probes[1])
         # recompute: only the inputs kept; the backward runs both again (XLA drops the unused fc2
         # output: the compiled gradient has as many dots as without recompute, XLA backend on CPU)
         y = (jax.checkpoint(act_fc2) if recompute_act else act_fc2)(h, w2_EFD)
@@ -86,14 +89,14 @@ class GroupedExperts(nnx.Module):
     def __call__(self, x_ND: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
         w1, w2 = self.weights()
         return grouped_ffn(x_ND.astype(self.dtype), group_sizes_E, w1, w2, self.activation, self.backend,
-                           self.kernels, self.recompute_act)
+                           self.kernels, self.recompute_act, probes=sumsq_probes.take(self))
 
     def on_remade_rows(self, make, args: tuple, group_sizes_E: jax.Array) -> jax.Array:
         """The experts on rows = make(*args) (in the compute dtype), which fc1's backward makes again
         rather than keep (MoEConfig.recompute_rows)."""
         w1, w2 = self.weights()
         return grouped_ffn(None, group_sizes_E, w1, w2, self.activation, self.backend, self.kernels,
-                           self.recompute_act, rows_of=(make, args))
+                           self.recompute_act, rows_of=(make, args), probes=sumsq_probes.take(self))
 
 
 class SequentialExperts(GroupedExperts):

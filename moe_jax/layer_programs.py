@@ -37,11 +37,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from moe_jax import parallel, weight_copy
+from moe_jax import parallel, sumsq_probes, weight_copy
 from moe_jax.layer_update import LayerUpdate, sum_of_squares
 from moe_jax.model import REMAT_POLICIES, _loop_stack, collect_aux
 from moe_jax.rope import model_rope_tables
 from moe_jax.train import head_loss, make_apply, make_optimizer  # (train imports this module lazily)
+
+# the experts' weight-gradient sums of squares from the wgrad kernel's epilogue (moe_jax/sumsq_probes.py)
+# rather than a pass over those gradients in each layer's backward
+EXPERT_SUMSQ_PROBES = True
 
 # outputs the backward recomputes from their inputs instead of a layer's forward keeping them: a view of a
 # weight (a slice, reshape or cast) would be a copy of it, an upcast a second copy of an activation
@@ -63,17 +67,25 @@ def _residual_policy(base):
 
 def _layer_backward(kept, params, x, dy, losses, closure, sumsq_dtypes=None):
     """A layer's parameter gradients and input cotangent: its closure rebuilt from the arrays its forward
-    returned (`kept`) and its inputs (`closure`: the closure's treedef and where each leaf comes from).
-    With `sumsq_dtypes` (its master weights' dtypes) also the gradients' sum of squares, which the
-    optimizer's clip needs: computed here, it is no program of its own and fuses with the gradients'
-    last passes."""
-    tree, where = closure
+    returned (`kept`) and its inputs (`closure`: the closure's treedef, where each leaf comes from, and
+    whether the forward handed the experts sum-of-squares probes out). With `sumsq_dtypes` (its master
+    weights' dtypes) also the gradients' sum of squares, which the optimizer's clip needs: computed here,
+    it is no program of its own and fuses with the gradients' last passes; the experts' weights' part
+    comes from the probes' cotangents where the forward took them (moe_jax/sumsq_probes.py: the wgrad
+    kernel's epilogue sums it), with no pass over those gradients."""
+    tree, where, probed = closure
     given, kept = jax.tree.leaves((params, x)), iter(kept)
     vjp = tree.unflatten([given[w] if w >= 0 else next(kept) for w in where])
-    grads, dx = vjp((dy, jax.tree.map(jnp.ones_like, losses)))  # the losses enter the total with weight 1
+    grads, dx, *dprobes = vjp((dy, jax.tree.map(jnp.ones_like, losses)))  # the losses enter with weight 1
     if sumsq_dtypes is None:
         return grads, dx
-    return grads, dx, sum_of_squares(jax.tree.leaves(grads), sumsq_dtypes)
+    if not probed:
+        return grads, dx, sum_of_squares(jax.tree.leaves(grads), sumsq_dtypes)
+    paths = [sumsq_probes.is_probed(path) for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    rest = [(g, d) for g, d, p in zip(jax.tree.leaves(grads), sumsq_dtypes, paths) if not p]
+    probed_dtype = next(d for d, p in zip(sumsq_dtypes, paths) if p)
+    experts = jnp.sum(dprobes[0].astype(probed_dtype))
+    return grads, dx, sum_of_squares([g for g, _ in rest], [d for _, d in rest]) + experts
 
 
 class _Programs:
@@ -117,6 +129,8 @@ class _Programs:
         self.embed_at = next(i for i, (path, _) in enumerate(paths) if path[0].key == "embed_VD")
         self._view_keys = None  # ((params' treedef, copy's keys), [(leaf index, its copy's key)]): `view`'s plan
         self.sumsq_dtypes = None  # per stack: its weights' dtypes, where its backward sums its squares
+        # per kind of layer: how many of its weights the experts' sum-of-squares probes stand for (0: none)
+        self.probes = [0] * len(kinds)
         if optimizer is None and layout is None:  # the default optimizer: updated a layer at a time
             groups = [[i for i, s in enumerate(self.stack_of) if s == k] for k in range(len(model.stacks))]
             groups.append([i for i, s in enumerate(self.stack_of) if s is None])
@@ -124,6 +138,10 @@ class _Programs:
             if self.accum == 1:  # each layer's backward sums its gradients' squares (group s is stack s)
                 self.sumsq_dtypes = [tuple(jnp.dtype(p.dtype) for p in jax.tree.leaves(state.params["stacks"][s]))
                                      for s in range(len(model.stacks))]
+                if EXPERT_SUMSQ_PROBES:
+                    for s, k in enumerate(self.kind):
+                        paths = jax.tree_util.tree_flatten_with_path(state.params["stacks"][s])[0]
+                        self.probes[k] = sum(sumsq_probes.is_probed(path) for path, _ in paths)
         else:  # one program over every parameter (sharded: its out_shardings keep the state's layout)
             apply = make_apply(graphdef, tc, optimizer or make_optimizer(tc))
 
@@ -157,14 +175,26 @@ class _Programs:
             return (y, aux["losses"]), {k: v for k, v in aux.items() if k != "losses"}
 
         layer = jax.checkpoint(layer, policy=_residual_policy(REMAT_POLICIES.get(self.cfg.remat, ...)))
-        (y, losses), vjp, stats = jax.vjp(lambda p, x: layer(p, x, rest, rng, index), params, x, has_aux=True)
+        probed = False
+        if self.probes[kind]:  # the experts' sums of squares from their wgrad (moe_jax/sumsq_probes.py)
+            records = []
+
+            def with_probes(p, x, q):
+                with sumsq_probes.collecting(q) as record:
+                    records.append(record)
+                    return layer(p, x, rest, rng, index)
+            (y, losses), vjp, stats = jax.vjp(with_probes, params, x, jnp.zeros((self.probes[kind],), jnp.float32),
+                                              has_aux=True)
+            probed = records[0].complete
+        else:
+            (y, losses), vjp, stats = jax.vjp(lambda p, x: layer(p, x, rest, rng, index), params, x, has_aux=True)
         # the closure keeps the layer's inputs (its weights, x) among its leaves: returned, each would be a
         # copy (an output buffer); instead the backward is given them again. Which leaves those are is
         # static: recorded here, at trace time, for every layer of this kind and shape
         leaves, tree = jax.tree.flatten(vjp)
         given = {id(v): k for k, v in enumerate(jax.tree.leaves((params, x)))}
         where = tuple(given.get(id(v), -1) for v in leaves)
-        self.closures[kind, x.shape, jnp.dtype(x.dtype)] = (tree, where)
+        self.closures[kind, x.shape, jnp.dtype(x.dtype)] = (tree, where, probed)
         return y, losses, stats, [v for v, w in zip(leaves, where) if w < 0]
 
     def _head(self, diff, params, rest, h, targets, rng, layer_aux):

@@ -197,3 +197,47 @@ def test_the_residual_policy_keeps_a_named_value_once():
         want = jax.grad(lambda x, w: (f(x, w) * jax.random.normal(jax.random.key(2), (8, 3))).sum(), (0, 1))(x, w)
         np.testing.assert_allclose(dx, want[0], rtol=1e-5)
         np.testing.assert_allclose(dw, want[1], rtol=1e-5)
+
+
+def test_experts_sums_of_squares_come_from_the_probes(monkeypatch):
+    """Each MoE layer's backward takes its experts' weight-gradient sums of squares from the sumsq probes'
+    cotangents (moe_jax/sumsq_probes.py) and sums the other gradients itself: the step's gradient norm and
+    clipped update equal those of the plain sums (probes off), and every MoE layer's probes were taken."""
+    from moe_jax import layer_programs
+    cfg = model_cfg()
+    tc = TrainConfig(batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, grad_clip=0.05, programs="layers")
+    got_state, got, step = run(cfg, tc)
+    programs = step.programs
+    moe_kind = programs.kind[1]
+    assert programs.probes[moe_kind] == 2 and programs.probes[programs.kind[0]] == 0  # w1, w2; the dense layer none
+    assert [c[2] for k, c in programs.closures.items() if k[0] == moe_kind] == [True]
+    monkeypatch.setattr(layer_programs, "EXPERT_SUMSQ_PROBES", False)
+    want_state, want, plain = run(cfg, tc)
+    assert not any(plain.programs.probes) and not any(c[2] for c in plain.programs.closures.values())
+    assert float(want[0]["grad_norm"]) > tc.grad_clip  # the clip acts, so the sums decide the update
+    for m_got, m_want in zip(got, want):
+        np.testing.assert_allclose(float(m_got["grad_norm"]), float(m_want["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_sumsq_probes_record_is_incomplete_without_takers():
+    """A layer whose experts do not take their probes (or take them twice) leaves the record incomplete,
+    so the backward sums those gradients itself."""
+    import jax.numpy as jnp
+    from moe_jax import sumsq_probes
+    owner, other = object(), object()
+    assert sumsq_probes.take(owner) == (None, None)  # outside `collecting`
+    with sumsq_probes.collecting(jnp.zeros((2,))) as record:
+        pass
+    assert not record.complete
+    with sumsq_probes.collecting(jnp.zeros((4,))) as record:
+        sumsq_probes.take(owner), sumsq_probes.take(owner)
+    assert not record.complete
+    with sumsq_probes.collecting(jnp.zeros((2,))) as record:
+        assert all(p is not None for p in sumsq_probes.take(owner))
+        assert sumsq_probes.take(other) == (None, None)  # more takers than probes
+    assert not record.complete
+    with sumsq_probes.collecting(jnp.zeros((4,))) as record:
+        sumsq_probes.take(owner), sumsq_probes.take(other)
+    assert record.complete
