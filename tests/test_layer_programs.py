@@ -204,6 +204,7 @@ def test_experts_sums_of_squares_come_from_the_probes(monkeypatch):
     cotangents (moe_jax/sumsq_probes.py) and sums the other gradients itself: the step's gradient norm and
     clipped update equal those of the plain sums (probes off), and every MoE layer's probes were taken."""
     from moe_jax import layer_programs
+    monkeypatch.setattr(layer_programs, "EXPERT_SUMSQ_PROBES", True)
     cfg = model_cfg()
     tc = TrainConfig(batch_size=4, seq_len=16, lr=3e-3, warmup_steps=1, grad_clip=0.05, programs="layers")
     got_state, got, step = run(cfg, tc)
