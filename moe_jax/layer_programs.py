@@ -44,9 +44,9 @@ from moe_jax.rope import model_rope_tables
 from moe_jax.train import head_loss, make_apply, make_optimizer  # (train imports this module lazily)
 
 # the experts' weight-gradient sums of squares from the wgrad kernel's epilogue (moe_jax/sumsq_probes.py)
-# rather than a pass over those gradients in each layer's backward. Off until timed in the step on a GPU
-# (built 2026-12-07 with no device call to run it: experiments/NOTES_speed.md, stop 44)
-EXPERT_SUMSQ_PROBES = False
+# rather than a pass over those gradients in each layer's backward: GPU busy time 1.6-2.5 ms a step lower
+# on all four benchmark rows (H200, experiments/NOTES_speed.md, stop 44)
+EXPERT_SUMSQ_PROBES = True
 
 # outputs the backward recomputes from their inputs instead of a layer's forward keeping them: a view of a
 # weight (a slice, reshape or cast) would be a copy of it, an upcast a second copy of an activation
