@@ -81,6 +81,10 @@ def _mask_tail(x, group_sizes):
 
 
 # ----------------------------------------------------------------------------- custom_vjp
+def _sumsq(x):
+    return jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+
 def wgrad_with_sumsq(backend, interpret, a, b, group_sizes, out_dtype, probe):
     """(out[g] = a_g^T b_g, the probe's cotangent): Σ out² (float32, of the values written) where a probe
     is given — from the Pallas kernel's epilogue, else a reduction over out — and None where not."""
@@ -91,7 +95,7 @@ def wgrad_with_sumsq(backend, interpret, a, b, group_sizes, out_dtype, probe):
         out, sq = wgrad(a, b, group_sizes, out_dtype, sumsq=True)
     else:
         out = wgrad(a, b, group_sizes, out_dtype)
-        sq = jnp.sum(jnp.square(out.astype(jnp.float32)))
+        sq = _sumsq(out)
     return out, sq.astype(probe.dtype)
 
 
@@ -103,11 +107,11 @@ def sumsq_tap(w, probe):
 
 
 def _tap_fwd(w, probe):
-    return w, jnp.zeros((), probe.dtype)
+    return w, jnp.zeros((), probe.dtype)  # (only its dtype: the cotangent's)
 
 
-def _tap_bwd(zero, dw):
-    return dw, (zero + jnp.sum(jnp.square(dw.astype(jnp.float32)))).astype(zero.dtype)
+def _tap_bwd(like, dw):
+    return dw, _sumsq(dw).astype(like.dtype)
 
 
 sumsq_tap.defvjp(_tap_fwd, _tap_bwd)
