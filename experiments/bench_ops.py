@@ -6,12 +6,13 @@ Each row times an op's forward + backward (`jax.vjp` with a random cotangent) fo
 the op in `ops/` (ours: the Pallas kernels of ops.permute_kernel, ops.gated_act, ops.rms_norm,
 ops.rope_kernel; and "reference": the formula with plain autodiff, what XLA makes of it; the
 permutation also through its gather-only VJPs with XLA gathers, "xla_gathers", and the default's mix of
-the two, "auto_mix"; the router's sort: the counting sort against a stable argsort), and gives the bytes
-the op must move at least (inputs read once, outputs written once) over the time, as a share of the
-device-to-device copy bandwidth measured in the same run (the ceiling).
+the two, "auto_mix"; the router's sort: the counting sort against a stable argsort; the router's top-k:
+argmax rounds against `lax.top_k`), and gives the bytes the op must move at least (inputs read once,
+outputs written once) over the time, as a share of the device-to-device copy bandwidth measured in the
+same run (the ceiling).
 Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V=32000) or
-`deepseek_small` (k=6, F=1408). The fused grouped-GEMM rows (`--only fc1` / `fc2`), the routing sort
-and the cross-entropy rows are GPU time from a profiler trace; the others host time (median of --reps).
+`deepseek_small` (k=6, F=1408). The fused grouped-GEMM rows (`--only fc1` / `fc2`), the routing sort, the
+top-k and the cross-entropy rows are GPU time from a profiler trace; the others host time (median of --reps).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from moe_jax import routing as routing_ops  # noqa: E402
 from moe_jax.rope import rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
 from ops.cross_entropy import chunk_rows, linear_cross_entropy  # noqa: E402
@@ -131,6 +133,8 @@ def rows(shape: dict, reps: int, only: str = ""):
         out.append(row)
     if only in "routing sort":
         out.append(sort_row(shape, reps))
+    if only in "router top-k":
+        out.append(topk_row(shape, reps))
     if jax.devices()[0].platform == "gpu":  # Mosaic-GPU kernels: interpret mode is too slow for the CPU smoke test
         out += fused_fc1_rows(shape, reps) if only in ("", "fc1") else []  # (--only fc1 / fc2: these rows alone)
         out += fused_fc2_rows(shape, reps) if only in ("", "fc2") else []
@@ -172,6 +176,26 @@ def sort_row(shape: dict, reps: int) -> dict:
     row = {"op": f"routing sort [T*k] keys < E+1 (E={E})", "ours_backend": "counting sort",
            "ranks_equal": bool(jnp.array_equal(ours(keys), plain(keys)))}
     row["ours_ms"], row["xla_plain_ms"] = _kernel_ms(ours, (keys,), reps), _kernel_ms(plain, (keys,), reps)
+    return row
+
+
+def topk_row(shape: dict, reps: int) -> dict:
+    """The router's choice of k experts from [T, E] scores (deepseek: group-limited, 8 groups, best 3):
+    `routing.top_k_indices` (argmax rounds, what the router runs) against `lax.top_k` (XLA sorts each
+    row), GPU time, with the choices checked equal."""
+    T, k, E = shape["T"], shape["k"], shape["E"]
+    sel = jax.nn.sigmoid(jax.random.normal(jax.random.key(13), (T, E)))
+    lax_select = lambda x, k: jax.lax.top_k(x, k)[1]  # noqa: E731
+    if E >= 64:
+        def run(select):
+            return jax.jit(lambda s: routing_ops.group_limited_topk(s, k, 8, 3, select=select))
+    else:
+        def run(select):
+            return jax.jit(lambda s: select(s, k).astype(jnp.int32))
+    ours, plain = run(routing_ops.top_k_indices), run(lax_select)
+    row = {"op": f"router top-k [T,E] (E={E}, k={k}{', 8 groups' if E >= 64 else ''})",
+           "ours_backend": "argmax rounds", "choices_equal": bool(jnp.array_equal(ours(sel), plain(sel)))}
+    row["ours_ms"], row["xla_plain_ms"] = _kernel_ms(ours, (sel,), reps), _kernel_ms(plain, (sel,), reps)
     return row
 
 

@@ -85,21 +85,52 @@ def score(logits_TE: jax.Array, fn: str) -> jax.Array:
                      "must be one of ['softmax', 'sigmoid', 'sqrtsoftplus']")
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """Integers in the order of the floats `x` (the IEEE total order: -NaN < -inf < ... < -0 < +0 < ... <
+    +inf < NaN, as `lax.top_k` compares), with the integer type's lowest value left free."""
+    ity = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, ity)
+    keys = jnp.where(bits < 0, bits ^ jnp.iinfo(ity).max, bits)  # negatives: flip the magnitude bits
+    return jnp.maximum(keys, jnp.iinfo(ity).min + 1)
+
+
+def top_k_indices(x: jax.Array, k: int) -> jax.Array:
+    """`lax.top_k(x, k)[1]` over the last axis (int32; ties: the lower index first) as k rounds of a row
+    argmax on order-preserving integer keys, each picked key then set below every other.
+
+    For the router's small rows (E ≤ a few hundred, k ≤ 8) XLA makes a few row reductions of this where
+    `lax.top_k` becomes a sort of each row (`bench_ops.py --only top-k` times both).
+    """
+    if not 0 < k <= x.shape[-1]:
+        raise ValueError(f"top-{k} of rows of {x.shape[-1]}")
+    keys = _order_keys(x)
+    taken = jnp.iinfo(keys.dtype).min
+    col = jax.lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
+    picked = []
+    for _ in range(k):
+        i = jnp.argmax(keys, axis=-1).astype(jnp.int32)
+        picked.append(i)
+        keys = jnp.where(col == i[..., None], taken, keys)
+    return jnp.stack(picked, axis=-1)
+
+
 def group_limited_topk(sel_TE: jax.Array, k: int, num_groups: int, group_topk: int,
-                       score_topk: int | None = None) -> jax.Array:
+                       score_topk: int | None = None, select=top_k_indices) -> jax.Array:
     """Top-k experts restricted to the `group_topk` best of `num_groups` contiguous expert groups.
 
     A group's score is the sum of its top `score_topk` selection scores (default k // group_topk, as
-    Megatron; DeepSeek-V3: 2; DeepSeek-V2: 1, its best expert). Returns [T,k] int32.
+    Megatron; DeepSeek-V3: 2; DeepSeek-V2: 1, its best expert). Returns [T,k] int32. `select(x, k)`:
+    the top-k indices of rows, best first (`top_k_indices`; the benchmark passes `lax.top_k`'s).
     """
     T, E = sel_TE.shape
     per_group = sel_TE.reshape(T, num_groups, E // num_groups)
-    group_score_TG = jax.lax.top_k(per_group, score_topk or k // group_topk)[0].sum(-1)
-    best_groups = jax.lax.top_k(group_score_TG, group_topk)[1]                  # [T, group_topk]
+    best_in_group = select(per_group, score_topk or k // group_topk)      # [T, G, s], best first
+    group_score_TG = jnp.take_along_axis(per_group, best_in_group, axis=-1).sum(-1)
+    best_groups = select(group_score_TG, group_topk)                      # [T, group_topk]
     group_ok_TG = jax.nn.one_hot(best_groups, num_groups, dtype=jnp.bool_).any(axis=-2)
     expert_ok_TE = jnp.repeat(group_ok_TG, E // num_groups, axis=-1)
     masked = jnp.where(expert_ok_TE, sel_TE, -jnp.inf)
-    return jax.lax.top_k(masked, k)[1].astype(jnp.int32)
+    return select(masked, k).astype(jnp.int32)
 
 
 def topk_experts(sel_TE: jax.Array, cfg: MoEConfig) -> jax.Array:
@@ -108,7 +139,7 @@ def topk_experts(sel_TE: jax.Array, cfg: MoEConfig) -> jax.Array:
     if cfg.router_num_groups is not None:
         return group_limited_topk(sel_TE, cfg.router_topk, cfg.router_num_groups,
                                   cfg.router_group_topk, cfg.group_score_topk)
-    return jax.lax.top_k(sel_TE, cfg.router_topk)[1].astype(jnp.int32)
+    return top_k_indices(sel_TE, cfg.router_topk)
 
 
 def gates(logits_TE: jax.Array, cfg: MoEConfig, expert_bias=None) -> tuple[jax.Array, jax.Array]:

@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from moe_jax.config import MoEConfig, capacity
-from moe_jax.routing import capacity_mask, group_limited_topk, route, update_expert_bias
+from moe_jax.routing import capacity_mask, group_limited_topk, route, top_k_indices, update_expert_bias
 
 SCORE_MODES = [("softmax", True), ("softmax", False), ("sigmoid", False), ("sqrtsoftplus", False)]
 
@@ -436,3 +436,26 @@ def test_group_score_topk_picks_groups_by_their_best_experts():
                        (dict(router_group_score_topk=None), "must divide router_topk")]:
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(cfg, **bad)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,k", [((257, 64), 6), ((33, 8, 8), 2), ((100, 8), 3), ((40, 8), 8)])
+def test_top_k_indices_equals_lax_top_k(shape, k, dtype):
+    """The argmax rounds pick what lax.top_k picks, in its order, on random rows with ties (values
+    rounded to a few levels), infinities, signed zeros and NaN."""
+    rng = np.random.default_rng(sum(shape) + k)
+    x = rng.normal(size=shape).astype(np.float32)
+    x[: shape[0] // 2] = np.round(x[: shape[0] // 2] * 2) / 2   # many ties in the first half
+    flat = x.reshape(-1, shape[-1])
+    flat[3, :3] = [np.inf, -np.inf, -0.0]
+    flat[4, :] = -np.inf
+    flat[5, :4] = [0.0, -0.0, 0.0, -0.0]
+    flat[6, 1], flat[7, 2], flat[7, 5] = np.nan, -np.inf, np.nan
+    xj = jnp.asarray(x, dtype)
+    want = jax.lax.top_k(xj, k)[1]
+    got = jax.jit(top_k_indices, static_argnums=1)(xj, k)
+    assert got.dtype == jnp.int32 and got.shape == shape[:-1] + (k,)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert (np.sort(np.asarray(got), -1)[..., 1:] != np.sort(np.asarray(got), -1)[..., :-1]).all()  # distinct
+    with pytest.raises(ValueError, match="top-9 of rows of 8"):
+        top_k_indices(jnp.zeros((2, 8)), 9)
