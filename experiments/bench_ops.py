@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from moe_jax import routing as routing_ops  # noqa: E402
 from moe_jax.rope import rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
+from ops import permute_kernel as PK  # noqa: E402
 from ops.cross_entropy import chunk_rows, linear_cross_entropy  # noqa: E402
 from ops import gmm_pallas  # noqa: E402
 from ops.gated_act import swiglu, swiglu_vjp  # noqa: E402
@@ -374,6 +375,31 @@ def tune_norm(shape: dict, reps: int, on_row=print) -> list[dict]:
     return out
 
 
+def tune_permute(shape: dict, reps: int, on_row=print) -> list[dict]:
+    """The permutation's row gather (`ops.permute_kernel.gather_rows`, [T, D] -> [T·k, D] bf16: permute's
+    forward and unpermute's backward) per ops.permute_kernel.Launch, GPU time, each result checked
+    against x[tok]; `on_row(rows so far)` after each."""
+    T, k, D = shape["T"], shape["k"], shape["D"]
+    x = jax.random.normal(jax.random.key(1), (T, D), BF16)
+    tok = jax.random.permutation(jax.random.key(2), T * k) % T
+    want = x[tok]
+    out, default = [], PK.LAUNCH
+    try:
+        for block_elems in (4096, 8192, 16384, 32768):
+            for warps in (2, 4, 8, 16):
+                PK.LAUNCH = PK.Launch(block_elems, warps)
+                f = jax.jit(lambda x, tok: PK.gather_rows(x, tok, interpret=_kw("pallas")["interpret"]))
+                row = {"block_elems": block_elems, "warps": warps,
+                       "equal": bool(jnp.array_equal(f(x, tok), want))}
+                row["permute_ms"] = _kernel_ms(f, (x, tok), reps)
+                row["tb_per_s"] = (want.nbytes + x.nbytes) / (row["permute_ms"] * 1e-3) / 1e12
+                out.append(row)
+                on_row(out)
+    finally:
+        PK.LAUNCH = default
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="mixtral", choices=sorted(SHAPES))
@@ -384,9 +410,11 @@ def main(argv=None) -> int:
                          "grouped-GEMM rows alone; wgrad: the wgrad kernel's sums of squares)")
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     ap.add_argument("--tune-ce", action="store_true", help="sweep ops.softmax_ce.Launch instead")
+    ap.add_argument("--tune-permute", action="store_true", help="sweep ops.permute_kernel.Launch instead")
     args = ap.parse_args(argv)
     for flag, kind, module, sweep, key in ((args.tune_ce, "tune_ce", ce_ops, tune_ce, "ce_ms"),
-                                           (args.tune_norm, "tune_norm", norm_ops, tune_norm, "norm_ms")):
+                                           (args.tune_norm, "tune_norm", norm_ops, tune_norm, "norm_ms"),
+                                           (args.tune_permute, "tune_permute", PK, tune_permute, "permute_ms")):
         if flag:  # a sweep: its JSON rewritten after each row (a sweep cut short keeps what it measured)
             def best(rows_, key=key):
                 return min(rows_, key=lambda r: r.get(key, 1e9))

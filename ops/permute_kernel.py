@@ -18,6 +18,7 @@ elements; the slot maps are passed slot-major ([k, T]) so each slot's indices ar
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,8 +29,16 @@ from jax.experimental.pallas import triton as pltriton
 from ops.pallas_triton import MAX_ROW, compiler_params, is_pow2, rows_per_block
 
 F32 = jnp.float32
-BLOCK_ELEMS = 8192  # elements of one program's row block (rows · D)
-WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Both kernels' launch shape: elements of one program's row block (rows · D) and its warps."""
+    block_elems: int = 8192
+    warps: int = 4
+
+
+LAUNCH = Launch()  # `bench_ops.py --tune-permute` sweeps it
 
 
 def check_width(d: int) -> str:
@@ -63,7 +72,7 @@ def gather_rows(x_TD, tok_R, gate_R=None, *, interpret=False):
     """rows[r] = x[tok[r]] (· gate[r]); zero rows where tok[r] >= T (see the module docstring)."""
     t, d = x_TD.shape
     r = tok_R.shape[0]
-    br = rows_per_block(r, d, BLOCK_ELEMS)
+    br = rows_per_block(r, d, LAUNCH.block_elems)
     blk = pl.BlockSpec((br,), lambda i: (i,))
     args = [tok_R.astype(jnp.int32)] + ([gate_R.astype(F32)] if gate_R is not None else []) + [x_TD]
     specs = [blk] * (len(args) - 1) + [pl.BlockSpec((t, d), lambda i: (0, 0))]
@@ -71,7 +80,7 @@ def gather_rows(x_TD, tok_R, gate_R=None, *, interpret=False):
         functools.partial(_rows_kernel, t=t, gated=gate_R is not None), grid=(r // br,),
         in_specs=specs, out_specs=pl.BlockSpec((br, d), lambda i: (i, 0)),
         out_shape=jax.ShapeDtypeStruct((r, d), x_TD.dtype),
-        compiler_params=compiler_params(num_warps=WARPS, interpret=interpret),
+        compiler_params=compiler_params(num_warps=LAUNCH.warps, interpret=interpret),
         interpret=interpret, name="permute_gather_rows")(*args)
 
 
@@ -103,7 +112,7 @@ def gather_sum(y_RD, dest_Tk, w_Tk=None, other_TD=None, *, need_sum=True, interp
     t, k = dest_Tk.shape
     if not need_sum and other_TD is None:
         raise ValueError("gather_sum: nothing to compute (need_sum=False and no `other`)")
-    bt = rows_per_block(t, d, BLOCK_ELEMS)
+    bt = rows_per_block(t, d, LAUNCH.block_elems)
     slots = pl.BlockSpec((k, bt), lambda i: (0, i))
     rows_spec = pl.BlockSpec((bt, d), lambda i: (i, 0))
     args, specs = [dest_Tk.astype(jnp.int32).T], [slots]
@@ -126,7 +135,7 @@ def gather_sum(y_RD, dest_Tk, w_Tk=None, other_TD=None, *, need_sum=True, interp
         functools.partial(_sum_kernel, r=r, k=k, weighted=w_Tk is not None, with_other=other_TD is not None,
                           need_sum=need_sum), grid=(t // bt,),
         in_specs=specs, out_specs=out_specs, out_shape=out_shape,
-        compiler_params=compiler_params(num_warps=WARPS, interpret=interpret),
+        compiler_params=compiler_params(num_warps=LAUNCH.warps, interpret=interpret),
         interpret=interpret, name="permute_gather_sum")(*args)
     outs = list(outs)
     out = outs.pop(0) if need_sum else None
