@@ -1,7 +1,8 @@
 """Sweep Pallas grouped-matmul configs on the device; write ops/tuning/grouped_matmul.json.
 
   PYTHONPATH=. python3 experiments/autotune_grouped_matmul.py [--kinds fwd] [--shapes 1,2] [--out PATH]
-One representative shape per shape class (ops.tuning.shape_class), with Dirichlet and uniform
+One representative shape per shape class (ops.tuning.shape_class; --shapes 0-3), or a preset's own GEMM
+(4-9: its pick goes to that exact shape's entry, ops.tuning.exact_key), with Dirichlet and uniform
 group sizes (--patterns; a config's score is its mean time over them). Each config is checked
 against XLA's ragged_dot before it is timed (GPU kernel time per call over --reps calls, from a
 profiler trace; the host-timed median where no trace has GPU events): relative error, finite
@@ -37,16 +38,22 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from bench_grouped_matmul import group_sizes  # noqa: E402
 from timing import device_ms, median_seconds  # noqa: E402
 
-SHAPES = [  # (E, M, K, N): one per class
+SHAPES = [  # (E, M, K, N); 0-3: one per shape class, whose entry (tuning.shape_class) their picks set
     (8, 32768, 4096, 14336),
     (64, 65536, 2048, 1408),
     (64, 65536, 1408, 2048),
     (16, 32768, 2048, 4096),
-    # mixtral_small's own shapes: fc2 forward / fc2 wgrad (8, 32768, 4096, 2048) and fc1's dgrad
-    # (--kinds fwd_t: the forward kernel with rhs [G, N, K]) (8, 32768, 8192, 2048)
+    # 4-: the presets' own GEMMs, whose picks set their exact shape's entry (tuning.exact_key), which wins
+    # over the class. mixtral_small: 4 fc2 forward and wgrad, 5 fc1's dgrad (--kinds fwd_t: the forward
+    # kernel with rhs [G, N, K]), 6 fc1 forward and wgrad; deepseek_small: 7 fc1, 8 fc2, 9 fc1's dgrad
     (8, 32768, 4096, 2048),
     (8, 32768, 8192, 2048),
+    (8, 32768, 2048, 8192),
+    (64, 98304, 2048, 2816),
+    (64, 98304, 1408, 2048),
+    (64, 98304, 2816, 2048),
 ]
+CLASS_SHAPES = 4
 FWD = [dict(split=sp, tile_m=tm, tile_n=tn, max_concurrent_steps=s, delay_release=d,
             grid_tile_width=w, pingpong=pp)
        for sp, tm, tn, s, d, w, pp in [
@@ -70,6 +77,13 @@ WGRAD_RING = [dict(tile_r=64, tile_a=128, tile_b=128, max_concurrent_steps=s, gr
                    split=sp, ring=True, delay_release=d)
               for s, w, sp, d in [(3, 4, "b", 0), (3, 4, "b", 1), (3, 8, "b", 0), (3, 4, "a", 0),
                                   (3, 4, "a", 1)]]
+# --quick: the configs within a few points of the best in the sweeps of 2026-12-02 (each class's current
+# entry is added anyway)
+FWD_QUICK = [c for c in FWD if (c["split"], c["tile_m"], c["max_concurrent_steps"], c["delay_release"],
+                                c["grid_tile_width"], c.get("pingpong", False)) in {
+    ("n", 128, 6, 1, 8, True), ("n", 128, 4, 1, 8, False), ("m", 256, 4, 1, 8, False),
+    ("m", 256, 4, 1, 16, False)}]
+WGRAD_QUICK = WGRAD + [c for c in WGRAD_RING if c["grid_tile_width"] == 4 and c["delay_release"] == 0]
 CHECKS = {  # name -> (kind, transpose_rhs, config overrides)
     "fwd": ("fwd", False, {}),
     "fwd_t": ("fwd", True, {}),
@@ -246,6 +260,7 @@ def main():
     ap.add_argument("--patterns", default="dirichlet,uniform",
                     help="group-size patterns a config is timed on (its score: the mean)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="the short candidate lists (FWD_QUICK, WGRAD_QUICK)")
     ap.add_argument("--ring", action="store_true",
                     help="also sweep the cross-item-ring wgrad (after --check wgrad_ring_* passed)")
     ap.add_argument("--ring-margin", type=float, default=0.02,
@@ -259,22 +274,26 @@ def main():
                 ok &= check(name, m=3000, k=1408, n=1536, e=16)
         sys.exit(0 if ok else 1)
     configs = {"fwd": FWD, "fwd_t": FWD, "wgrad": WGRAD + (WGRAD_RING if args.ring else [])}
+    if args.quick:
+        configs = {"fwd": FWD_QUICK, "fwd_t": FWD_QUICK, "wgrad": WGRAD_QUICK if args.ring else WGRAD}
     if args.configs:
         configs.update(json.loads(args.configs))
     path = pathlib.Path(args.out)
     table = json.loads(path.read_text()) if path.exists() else {}
     dev = tuning.own_key()  # this device's own entry (device_key may fall back to the H100's)
     entry = table.setdefault(dev, {"fwd": {}, "wgrad": {}})
-    shapes = [SHAPES[int(i)] for i in args.shapes.split(",")]
+    shapes = [int(i) for i in args.shapes.split(",")]
     kinds = args.kinds.split(",")
     # earlier rows stay in the log unless this run re-times the same config at the same shape
     earlier, new, swept = entry.get("_measured", {}).get("log", []), [], set()
-    for e, m, k, n in shapes:
+    for idx in shapes:
+        e, m, k, n = SHAPES[idx]
         for kind in kinds:
             cls = tuning.shape_class(m, k, n, e)
-            # fwd_t: what the dgrad runs now (the class's fwd entry) is among its candidates
-            current = entry.get(kind, {}).get(cls) or (
-                entry.get("fwd", {}).get(cls) if kind == "fwd_t" else None)
+            key = cls if idx < CLASS_SHAPES else tuning.exact_key(k, n, e)
+            # what runs now is among the candidates (fwd_t: the forward's entry where it has none)
+            here = [entry.get(kind, {})] + ([entry.get("fwd", {})] if kind == "fwd_t" else [])
+            current = next((d[c] for d in here for c in (key, cls) if c in d), None)
             cands = with_current(configs[kind], current)
             rows = []
             results = sweep(kind, e, m, k, n, cands, args.reps, rows, args.patterns.split(","))
@@ -284,8 +303,8 @@ def main():
             swept |= {(kind, (e, m, k, n), json.dumps(c, sort_keys=True)) for c in cands}
             best = pick(results, args.ring_margin)
             if best:
-                entry.setdefault(kind, {})[cls] = best[1]
-                print("PICK", kind, (e, m, k, n), cls, best[1], f"{best[0] * 1e3:.3f} ms", flush=True)
+                entry.setdefault(kind, {})[key] = best[1]
+                print("PICK", kind, (e, m, k, n), key, best[1], f"{best[0] * 1e3:.3f} ms", flush=True)
             entry["_measured"] = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
                                   "date": time.strftime("%Y-%m-%d"), "log": merge_log(earlier, new, swept),
                                   "timing": "GPU kernel time per call (profiler) where available"}

@@ -19,7 +19,8 @@
 #   autotune — the grouped-GEMM table for this GPU (own_key: "H200" on the H200): the forward sweep over
 #            every shape class, then the wgrad sweep with the cross-item ring; the table lands in $OUT
 #            after each sweep (a run cut short keeps what it measured); AUTOTUNE_KINDS (fwd wgrad),
-#            AUTOTUNE_SHAPES (1,2,3,0: autotune's SHAPES; 4,5 are mixtral_small's fc2 and fc1-dgrad shapes),
+#            AUTOTUNE_SHAPES (1,2,3,0: autotune's SHAPES, one per class; 4-9 the presets' own GEMMs, exact entries),
+#            AUTOTUNE_QUICK=1 (the short candidate lists),
 #            AUTOTUNE_CONFIGS (JSON {"fwd": [...]}: the candidates); AUTOTUNE_KINDS may add fwd_t (the dgrad's form);
 #            AUTOTUNE_SHAPES_<kind> sets one kind's shapes (e.g. AUTOTUNE_SHAPES_fwd_t=5)
 #   dsv3   — the MLA GPU tests (cuDNN vs XLA), then profile_model.py (step time, MFU, peak memory, GPU
@@ -252,6 +253,7 @@ PY
       limit=$([ "$kind" = wgrad ] && echo ${AUTOTUNE_WGRAD_S:-220} || echo ${AUTOTUNE_FWD_S:-330})
       timeout -s KILL $limit python3 experiments/autotune_grouped_matmul.py --kinds $kind $ring \
         --shapes $(v=AUTOTUNE_SHAPES_$kind; echo ${!v:-${AUTOTUNE_SHAPES:-1,2,3,0}}) ${AUTOTUNE_CONFIGS:+--configs "$AUTOTUNE_CONFIGS"} \
+        $([ "${AUTOTUNE_QUICK:-0}" = 1 ] && echo --quick) \
         > "$OUT/autotune_$kind.log" 2>&1; echo "$kind rc=$?"
       grep "^PICK" "$OUT/autotune_$kind.log"
     done

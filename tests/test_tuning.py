@@ -52,3 +52,21 @@ def test_transposed_rhs_prefers_its_own_entry_for_exactly_its_class(monkeypatch)
     assert tuning.fwd_config(*long_k, transpose_rhs=True).pingpong
     assert tuning.fwd_config(*long_k).max_concurrent_steps == 4          # the forward keeps its own
     assert tuning.fwd_config(*short_k, transpose_rhs=True).max_concurrent_steps == 6  # fwd's exact class
+
+
+def test_an_exact_shape_entry_wins_over_its_class(monkeypatch):
+    """A preset's own GEMM swept at its shape (key "g=G,k=K,n=N") takes that entry, in fwd, fwd_t and
+    wgrad; other shapes of the class keep the class's."""
+    cls = "g>16,n>=2048,k<4096"
+    fwd = {cls: {"max_concurrent_steps": 6}, tuning.exact_key(2048, 2816, 64): {"max_concurrent_steps": 3}}
+    fwd_t = {tuning.exact_key(2816, 2048, 64): {"max_concurrent_steps": 5}}
+    wgrad = {cls: {"max_concurrent_steps": 3}, tuning.exact_key(1408, 2048, 64): {"max_concurrent_steps": 2}}
+    monkeypatch.setattr(tuning, "_table", lambda name: {"H200": {"fwd": fwd, "fwd_t": fwd_t, "wgrad": wgrad}})
+    monkeypatch.setattr(tuning, "device_key", lambda device=None: "H200")
+    assert tuning.exact_key(2048, 2816, 64) == "g=64,k=2048,n=2816"
+    assert tuning.fwd_config(98304, 2048, 2816, 64).max_concurrent_steps == 3     # exact
+    assert tuning.fwd_config(98304, 1408, 2048, 64).max_concurrent_steps == 6     # its class
+    assert tuning.fwd_config(98304, 2816, 2048, 64, transpose_rhs=True).max_concurrent_steps == 5
+    assert tuning.fwd_config(98304, 2816, 2048, 64).max_concurrent_steps == 6     # untransposed: the class
+    assert tuning.wgrad_config(98304, 1408, 2048, 64).max_concurrent_steps == 2
+    assert tuning.wgrad_config(98304, 2048, 2816, 64).max_concurrent_steps == 3

@@ -1,6 +1,8 @@
 """Tuning tables for the Pallas kernels: JSON written by experiments/autotune_*.py on the device.
 
-Lookup only (no tuning at import or call time): device kind -> shape class -> config.
+Lookup only (no tuning at import or call time): device kind -> kernel -> key -> config, where a key is
+a shape class (`shape_class`) or one exact (G, K, N) (`exact_key`: a preset's own GEMM, swept at its
+shape), which wins over its class.
 """
 from __future__ import annotations
 
@@ -62,11 +64,20 @@ def shape_class(m, k, n, g) -> str:
     return f"{gcls},{ncls},{kcls}"
 
 
+def exact_key(k, n, g) -> str:
+    """The key of one GEMM shape (M, the rows, varies with the routing and is left out)."""
+    return f"g={g},k={k},n={n}"
+
+
 def _lookup(kernel, m, k, n, g):
-    """The class's entry; else one that differs only in the K bucket; else the default."""
+    """The exact shape's entry; else the class's; else one that differs only in the K bucket; else the
+    default."""
     entry = _entries(kernel)
+    if exact_key(k, n, g) in entry:
+        return entry[exact_key(k, n, g)]
     cls = shape_class(m, k, n, g)
-    near = [v for key, v in sorted(entry.items()) if key.rsplit(",", 1)[0] == cls.rsplit(",", 1)[0]]
+    near = [v for key, v in sorted(entry.items())
+            if not key.startswith("g=") and key.rsplit(",", 1)[0] == cls.rsplit(",", 1)[0]]
     return entry.get(cls, near[0] if near else entry.get("default", {}))
 
 
@@ -77,9 +88,10 @@ def _entries(kernel):
 
 def fwd_config(m, k, n, g, transpose_rhs=False):
     """The forward kernel's config; with transpose_rhs (the dgrad's form, rhs [G, N, K]) the
-    table's "fwd_t" entry for exactly this class where it has one, else the "fwd" lookup."""
+    table's "fwd_t" entry for exactly this shape or class where it has one, else the "fwd" lookup."""
     from ops.gmm_pallas import FwdConfig
-    own_t = _entries("fwd_t").get(shape_class(m, k, n, g)) if transpose_rhs else None
+    fwd_t = _entries("fwd_t") if transpose_rhs else {}
+    own_t = fwd_t.get(exact_key(k, n, g)) or fwd_t.get(shape_class(m, k, n, g))
     cfg = FwdConfig(**(own_t or _lookup("fwd", m, k, n, g)))
     return _fit(cfg, n, "tile_n", 2 if cfg.split == "n" and not cfg.pingpong else 1)
 
