@@ -56,10 +56,19 @@ def test_bench_ops_runs_on_cpu(tmp_path):
     import bench_ops
     assert bench_ops.main(["--shape", "tiny", "--reps", "2", "--out", str(tmp_path / "ops.json")]) == 0
     rows = json.loads((tmp_path / "ops.json").read_text())["rows"]
-    assert len(rows) == 9 and all(r["xla_plain_ms"] > 0 for r in rows)
+    assert len(rows) == 10 and all(r["xla_plain_ms"] > 0 for r in rows)
     assert [r["ranks_equal"] for r in rows if r["op"].startswith("routing sort")] == [True]
+    assert [r["choices_equal"] for r in rows if r["op"].startswith("router top-k")] == [True]
     assert rows[-1]["op"].startswith("cross-entropy softmax pass") and rows[-1]["ours_ms"] > 0
     assert all(r["auto_mix_ms"] > 0 and r["xla_gathers_ms"] > 0 for r in rows if "permute" in r["op"])
+
+
+def test_bench_ops_permute_sweep_runs_on_cpu(tmp_path):
+    import bench_ops
+    assert bench_ops.main(["--shape", "tiny", "--reps", "1", "--tune-permute", "--out", str(tmp_path / "p.json")]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert len(res["rows"]) == 16 and all(r["equal"] and r["permute_ms"] > 0 for r in res["rows"])
+    assert res["default"] == {"block_elems": 8192, "warps": 4} and res["best"] in res["rows"]
 
 
 def test_bench_compile_runs_on_cpu(tmp_path):
