@@ -35,6 +35,9 @@
 #            optimized HLO (which ops each fusion holds: read it beside the profile's kernel names) into a .tgz;
 #            FAST_DUMP=all dumps every program (the per-layer programs) and counts each one's copies;
 #            RUN_TAG (fast and ab) ends every result file's name (one call's files do not replace another's)
+#   routing — the router's top-k (argmax rounds, routing.top_k_indices) against lax.top_k: bench_ops.py --only top-k
+#            at both shapes (GPU time, choices checked equal), then deepseek_small's step (bf16) with each,
+#            ours only (ROUTING_PRESET); then the permutation kernels' launch sweep (bench_ops.py --tune-permute)
 #   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   ab     — a variant against the defaults in one call: AB_TESTS (pytest args, run with -m gpu first), ours with the
@@ -275,6 +278,30 @@ PY
           > "$OUT/torch_$tag.log" 2>&1; echo "== torch $preset $pd rc=$?"; tail -4 "$OUT/torch_$tag.log"
       done
     done ;;
+  routing)
+    for s in mixtral deepseek; do
+      timeout -s KILL 80 python3 experiments/bench_ops.py --shape $s --only top-k \
+        --out "experiments/results/ops_topk_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -1
+    done
+    preset=${ROUTING_PRESET:-deepseek_small}
+    FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_argmax FAST_LINES=3 bash "$0" fast
+    stem="experiments/results/profile_${preset}_$(date +%F)_${GPU}_bf16"
+    # the same step with lax.top_k (what the router ran before): the previous form put back through runpy
+    timeout -s KILL 240 python3 - "$preset" "${stem}_laxtopk${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/profile_laxtopk.log" 2>&1 <<'PY'
+import runpy, sys
+import jax
+import moe_jax.routing as R
+select = lambda x, k: jax.lax.top_k(x, k)[1]  # noqa: E731
+R.group_limited_topk.__defaults__ = (None, select)
+R.top_k_indices = select
+sys.argv = ["profile_model.py", "--config", sys.argv[1], "model.param_dtype=bfloat16", "--out", sys.argv[2]]
+runpy.run_path("experiments/profile_model.py", run_name="__main__")
+PY
+    echo "== lax.top_k rc=$?"; grep -v "^[WI][0-9]" "$OUT/profile_laxtopk.log" | tail -3
+    for s in ${PERMUTE_SHAPES:-deepseek mixtral}; do
+      timeout -s KILL 120 python3 experiments/bench_ops.py --shape $s --tune-permute \
+        --out "experiments/results/tune_permute_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" 2>&1 | grep "^best"
+    done ;;
   attn) timeout -s KILL 150 python3 experiments/probe_attention.py \
       --out "experiments/results/probe_attention_causal_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
@@ -293,7 +320,7 @@ PY
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|ce|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|layers|plain|cache|kernels|dsv3|attn|dswiglu"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|ce|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|layers|plain|cache|kernels|dsv3|attn|dswiglu|routing"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 # the device brings back at most 8 files: this run's logs travel as one archive (GPU_KEEP_LOGS=1 keeps them)
