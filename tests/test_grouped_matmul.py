@@ -474,6 +474,38 @@ def test_autotune_short_sweep_keeps_current_pick_and_earlier_rows():
     assert [r["ms"] for r in merged] == [3.0, 4.0, 1.5]
 
 
+def test_autotune_writes_exact_entries_for_the_presets_shapes(tmp_path, monkeypatch):
+    """Shapes 0-3 set their class's entry, the presets' own GEMMs (4-) their exact shape's entry; what runs
+    now at a shape (its exact entry, else its class's; fwd_t: else the forward's) is among the candidates."""
+    import json
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import autotune_grouped_matmul as A
+    from ops import tuning
+    cur = {"split": "m", "tile_m": 256, "grid_tile_width": 64}
+    out = tmp_path / "table.json"
+    out.write_text(json.dumps({tuning.own_key(): {"fwd": {"g>16,n>=2048,k<4096": cur}, "wgrad": {}}}))
+    seen = {}
+
+    def fake_sweep(kind, e, m, k, n, configs, reps, log, patterns):  # the first candidate "wins"
+        seen[(kind, (e, m, k, n))] = configs
+        return [(1e-3, configs[0])]
+    monkeypatch.setattr(A, "sweep", fake_sweep)
+    monkeypatch.setattr(sys, "argv", ["autotune", "--kinds", "fwd,fwd_t", "--shapes", "3,7,9", "--quick",
+                                      "--out", str(out)])
+    A.main()
+    entry = json.loads(out.read_text())[tuning.own_key()]
+    assert set(entry["fwd"]) == {"g>16,n>=2048,k<4096", "g<=16,n>=2048,k<4096", "g=64,k=2048,n=2816",
+                                 "g=64,k=2816,n=2048"}
+    assert set(entry["fwd_t"]) == {"g<=16,n>=2048,k<4096", "g=64,k=2048,n=2816", "g=64,k=2816,n=2048"}
+    assert entry["fwd"]["g>16,n>=2048,k<4096"] == cur                   # no class shape of it was swept
+    assert seen[("fwd", A.SHAPES[7])] == A.FWD_QUICK + [cur]              # the class's pick ran beside them
+    # fwd_t at the same shape: what the dgrad runs now is the forward's exact pick just made (a candidate)
+    assert entry["fwd"]["g=64,k=2048,n=2816"] == A.FWD_QUICK[0]
+    assert seen[("fwd_t", A.SHAPES[7])] == A.FWD_QUICK
+    assert seen[("fwd", A.SHAPES[3])] == A.FWD_QUICK
+
+
 def test_sm_margin_env(monkeypatch):
     from ops import gmm_pallas_common as common
     assert common.grid_sms(132) == 132
