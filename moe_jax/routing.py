@@ -98,8 +98,9 @@ def top_k_indices(x: jax.Array, k: int) -> jax.Array:
     """`lax.top_k(x, k)[1]` over the last axis (int32; ties: the lower index first) as k rounds of a row
     argmax on order-preserving integer keys, each picked key then set below every other.
 
-    For the router's small rows (E ≤ a few hundred, k ≤ 8) XLA makes a few row reductions of this where
-    `lax.top_k` becomes a sort of each row (`bench_ops.py --only top-k` times both).
+    For the router's small rows (E ≤ a few hundred, k ≤ 8) XLA makes a few row reductions of this; the
+    group-limited choice through `lax.top_k` ran as two sorts per layer on the GPU (deepseek_small's
+    profile, 2026-12-07). `bench_ops.py --only top-k` times both.
     """
     if not 0 < k <= x.shape[-1]:
         raise ValueError(f"top-{k} of rows of {x.shape[-1]}")
