@@ -33,7 +33,8 @@
 #            reference; FAST_TESTS=1 first runs the ops' tests on the GPU; FAST_TOP kernels listed (40);
 #            FAST_DUMP=1 has XLA dump our step's buffer assignment (the buffers live at the peak) and its
 #            optimized HLO (which ops each fusion holds: read it beside the profile's kernel names) into a .tgz;
-#            FAST_DUMP=all dumps every program (the per-layer programs) and counts each one's copies;
+#            FAST_DUMP=all dumps every program (the per-layer programs), counts each one's copies and maps the
+#            profile's kernels to their HLO ops and source lines through the dumps (profile_model.py --hlo-dir);
 #            RUN_TAG (fast and ab) ends every result file's name (one call's files do not replace another's)
 #   routing — the router's top-k (argmax rounds, routing.top_k_indices) against lax.top_k: bench_ops.py --only top-k
 #            at both shapes (GPU time, choices checked equal), then deepseek_small's step (bf16) with each,
@@ -152,6 +153,7 @@ case "${1:-}" in
         xf="${XLA_FLAGS:-}${dump:+ $dump}"
         env ${xf:+XLA_FLAGS="$xf"} timeout -s KILL ${FAST_TIMEOUT:-240} python3 experiments/profile_model.py --config "$preset" --top ${FAST_TOP:-40} \
           "model.param_dtype=$dt" ${FAST_EXTRA:-} --out "experiments/results/profile_$tag.json" \
+          $([ "${FAST_DUMP:-0}" = all ] && echo --hlo-dir /tmp/xdump_$tag) \
           > "$OUT/profile_$tag.log" 2>&1; echo "== ours $preset $pd rc=$?"
         grep -v "^[WI][0-9]" "$OUT/profile_$tag.log" | tail -${FAST_LINES:-40}
         if [ -n "$dump" ]; then  # the buffer assignment (its live ranges name the peak) and the memory report

@@ -7,7 +7,8 @@ Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, 
 `make_train_step`), compiles the step ahead of time (its HLO text maps each kernel back to its HLO
 instruction, op_name and Python source line; per-layer programs, the default on one device, compile at
 the first step, `compile_s` is its time, and kernels go by name and program (the optimizer's programs are
-"optimizer"): `train.programs=one` for the split by HLO source), times `--wall-steps` steps sent
+"optimizer"), or by HLO source through `--hlo-dir`, the run's XLA dump directory; or `train.programs=one`),
+times `--wall-steps` steps sent
 back to back as training sends them, then traces `--steps` steps the same way with jax.profiler.
 Prints GPU time per step by category (`CATEGORIES`) and by program, the top kernels, step wall time, GPU busy time
 (union over streams), `idle_ms` = wall - busy (busy comes from the traced steps and wall from the
@@ -170,31 +171,61 @@ def _instruction(name: str, stats: dict, meta: dict) -> str:
 OPTIMIZER_PROGRAMS = ("jit__sumsq", "jit__finish", "jit__update")
 
 
-def split_time(events, meta: dict, steps: int, top: int = 25):
+def dump_metadata(directory) -> dict[str, dict]:
+    """{"<name>#<id>", and "<name>" where only one module has that name: `hlo_metadata`} of an XLA dump
+    directory's `module_<id>.<name>.*after_optimizations.txt` files (XLA_FLAGS=--xla_dump_to=DIR): the
+    compiled text of the per-layer programs, which `split_time` finds by an event's hlo_module and
+    program_id (both must match), else by its hlo_module alone."""
+    out, names = {}, collections.Counter()
+    for path in sorted(Path(directory).glob("module_*after_optimizations.txt")):
+        m = re.match(r"module_(\d+)\.([^.]+)\.", path.name)
+        if m is None:
+            continue
+        out[f"{m.group(2)}#{int(m.group(1))}"] = out[m.group(2)] = hlo_metadata(path.read_text())
+        names[m.group(2)] += 1
+    for name, n in names.items():
+        if n > 1:  # compiled more than once (e.g. one layer_backward per layer kind): only by id
+            del out[name]
+    return out
+
+
+def split_time(events, meta: dict, steps: int, top: int = 25, program_meta: dict | None = None):
     """Per step: ms by category and by program (the kernel's hlo_module), and the `top` (kernel, HLO
     instruction, program) rows with their share, op_name and source (one cuBLAS kernel serves many dots:
-    each keeps its own row and category). Under per-layer programs no HLO text maps the kernels; their
-    program does: the optimizer's programs count as "optimizer" but for their GEMMs."""
-    per_op = collections.defaultdict(lambda: [0, 0])  # (kernel, instruction, program) -> [ns, calls]
+    each keeps its own row and category). `meta` maps the one-program step's kernels; `program_meta`
+    (`dump_metadata`) the per-layer programs', by the event's program_id or program name. A kernel no text
+    maps goes by its name and program: the optimizer's programs count as "optimizer" but for their GEMMs."""
+    program_meta = program_meta or {}
+    # (kernel, instruction, program, the dumped module that maps it) -> [ns, calls]: one program name
+    # compiled twice (e.g. a dense and an MoE layer's backward) keeps a row per module
+    per_op = collections.defaultdict(lambda: [0, 0])
+    md_of = {}  # the same key -> the instruction's metadata ({} where none maps it)
     programs = collections.Counter()
     for name, _, dur, stats in events:
         program = str(stats.get("hlo_module", ""))
-        row = per_op[(name, _instruction(name, stats, meta), program)]
+        pid = str(stats.get("program_id", "")).strip()
+        pid = str(int(pid)) if pid.isdigit() else pid
+        module = next((k for k in (f"{program}#{pid}", program) if k in program_meta), "")
+        m = program_meta[module] if module else meta
+        key = (name, _instruction(name, stats, m), program, module)
+        md_of.setdefault(key, m.get(key[1], {}))
+        row = per_op[key]
         row[0] += dur
         row[1] += 1
         programs[program or "?"] += dur / steps / 1e6
     total = sum(ns for ns, _ in per_op.values()) or 1
-    mapped = sum(ns for (_, hlo, _), (ns, _) in per_op.items() if hlo in meta) / total
+    mapped = sum(ns for key, (ns, _) in per_op.items() if md_of[key]) / total
     cats = collections.Counter({c: 0.0 for c in CATEGORY_NAMES})
     rows = []
-    for (name, hlo, program), (ns, calls) in per_op.items():
-        md = meta.get(hlo, {})
+    for (name, hlo, program, module), (ns, calls) in per_op.items():
+        md = md_of[(name, hlo, program, module)]
         cat = category(name, md.get("op_name", ""), hlo, " < ".join(md.get("frames", [])))
         if program in OPTIMIZER_PROGRAMS and "GEMM" not in cat:
             cat = "optimizer"
         cats[cat] += ns / steps / 1e6
         rows.append({"kernel": name[:160], "ms_per_step": ns / steps / 1e6, "share": ns / total,
                      "calls_per_step": calls / steps, "category": cat, "hlo_op": hlo, "program": program,
+                     "module": module,
                      "op_name": md.get("op_name", ""), "source": md.get("source", "")})
     rows.sort(key=lambda r: -r["ms_per_step"])
     split = {c: {"ms_per_step": v, "share": v * steps * 1e6 / total} for c, v in cats.items()}
@@ -221,6 +252,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--out", default=None)
     ap.add_argument("--hlo-out", default=None, help="also write the compiled step's HLO text here (.gz: gzipped)")
+    ap.add_argument("--hlo-dir", default=None,
+                    help="this run's XLA dump directory (XLA_FLAGS=--xla_dump_to=DIR): maps the per-layer "
+                         "programs' kernels to their HLO instruction, op_name and source line")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.param_dtype=bfloat16")
     args = ap.parse_args(argv)
     cfg, state, step, data, counts, layout = build(args.config, args.overrides)
@@ -278,7 +312,8 @@ def main(argv=None) -> dict:
         source = "host XLA:CPU ops" if events else None
     elif not events and data_ is not None:  # a layout this parser does not know: say what there is
         print("no GPU stream events; planes:", [(pl.name, [ln.name for ln in pl.lines][:8]) for pl in data_.planes])
-    split, top, mapped, by_program = split_time(events, meta, args.steps, args.top)
+    program_meta = dump_metadata(args.hlo_dir) if args.hlo_dir else {}
+    split, top, mapped, by_program = split_time(events, meta, args.steps, args.top, program_meta)
     idle_gaps = gaps(events, args.steps) if source == "gpu" else None
     stats_found = sorted({k for *_, st in events for k in st})
     busy = busy_ns(events) / args.steps / 1e6 if source == "gpu" else None

@@ -179,3 +179,32 @@ def test_split_time_by_program_counts_the_per_layer_update_as_optimizer():
     assert programs == {"jit__update": pytest.approx(1.0), "jit__layer_backward": pytest.approx(0.5),
                         "jit__layer_forward": pytest.approx(0.5), "jit__sumsq": pytest.approx(0.25)}
     assert top[0]["program"] == "jit__update" and top[0]["category"] == "optimizer"
+
+
+def test_dump_metadata_maps_the_per_layer_programs(tmp_path):
+    """Kernels of per-layer programs map through an XLA dump directory: by program name and id where a
+    name was compiled more than once, by name alone where once; never through another program's id."""
+    def module(fusion, op):
+        return (f"HloModule m\n\nENTRY %main (p: f32[4]) -> f32[4] {{\n  %p = f32[4]{{0}} parameter(0)\n"
+                f"  ROOT %{fusion} = f32[4]{{0}} fusion(%p), kind=kLoop, calls=%f, "
+                f'metadata={{op_name="{op}" source_file="/r/moe_jax/layers.py" source_line=7}}\n}}\n')
+    files = {"module_0098.jit__layer_backward.sm_9.0_gpu_after_optimizations.txt": module("gemm_fusion_dot.7", "a"),
+             "module_0100.jit__layer_backward.sm_9.0_gpu_after_optimizations.txt": module("gemm_fusion_dot.7", "b"),
+             "module_0092.jit__layer_forward.sm_9.0_gpu_after_optimizations.txt": module("loop_add_fusion", "c"),
+             "module_0092.jit__layer_forward.sm_9.0_gpu_after_optimizations-buffer-assignment.txt": "not HLO"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    pm = profile_model.dump_metadata(tmp_path)
+    assert set(pm) == {"jit__layer_backward#98", "jit__layer_backward#100", "jit__layer_forward#92",
+                       "jit__layer_forward"}
+    events = [("gemm_fusion_dot_7", 0, 2_000_000, {"hlo_module": "jit__layer_backward", "program_id": 100}),
+              ("gemm_fusion_dot_7", 0, 1_000_000, {"hlo_module": "jit__layer_backward", "program_id": "98"}),
+              ("loop_add_fusion", 0, 500_000, {"hlo_module": "jit__layer_forward", "program_id": 5}),
+              ("gemm_fusion_dot_7", 0, 500_000, {"hlo_module": "jit__other", "program_id": 98})]
+    _, top, mapped, _ = profile_model.split_time(events, {}, steps=1, top=4, program_meta=pm)
+    assert [(r["program"], r["hlo_op"], r["op_name"], r["source"]) for r in top] == [
+        ("jit__layer_backward", "gemm_fusion_dot.7", "b", "/r/moe_jax/layers.py:7"),
+        ("jit__layer_backward", "gemm_fusion_dot.7", "a", "/r/moe_jax/layers.py:7"),
+        ("jit__layer_forward", "loop_add_fusion", "c", "/r/moe_jax/layers.py:7"),
+        ("jit__other", "", "", "")]
+    assert mapped == pytest.approx(3.5 / 4.0)
