@@ -8,7 +8,8 @@ Builds the run as `moe_jax/runner.py` does (preset + overrides, synthetic data, 
 instruction, op_name and Python source line; per-layer programs, the default on one device, compile at
 the first step, `compile_s` is its time; their kernels map to HLO source through `--hlo-dir`, the run's XLA
 dump directory, else they go by name and program, the optimizer's programs as "optimizer"), times
-`--wall-steps` steps sent back to back as training sends them, then traces `--steps` steps the same way with jax.profiler.
+`--wall-steps` steps sent back to back as training sends them, then traces `--steps` steps the same way
+with jax.profiler.
 Prints GPU time per step by category (`CATEGORIES`) and by program, the top kernels, step wall time, GPU busy time
 (union over streams), `idle_ms` = wall - busy (busy comes from the traced steps and wall from the
 timed ones, so the difference is partly the GPU's speed moving between samples, not all idle time),
