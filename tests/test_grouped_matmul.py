@@ -454,6 +454,23 @@ def test_autotune_picks_ring_only_when_correct_and_faster():
     assert not A.valid("wgrad", want * 1.1, want, [5, 0, 3], tol=2e-2)[0]
 
 
+def test_autotune_wgrad_reference_by_group_matches_xla():
+    """The autotune's wgrad reference (a group at a time, so deepseek's fc1 fits an H100) equals
+    ops.grouped_matmul.xla_wgrad on random inputs: uneven groups, an empty one, rows past the sum."""
+    import sys
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "experiments"))
+    import autotune_grouped_matmul as A
+    ka, kb = jax.random.split(jax.random.key(11))
+    a = jax.random.normal(ka, (200, 24), jnp.float32)
+    b = jax.random.normal(kb, (200, 40), jnp.float32)
+    gs = jnp.asarray([37, 0, 101, 50], jnp.int32)  # 188 rows: the last 12 in no group
+    got = np.asarray(A.wgrad_by_group(a, b, gs, jnp.float32))
+    want = np.asarray(A.xla_wgrad(a, b, gs, jnp.float32))  # ops.grouped_matmul's
+    assert got.shape == (4, 24, 40) and not np.any(got[1])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[2], np.asarray(a[37:138]).T @ np.asarray(b[37:138]), rtol=1e-5, atol=1e-4)
+
+
 def test_autotune_short_sweep_keeps_current_pick_and_earlier_rows():
     """A short sweep (--configs) always times the class's current entry beside its candidates, and
     the log keeps the earlier rows it did not re-time."""
