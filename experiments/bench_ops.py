@@ -376,23 +376,31 @@ def tune_norm(shape: dict, reps: int, on_row=print) -> list[dict]:
 
 
 def tune_permute(shape: dict, reps: int, on_row=print) -> list[dict]:
-    """The permutation's row gather (`ops.permute_kernel.gather_rows`, [T, D] -> [T·k, D] bf16: permute's
-    forward and unpermute's backward) per ops.permute_kernel.Launch, GPU time, each result checked
-    against x[tok]; `on_row(rows so far)` after each."""
+    """permute's forward kernels ([T, D] -> [T·k, D] bf16, a random dropless routing's expert-sorted rows) per
+    ops.permute_kernel.Launch, GPU time, each result checked against x[token]: the row gather
+    (`gather_rows`, also unpermute's backward; `permute_ms`) and the token-major form (`scatter_rows`:
+    each token's row read once; `scatter_ms`); `on_row(rows so far)` after each."""
     T, k, D = shape["T"], shape["k"], shape["D"]
     x = jax.random.normal(jax.random.key(1), (T, D), BF16)
-    tok = jax.random.permutation(jax.random.key(2), T * k) % T
+    dest, src, _ = routing(jax.random.key(2), T, k, shape["E"])
+    tok = src // k
     want = x[tok]
+    interpret = _kw("pallas")["interpret"]
     out, default = [], PK.LAUNCH
     try:
         for block_elems in (4096, 8192, 16384, 32768):
             for warps in (2, 4, 8, 16):
                 PK.LAUNCH = PK.Launch(block_elems, warps)
-                f = jax.jit(lambda x, tok: PK.gather_rows(x, tok, interpret=_kw("pallas")["interpret"]))
-                row = {"block_elems": block_elems, "warps": warps,
-                       "equal": bool(jnp.array_equal(f(x, tok), want))}
-                row["permute_ms"] = _kernel_ms(f, (x, tok), reps)
-                row["tb_per_s"] = (want.nbytes + x.nbytes) / (row["permute_ms"] * 1e-3) / 1e12
+                row = {"block_elems": block_elems, "warps": warps}
+                for form, f in (("permute", lambda x, tok: PK.gather_rows(x, tok, interpret=interpret)),
+                                ("scatter", lambda x, dest: PK.scatter_rows(x, dest, T * k, interpret=interpret))):
+                    f = jax.jit(f)
+                    arg = tok if form == "permute" else dest
+                    row["equal" if form == "permute" else "scatter_equal"] = bool(jnp.array_equal(f(x, arg), want))
+                    row[f"{form}_ms"] = _kernel_ms(f, (x, arg), reps)
+                    # the least traffic of either form: the rows written, x read once
+                    row["tb_per_s" if form == "permute" else "scatter_tb_per_s"] = (
+                        (want.nbytes + x.nbytes) / (row[f"{form}_ms"] * 1e-3) / 1e12)
                 out.append(row)
                 on_row(out)
     finally:

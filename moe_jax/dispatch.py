@@ -74,15 +74,16 @@ def sort_rows(x_TD: jax.Array, a: Assignment, *, probs_on_input: bool = False,
     `ModelConfig.fused_kernels`)."""
     perm = sort_by_expert(a, capacity=capacity)
     gates = a.weights if probs_on_input else None
-    return rows_maker(kernels)(x_TD, perm.dest, perm.src, gates), perm
+    return rows_maker(kernels, capacity is None)(x_TD, perm.dest, perm.src, gates), perm
 
 
 @functools.lru_cache(maxsize=None)
-def rows_maker(kernels: str = "auto"):
+def rows_maker(kernels: str = "auto", covered: bool = False):
     """`make(x_TD, dest, src, gates=None)` -> the expert-sorted rows of `sort_rows` (one function per
-    `kernels`, so that ops.grouped_matmul_remade_lhs sees the same static function each trace)."""
+    `kernels` and `covered`, so that ops.grouped_matmul_remade_lhs sees the same static function each
+    trace). `covered`: every buffer row holds an assignment (no capacity, so no padding rows)."""
     def make(x_TD, dest, src, gates=None):
-        return permute_rows(x_TD, dest, src, gates, **_permute_args(kernels))
+        return permute_rows(x_TD, dest, src, gates, covered=covered, **_permute_args(kernels))
     return make
 
 
@@ -135,7 +136,7 @@ class LocalDispatcher:
         (`GroupedExperts.on_remade_rows`)."""
         perm = sort_by_expert(a, capacity=self.capacity)
         args = (x_TD, perm.dest, perm.src) + ((a.weights,) if self.probs_on_input else ())
-        return (rows_maker(self.kernels), args, perm.group_sizes,
+        return (rows_maker(self.kernels, self.capacity is None), args, perm.group_sizes,
                 LocalHandle(perm, a, jnp.zeros((), jnp.int32)))
 
     def combine(self, y_RD: jax.Array, h: LocalHandle) -> jax.Array:

@@ -38,6 +38,11 @@ from ops.pallas_triton import resolve
 
 BACKENDS = ("auto", "pallas", "xla", "reference")
 
+# permute's forward kernel where every buffer row holds one assignment (`covered`): "gather" (a program per
+# block of buffer rows, each reading x[token]: T·k row reads) or "scatter" (`permute_kernel.scatter_rows`: a
+# program per block of tokens, each token's row read once and stored to its k buffer rows: T row reads)
+FORWARD_KERNEL = "gather"
+
 
 def _token_of(src_R, t: int, k: int):
     """Token of each buffer row; t (out of range) for padding rows."""
@@ -97,17 +102,20 @@ def reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk):
 
 # ----------------------------------------------------------------------------- gather-only VJPs
 # impls: (forward pass, backward pass), each "xla" | "pallas" | "interpret"
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _permute(x_TD, dest_Tk, src_R, weights_Tk, impls):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _permute(x_TD, dest_Tk, src_R, weights_Tk, impls, scatter):
+    if scatter and impls[0] != "xla":  # token-major: the caller said every buffer row is covered
+        return permute_kernel.scatter_rows(x_TD, dest_Tk, src_R.shape[0], weights_Tk,
+                                           interpret=impls[0] == "interpret")
     gate = None if weights_Tk is None else _gate_of(weights_Tk, src_R)
     return _rows(x_TD, src_R, dest_Tk.shape[1], gate, impls[0])
 
 
-def _permute_fwd(x_TD, dest_Tk, src_R, weights_Tk, impls):
-    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls), (x_TD, dest_Tk, src_R, weights_Tk)
+def _permute_fwd(x_TD, dest_Tk, src_R, weights_Tk, impls, scatter):
+    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls, scatter), (x_TD, dest_Tk, src_R, weights_Tk)
 
 
-def _permute_bwd(impls, res, drows_RD):
+def _permute_bwd(impls, scatter, res, drows_RD):
     x_TD, dest_Tk, src_R, weights_Tk = res
     dx, dw = _slots(drows_RD, dest_Tk, weights_Tk, None if weights_Tk is None else x_TD, impls[1])
     return (dx.astype(x_TD.dtype), None, None,
@@ -163,14 +171,17 @@ def _impls(op: str, backend: str, rows, interpret: bool) -> tuple[str, str]:
     return "xla", "xla"
 
 
-def permute(x_TD, dest_Tk, src_R, weights_Tk=None, *, backend: str = "auto", interpret: bool = False):
-    """rows[r] = x[src[r] // k] (· weights[src[r]]); see the module docstring."""
+def permute(x_TD, dest_Tk, src_R, weights_Tk=None, *, backend: str = "auto", interpret: bool = False,
+            covered: bool = False):
+    """rows[r] = x[src[r] // k] (· weights[src[r]]); see the module docstring. `covered`: the caller
+    knows every buffer row holds exactly one assignment (no padding rows, no assignment dropped out of
+    the buffer), so the forward's kernel may write the rows token-major (`FORWARD_KERNEL`)."""
     _check(dest_Tk, src_R, weights_Tk, backend)
     dest_Tk, src_R = dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32)
     impls = _impls("permute", backend, x_TD, interpret)
     if impls[0] == "reference":
         return reference_permute(x_TD, dest_Tk, src_R, weights_Tk)
-    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls)
+    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls, covered and FORWARD_KERNEL == "scatter")
 
 
 def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto", interpret: bool = False):

@@ -84,6 +84,43 @@ def gather_rows(x_TD, tok_R, gate_R=None, *, interpret=False):
         interpret=interpret, name="permute_gather_rows")(*args)
 
 
+# ----------------------------------------------------------------------------- scatter_rows
+def _scatter_kernel(*refs, r, k, gated):
+    dest_ref, *rest = refs
+    gate_ref, x_ref, o_ref = rest if gated else (None, *rest)
+    x = x_ref[...]
+    cols = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
+    for j in range(k):  # static: the block's rows stored to their j-th slot's buffer rows
+        dest = dest_ref[j, :]
+        ok = dest < r
+        rows = x.astype(F32) * gate_ref[j, :][:, None] if gated else x
+        pltriton.store(o_ref.at[jnp.where(ok, dest, 0)[:, None], cols], rows.astype(o_ref.dtype),
+                       mask=ok[:, None] & (cols >= 0))
+
+
+def scatter_rows(x_TD, dest_Tk, num_rows: int, gate_Tk=None, *, interpret=False):
+    """rows[dest[t, j]] = x[t] (· gate[t, j]) for every assignment with dest[t, j] < num_rows: the
+    rows of `gather_rows(x, src // k, gate[src])` made token-major, each token's row read once and
+    written to its k buffer rows. Only for a buffer whose every row holds an assignment (no padding
+    rows): a row no assignment lands in is left unwritten."""
+    t, d = x_TD.shape
+    k = dest_Tk.shape[1]
+    bt = rows_per_block(t, d, LAUNCH.block_elems)
+    slots = pl.BlockSpec((k, bt), lambda i: (0, i))
+    args, specs = [dest_Tk.astype(jnp.int32).T], [slots]
+    if gate_Tk is not None:
+        args.append(gate_Tk.astype(F32).T)
+        specs.append(slots)
+    args.append(x_TD)
+    specs.append(pl.BlockSpec((bt, d), lambda i: (i, 0)))
+    return pl.pallas_call(
+        functools.partial(_scatter_kernel, r=num_rows, k=k, gated=gate_Tk is not None), grid=(t // bt,),
+        in_specs=specs, out_specs=pl.BlockSpec((num_rows, d), lambda i: (0, 0)),
+        out_shape=jax.ShapeDtypeStruct((num_rows, d), x_TD.dtype),
+        compiler_params=compiler_params(num_warps=LAUNCH.warps, interpret=interpret),
+        interpret=interpret, name="permute_scatter_rows")(*args)
+
+
 # ----------------------------------------------------------------------------- gather_sum
 def _sum_kernel(*refs, r, k, weighted, with_other, need_sum):
     refs = list(refs)

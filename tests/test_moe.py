@@ -190,3 +190,38 @@ def test_layer_through_grouped_gemm_backend(backend, case):
 
     for a, b in zip(jax.tree.leaves(jax.grad(f)(params, False)), jax.tree.leaves(jax.grad(f)(params, True))):
         assert rel_err(a, b) < (3e-2 if dtype == "bfloat16" else 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("pallas", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("recompute_rows", [False, True])
+@pytest.mark.parametrize("case", ["dropless", "capacity_padded"])
+def test_layer_with_token_major_permute(monkeypatch, backend, recompute_rows, case):
+    """ops.permute.FORWARD_KERNEL="scatter" (permute's forward token-major where the buffer has no padding)
+    through the MoE layer, the rows kept or made again in fc1's backward: the output and gradients of the
+    default gather. On CPU the permutation's kernels run in interpret mode; with a capacity the buffer
+    has padding rows and the gather stays."""
+    import ops.permute as P
+    pallas = backend == "pallas"
+    d = 256 if pallas else 64  # the kernels take power-of-two row widths
+    cfg = dataclasses.replace(make_cfg(d, grouped_gemm_backend=backend, recompute_rows=recompute_rows,
+                                       ffn_hidden_size=256 if pallas else 16, **CASES[case]),
+                              dtype="bfloat16" if pallas else "float32", init_std=0.05,
+                              fused_kernels="auto" if pallas else "interpret")
+    layer = MoELayer(cfg, rngs=nnx.Rngs(4))
+    x = jax.random.normal(jax.random.key(5), (B, S, d), jnp.float32)
+    ct = jax.random.normal(jax.random.key(6), (B, S, d))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def run():
+        def f(p):
+            return jnp.sum(nnx.merge(graphdef, p, rest)(x)[0].astype(jnp.float32) * ct)
+        jaxpr = str(jax.make_jaxpr(f)(params))
+        return jax.value_and_grad(f)(params), "permute_scatter_rows" in jaxpr
+
+    (l0, g0), used0 = run()
+    monkeypatch.setattr(P, "FORWARD_KERNEL", "scatter")
+    (l1, g1), used1 = run()
+    assert not used0 and used1 == (case == "dropless")
+    np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-6)

@@ -175,6 +175,61 @@ def test_backend_choice():
             P.permute(x, dest, src, backend="pallas")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_scatter_forward_matches_reference(monkeypatch, dtype, gated):
+    """FORWARD_KERNEL="scatter" (`permute_kernel.scatter_rows`, token-major) on a covered buffer (no
+    capacity: every row holds an assignment, the dropped ones included): the reference's rows and
+    gradients (x and the gates), and the kernel is the one traced."""
+    monkeypatch.setattr(P, "FORWARD_KERNEL", "scatter")
+    dest, src, kept = _maps(jax.random.key(13))
+    ks = jax.random.split(jax.random.key(14), 3)
+    x = jax.random.normal(ks[0], (T, D)).astype(dtype)
+    w = jnp.where(kept, jax.random.uniform(ks[1], (T, K), minval=0.2), 0.0) if gated else None
+    ct = jax.random.normal(ks[2], (src.shape[0], D)).astype(dtype)
+    tol = 1e-6 if dtype == "float32" else 1e-2
+
+    def loss(x, w, backend, interp=False, covered=False):
+        rows = P.permute(x, dest, src, w, backend=backend, interpret=interp, covered=covered)
+        return jnp.sum(rows.astype(jnp.float32) * ct.astype(jnp.float32))
+
+    want_rows = P.permute(x, dest, src, w, backend="reference")
+    argnums = (0, 1) if gated else (0,)
+    want = jax.grad(loss, argnums=argnums)(x, w, "reference")
+    for backend in ("pallas", "auto"):
+        assert "permute_scatter_rows" in str(jax.make_jaxpr(
+            lambda x: P.permute(x, dest, src, w, backend=backend, interpret=True, covered=True))(x))
+        rows = P.permute(x, dest, src, w, backend=backend, interpret=True, covered=True)
+        assert rows.dtype == jnp.dtype(dtype)
+        np.testing.assert_allclose(np.asarray(rows, np.float32), np.asarray(want_rows, np.float32),
+                                   rtol=tol, atol=tol)
+        got = jax.grad(loss, argnums=argnums)(x, w, backend, True, True)
+        for g, r in zip(got, want):
+            assert float(jnp.abs(r.astype(jnp.float32)).max()) > 0.1
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol)
+    # not covered (the default): the gather, whatever FORWARD_KERNEL says
+    assert "permute_scatter_rows" not in str(jax.make_jaxpr(
+        lambda x: P.permute(x, dest, src, w, backend="pallas", interpret=True))(x))
+
+
+def test_dispatch_marks_only_uncapped_buffers_covered(monkeypatch):
+    """moe_jax.dispatch.sort_rows lets the permutation write token-major only without a capacity (a capped
+    buffer has padding rows no assignment writes); both give the reference's rows."""
+    from moe_jax import dispatch
+    from moe_jax.routing import Assignment
+    monkeypatch.setattr(P, "FORWARD_KERNEL", "scatter")
+    k1, k2, k3 = jax.random.split(jax.random.key(21), 3)
+    experts = jax.vmap(lambda k: jax.random.permutation(k, E)[:K])(jax.random.split(k1, T))
+    kept = jax.random.uniform(k2, (T, K)) > 0.2
+    a = Assignment.of(jnp.where(kept, 0.5, 0.0), experts, kept, E)
+    x = jax.random.normal(k3, (T, D), jnp.float32)
+    for capacity, scatter in ((None, True), (3, False)):
+        fn = lambda x: dispatch.sort_rows(x, a, capacity=capacity, kernels="interpret")[0]  # noqa: E731
+        assert ("permute_scatter_rows" in str(jax.make_jaxpr(fn)(x))) == scatter
+        want = dispatch.sort_rows(x, a, capacity=capacity, kernels="reference")[0]
+        np.testing.assert_allclose(np.asarray(fn(x)), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 def test_kernels_lower_for_cuda(monkeypatch):
     dest, src, kept = _maps(jax.random.key(4))
     x = jax.random.normal(jax.random.key(5), (T, D), jnp.bfloat16)
@@ -191,6 +246,11 @@ def test_kernels_lower_for_cuda(monkeypatch):
     monkeypatch.setattr(pt, "on_nvidia_gpu", lambda: True)  # lower as for a GPU (Triton IR is built at lowering)
     text = jax.jit(grads).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 5, text.count("__gpu$xla.gpu.triton")
+    # the token-major forward lowers too (a store per slot through an index map)
+    monkeypatch.setattr(P, "FORWARD_KERNEL", "scatter")
+    text = jax.jit(lambda x: P.permute(x, dest, src, backend="pallas", covered=True)).trace(x).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "permute_scatter_rows" in text
 
 
 @pytest.mark.gpu
@@ -241,3 +301,23 @@ def test_run_log_line_says_when_the_permutation_kernels_run():
     auto = kernels_note(load_config("tiny_moe", []).model)
     assert ("the MoE permutation's forward" in auto) == one_gpu()  # else XLA's gathers
     assert "permutation" not in kernels_note(load_config("tiny_moe", ["model.fused_kernels=reference"]).model)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,k,e,d", [(16384, 2, 8, 2048), (16384, 6, 64, 2048)])
+def test_scatter_kernel_on_gpu_matches_gather(t, k, e, d):
+    """`permute_kernel.scatter_rows` (token-major) against `gather_rows` at the benchmark shapes, bf16, on a
+    covered buffer (every row one assignment): the same rows bit for bit, with and without gates."""
+    if not jax.devices()[0].platform == "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    from ops import permute_kernel as PK
+    key = jax.random.key(19)
+    experts = jax.random.randint(key, (t * k,), 0, e)
+    dest = P.stable_rank(experts, e)  # assignment -> row, every row covered
+    src = P.inverse(dest, t * k)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (t, d), jnp.bfloat16)
+    w = jax.random.uniform(jax.random.fold_in(key, 2), (t, k))
+    for gate in (None, w):
+        got = jax.jit(lambda x: PK.scatter_rows(x, dest.reshape(t, k), t * k, gate))(x)
+        want = jax.jit(lambda x: PK.gather_rows(x, src // k, None if gate is None else gate.reshape(-1)[src]))(x)
+        assert bool(jnp.array_equal(got, want))
