@@ -376,16 +376,23 @@ def tune_norm(shape: dict, reps: int, on_row=print) -> list[dict]:
 
 
 def tune_permute(shape: dict, reps: int, on_row=print) -> list[dict]:
-    """permute's forward kernels ([T, D] -> [T·k, D] bf16, a random dropless routing's expert-sorted rows) per
-    ops.permute_kernel.Launch, GPU time, each result checked against x[token]: the row gather
-    (`gather_rows`, also unpermute's backward; `permute_ms`) and the token-major form (`scatter_rows`:
-    each token's row read once; `scatter_ms`); `on_row(rows so far)` after each."""
+    """The permutation's kernels ([T, D] <-> [T·k, D] bf16, a random dropless routing's expert-sorted rows) per
+    ops.permute_kernel.Launch, GPU time, each result checked: permute's forward as the row gather (`gather_rows`;
+    `permute_ms`) and token-major (`scatter_rows`, each token's row read once; `scatter_ms`), and unpermute's
+    backward token-major (`scatter_dots`; `dots_ms`, beside the default XLA form's `xla_unpermute_bwd_ms`);
+    `on_row(rows so far)` after each."""
     T, k, D = shape["T"], shape["k"], shape["D"]
     x = jax.random.normal(jax.random.key(1), (T, D), BF16)
-    dest, src, _ = routing(jax.random.key(2), T, k, shape["E"])
+    dest, src, w = routing(jax.random.key(2), T, k, shape["E"])
     tok = src // k
     want = x[tok]
     interpret = _kw("pallas")["interpret"]
+    # unpermute's backward on the same maps (y: the buffer, x standing for dout): the XLA form that runs by
+    # default (dy's rows gathered row-major, the gate dots) against the token-major kernel (`dots_ms`)
+    y = jax.random.normal(jax.random.key(3), (T * k, D), BF16)
+    xla_bwd = jax.jit(lambda y, dout: P._unpermute_bwd(("xla", "xla"), None, (y, dest, src, w), dout)[::3])
+    dy_want, dw_want = xla_bwd(y, x)
+    xla_bwd_ms = _kernel_ms(xla_bwd, (y, x), reps)
     out, default = [], PK.LAUNCH
     try:
         for block_elems in (4096, 8192, 16384, 32768):
@@ -401,6 +408,11 @@ def tune_permute(shape: dict, reps: int, on_row=print) -> list[dict]:
                     # the least traffic of either form: the rows written, x read once
                     row["tb_per_s" if form == "permute" else "scatter_tb_per_s"] = (
                         (want.nbytes + x.nbytes) / (row[f"{form}_ms"] * 1e-3) / 1e12)
+                dots = jax.jit(lambda y, dout: PK.scatter_dots(y, dest, w, dout, interpret=interpret))
+                dy, dw = dots(y, x)
+                row["dots_equal"] = bool(jnp.array_equal(dy, dy_want)) and bool(
+                    jnp.allclose(dw, dw_want, rtol=1e-3, atol=1e-2))
+                row["dots_ms"], row["xla_unpermute_bwd_ms"] = _kernel_ms(dots, (y, x), reps), xla_bwd_ms
                 out.append(row)
                 on_row(out)
     finally:

@@ -39,9 +39,10 @@
 #   routing — the router's top-k (argmax rounds, routing.top_k_indices) against lax.top_k: bench_ops.py --only top-k
 #            at both shapes (GPU time, choices checked equal), then deepseek_small's step (bf16) with each,
 #            ours only (ROUTING_PRESET); then the permutation kernels' launch sweep (bench_ops.py --tune-permute)
-#   scatter — permute's forward token-major (ops.permute.FORWARD_KERNEL="scatter"): its GPU tests, the launch sweep
-#            of both forms at SCATTER_SHAPES (deepseek), then SCATTER_PRESET's (deepseek_small) bf16 step with the
-#            gather (the default) and with the scatter, ours only (SCATTER_STEP=0 skips the steps)
+#   scatter — the permutation's token-major kernels (ops.permute.FORWARD_KERNEL, UNPERMUTE_BACKWARD = "scatter"):
+#            their GPU tests, the launch sweep of every form at SCATTER_SHAPES (deepseek), then SCATTER_PRESET's
+#            (deepseek_small) bf16 step with the defaults, with the forward token-major ("fwd") and with both
+#            ("both"; SCATTER_VARIANTS), ours only (SCATTER_STEP=0 skips the steps; ~7 device minutes in all)
 #   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   ab     — a variant against the defaults in one call: AB_TESTS (pytest args, run with -m gpu first), ours with the
@@ -308,34 +309,42 @@ PY
         --out "experiments/results/tune_permute_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" 2>&1 | grep "^best"
     done ;;
   scatter)
-    # permute's forward token-major (ops.permute.FORWARD_KERNEL="scatter", ops.permute_kernel.scatter_rows)
-    timeout -s KILL 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_permute.py -k scatter \
-      > "$OUT/scatter_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/scatter_tests.log"
+    # the permutation's token-major kernels (ops.permute.FORWARD_KERNEL, UNPERMUTE_BACKWARD = "scatter")
+    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_permute.py tests/test_moe.py \
+      -k "scatter or token_major" > "$OUT/scatter_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/scatter_tests.log"
     for s in ${SCATTER_SHAPES:-deepseek}; do
-      timeout -s KILL 150 python3 experiments/bench_ops.py --shape $s --tune-permute \
-        --out "experiments/results/tune_permute_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/scatter_tune_$s.log" 2>&1
-      echo "== sweep $s rc=$?"; grep "^best" "$OUT/scatter_tune_$s.log"
-      python3 - "experiments/results/tune_permute_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" <<'PY'
+      res="experiments/results/tune_permute_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json"
+      timeout -s KILL 150 python3 experiments/bench_ops.py --shape $s --tune-permute --out "$res" > "$OUT/scatter_tune_$s.log" 2>&1
+      echo "== sweep $s rc=$?"
+      python3 - "$res" <<'PY'
 import json, sys
 rows = json.load(open(sys.argv[1]))["rows"]
-for key in ("permute_ms", "scatter_ms"):
+d = next(r for r in rows if r["block_elems"] == 8192 and r["warps"] == 4)
+for key in ("permute_ms", "scatter_ms", "dots_ms"):
     b = min(rows, key=lambda r: r[key])
-    d = next(r for r in rows if r["block_elems"] == 8192 and r["warps"] == 4)
     print(f"{key}: default launch {d[key]:.4f} ms, best {b[key]:.4f} ms at {b['block_elems']}/{b['warps']}")
+print(f"xla_unpermute_bwd_ms {d['xla_unpermute_bwd_ms']:.4f}; all equal:",
+      all(r["equal"] and r["scatter_equal"] and r["dots_equal"] for r in rows))
 PY
     done
     [ "${SCATTER_STEP:-1}" = 0 ] && { find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \; ; exit 0; }
     preset=${SCATTER_PRESET:-deepseek_small}
     FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_gather FAST_LINES=3 bash "$0" fast
     stem="experiments/results/profile_${preset}_$(date +%F)_${GPU}_bf16"
-    timeout -s KILL 240 python3 - "$preset" "${stem}_scatter${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/profile_scatter.log" 2>&1 <<'PY'
+    # fwd: permute's forward token-major; both: and unpermute's backward
+    for v in ${SCATTER_VARIANTS:-fwd both}; do
+      timeout -s KILL 240 python3 - "$preset" "${stem}_scatter_$v${RUN_TAG:+_$RUN_TAG}.json" "$v" \
+        > "$OUT/profile_scatter_$v.log" 2>&1 <<'PY'
 import runpy, sys
 import ops.permute as P
 P.FORWARD_KERNEL = "scatter"
+if sys.argv[3] == "both":
+    P.UNPERMUTE_BACKWARD = "scatter"
 sys.argv = ["profile_model.py", "--config", sys.argv[1], "model.param_dtype=bfloat16", "--out", sys.argv[2]]
 runpy.run_path("experiments/profile_model.py", run_name="__main__")
 PY
-    echo "== scatter rc=$?"; grep -v "^[WI][0-9]" "$OUT/profile_scatter.log" | tail -3 ;;
+      echo "== scatter $v rc=$?"; grep -v "^[WI][0-9]" "$OUT/profile_scatter_$v.log" | tail -2
+    done ;;
   attn) timeout -s KILL 150 python3 experiments/probe_attention.py \
       --out "experiments/results/probe_attention_causal_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;

@@ -88,11 +88,12 @@ def rows_maker(kernels: str = "auto", covered: bool = False):
 
 
 def unsort_rows(y_RD: jax.Array, perm: Permutation, a: Assignment, *, probs_on_input: bool = False,
-                kernels: str = "auto") -> jax.Array:
+                kernels: str = "auto", covered: bool = False) -> jax.Array:
     """Inverse of `sort_rows`: each token's rows summed over its k slots, weighted by the gates
-    (by `kept` alone when they were applied on the input); dropped slots add nothing."""
+    (by `kept` alone when they were applied on the input); dropped slots add nothing. `covered`: the
+    buffer has no padding rows (`sort_rows` without a capacity)."""
     w = a.kept.astype(jnp.float32) if probs_on_input else a.weights
-    return unpermute_rows(y_RD, perm.dest, perm.src, w, **_permute_args(kernels))
+    return unpermute_rows(y_RD, perm.dest, perm.src, w, covered=covered, **_permute_args(kernels))
 
 
 def permute(x_TD: jax.Array, a: Assignment, *, capacity: int | None = None
@@ -141,4 +142,4 @@ class LocalDispatcher:
 
     def combine(self, y_RD: jax.Array, h: LocalHandle) -> jax.Array:
         return unsort_rows(y_RD, h.perm, h.assignment, probs_on_input=self.probs_on_input,
-                           kernels=self.kernels)
+                           kernels=self.kernels, covered=self.capacity is None)

@@ -24,7 +24,9 @@ permute's forward is the one pass XLA runs well under the HBM speed and fuses no
 against 0.103 per mixtral_small layer); the backward passes and unpermute's forward are XLA fusions
 with the adds beside them (the residual, the router's and shared path's share of dx), which a custom
 call cannot take in; and XLA's unpermute backward beat a kernel that made its rows and gate dots in
-one pass (not kept).
+one pass (not kept). Where the caller passes `covered` (every buffer row holds one assignment: no
+capacity), permute's forward and unpermute's backward can run token-major instead, each token's row read
+once (`FORWARD_KERNEL`, `UNPERMUTE_BACKWARD`; both off until a GPU measurement decides).
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ BACKENDS = ("auto", "pallas", "xla", "reference")
 # block of buffer rows, each reading x[token]: T·k row reads) or "scatter" (`permute_kernel.scatter_rows`: a
 # program per block of tokens, each token's row read once and stored to its k buffer rows: T row reads)
 FORWARD_KERNEL = "gather"
+# unpermute's backward there: "xla" (the default's XLA fusion of dy's rows, gathered row-major, with the gate
+# dots) or "scatter" (`permute_kernel.scatter_dots`: dout's rows read once, stored to their k buffer rows)
+UNPERMUTE_BACKWARD = "xla"
 
 
 def _token_of(src_R, t: int, k: int):
@@ -125,17 +130,20 @@ def _permute_bwd(impls, scatter, res, drows_RD):
 _permute.defvjp(_permute_fwd, _permute_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls, scatter):
     return _slots(y_RD, dest_Tk, weights_Tk, None, impls[0])[0]
 
 
-def _unpermute_fwd(y_RD, dest_Tk, src_R, weights_Tk, impls):
-    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls), (y_RD, dest_Tk, src_R, weights_Tk)
+def _unpermute_fwd(y_RD, dest_Tk, src_R, weights_Tk, impls, scatter):
+    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls, scatter), (y_RD, dest_Tk, src_R, weights_Tk)
 
 
-def _unpermute_bwd(impls, res, dout_TD):
+def _unpermute_bwd(impls, scatter, res, dout_TD):
     y_RD, dest_Tk, src_R, weights_Tk = res
+    if scatter:  # "pallas" | "interpret": token-major, the caller said every buffer row is covered
+        dy, dw = permute_kernel.scatter_dots(y_RD, dest_Tk, weights_Tk, dout_TD, interpret=scatter == "interpret")
+        return dy, None, None, dw.astype(weights_Tk.dtype)
     dy = _rows(dout_TD, src_R, dest_Tk.shape[1], _gate_of(weights_Tk, src_R), impls[1]).astype(y_RD.dtype)
     _, dw = _slots(y_RD, dest_Tk, None, dout_TD, impls[1], need_sum=False)
     return dy, None, None, dw.astype(weights_Tk.dtype)
@@ -184,14 +192,19 @@ def permute(x_TD, dest_Tk, src_R, weights_Tk=None, *, backend: str = "auto", int
     return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls, covered and FORWARD_KERNEL == "scatter")
 
 
-def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto", interpret: bool = False):
-    """y[t] = Σ_j weights[t, j] · y_RD[dest[t, j]]; see the module docstring."""
+def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto", interpret: bool = False,
+              covered: bool = False):
+    """y[t] = Σ_j weights[t, j] · y_RD[dest[t, j]]; see the module docstring. `covered` as for `permute`:
+    the backward's kernel may then write dy's rows token-major (`UNPERMUTE_BACKWARD`)."""
     _check(dest_Tk, src_R, weights_Tk, backend)
     dest_Tk, src_R = dest_Tk.astype(jnp.int32), src_R.astype(jnp.int32)
     impls = _impls("unpermute", backend, y_RD, interpret)
     if impls[0] == "reference":
         return reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk)
-    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls)
+    scatter = None
+    if covered and UNPERMUTE_BACKWARD == "scatter":  # where permute's forward kernel would run
+        scatter = {"pallas": "pallas", "interpret": "interpret"}.get(_impls("permute", backend, y_RD, interpret)[0])
+    return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls, scatter)
 
 
 def inverse(index, rows: int):

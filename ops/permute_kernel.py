@@ -1,7 +1,8 @@
 """The MoE permutation's row gathers as Pallas (Triton) kernels: the passes of `ops.permute` at HBM speed.
 
 Two kernels serve the forward and backward of both permute and unpermute (`ops.permute` holds the
-formulas, the plain-JAX paths and the custom VJPs that call these):
+formulas, the plain-JAX paths and the custom VJPs that call these), and two token-major forms of them
+serve buffers without padding rows (`ops.permute.FORWARD_KERNEL`, `UNPERMUTE_BACKWARD`):
 
   gather_rows(x[T, D], tok[R], gate[R] | None) -> rows[R, D]
       rows[r] = x[tok[r]] (· gate[r], float32 math); 0 where tok[r] >= T (padding rows)
@@ -11,10 +12,16 @@ formulas, the plain-JAX paths and the custom VJPs that call these):
       dw[t, j] = <y[dest[t, j]], other[t]>    (float32; only when `other` is given)
       a slot with dest[t, j] >= R (dropped) adds 0
 
-One program per block of rows (gather_rows) or tokens (gather_sum); a block's row indices are loaded
-once and its rows fetched with masked vector loads, so each byte of the buffer crosses HBM once per
-pass and no atomics are needed. The row width D must be a power of two between 16 and `MAX_ROW`
-elements; the slot maps are passed slot-major ([k, T]) so each slot's indices are one contiguous load.
+  scatter_rows(x[T, D], dest[T, k], R, gate[T, k] | None) -> rows[R, D]   (token-major gather_rows)
+  scatter_dots(y[R, D], dest[T, k], w[T, k], dout[T, D]) -> (dy[R, D], dw[T, k])   (unpermute's backward)
+      rows[dest[t, j]] = x[t] (· gate[t, j]); dy[dest[t, j]] = w[t, j] · dout[t], dw[t, j] = <y[dest[t, j]],
+      dout[t]>: each token's row read once; only for a buffer every row of which holds an assignment
+
+One program per block of rows (gather_rows) or tokens (the others); a block's row indices are loaded
+once and its rows fetched (or stored) with masked vector accesses, so each byte of the buffer crosses HBM
+once per pass and no atomics are needed (each buffer row has one writer). The row width D must be a power
+of two between 16 and `MAX_ROW` elements; the slot maps are passed slot-major ([k, T]) so each slot's
+indices are one contiguous load.
 """
 from __future__ import annotations
 
@@ -119,6 +126,38 @@ def scatter_rows(x_TD, dest_Tk, num_rows: int, gate_Tk=None, *, interpret=False)
         out_shape=jax.ShapeDtypeStruct((num_rows, d), x_TD.dtype),
         compiler_params=compiler_params(num_warps=LAUNCH.warps, interpret=interpret),
         interpret=interpret, name="permute_scatter_rows")(*args)
+
+
+def _scatter_dots_kernel(dest_ref, w_ref, y_ref, dout_ref, dy_ref, dw_ref, *, r, k):
+    dout = dout_ref[...].astype(F32)
+    cols = jnp.arange(dout.shape[1], dtype=jnp.int32)[None, :]
+    for j in range(k):  # static: the block's j-th slot rows of y (for the dots) and of dy (stored)
+        dest = dest_ref[j, :]
+        ok = dest < r
+        dw_ref[j, :] = jnp.sum(_load_rows(y_ref, dest, r).astype(F32) * dout, axis=1)
+        pltriton.store(dy_ref.at[jnp.where(ok, dest, 0)[:, None], cols],
+                       (dout * w_ref[j, :][:, None]).astype(dy_ref.dtype), mask=ok[:, None] & (cols >= 0))
+
+
+def scatter_dots(y_RD, dest_Tk, w_Tk, dout_TD, *, interpret=False):
+    """unpermute's backward token-major: (dy[R, D] in y's dtype, dw[T, k] float32) with
+    dy[dest[t, j]] = w[t, j] · dout[t] and dw[t, j] = <y[dest[t, j]], dout[t]>: each token's dout row
+    read once (the row-major form reads it once per slot). Only for a buffer whose every row holds an
+    assignment: a row no assignment lands in is left unwritten."""
+    r, d = y_RD.shape
+    t, k = dest_Tk.shape
+    bt = rows_per_block(t, d, LAUNCH.block_elems)
+    slots = pl.BlockSpec((k, bt), lambda i: (0, i))
+    whole = pl.BlockSpec((r, d), lambda i: (0, 0))
+    dy, dw = pl.pallas_call(
+        functools.partial(_scatter_dots_kernel, r=r, k=k), grid=(t // bt,),
+        in_specs=[slots, slots, whole, pl.BlockSpec((bt, d), lambda i: (i, 0))],
+        out_specs=[whole, slots],
+        out_shape=[jax.ShapeDtypeStruct((r, d), y_RD.dtype), jax.ShapeDtypeStruct((k, t), F32)],
+        compiler_params=compiler_params(num_warps=LAUNCH.warps, interpret=interpret),
+        interpret=interpret, name="permute_scatter_dots")(
+            dest_Tk.astype(jnp.int32).T, w_Tk.astype(F32).T, y_RD, dout_TD)
+    return dy, dw.T
 
 
 # ----------------------------------------------------------------------------- gather_sum

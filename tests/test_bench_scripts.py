@@ -68,7 +68,7 @@ def test_bench_ops_permute_sweep_runs_on_cpu(tmp_path):
     assert bench_ops.main(["--shape", "tiny", "--reps", "1", "--tune-permute", "--out", str(tmp_path / "p.json")]) == 0
     res = json.loads((tmp_path / "p.json").read_text())
     assert len(res["rows"]) == 16 and all(r["equal"] and r["permute_ms"] > 0 for r in res["rows"])
-    assert all(r["scatter_equal"] and r["scatter_ms"] > 0 for r in res["rows"])  # the token-major form
+    assert all(r["scatter_equal"] and r["scatter_ms"] > 0 and r["dots_equal"] and r["dots_ms"] > 0 for r in res["rows"])
     assert res["default"] == {"block_elems": 8192, "warps": 4} and res["best"] in res["rows"]
 
 

@@ -196,10 +196,10 @@ def test_layer_through_grouped_gemm_backend(backend, case):
 @pytest.mark.parametrize("recompute_rows", [False, True])
 @pytest.mark.parametrize("case", ["dropless", "capacity_padded"])
 def test_layer_with_token_major_permute(monkeypatch, backend, recompute_rows, case):
-    """ops.permute.FORWARD_KERNEL="scatter" (permute's forward token-major where the buffer has no padding)
-    through the MoE layer, the rows kept or made again in fc1's backward: the output and gradients of the
-    default gather. On CPU the permutation's kernels run in interpret mode; with a capacity the buffer
-    has padding rows and the gather stays."""
+    """ops.permute's token-major kernels (FORWARD_KERNEL="scatter": permute's forward; UNPERMUTE_BACKWARD=
+    "scatter": unpermute's backward) where the buffer has no padding, through the MoE layer, the rows kept
+    or made again in fc1's backward: the output and gradients of the defaults. On CPU the permutation's
+    kernels run in interpret mode; with a capacity the buffer has padding rows and the defaults stay."""
     import ops.permute as P
     pallas = backend == "pallas"
     d = 256 if pallas else 64  # the kernels take power-of-two row widths
@@ -215,13 +215,16 @@ def test_layer_with_token_major_permute(monkeypatch, backend, recompute_rows, ca
     def run():
         def f(p):
             return jnp.sum(nnx.merge(graphdef, p, rest)(x)[0].astype(jnp.float32) * ct)
-        jaxpr = str(jax.make_jaxpr(f)(params))
-        return jax.value_and_grad(f)(params), "permute_scatter_rows" in jaxpr
+        jaxpr = str(jax.make_jaxpr(jax.grad(f))(params))
+        return jax.value_and_grad(f)(params), [n in jaxpr for n in ("permute_scatter_rows", "permute_scatter_dots")]
 
     (l0, g0), used0 = run()
     monkeypatch.setattr(P, "FORWARD_KERNEL", "scatter")
+    monkeypatch.setattr(P, "UNPERMUTE_BACKWARD", "scatter")
     (l1, g1), used1 = run()
-    assert not used0 and used1 == (case == "dropless")
+    assert used0 == [False, False] and used1 == [case == "dropless"] * 2
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
+    # the gate dots sum D products in another order: float32 rounding apart; the rows are copies
+    tol = 2e-2 if pallas else 1e-5
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)

@@ -212,6 +212,36 @@ def test_scatter_forward_matches_reference(monkeypatch, dtype, gated):
         lambda x: P.permute(x, dest, src, w, backend="pallas", interpret=True))(x))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scatter_unpermute_backward_matches_reference(monkeypatch, dtype):
+    """UNPERMUTE_BACKWARD="scatter" (`permute_kernel.scatter_dots`: dy's rows token-major with the gate dots)
+    on a covered buffer: the reference's gradients for y and the gates; the kernel is the one traced, and
+    only where the buffer is covered and permute's kernel could run."""
+    monkeypatch.setattr(P, "UNPERMUTE_BACKWARD", "scatter")
+    dest, src, kept = _maps(jax.random.key(15))
+    ks = jax.random.split(jax.random.key(16), 3)
+    y = jax.random.normal(ks[0], (src.shape[0], D)).astype(dtype)
+    w = jnp.where(kept, jax.random.uniform(ks[1], (T, K), minval=0.2), 0.0)
+    ct = jax.random.normal(ks[2], (T, D)).astype(dtype)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+
+    def loss(y, w, backend, interp=False, covered=False):
+        out = P.unpermute(y, dest, src, w, backend=backend, interpret=interp, covered=covered)
+        return jnp.sum(out.astype(jnp.float32) * ct.astype(jnp.float32))
+
+    want = jax.grad(loss, argnums=(0, 1))(y, w, "reference")
+    for backend in ("pallas", "auto"):
+        grad = jax.grad(loss, argnums=(0, 1))
+        assert "permute_scatter_dots" in str(jax.make_jaxpr(grad, static_argnums=(2, 3, 4))(y, w, backend, True, True))
+        got = grad(y, w, backend, True, True)
+        for g, r in zip(got, want):
+            assert g.dtype == r.dtype and float(jnp.abs(r.astype(jnp.float32)).max()) > 0.1
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol, atol=tol)
+    for backend, interp, covered in (("pallas", True, False), ("xla", False, True)):
+        assert "permute_scatter_dots" not in str(jax.make_jaxpr(
+            jax.grad(loss, argnums=(0, 1)), static_argnums=(2, 3, 4))(y, w, backend, interp, covered))
+
+
 def test_dispatch_marks_only_uncapped_buffers_covered(monkeypatch):
     """moe_jax.dispatch.sort_rows lets the permutation write token-major only without a capacity (a capped
     buffer has padding rows no assignment writes); both give the reference's rows."""
@@ -251,6 +281,12 @@ def test_kernels_lower_for_cuda(monkeypatch):
     text = jax.jit(lambda x: P.permute(x, dest, src, backend="pallas", covered=True)).trace(x).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1 and "permute_scatter_rows" in text
+    monkeypatch.setattr(P, "UNPERMUTE_BACKWARD", "scatter")
+    w = jnp.where(kept, 0.5, 0.0)
+    text = jax.jit(jax.grad(lambda y, w: jnp.sum(P.unpermute(y, dest, src, w, backend="pallas", covered=True)
+                                                 .astype(jnp.float32)), argnums=(0, 1))).trace(
+        jnp.ones((src.shape[0], D), jnp.bfloat16), w).lower(lowering_platforms=("cuda",)).as_text()
+    assert "permute_scatter_dots" in text
 
 
 @pytest.mark.gpu
@@ -321,3 +357,25 @@ def test_scatter_kernel_on_gpu_matches_gather(t, k, e, d):
         got = jax.jit(lambda x: PK.scatter_rows(x, dest.reshape(t, k), t * k, gate))(x)
         want = jax.jit(lambda x: PK.gather_rows(x, src // k, None if gate is None else gate.reshape(-1)[src]))(x)
         assert bool(jnp.array_equal(got, want))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t,k,e,d", [(16384, 2, 8, 2048), (16384, 6, 64, 2048)])
+def test_scatter_dots_on_gpu_matches_xla(t, k, e, d):
+    """`permute_kernel.scatter_dots` against the XLA backward (dy's rows gathered row-major, the gate dots) at
+    the benchmark shapes, bf16, on a covered buffer: dy bit for bit, the dots to float32 summation order."""
+    if not jax.devices()[0].platform == "gpu":
+        pytest.skip("needs an NVIDIA GPU")
+    from ops import permute_kernel as PK
+    key = jax.random.key(23)
+    dest = P.stable_rank(jax.random.randint(key, (t * k,), 0, e), e)
+    src = P.inverse(dest, t * k)
+    dest = dest.reshape(t, k)
+    y = jax.random.normal(jax.random.fold_in(key, 1), (t * k, d), jnp.bfloat16)
+    dout = jax.random.normal(jax.random.fold_in(key, 2), (t, d), jnp.bfloat16)
+    w = jax.random.uniform(jax.random.fold_in(key, 3), (t, k))
+    dy, dw = jax.jit(PK.scatter_dots)(y, dest, w, dout)
+    want_dy = jax.jit(lambda dout: PK.gather_rows(dout, src // k, w.reshape(-1)[src]))(dout)
+    want_dw = jnp.einsum("tkd,td->tk", y[dest].astype(jnp.float32), dout.astype(jnp.float32))
+    assert bool(jnp.array_equal(dy, want_dy))
+    np.testing.assert_allclose(np.asarray(dw), np.asarray(want_dw), rtol=1e-4, atol=2e-3)
