@@ -109,7 +109,7 @@ def reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk):
 # impls: (forward pass, backward pass), each "xla" | "pallas" | "interpret"
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _permute(x_TD, dest_Tk, src_R, weights_Tk, impls, scatter):
-    if scatter and impls[0] != "xla":  # token-major: the caller said every buffer row is covered
+    if scatter:  # token-major (a kernel impl, and the caller said every buffer row is covered)
         return permute_kernel.scatter_rows(x_TD, dest_Tk, src_R.shape[0], weights_Tk,
                                            interpret=impls[0] == "interpret")
     gate = None if weights_Tk is None else _gate_of(weights_Tk, src_R)
@@ -189,7 +189,8 @@ def permute(x_TD, dest_Tk, src_R, weights_Tk=None, *, backend: str = "auto", int
     impls = _impls("permute", backend, x_TD, interpret)
     if impls[0] == "reference":
         return reference_permute(x_TD, dest_Tk, src_R, weights_Tk)
-    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls, covered and FORWARD_KERNEL == "scatter")
+    scatter = covered and FORWARD_KERNEL == "scatter" and impls[0] != "xla"
+    return _permute(x_TD, dest_Tk, src_R, weights_Tk, impls, scatter)
 
 
 def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto", interpret: bool = False,

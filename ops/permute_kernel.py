@@ -65,6 +65,13 @@ def _load_rows(ref, idx, limit):
     return pltriton.load(ref.at[rows, cols], mask=ok[:, None] & (cols >= 0), other=0)
 
 
+def _store_rows(ref, idx, limit, rows):
+    """ref[idx] = rows ([n, D]), skipping rows with idx >= limit: `_load_rows`' store."""
+    ok = idx < limit
+    cols = jnp.arange(ref.shape[1], dtype=jnp.int32)[None, :]
+    pltriton.store(ref.at[jnp.where(ok, idx, 0)[:, None], cols], rows.astype(ref.dtype), mask=ok[:, None] & (cols >= 0))
+
+
 # ----------------------------------------------------------------------------- gather_rows
 def _rows_kernel(*refs, t, gated):
     tok_ref, *rest = refs
@@ -96,13 +103,8 @@ def _scatter_kernel(*refs, r, k, gated):
     dest_ref, *rest = refs
     gate_ref, x_ref, o_ref = rest if gated else (None, *rest)
     x = x_ref[...]
-    cols = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]
     for j in range(k):  # static: the block's rows stored to their j-th slot's buffer rows
-        dest = dest_ref[j, :]
-        ok = dest < r
-        rows = x.astype(F32) * gate_ref[j, :][:, None] if gated else x
-        pltriton.store(o_ref.at[jnp.where(ok, dest, 0)[:, None], cols], rows.astype(o_ref.dtype),
-                       mask=ok[:, None] & (cols >= 0))
+        _store_rows(o_ref, dest_ref[j, :], r, x.astype(F32) * gate_ref[j, :][:, None] if gated else x)
 
 
 def scatter_rows(x_TD, dest_Tk, num_rows: int, gate_Tk=None, *, interpret=False):
@@ -130,13 +132,10 @@ def scatter_rows(x_TD, dest_Tk, num_rows: int, gate_Tk=None, *, interpret=False)
 
 def _scatter_dots_kernel(dest_ref, w_ref, y_ref, dout_ref, dy_ref, dw_ref, *, r, k):
     dout = dout_ref[...].astype(F32)
-    cols = jnp.arange(dout.shape[1], dtype=jnp.int32)[None, :]
     for j in range(k):  # static: the block's j-th slot rows of y (for the dots) and of dy (stored)
         dest = dest_ref[j, :]
-        ok = dest < r
         dw_ref[j, :] = jnp.sum(_load_rows(y_ref, dest, r).astype(F32) * dout, axis=1)
-        pltriton.store(dy_ref.at[jnp.where(ok, dest, 0)[:, None], cols],
-                       (dout * w_ref[j, :][:, None]).astype(dy_ref.dtype), mask=ok[:, None] & (cols >= 0))
+        _store_rows(dy_ref, dest, r, dout * w_ref[j, :][:, None])
 
 
 def scatter_dots(y_RD, dest_Tk, w_Tk, dout_TD, *, interpret=False):
