@@ -39,10 +39,11 @@
 #   routing — the router's top-k (argmax rounds, routing.top_k_indices) against lax.top_k: bench_ops.py --only top-k
 #            at both shapes (GPU time, choices checked equal), then deepseek_small's step (bf16) with each,
 #            ours only (ROUTING_PRESET); then the permutation kernels' launch sweep (bench_ops.py --tune-permute)
-#   scatter — the permutation's token-major kernels (ops.permute.FORWARD_KERNEL, UNPERMUTE_BACKWARD = "scatter"):
-#            their GPU tests, the launch sweep of every form at SCATTER_SHAPES (deepseek), then SCATTER_PRESET's
-#            (deepseek_small) bf16 step with the defaults, with the forward token-major ("fwd") and with both
-#            ("both"; SCATTER_VARIANTS), ours only (SCATTER_STEP=0 skips the steps; ~7 device minutes in all)
+#   scatter — the permutation's token-major kernels (ops.permute.FORWARD_KERNEL, UNPERMUTE_BACKWARD; both
+#            "scatter" by default): their GPU tests, the launch sweep of every form at SCATTER_SHAPES (deepseek),
+#            then SCATTER_PRESET's (deepseek_small) bf16 step with the defaults, with both passes row-major
+#            ("gather") and with only the forward token-major ("fwd"; SCATTER_VARIANTS), ours only (SCATTER_STEP=0 skips the steps, SCATTER_TESTS=0 the tests;
+#            ~7 device minutes in all)
 #   attn   — probe_attention.py: causal attention kernels at the benchmark shapes (cuDNN through XLA, JAX's
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   ab     — a variant against the defaults in one call: AB_TESTS (pytest args, run with -m gpu first), ours with the
@@ -309,9 +310,11 @@ PY
         --out "experiments/results/tune_permute_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" 2>&1 | grep "^best"
     done ;;
   scatter)
-    # the permutation's token-major kernels (ops.permute.FORWARD_KERNEL, UNPERMUTE_BACKWARD = "scatter")
-    timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_permute.py tests/test_moe.py \
-      -k "scatter or token_major" > "$OUT/scatter_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/scatter_tests.log"
+    # the permutation's token-major kernels (ops.permute.FORWARD_KERNEL, UNPERMUTE_BACKWARD)
+    if [ "${SCATTER_TESTS:-1}" != 0 ]; then
+      timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_permute.py tests/test_moe.py \
+        -k "scatter or token_major" > "$OUT/scatter_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/scatter_tests.log"
+    fi
     for s in ${SCATTER_SHAPES:-deepseek}; do
       res="experiments/results/tune_permute_${s}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json"
       timeout -s KILL 150 python3 experiments/bench_ops.py --shape $s --tune-permute --out "$res" > "$OUT/scatter_tune_$s.log" 2>&1
@@ -329,17 +332,17 @@ PY
     done
     [ "${SCATTER_STEP:-1}" = 0 ] && { find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \; ; exit 0; }
     preset=${SCATTER_PRESET:-deepseek_small}
-    FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_gather FAST_LINES=3 bash "$0" fast
+    FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_default FAST_LINES=3 bash "$0" fast
     stem="experiments/results/profile_${preset}_$(date +%F)_${GPU}_bf16"
-    # fwd: permute's forward token-major; both: and unpermute's backward
-    for v in ${SCATTER_VARIANTS:-fwd both}; do
+    # gather: both passes as before the token-major kernels; fwd: permute's forward token-major only;
+    # both: and unpermute's backward (the defaults)
+    for v in ${SCATTER_VARIANTS:-gather fwd}; do
       timeout -s KILL 240 python3 - "$preset" "${stem}_scatter_$v${RUN_TAG:+_$RUN_TAG}.json" "$v" \
         > "$OUT/profile_scatter_$v.log" 2>&1 <<'PY'
 import runpy, sys
 import ops.permute as P
-P.FORWARD_KERNEL = "scatter"
-if sys.argv[3] == "both":
-    P.UNPERMUTE_BACKWARD = "scatter"
+P.FORWARD_KERNEL = "gather" if sys.argv[3] == "gather" else "scatter"
+P.UNPERMUTE_BACKWARD = "scatter" if sys.argv[3] == "both" else "xla"
 sys.argv = ["profile_model.py", "--config", sys.argv[1], "model.param_dtype=bfloat16", "--out", sys.argv[2]]
 runpy.run_path("experiments/profile_model.py", run_name="__main__")
 PY

@@ -25,8 +25,9 @@ against 0.103 per mixtral_small layer); the backward passes and unpermute's forw
 with the adds beside them (the residual, the router's and shared path's share of dx), which a custom
 call cannot take in; and XLA's unpermute backward beat a kernel that made its rows and gate dots in
 one pass (not kept). Where the caller passes `covered` (every buffer row holds one assignment: no
-capacity), permute's forward and unpermute's backward can run token-major instead, each token's row read
-once (`FORWARD_KERNEL`, `UNPERMUTE_BACKWARD`; both off until a GPU measurement decides).
+capacity), "auto" and "pallas" run permute's forward and unpermute's backward as token-major kernels
+instead, each token's row read once (`FORWARD_KERNEL`, `UNPERMUTE_BACKWARD`; measured faster than the
+gather and than XLA's fusion on the H100, 2026-12-07).
 """
 from __future__ import annotations
 
@@ -42,11 +43,13 @@ BACKENDS = ("auto", "pallas", "xla", "reference")
 
 # permute's forward kernel where every buffer row holds one assignment (`covered`): "gather" (a program per
 # block of buffer rows, each reading x[token]: T·k row reads) or "scatter" (`permute_kernel.scatter_rows`: a
-# program per block of tokens, each token's row read once and stored to its k buffer rows: T row reads)
-FORWARD_KERNEL = "gather"
-# unpermute's backward there: "xla" (the default's XLA fusion of dy's rows, gathered row-major, with the gate
-# dots) or "scatter" (`permute_kernel.scatter_dots`: dout's rows read once, stored to their k buffer rows)
-UNPERMUTE_BACKWARD = "xla"
+# program per block of tokens, each token's row read once and stored to its k buffer rows: T row reads).
+# H100, deepseek_small shape (experiments/NOTES_speed.md, stop 47): 0.170 against 0.253 ms a call.
+FORWARD_KERNEL = "scatter"
+# unpermute's backward there: "xla" (XLA's fusion of dy's rows, gathered row-major, with the gate dots) or
+# "scatter" (`permute_kernel.scatter_dots`: dout's rows read once, stored to their k buffer rows).
+# H100, deepseek_small shape: 0.31 against 0.40 ms a call; the step's GPU time 1.7 ms less with both.
+UNPERMUTE_BACKWARD = "scatter"
 
 
 def _token_of(src_R, t: int, k: int):

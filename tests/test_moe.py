@@ -196,10 +196,11 @@ def test_layer_through_grouped_gemm_backend(backend, case):
 @pytest.mark.parametrize("recompute_rows", [False, True])
 @pytest.mark.parametrize("case", ["dropless", "capacity_padded"])
 def test_layer_with_token_major_permute(monkeypatch, backend, recompute_rows, case):
-    """ops.permute's token-major kernels (FORWARD_KERNEL="scatter": permute's forward; UNPERMUTE_BACKWARD=
-    "scatter": unpermute's backward) where the buffer has no padding, through the MoE layer, the rows kept
-    or made again in fc1's backward: the output and gradients of the defaults. On CPU the permutation's
-    kernels run in interpret mode; with a capacity the buffer has padding rows and the defaults stay."""
+    """ops.permute's token-major kernels (the defaults FORWARD_KERNEL="scatter": permute's forward;
+    UNPERMUTE_BACKWARD="scatter": unpermute's backward) where the buffer has no padding, through the MoE
+    layer, the rows kept or made again in fc1's backward: the output and gradients of the row-major forms
+    ("gather", "xla"). On CPU the permutation's kernels run in interpret mode; with a capacity the buffer
+    has padding rows and the row-major forms run either way."""
     import ops.permute as P
     pallas = backend == "pallas"
     d = 256 if pallas else 64  # the kernels take power-of-two row widths
@@ -218,10 +219,10 @@ def test_layer_with_token_major_permute(monkeypatch, backend, recompute_rows, ca
         jaxpr = str(jax.make_jaxpr(jax.grad(f))(params))
         return jax.value_and_grad(f)(params), [n in jaxpr for n in ("permute_scatter_rows", "permute_scatter_dots")]
 
+    (l1, g1), used1 = run()  # the defaults
+    monkeypatch.setattr(P, "FORWARD_KERNEL", "gather")
+    monkeypatch.setattr(P, "UNPERMUTE_BACKWARD", "xla")
     (l0, g0), used0 = run()
-    monkeypatch.setattr(P, "FORWARD_KERNEL", "scatter")
-    monkeypatch.setattr(P, "UNPERMUTE_BACKWARD", "scatter")
-    (l1, g1), used1 = run()
     assert used0 == [False, False] and used1 == [case == "dropless"] * 2
     np.testing.assert_allclose(float(l1), float(l0), rtol=1e-6)
     # the gate dots sum D products in another order: float32 rounding apart; the rows are copies
