@@ -77,8 +77,8 @@ class ModelConfig:
                                   # slower step); false: a Python loop over the layers (moe_jax.model)
     attention_impl: str | None = "auto"  # auto (cuDNN flash where it runs, else XLA) | cudnn | xla;
     # None (earlier configs) means auto
-    fused_kernels: str = "auto"   # RMSNorm, RoPE, SwiGLU's backward, the MoE permutation's forward, the
-    # cross-entropy's softmax pass: auto
+    fused_kernels: str = "auto"   # RMSNorm, RoPE, SwiGLU's backward, the MoE permutation's forward (and,
+    # without a capacity, unpermute's backward), the cross-entropy's softmax pass: auto
     # (Pallas/Triton kernels on one NVIDIA GPU where the shape fits, else plain JAX) | pallas (these, and
     # every pass of the permutation, ops.permute) | reference (plain JAX, fused by XLA) | interpret (the
     # Pallas kernels in interpret mode: CPU tests)

@@ -25,4 +25,6 @@ def kernels_note(mc) -> str:
         note += ", every pass of the MoE permutation"
     elif mc.moe is not None and mc.fused_kernels == "auto" and one_gpu():
         note += ", the MoE permutation's forward"  # ops.permute's "auto"
+        if mc.moe.expert_capacity_factor is None:  # every buffer row an assignment: the token-major backward too
+            note += " and unpermute's backward"
     return note

@@ -328,7 +328,8 @@ def test_kernels_on_gpu_match_xla(t, k, e, d, dtype):
                                    atol=1e-3 if f32 else tol)
 
 
-def test_run_log_line_says_when_the_permutation_kernels_run():
+def test_run_log_line_says_when_the_permutation_kernels_run(monkeypatch):
+    from moe_jax import kernels
     from moe_jax.kernels import kernels_note
     from moe_jax.presets import load_config
     from ops.pallas_triton import one_gpu
@@ -336,6 +337,11 @@ def test_run_log_line_says_when_the_permutation_kernels_run():
         load_config("tiny_moe", ["model.fused_kernels=interpret"]).model)
     auto = kernels_note(load_config("tiny_moe", []).model)
     assert ("the MoE permutation's forward" in auto) == one_gpu()  # else XLA's gathers
+    assert ("unpermute's backward" in auto) == one_gpu()  # no capacity: the token-major backward too
+    monkeypatch.setattr(kernels, "one_gpu", lambda: True)  # the note as one GPU gets it
+    assert "forward and unpermute's backward" in kernels_note(load_config("tiny_moe", []).model)
+    capped = kernels_note(load_config("tiny_moe", ["moe.expert_capacity_factor=1.25"]).model)
+    assert "the MoE permutation's forward" in capped and "unpermute's backward" not in capped
     assert "permutation" not in kernels_note(load_config("tiny_moe", ["model.fused_kernels=reference"]).model)
 
 
