@@ -32,8 +32,10 @@ install: $(TRAIN_STAMP)
 train: $(TRAIN_STAMP)
 	$(BIN)/python experiments/train.py --config $(PRESET) $(ARGS)
 
+# JAX_PLATFORMS=cpu: on a GPU machine too, the suite runs on the CPU's 8 host devices, as in CI (tests marked
+# devices(8) would otherwise skip on a machine with fewer GPUs)
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not gpu and not slow" $(ARGS)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not gpu and not slow" $(ARGS)
 
 test-all: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)

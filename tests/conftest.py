@@ -1,5 +1,6 @@
-"""Test setup: 8 fake host devices (set before jax is imported), float32 matmuls, GPU marker, no
-persistent compilation cache from the training CLI (tests that want one pass their own directory)."""
+"""Test setup: 8 fake host devices (set before jax is imported), float32 matmuls, the `gpu` and `devices(n)`
+markers, no persistent compilation cache from the training CLI (tests that want one pass their own
+directory)."""
 import os
 
 os.environ.setdefault("MOE_JAX_COMPILE_CACHE", "none")
@@ -23,9 +24,15 @@ def _has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run on the device machine)")
+    """Skip `gpu` tests without a GPU, and `devices(n)` tests where the default backend has fewer than n
+    devices (a GPU machine's own count; the CPU gets 8 host devices above)."""
+    gpu, count = _has_gpu(), jax.device_count()
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU (run on the device machine)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(skip_gpu)
+        mark = item.get_closest_marker("devices")
+        if mark is not None and count < mark.args[0]:
+            item.add_marker(pytest.mark.skip(
+                reason=f"builds a mesh of {mark.args[0]} devices; {jax.default_backend()} has {count} here "
+                       f"(JAX_PLATFORMS=cpu runs it on 8 host devices)"))

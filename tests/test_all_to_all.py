@@ -55,6 +55,7 @@ def _case(n, rows_in, out_rows, d, seed, dtype=np.float32):
     return xs, counts
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_emulation_matches_numpy_plan(n):
     xs, counts = _case(n, rows_in=40, out_rows=64, d=16, seed=n)
@@ -99,6 +100,7 @@ def _run_segments(xs, plan, out_rows, n, backend):
     return np.asarray(g(*(jax.device_put(a, sh) for a in args)))
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("n,S", [(2, 3), (4, 8), (8, 5)])
 def test_segment_plan_emulation(n, S):
     xs, plan, out_rows, want = _segment_case(n, S, d=8, seed=n + S)
@@ -157,6 +159,7 @@ def _lowered_kernel(n: int, segments: int = 0) -> str:
     return jax.export.export(g, platforms=["cuda"])(x, i, i, i, i).mlir_module()
 
 
+@pytest.mark.devices(8)
 def test_pallas_kernel_lowers_for_cuda():
     """The peer-memory kernel goes through the Pallas → Mosaic-GPU lowering for CUDA here (jax.export
     needs no GPU): catches lowering errors before device time is spent. Its code must not grow with

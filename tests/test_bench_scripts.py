@@ -5,11 +5,13 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import bench_ep  # noqa: E402
 
 
+@pytest.mark.devices(8)
 def test_bench_ep_runs_on_cpu(tmp_path):
     out = tmp_path / "ep.json"
     precision = jax.config.jax_default_matmul_precision
@@ -27,6 +29,7 @@ def test_bench_ep_runs_on_cpu(tmp_path):
     assert res["all_to_all"] and all("error" not in r for r in res["all_to_all"])
 
 
+@pytest.mark.devices(8)
 def test_profile_ep_runs_on_cpu(tmp_path):
     import profile_ep
     out = tmp_path / "profile.json"

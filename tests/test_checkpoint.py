@@ -98,6 +98,7 @@ def test_resume_is_bit_exact(tmp_path, extra):
     assert first + rest == full  # bit-for-bit
 
 
+@pytest.mark.devices(8)
 def test_reshard_on_restore_ep4_ep2_ep1(tmp_path):
     """Save under (fsdp2, ep4), restore under (tp2, ep2), then one device; losses match an
     uninterrupted run. Optimizer moments are resharded like their parameters."""
@@ -230,6 +231,7 @@ def test_runner_periodic_saves_and_resume(tmp_path):
     assert rest == full  # steps 1-2 kept, 3-4 trained again (bit-exactly) and appended
 
 
+@pytest.mark.devices(8)
 def test_restore_into_parallel_layout(saved):
     """The shardings of moe_jax.parallel (dense mesh + folded MoE mesh) work as restore targets."""
     path, cfg, state = saved
@@ -325,6 +327,7 @@ MLA = ["model.attention_type=mla", "model.q_lora_rank=8", "model.kv_lora_rank=8"
        "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.mtp_num_layers=1", "moe.layer_freq=[0,1]"]
 
 
+@pytest.mark.devices(8)
 def test_mla_mtp_restore_into_parallel_layout(tmp_path):
     """MLA and MTP parameters (and their optimizer moments) restore into a (tp2, ep2) layout, sharded
     by their logical axes."""
@@ -343,6 +346,7 @@ def test_mla_mtp_restore_into_parallel_layout(tmp_path):
     assert w1.sharding.spec[0] == "expert" and w1.sharding.mesh.shape["expert"] == 2
 
 
+@pytest.mark.devices(8)
 @pytest.mark.slow
 def test_mla_mtp_state_reshards_on_restore(tmp_path):
     """An MLA model with an (MoE) MTP module: trained under (fsdp2, ep4), saved, restored under (tp2,

@@ -167,6 +167,7 @@ def test_binary_preset_names_the_file(tmp_path):
         load_config(str(p))
 
 
+@pytest.mark.devices(8)
 def test_grad_accum_layout_error_names_the_batch_size_set():
     from moe_jax import parallel
     cfg = load_config("tiny_moe", ["train.grad_accum=2", "train.batch_size=8", "parallel.data=8"])

@@ -66,23 +66,27 @@ def _check(cfg, ep, etp=1, chunks=1, tokens=(4, 8), **kw):
     return aux1
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("ep,etp", [(2, 1), (8, 1), (4, 2), (1, 2)])
 def test_alltoall_matches_single_device(ep, etp):
     aux = _check(_cfg(), ep, etp, dispatcher="alltoall")
     assert int(aux["dropped"]) == 0  # dropless: the worst-case buffer never drops
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("ep,etp", [(4, 1), (2, 2), (1, 2)])
 def test_allgather_matches_single_device(ep, etp):
     _check(_cfg(), ep, etp, dispatcher="allgather")
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("ep,etp", [(2, 1), (8, 1), (4, 2), (1, 2)])
 def test_ragged_plan_matches_single_device(ep, etp):
     """The ragged dispatcher's offsets/sizes plan, run through the all_gather emulation on CPU."""
     _check(_cfg(), ep, etp, dispatcher="alltoall_ragged", ragged_impl="emulate")
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("ep,etp,chunks", [(2, 1, 1), (8, 1, 1), (4, 2, 2), (1, 2, 1)])
 def test_expert_major_ragged_matches_single_device(ep, etp, chunks):
     """Segments per (destination, local expert): rows arrive grouped by expert, no re-sort; exact
@@ -102,6 +106,7 @@ def test_expert_major_is_the_default_on_the_pallas_exchange(impl, want):
         ep.ExpertMajorAllToAll if want else ep.RaggedAllToAll)
 
 
+@pytest.mark.devices(8)
 def test_expert_major_fallback_and_probs_on_input():
     _check(_cfg(router_topk=1, apply_probs_on_input=True), 4, dispatcher="alltoall_ragged",
            ragged_impl="emulate", expert_major=True, buffer_factor=0.25)  # worst-case branch
@@ -112,10 +117,12 @@ def test_expert_major_fallback_and_probs_on_input():
                    jax.ShapeDtypeStruct((1, 16), jnp.float32), 1)
 
 
+@pytest.mark.devices(8)
 def test_overlap_chunks_and_probs_on_input():
     _check(_cfg(router_topk=1, apply_probs_on_input=True), 4, chunks=2, dispatcher="alltoall")
 
 
+@pytest.mark.devices(8)
 def test_capacity_routing_and_shared_experts():
     cfg = _cfg(expert_capacity_factor=1.0, shared_expert_intermediate_size=16,
                shared_expert_gate=True, router_score_function="sigmoid")
@@ -132,6 +139,7 @@ def test_fixed_capacity_sizes():
     assert ep.fixed_capacity(16, m, 4) == 8
 
 
+@pytest.mark.devices(8)
 def test_alltoall_capacity_drops_are_counted():
     cfg = _cfg(expert_capacity_factor=0.25, router_topk=2)
     x = jax.random.normal(jax.random.key(3), (4, 8, 16), jnp.float32)
@@ -141,12 +149,14 @@ def test_alltoall_capacity_drops_are_counted():
     assert int(aux1["dropped"]) >= int(aux0["dropped"]) > 0
 
 
+@pytest.mark.devices(8)
 def test_ragged_on_cpu_fails_clearly():
     cfg = _cfg(dispatcher=DispatchConfig(type="alltoall_ragged"))
     with pytest.raises(ValueError, match="ragged_all_to_all"):
         parallel.make_layout(ParallelConfig(expert=2), cfg)
 
 
+@pytest.mark.devices(8)
 def test_buffer_factor_comes_from_the_config():
     """moe.dispatcher.buffer_factor sizes the dropless fast buffer: a factor past the worst case
     leaves no fallback branch (no cond); a tiny one overflows into it and stays exact."""
@@ -163,6 +173,7 @@ def test_buffer_factor_comes_from_the_config():
     assert _rel(y1, y0) < 1e-5
 
 
+@pytest.mark.devices(8)
 def test_auto_dispatcher_resolves_per_platform():
     row = jax.ShapeDtypeStruct((1, 64), jnp.bfloat16)
     assert ep.resolve_type("allgather", row) == "allgather"
@@ -174,6 +185,7 @@ def test_auto_dispatcher_resolves_per_platform():
     _check(_cfg(), 4, dispatcher="auto")  # the default runs where CI runs, and is exact
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("factor", [2.0, 0.5])
 def test_alltoall_dropless_fast_buffer_and_fallback(factor):
     """2.0: every (source, dest) count fits the fast buffer; 0.5: it overflows and the worst-case
@@ -185,6 +197,7 @@ def test_alltoall_dropless_fast_buffer_and_fallback(factor):
     assert int(aux["dropped"]) == 0
 
 
+@pytest.mark.devices(8)
 def test_alltoall_fast_buffer_without_fallback_counts_drops():
     """With the fallback off, a fast buffer too small for some (source, dest) count drops rows, and
     `dropped` counts them over every shard (the dropless paths skip that collective)."""
@@ -196,6 +209,7 @@ def test_alltoall_fast_buffer_without_fallback_counts_drops():
     assert int(aux["dropped"]) > 0 and int(aux_dropless["dropped"]) == 0
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("factor", [1.5, 0.25, None])
 def test_ragged_fast_buffer_and_fallback(factor):
     """The ragged dispatcher's packed receive buffer: 1.5x T·k (usually fits), 0.25x (some device
@@ -210,6 +224,7 @@ def test_ragged_fast_buffer_and_fallback(factor):
     assert int(aux["dropped"]) == 0
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
 def test_no_collectives_over_single_device_groups(dispatcher):
     """Size-1 mesh axes (edata, etensor here) get no psum: XLA keeps an all-reduce over singleton
@@ -242,6 +257,7 @@ def test_bf16_pallas_gemm_gradients_match_single_device_on_gpus():
     assert all(r["ok"] for r in rows), rows
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("dispatcher,ep_size,etp", [("alltoall", 4, 1), ("allgather", 2, 2),
                                                      ("alltoall_ragged", 4, 1)])
 def test_sequential_experts_run_under_ep(dispatcher, ep_size, etp):
@@ -252,6 +268,7 @@ def test_sequential_experts_run_under_ep(dispatcher, ep_size, etp):
     _check(_cfg(), ep_size, etp, dispatcher=dispatcher, experts_cls=SequentialExperts, **kw)
 
 
+@pytest.mark.devices(8)
 def test_sequential_experts_are_what_runs_under_ep():
     """Traced under EP, a SequentialExperts layer has no ragged_dot (the grouped GEMM) at all."""
     cfg = _cfg()
@@ -264,6 +281,7 @@ def test_sequential_experts_are_what_runs_under_ep():
         assert ("ragged_dot" in text) == want
 
 
+@pytest.mark.devices(8)
 def test_active_mesh_without_layout_is_refused():
     cfg = _cfg()
     layer = MoELayer(cfg, rngs=nnx.Rngs(0))
@@ -275,6 +293,7 @@ def test_active_mesh_without_layout_is_refused():
 
 
 
+@pytest.mark.devices(8)
 def test_swiglu_kernel_is_refused_under_ep():
     """The SwiGLU backward kernel runs on one device: inside the EP shard_map, `fused_kernels=pallas`
     (here its interpret mode) is refused naming why, and `auto` takes XLA's SwiGLU there."""

@@ -140,6 +140,7 @@ def test_generate_script_and_refusals(eval_run, tmp_path):
     assert rc == 1 and err.startswith("error: no checkpoint found in ") and err.count("\n") == 1, err
 
 
+@pytest.mark.devices(8)
 @pytest.mark.slow
 def test_sharded_evaluation_matches_one_device(tmp_path):
     """Evaluation inside a run on 8 devices (data=8, expert=2: the eval step jitted with the state's

@@ -15,6 +15,7 @@ def _model(**kw):
     return ModelConfig(**args)
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("pc,dense,moe", [
     (ParallelConfig(), (8, 1, 1), (8, 1, 1)),
     (ParallelConfig(data=2, fsdp=2, tensor=2, expert=4), (2, 2, 2), (2, 4, 1)),
@@ -30,6 +31,7 @@ def test_meshes_fold_the_same_devices(pc, dense, moe):
     assert "devices" in lay.describe()
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("pc,model,batch,match", [
     (ParallelConfig(data=3), {}, None, "must equal the device count"),
     (ParallelConfig(data=-1, tensor=3), {}, None, "cannot fill"),
@@ -56,6 +58,7 @@ def test_parallel_config_validates_new_fields():
         DispatchConfig(buffer_factor=0)
 
 
+@pytest.mark.devices(8)
 def test_rules_map_logical_names():
     assert parallel.spec(("vocab", "embed")) == P("tensor", "fsdp")
     assert parallel.spec(("embed", "heads", None)) == P("fsdp", "tensor", None)
@@ -68,6 +71,7 @@ def test_rules_map_logical_names():
     assert parallel.sharding(("heads",), lay, shape=(3,)).spec == P(None)
 
 
+@pytest.mark.devices(8)
 def test_layout_for_stays_single_device_on_cpu_by_default():
     from moe_jax.config import Config
     assert parallel.layout_for(Config()) is None
@@ -89,6 +93,7 @@ def test_distributed_detects_the_environment():
     assert distributed.initialize({}) is False
 
 
+@pytest.mark.devices(8)
 def test_train_cli_rejects_an_invalid_mesh(capsys):
     import importlib.util
     from pathlib import Path

@@ -212,6 +212,7 @@ def test_seq_aux_loss(fn):
             route(jnp.asarray(logits, jnp.float32), cfg, seq_len=bad)
 
 
+@pytest.mark.devices(8)
 def test_global_aux_loss_shard_map():
     cfg = cfg_(router_topk=2, router_load_balancing_type="global_aux_loss", aux_loss_coeff=0.02)
     logits = jnp.asarray(rand_logits(41, T=64), jnp.float32)

@@ -55,6 +55,7 @@ def _reference():
     return _REF["ref"]
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize("par", [
     dict(data=2, fsdp=2, tensor=2, expert=4),               # DP x FSDP x TP, folded EP=4
     dict(data=4, fsdp=1, tensor=2, expert=8, chunks=2),  # EP=8 > DP=4: folding

@@ -31,8 +31,9 @@ def one_line(capsys, prefix: str) -> str:
     (["model.tie_embeddings=Flase"], "config error: ModelConfig.tie_embeddings='Flase' is invalid"),
     # flags and overrides in any order: the override after the flag is read (and refused on its own)
     (["train.steps=3", "--no-progress", "train.eps=0"], "config error: TrainConfig.eps=0 is invalid"),
-    (["train.grad_accum=2", "train.batch_size=8", "parallel.data=8"],
-     "config error: TrainConfig.batch_size=8 is invalid with grad_accum=2"),
+    pytest.param(["train.grad_accum=2", "train.batch_size=8", "parallel.data=8"],
+                 "config error: TrainConfig.batch_size=8 is invalid with grad_accum=2",
+                 marks=pytest.mark.devices(8)),
 ])
 def test_config_errors_are_one_line(capsys, no_model, args, match):
     assert TRAIN.main(["--no-progress", *args]) == 2

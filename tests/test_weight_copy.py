@@ -104,6 +104,7 @@ def test_checkpoints_leave_the_copy_out_and_restore_rebuilds_it(tmp_path):
         np.testing.assert_array_equal(np.asarray(restored.compute_params[k][...]), np.asarray(v[...]))
 
 
+@pytest.mark.devices(8)
 def test_sharded_copy_shards_like_its_weight_through_a_step():
     """EP=4 over DP=2 x FSDP=4 on 8 devices: the copy is created in its weight's shards and a sharded step
     writes it back there, equal to the new weights cast."""
