@@ -103,3 +103,19 @@ def test_train_cli_rejects_an_invalid_mesh(capsys):
     spec.loader.exec_module(mod)
     assert mod.main(["parallel.expert=3"]) == 2
     assert "expert" in capsys.readouterr().err
+
+
+def test_mesh_tests_skip_where_the_backend_has_fewer_devices():
+    """tests/conftest.py: a `devices(8)` test skips, naming why, where the default backend has fewer devices
+    (a one-GPU machine, here one host device) instead of failing to build its mesh."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-p", "no:xdist",
+                        "tests/test_routing.py::test_global_aux_loss_shard_map"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "1 skipped" in r.stdout and "builds a mesh of 8 devices; cpu has 1 here" in r.stdout, r.stdout[-2000:]
