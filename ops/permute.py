@@ -205,9 +205,8 @@ def unpermute(y_RD, dest_Tk, src_R, weights_Tk, *, backend: str = "auto", interp
     impls = _impls("unpermute", backend, y_RD, interpret)
     if impls[0] == "reference":
         return reference_unpermute(y_RD, dest_Tk, src_R, weights_Tk)
-    scatter = None
-    if covered and UNPERMUTE_BACKWARD == "scatter":  # where permute's forward kernel would run
-        scatter = {"pallas": "pallas", "interpret": "interpret"}.get(_impls("permute", backend, y_RD, interpret)[0])
+    kernel = _impls("permute", backend, y_RD, interpret)[0]  # where permute's forward kernel would run
+    scatter = kernel if covered and UNPERMUTE_BACKWARD == "scatter" and kernel != "xla" else None
     return _unpermute(y_RD, dest_Tk, src_R, weights_Tk, impls, scatter)
 
 
