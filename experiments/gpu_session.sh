@@ -59,6 +59,8 @@
 #            directory; the second run's "first step" line must say its program was read from the cache
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
+#   fc2    — fc2's fused dgrad, split-n form against the shipped ping-pong: GPU tests, kernels alone (mixtral shape),
+#            mixtral_small's bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts)
 #   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
 #            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
 #            (--tune-ce; CE_TUNE=0 skips it)
@@ -351,6 +353,42 @@ PY
   attn) timeout -s KILL 150 python3 experiments/probe_attention.py \
       --out "experiments/results/probe_attention_causal_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
+  fc2)
+    # fc2's fused dgrad in its split-n form (ops.gmm_pallas_dswiglu.DSWIGLU_BWD_SPLIT_N) against the shipped
+    # ping-pong form: the GPU tests (FC2_TESTS=0 skips), the kernels alone at the mixtral shape (every variant of
+    # bench_ops.py --only fc2), then mixtral_small's bf16 step with each, ours only (FC2_STEP=0 skips)
+    if [ "${FC2_TESTS:-1}" != 0 ]; then
+      timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
+        tests/test_grouped_matmul.py -k "not kernel_configs" > "$OUT/fc2_tests.log" 2>&1
+      echo "tests rc=$?"; tail -2 "$OUT/fc2_tests.log"
+    fi
+    timeout -s KILL 150 python3 experiments/bench_ops.py --shape mixtral --only fc2 \
+      --out "experiments/results/ops_fc2_mixtral_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/fc2_bench.log" 2>&1
+    echo "== bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/fc2_bench.log" | tail -4
+    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][-1]
+for k, v in r.items():
+    if k.endswith('_ms') or k.endswith('_error'): print(k, v if isinstance(v, str) else round(v, 4))" \
+      "experiments/results/ops_fc2_mixtral_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json"
+    [ "${FC2_STEP:-1}" = 0 ] && { find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \; ; exit 0; }
+    FAST_PRESETS=mixtral_small FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_pingpong FAST_LINES=3 bash "$0" fast
+    out="experiments/results/profile_mixtral_small_$(date +%F)_${GPU}_bf16_splitn${RUN_TAG:+_$RUN_TAG}.json"
+    timeout -s KILL 240 python3 - "$out" > "$OUT/profile_splitn.log" 2>&1 <<'PY'
+import runpy, sys
+import ops.gmm_pallas_dswiglu as K
+K.DSWIGLU_BWD_FEW_GROUPS = K.DSWIGLU_BWD_SPLIT_N  # config_for reads it when the step is traced
+sys.argv = ["profile_model.py", "--config", "mixtral_small", "model.param_dtype=bfloat16", "--out", sys.argv[1]]
+runpy.run_path("experiments/profile_model.py", run_name="__main__")
+PY
+    echo "== split n rc=$?"; grep -v "^[WI][0-9]" "$OUT/profile_splitn.log" | tail -3
+    python3 - experiments/results/profile_mixtral_small_$(date +%F)_${GPU}_bf16_{pingpong,splitn}${RUN_TAG:+_$RUN_TAG}.json <<'PY'
+import json, sys
+for path in sys.argv[1:]:
+    r = json.load(open(path))
+    k = sum(t["ms_per_step"] for t in r["top_kernels"] if t["kernel"].startswith("gmm_dswiglu"))
+    print(f"{path.split('_bf16_')[1]:24s} wall {r['wall_ms']:.1f} ms busy {r['gpu_busy_ms']:.1f} "
+          f"grouped GEMM {r['categories']['grouped GEMM']['ms_per_step']:.2f} fused dgrad {k:.2f} ms/step")
+PY
+    ;;
   ce)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cross_entropy.py \
       > "$OUT/ce_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/ce_tests.log"
@@ -366,7 +404,7 @@ PY
     timeout -s KILL 240 python3 experiments/autotune_grouped_matmul.py \
       --check wgrad_ring_b_d0,wgrad_ring_b_d1,wgrad_ring_a_d1,wgrad_ring_pp > "$OUT/wgrad_check.log" 2>&1
     echo "check rc=$?"; grep -v "^[WI][0-9]" "$OUT/wgrad_check.log" | tail -12 ;;
-  *) echo "usage: $0 tests|model|layer|gmm|ce|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|layers|plain|cache|kernels|dsv3|attn|dswiglu|routing|scatter"; exit 2 ;;
+  *) echo "usage: $0 tests|model|layer|gmm|ce|wgrad|ep|epprof|eplayers|epsm|autotune|fast|ab|layers|plain|cache|kernels|dsv3|attn|dswiglu|routing|scatter|fc2"; exit 2 ;;
 esac
 find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \;  # only this run's files
 # the device brings back at most 8 files: this run's logs travel as one archive (GPU_KEEP_LOGS=1 keeps them)

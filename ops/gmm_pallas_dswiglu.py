@@ -8,8 +8,11 @@ dh stays in the fp32 accumulators: it is never written to HBM nor read back, and
 backward kernel's pass over [M, 2F] disappears (its reads of gu and writes of dgu move into this
 epilogue, under the other compute warpgroup's wgmmas).
 
-A work item is (row segment of tile_m rows, tile_n columns of F); ping-pong only (each compute WG takes
-whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py). The epilogue works in column
+A work item is (row segment of tile_m rows, tile_n columns of F) in ping-pong (each compute WG takes
+whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py), or (row segment, 2 tile_n columns)
+with cfg.pingpong False: both WGs share the item's dy tile and each takes tile_n of its columns (split
+"n", as the plain dgrad runs; the epilogues then run together, not under the other WG's main loop). The
+epilogue works in column
 chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its staging buffer (the first
 chunk's loads start before the item's main loop, PREFETCH), computes
 both gradients in fp32 from the accumulator, a block of rows at a time (ROW_SPLIT), and writes them
@@ -50,6 +53,11 @@ PREFETCH = True
 # pattern (column slices conflict on banks). H200, mixtral shape: spill requests 1.37 M -> 0.31 M, 1.290
 # -> 1.159 ms per call (deepseek's 1.307 -> 1.310); in the step ~1 % less kernel time (ops/NOTES_fused_ops.md).
 ROW_SPLIT = 2
+# Split "n" (both WGs on one 128 x 256 item, as the plain dgrad's table pick): a WG tile's share of the
+# L2 -> SMEM traffic is 3/4 of ping-pong's, but the epilogues run exposed. SMEM: 3 slots of 48 KiB + the
+# 64 KiB of staging. Needs F % 256 == 0 (mixtral_small's 4096; not deepseek_small's 1408).
+DSWIGLU_BWD_SPLIT_N = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=3, delay_release=1,
+                                epi_n=64, grid_tile_width=8, split="n", pingpong=False)
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
 
@@ -59,10 +67,15 @@ def config_for(num_groups: int) -> FwdConfig:
     return DSWIGLU_BWD_FEW_GROUPS if num_groups <= 16 else DSWIGLU_BWD
 
 
+def _cta_cols(cfg: FwdConfig) -> int:
+    """Columns of F per work item: one WG's tile_n in ping-pong, both WGs' (split "n") otherwise."""
+    return cfg.tile_n if cfg.pingpong else 2 * cfg.tile_n
+
+
 def check_shapes(m, n, f, cfg: FwdConfig) -> str:
     """Why the kernel cannot take dy [m, n] against w2 [G, f, n] with cfg ("" when it can)."""
-    if f % cfg.tile_n:
-        return f"F = {f} is not a multiple of the {cfg.tile_n}-column tile"
+    if f % _cta_cols(cfg):
+        return f"F = {f} is not a multiple of the {_cta_cols(cfg)}-column work item"
     if n % cfg.tile_k:
         return f"N = {n} (fc2's output width) is not a multiple of the {cfg.tile_k}-row k-step"
     return ""
@@ -82,21 +95,23 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
         raise ValueError(f"gmm_dswiglu_kernel: {why}")
     tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
     epi_n = min(cfg.epi_n, tn)
-    if not cfg.pingpong or tm % 64 or tm * tn > 128 * 128 or tn % epi_n:
-        raise ValueError(f"gmm_dswiglu_kernel: needs ping-pong, 64 | tile_m, tile_m * tile_n <= 128 * 128 "
-                         f"and epi_n | tile_n, got {cfg}")
+    if (not cfg.pingpong and cfg.split != "n") or tm % 64 or tm * tn > 128 * 128 or tn % epi_n:
+        raise ValueError(f"gmm_dswiglu_kernel: needs ping-pong or split n, 64 | tile_m, tile_m * tile_n <= "
+                         f"128 * 128 and epi_n | tile_n, got {cfg}")
     if tm % ROW_SPLIT or (not interpret and (tm // ROW_SPLIT) % 64):  # the WGMMA layout's 64-row tiles
         raise ValueError(f"gmm_dswiglu_kernel: ROW_SPLIT={ROW_SPLIT} must cut tile_m={tm} into blocks of 64k rows")
     if not interpret and (epi_n * jnp.dtype(out_dtype).itemsize) % 128:
         raise ValueError(f"gmm_dswiglu_kernel: epi_n must be 128 bytes wide (TMA stores start at any "
                          f"staging row), got epi_n={epi_n}")
-    grid_n = f // tn
+    pp = cfg.pingpong
+    cn = _cta_cols(cfg)
+    grid_n = f // cn
     k_iters = n // tk
     stages = cfg.max_concurrent_steps
     table, count = segment_table(group_sizes, m, tm, cfg.group_tiles)
     in_tf = smem_transforms(dy.dtype, tk)
-    rhs_tf = smem_transforms(w2.dtype, tn if interpret else tk)
-    rhs_block = (tk, tn) if interpret else (tn, tk)
+    rhs_tf = smem_transforms(w2.dtype, cn if interpret else tk)
+    rhs_block = (tk, cn) if interpret else (cn, tk)
 
     def body(table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem):
         pl.run_scoped(
@@ -104,8 +119,8 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             lhs_smem=plgpu.SMEM((stages, tm, tk), dy.dtype, transforms=in_tf),
             rhs_smem=plgpu.SMEM((stages, *rhs_block), w2.dtype, transforms=rhs_tf),
             stage_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype),  # per WG: gate, up chunks in; grads out
-            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(stages, True)),
-            consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, True),
+            loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(stages, pp)),
+            consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, pp),
                                    num_barriers=stages),
             gu_loaded=plgpu.Barrier(num_arrivals=2, num_barriers=2),
             collective_axes="wg")
@@ -117,14 +132,24 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
         def load(info, kk, slot, barrier):
             row0, _, grp, ni = info
             row0 = pl.multiple_of(row0, ROW_ALIGN)  # layout inference must see it (TMA tiles)
-            ks, cols = pl.ds(kk * tk, tk), pl.ds(ni * tn, tn)
+            ks, cols = pl.ds(kk * tk, tk), pl.ds(ni * cn, cn)
             plgpu.copy_gmem_to_smem(dy_gmem.at[pl.ds(row0, tm), ks], lhs_smem.at[slot], barrier)
             plgpu.copy_gmem_to_smem(w2_gmem.at[grp].at[(ks, cols) if interpret else (cols, ks)],
                                     rhs_smem.at[slot], barrier)
 
         def mma(info, kk, slot, acc_ref):
             b = rhs_smem.at[slot]
-            plgpu.wgmma(acc_ref, lhs_smem.at[slot], b if interpret else plgpu.transpose_ref(b, (1, 0)))
+            cols = pl.ds(lax.axis_index("wg") * tn, tn)  # split n: this WG's columns of the item
+            if interpret:
+                b = b if pp else b.at[:, cols]
+            elif pp:
+                b = b.transpose((1, 0))
+            else:  # slice the [2 tn, tk] tile's rows first: JAX 0.10's Mosaic cannot slice a transposed ref
+                b = b.at[cols, :].transpose((1, 0))
+            plgpu.wgmma(acc_ref, lhs_smem.at[slot], b)
+
+        def wg_col0(ni):  # this WG's first column of F in item column tile ni
+            return ni * cn + (0 if pp else lax.axis_index("wg") * tn)
 
         def load_gu(info, c):
             """Start the TMA loads of the item's gate and up chunk c into this WG's staging buffer
@@ -138,7 +163,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             def _():
                 for half in (0, 1):
                     plgpu.copy_gmem_to_smem(
-                        gu_gmem.at[pl.ds(row0, tm), pl.ds(half * f + ni * tn + c * epi_n, epi_n)],
+                        gu_gmem.at[pl.ds(row0, tm), pl.ds(half * f + wg_col0(ni) + c * epi_n, epi_n)],
                         stage_smem.at[wg, half], gu_loaded.at[wg])
 
         def prologue(info):  # chunk 0 lands while the main loop runs
@@ -154,7 +179,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             rb = tm // ROW_SPLIT  # read at trace time
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
-                col0 = ni * tn + c * epi_n
+                col0 = wg_col0(ni) + c * epi_n
                 if c or not PREFETCH:
                     load_gu(info, c)
 
@@ -184,7 +209,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
         pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,
                      mma=mma, epilogue=epilogue, acc_shape=(tm, tn), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
-                     pingpong=True, prologue=prologue)
+                     pingpong=pp, prologue=prologue)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores
 
     kernel = plgpu.kernel(

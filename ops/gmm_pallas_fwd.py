@@ -164,11 +164,11 @@ def gmm_fwd_kernel(lhs, rhs, group_sizes, *, transpose_rhs, out_dtype, cfg: FwdC
             b = rhs_smem.at[slot]
             if transpose_rhs:
                 if not split_n:
-                    b = plgpu.transpose_ref(b, (1, 0))
+                    b = b.transpose((1, 0))
                 elif cfg.slice_then_transpose:
-                    b = plgpu.transpose_ref(b.at[pl.ds(wg * wn, wn), :], (1, 0))
+                    b = b.at[pl.ds(wg * wn, wn), :].transpose((1, 0))
                 else:
-                    b = plgpu.transpose_ref(b, (1, 0)).at[:, pl.ds(wg * wn, wn)]
+                    b = b.transpose((1, 0)).at[:, pl.ds(wg * wn, wn)]
             elif split_n:
                 b = b.at[:, pl.ds(wg * wn, wn)]
             if split_m:

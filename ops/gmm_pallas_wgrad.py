@@ -94,11 +94,11 @@ def gmm_wgrad_kernel(a, b, group_sizes, *, out_dtype, cfg: WgradConfig, interpre
         if a_transposed:
             a_op = own if split_a else a_s
         elif not split_a:
-            a_op = plgpu.transpose_ref(a_s, (1, 0))
+            a_op = a_s.transpose((1, 0))
         elif cfg.slice_then_transpose:
-            a_op = plgpu.transpose_ref(own, (1, 0))
+            a_op = own.transpose((1, 0))
         else:
-            a_op = plgpu.transpose_ref(a_s, (1, 0)).at[pl.ds(wg * ta, ta), :]
+            a_op = a_s.transpose((1, 0)).at[pl.ds(wg * ta, ta), :]
         plgpu.wgmma(acc_ref, a_op, b_s if split_a else own)
 
     def store(wg, out_smem, out_gmem, acc_ref, gi, ai, bi, sq_smem=None, sq_gmem=None):

@@ -126,6 +126,16 @@ def test_act_fc2_fused_dgrad_interpret_matches_reference(row_split, monkeypatch)
     check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
 
 
+def test_act_fc2_fused_dgrad_split_n_interpret_matches_reference(monkeypatch):
+    """The split-"n" form (both WGs on one item, each its own columns of F): two items' worth of
+    columns, so a WG's column offset inside the item and the item's offset both count."""
+    import dataclasses
+    from ops import gmm_pallas_dswiglu as K
+    monkeypatch.setattr(K, "INTERPRET_DSWIGLU_BWD",
+                        dataclasses.replace(K.INTERPRET_DSWIGLU_BWD, pingpong=False, split="n"))
+    check_act_fc2("pallas", 200, 256, 128, [70, 0, 100, 20], seed=5, interpret=True)
+
+
 def test_act_fc2_unfused_matches_reference():
     check_act_fc2("unfused", 64, 48, 32, [10, 0, 30, 20], seed=3)
 
@@ -181,6 +191,19 @@ def test_act_fc2_backend_choice_and_errors():
         swiglu_grouped_matmul(gu, jnp.ones((2, 64, 128), jnp.bfloat16), jnp.array([32, 32]))
 
 
+def test_fused_dgrad_split_n_lowers_for_cuda(monkeypatch):
+    """The split-n GPU config lowers for CUDA at mixtral_small's F = 4096, and refuses F = 1408 (not a
+    multiple of its 256-column items) with the reason."""
+    from ops import gmm_pallas_dswiglu as K
+    monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
+    cfg = K.DSWIGLU_BWD_SPLIT_N
+    dy, gs = jnp.ones((1000, 2048), jnp.bfloat16), jnp.array([300, 0, 500, 100], jnp.int32)
+    w2, gu = jnp.ones((4, 4096, 2048), jnp.bfloat16), jnp.ones((1000, 2 * 4096), jnp.bfloat16)
+    f = lambda dy, w, gu: K.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg)  # noqa: E731
+    assert "mosaic_gpu" in jax.jit(f).trace(dy, w2, gu).lower(lowering_platforms=("cuda",)).as_text()
+    assert "256-column" in K.check_shapes(1000, 2048, 1408, cfg)
+
+
 @pytest.mark.parametrize("row_split", [1, 2])
 def test_fused_dgrad_kernel_lowers_for_cuda(row_split, monkeypatch):
     """The fused dgrad's GPU config (transposed w2 operand, 128 x 128 tiles) lowers for CUDA here, at
@@ -206,3 +229,11 @@ def test_fused_dgrad_gpu(m, f, n, sizes, row_split, monkeypatch):
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "ROW_SPLIT", row_split)
     check_act_fc2("pallas", m, f, n, sizes)
+
+
+@pytest.mark.gpu
+def test_fused_dgrad_split_n_gpu(monkeypatch):
+    """The split-n form on the GPU: few groups (its intended use), an empty one, rows past the sum."""
+    from ops import gmm_pallas_dswiglu as K
+    monkeypatch.setattr(K, "config_for", lambda num_groups: K.DSWIGLU_BWD_SPLIT_N)
+    check_act_fc2("pallas", 4096, 1024, 1024, [1000, 0, 1500, 1200, 300])
