@@ -315,11 +315,14 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 "stages4_noprefetch": (dataclasses.replace(default, max_concurrent_steps=4), False),
                 "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True),
                 # split n (both WGs on a 128 x 256 item; F % 256 == 0 only): as shipped, the fwd_t picks'
-                # grid order, and half-deep k-steps in twice the slots
+                # grid order, and half-deep k-steps in twice the slots; split m (256 x 128 items; the E=64
+                # forward's pick, with its 16-wide grid band)
                 "split_n": (dswiglu_ops.DSWIGLU_BWD_SPLIT_N, True),
                 "split_n_d0": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_SPLIT_N, grid_minor_dim=0), True),
                 "split_n_k32": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_SPLIT_N, tile_k=32,
                                                     max_concurrent_steps=6), True),
+                "split_m": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, True),  # 256-row segments, each WG half
+                "split_m_w16": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_SPLIT_M, grid_tile_width=16), True),
                 "default_again": (default, True)}
     try:
         for name, (cfg, prefetch) in variants.items():

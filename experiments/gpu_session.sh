@@ -59,8 +59,8 @@
 #            directory; the second run's "first step" line must say its program was read from the cache
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
-#   fc2    — fc2's fused dgrad, split-n form against the shipped ping-pong: GPU tests, kernels alone (mixtral shape),
-#            mixtral_small's bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts)
+#   fc2    — fc2's fused dgrad, split forms against the shipped ping-pong: GPU tests, kernels alone (FC2_SHAPES),
+#            FC2_PRESETS' bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts)
 #   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
 #            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
 #            (--tune-ce; CE_TUNE=0 skips it)
@@ -354,41 +354,45 @@ PY
       --out "experiments/results/probe_attention_causal_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   fc2)
-    # fc2's fused dgrad in its split-n form (ops.gmm_pallas_dswiglu.DSWIGLU_BWD_SPLIT_N) against the shipped
-    # ping-pong form: the GPU tests (FC2_TESTS=0 skips), the kernels alone at the mixtral shape (every variant of
-    # bench_ops.py --only fc2), then mixtral_small's bf16 step with each, ours only (FC2_STEP=0 skips)
+    # fc2's fused dgrad in its split forms (ops.gmm_pallas_dswiglu.DSWIGLU_BWD_SPLIT_N / _M) against the shipped
+    # ping-pong: the GPU tests (FC2_TESTS=0 skips), the kernels alone (every variant of bench_ops.py --only fc2)
+    # at FC2_SHAPES (mixtral deepseek), then each of FC2_PRESETS' bf16 step (mixtral_small deepseek_small;
+    # FC2_STEP=0 skips) shipped and with the split forms (n for few groups, m for many), ours only
     if [ "${FC2_TESTS:-1}" != 0 ]; then
       timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
         tests/test_grouped_matmul.py -k "not kernel_configs" > "$OUT/fc2_tests.log" 2>&1
       echo "tests rc=$?"; tail -2 "$OUT/fc2_tests.log"
     fi
-    timeout -s KILL 150 python3 experiments/bench_ops.py --shape mixtral --only fc2 \
-      --out "experiments/results/ops_fc2_mixtral_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/fc2_bench.log" 2>&1
-    echo "== bench rc=$?"; grep -v "^[WI][0-9]" "$OUT/fc2_bench.log" | tail -4
-    python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][-1]
-for k, v in r.items():
-    if k.endswith('_ms') or k.endswith('_error'): print(k, v if isinstance(v, str) else round(v, 4))" \
-      "experiments/results/ops_fc2_mixtral_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json"
+    for shape in ${FC2_SHAPES:-mixtral deepseek}; do
+      res="experiments/results/ops_fc2_${shape}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json"
+      timeout -s KILL 150 python3 experiments/bench_ops.py --shape $shape --only fc2 --out "$res" > "$OUT/fc2_bench_$shape.log" 2>&1
+      echo "== bench $shape rc=$?"
+      python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][-1]
+print(*[f'{k[:-3]} {v:.4f}' for k, v in r.items() if k.endswith('_ms')], sep='; ')
+print(*[f'{k}: {v[:80]}' for k, v in r.items() if k.endswith('_error')], sep='\\n')" "$res"
+    done
     [ "${FC2_STEP:-1}" = 0 ] && { find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \; ; exit 0; }
-    FAST_PRESETS=mixtral_small FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_pingpong FAST_LINES=3 bash "$0" fast
-    out="experiments/results/profile_mixtral_small_$(date +%F)_${GPU}_bf16_splitn${RUN_TAG:+_$RUN_TAG}.json"
-    timeout -s KILL 240 python3 - "$out" > "$OUT/profile_splitn.log" 2>&1 <<'PY'
+    for preset in ${FC2_PRESETS:-mixtral_small deepseek_small}; do
+      FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_pingpong FAST_LINES=2 bash "$0" fast
+      stem="experiments/results/profile_${preset}_$(date +%F)_${GPU}_bf16"
+      timeout -s KILL 240 python3 - "$preset" "${stem}_split${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/profile_split_$preset.log" 2>&1 <<'PY'
 import runpy, sys
 import ops.gmm_pallas_dswiglu as K
-K.DSWIGLU_BWD_FEW_GROUPS = K.DSWIGLU_BWD_SPLIT_N  # config_for reads it when the step is traced
-sys.argv = ["profile_model.py", "--config", "mixtral_small", "model.param_dtype=bfloat16", "--out", sys.argv[1]]
+# config_for reads these when the step is traced: split n for few groups, split m for many
+K.DSWIGLU_BWD_FEW_GROUPS, K.DSWIGLU_BWD = K.DSWIGLU_BWD_SPLIT_N, K.DSWIGLU_BWD_SPLIT_M
+sys.argv = ["profile_model.py", "--config", sys.argv[1], "model.param_dtype=bfloat16", "--out", sys.argv[2]]
 runpy.run_path("experiments/profile_model.py", run_name="__main__")
 PY
-    echo "== split n rc=$?"; grep -v "^[WI][0-9]" "$OUT/profile_splitn.log" | tail -3
-    python3 - experiments/results/profile_mixtral_small_$(date +%F)_${GPU}_bf16_{pingpong,splitn}${RUN_TAG:+_$RUN_TAG}.json <<'PY'
+      echo "== split $preset rc=$?"
+      python3 - ${stem}_{pingpong,split}${RUN_TAG:+_$RUN_TAG}.json <<'PY'
 import json, sys
 for path in sys.argv[1:]:
     r = json.load(open(path))
     k = sum(t["ms_per_step"] for t in r["top_kernels"] if t["kernel"].startswith("gmm_dswiglu"))
-    print(f"{path.split('_bf16_')[1]:24s} wall {r['wall_ms']:.1f} ms busy {r['gpu_busy_ms']:.1f} "
-          f"grouped GEMM {r['categories']['grouped GEMM']['ms_per_step']:.2f} fused dgrad {k:.2f} ms/step")
+    print(f"{path.split('_bf16_')[1]:22s} wall {r['wall_ms']:.1f} ms busy {r['gpu_busy_ms']:.1f} grouped GEMM "
+          f"{r['categories']['grouped GEMM']['ms_per_step']:.2f} fused dgrad {k:.2f} ms/step peak {r['peak_memory_gib']:.2f}")
 PY
-    ;;
+    done ;;
   ce)
     timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cross_entropy.py \
       > "$OUT/ce_tests.log" 2>&1; echo "tests rc=$?"; tail -2 "$OUT/ce_tests.log"

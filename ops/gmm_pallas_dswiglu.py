@@ -9,9 +9,10 @@ backward kernel's pass over [M, 2F] disappears (its reads of gu and writes of dg
 epilogue, under the other compute warpgroup's wgmmas).
 
 A work item is (row segment of tile_m rows, tile_n columns of F) in ping-pong (each compute WG takes
-whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py), or (row segment, 2 tile_n columns)
-with cfg.pingpong False: both WGs share the item's dy tile and each takes tile_n of its columns (split
-"n", as the plain dgrad runs; the epilogues then run together, not under the other WG's main loop). The
+whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py). With cfg.pingpong False both WGs
+work on each item, as the plain dgrad does: split "n", items of 2 tile_n columns, the WGs share the dy
+tile and each takes tile_n columns; split "m", the WGs share the w2 tile and each takes half of the
+segment's tile_m rows. Then the two epilogues run together, not under the other WG's main loop. The
 epilogue works in column
 chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its staging buffer (the first
 chunk's loads start before the item's main loop, PREFETCH), computes
@@ -53,11 +54,13 @@ PREFETCH = True
 # pattern (column slices conflict on banks). H200, mixtral shape: spill requests 1.37 M -> 0.31 M, 1.290
 # -> 1.159 ms per call (deepseek's 1.307 -> 1.310); in the step ~1 % less kernel time (ops/NOTES_fused_ops.md).
 ROW_SPLIT = 2
-# Split "n" (both WGs on one 128 x 256 item, as the plain dgrad's table pick): a WG tile's share of the
-# L2 -> SMEM traffic is 3/4 of ping-pong's, but the epilogues run exposed. SMEM: 3 slots of 48 KiB + the
-# 64 KiB of staging. Needs F % 256 == 0 (mixtral_small's 4096; not deepseek_small's 1408).
+# Split "n" / "m" (both WGs on one 128 x 256 / 256 x 128 item, as the plain dgrad's and the E=64 forward's
+# table picks): a WG tile's share of the L2 -> SMEM traffic is 3/4 of ping-pong's, but the two epilogues run
+# together, not under the other WG's main loop. SMEM: 3 slots of 48 KiB + the 64 KiB of staging. Split n
+# needs F % 256 == 0 (mixtral_small's 4096; not deepseek_small's 1408); split m takes 256-row segments.
 DSWIGLU_BWD_SPLIT_N = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=3, delay_release=1,
                                 epi_n=64, grid_tile_width=8, split="n", pingpong=False)
+DSWIGLU_BWD_SPLIT_M = dataclasses.replace(DSWIGLU_BWD_SPLIT_N, tile_m=256, split="m")
 INTERPRET_DSWIGLU_BWD = FwdConfig(tile_m=64, tile_n=64, tile_k=64, max_concurrent_steps=2, epi_n=32,
                                   grid_tile_width=2, pingpong=True)
 
@@ -67,9 +70,15 @@ def config_for(num_groups: int) -> FwdConfig:
     return DSWIGLU_BWD_FEW_GROUPS if num_groups <= 16 else DSWIGLU_BWD
 
 
+def _tiles(cfg: FwdConfig) -> tuple[int, int]:
+    """(rows, columns of F) of one compute WG's tile: tile_m x tile_n, or half the rows in split "m"."""
+    split_m = not cfg.pingpong and cfg.split == "m"
+    return (cfg.tile_m // 2 if split_m else cfg.tile_m), cfg.tile_n
+
+
 def _cta_cols(cfg: FwdConfig) -> int:
-    """Columns of F per work item: one WG's tile_n in ping-pong, both WGs' (split "n") otherwise."""
-    return cfg.tile_n if cfg.pingpong else 2 * cfg.tile_n
+    """Columns of F per work item: both WGs' tile_n in split "n", one tile_n otherwise."""
+    return 2 * cfg.tile_n if not cfg.pingpong and cfg.split == "n" else cfg.tile_n
 
 
 def check_shapes(m, n, f, cfg: FwdConfig) -> str:
@@ -93,18 +102,21 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
     why = check_shapes(m, n, f, cfg)
     if why:
         raise ValueError(f"gmm_dswiglu_kernel: {why}")
-    tm, tn, tk = cfg.tile_m, cfg.tile_n, cfg.tile_k
+    pp = cfg.pingpong
+    split_m = not pp and cfg.split == "m"
+    tm, tk = cfg.tile_m, cfg.tile_k
+    wm, tn = _tiles(cfg)  # a WG's tile
+    cn = _cta_cols(cfg)
     epi_n = min(cfg.epi_n, tn)
-    if (not cfg.pingpong and cfg.split != "n") or tm % 64 or tm * tn > 128 * 128 or tn % epi_n:
-        raise ValueError(f"gmm_dswiglu_kernel: needs ping-pong or split n, 64 | tile_m, tile_m * tile_n <= "
-                         f"128 * 128 and epi_n | tile_n, got {cfg}")
-    if tm % ROW_SPLIT or (not interpret and (tm // ROW_SPLIT) % 64):  # the WGMMA layout's 64-row tiles
-        raise ValueError(f"gmm_dswiglu_kernel: ROW_SPLIT={ROW_SPLIT} must cut tile_m={tm} into blocks of 64k rows")
+    if cfg.split not in ("m", "n") or wm % 64 or wm * tn > 128 * 128 or tn % epi_n:
+        raise ValueError(f"gmm_dswiglu_kernel: needs split m or n, 64 | WG rows, WG tile <= 128 x 128 "
+                         f"and epi_n | tile_n, got {cfg}")
+    if wm % ROW_SPLIT or (not interpret and (wm // ROW_SPLIT) % 64):  # the WGMMA layout's 64-row tiles
+        raise ValueError(f"gmm_dswiglu_kernel: ROW_SPLIT={ROW_SPLIT} must cut the WG's {wm} rows into blocks "
+                         f"of 64k rows")
     if not interpret and (epi_n * jnp.dtype(out_dtype).itemsize) % 128:
         raise ValueError(f"gmm_dswiglu_kernel: epi_n must be 128 bytes wide (TMA stores start at any "
                          f"staging row), got epi_n={epi_n}")
-    pp = cfg.pingpong
-    cn = _cta_cols(cfg)
     grid_n = f // cn
     k_iters = n // tk
     stages = cfg.max_concurrent_steps
@@ -118,7 +130,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
             functools.partial(scoped, table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem),
             lhs_smem=plgpu.SMEM((stages, tm, tk), dy.dtype, transforms=in_tf),
             rhs_smem=plgpu.SMEM((stages, *rhs_block), w2.dtype, transforms=rhs_tf),
-            stage_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype),  # per WG: gate, up chunks in; grads out
+            stage_smem=plgpu.SMEM((2, 2, wm, epi_n), out_dtype),  # per WG: gate, up chunks in; grads out
             loaded=plgpu.Barrier(num_arrivals=2, num_barriers=pipeline.loaded_barriers(stages, pp)),
             consumed=plgpu.Barrier(num_arrivals=pipeline.consumers_per_slot(2, pp),
                                    num_barriers=stages),
@@ -128,42 +140,59 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
     def scoped(table_gmem, count_gmem, dy_gmem, w2_gmem, gu_gmem, dgu_gmem, lhs_smem, rhs_smem,
                stage_smem, loaded, consumed, gu_loaded):
         num_items, fetch, steps_of = segment_items(table_gmem, count_gmem, grid_n, g, k_iters, cfg)
+        wg = lax.axis_index("wg")
+
+        def wg_rows(info):
+            """This WG's first row in dy, and its rows [lo, hi) of the segment within its tile."""
+            row0, packed, _, _ = info
+            row0 = pl.multiple_of(row0, ROW_ALIGN)  # layout inference must see it (TMA tiles)
+            rows, start = packed & 0xFFFF, packed >> 16
+            if not split_m:
+                return row0, start, start + rows
+            w0 = wg * wm
+            return row0 + w0, jnp.clip(start - w0, 0, wm), jnp.clip(start + rows - w0, 0, wm)
+
+        def wg_col0(ni):  # this WG's first column of F in item column tile ni
+            return ni * cn + (wg * tn if cn > tn else 0)
 
         def load(info, kk, slot, barrier):
             row0, _, grp, ni = info
-            row0 = pl.multiple_of(row0, ROW_ALIGN)  # layout inference must see it (TMA tiles)
+            row0 = pl.multiple_of(row0, ROW_ALIGN)
             ks, cols = pl.ds(kk * tk, tk), pl.ds(ni * cn, cn)
             plgpu.copy_gmem_to_smem(dy_gmem.at[pl.ds(row0, tm), ks], lhs_smem.at[slot], barrier)
             plgpu.copy_gmem_to_smem(w2_gmem.at[grp].at[(ks, cols) if interpret else (cols, ks)],
                                     rhs_smem.at[slot], barrier)
 
         def mma(info, kk, slot, acc_ref):
-            b = rhs_smem.at[slot]
-            cols = pl.ds(lax.axis_index("wg") * tn, tn)  # split n: this WG's columns of the item
+            a, b = lhs_smem.at[slot], rhs_smem.at[slot]
+            cols = pl.ds(wg * tn, tn)  # split n: this WG's columns of the item
             if interpret:
-                b = b if pp else b.at[:, cols]
-            elif pp:
-                b = b.transpose((1, 0))
-            else:  # slice the [2 tn, tk] tile's rows first: JAX 0.10's Mosaic cannot slice a transposed ref
+                b = b.at[:, cols] if cn > tn else b
+            elif cn > tn:  # slice the [2 tn, tk] tile's rows first: JAX 0.10's Mosaic cannot slice a transposed ref
                 b = b.at[cols, :].transpose((1, 0))
-            plgpu.wgmma(acc_ref, lhs_smem.at[slot], b)
+            else:
+                b = b.transpose((1, 0))
+            if not split_m:
+                plgpu.wgmma(acc_ref, a, b)
+                return
+            _, lo, hi = wg_rows(info)
 
-        def wg_col0(ni):  # this WG's first column of F in item column tile ni
-            return ni * cn + (0 if pp else lax.axis_index("wg") * tn)
+            @pl.when(lo < hi)
+            def _():  # a WG with no rows of the segment leaves the tensor cores to the other
+                plgpu.wgmma(acc_ref, a.at[pl.ds(wg * wm, wm)], b)
 
         def load_gu(info, c):
-            """Start the TMA loads of the item's gate and up chunk c into this WG's staging buffer
-            (after the stores issued so far have read it)."""
-            row0, _, grp, ni = info
-            row0 = pl.multiple_of(row0, ROW_ALIGN)
-            wg = lax.axis_index("wg")
+            """Start the TMA loads of the WG's gate and up chunk c into its staging buffer (after the
+            stores issued so far have read it)."""
+            _, _, grp, ni = info
+            wrow0, _, _ = wg_rows(info)
             _wait_staging()
 
             @pl.when(grp < g)
             def _():
                 for half in (0, 1):
                     plgpu.copy_gmem_to_smem(
-                        gu_gmem.at[pl.ds(row0, tm), pl.ds(half * f + wg_col0(ni) + c * epi_n, epi_n)],
+                        gu_gmem.at[pl.ds(wrow0, wm), pl.ds(half * f + wg_col0(ni) + c * epi_n, epi_n)],
                         stage_smem.at[wg, half], gu_loaded.at[wg])
 
         def prologue(info):  # chunk 0 lands while the main loop runs
@@ -171,12 +200,10 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
                 load_gu(info, 0)
 
         def epilogue(info, acc_ref):
-            row0, packed, grp, ni = info
-            row0 = pl.multiple_of(row0, ROW_ALIGN)
-            rows, start = packed & 0xFFFF, packed >> 16
-            wg = lax.axis_index("wg")
+            _, _, grp, ni = info
+            wrow0, lo, hi = wg_rows(info)
             dh = acc_ref[...]
-            rb = tm // ROW_SPLIT  # read at trace time
+            rb = wm // ROW_SPLIT  # read at trace time
             for c in range(tn // epi_n):  # column chunks: SMEM stays small
                 cols = slice(c * epi_n, (c + 1) * epi_n)
                 col0 = wg_col0(ni) + c * epi_n
@@ -189,7 +216,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
 
                 @pl.when(grp >= g)
                 def _():  # the tail: dh is zero; zeros in, so no NaN from stale staging
-                    zeros = jnp.zeros((tm, epi_n), out_dtype)
+                    zeros = jnp.zeros((wm, epi_n), out_dtype)
                     stage_smem[wg, 0] = zeros
                     stage_smem[wg, 1] = zeros
 
@@ -203,11 +230,11 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
                     stage_smem[wg, 1, rs] = (d * gate * s).astype(out_dtype)
                 plgpu.commit_smem()
                 for half in (0, 1):
-                    _ladder_store(stage_smem.at[wg, half], dgu_gmem, row0, start, rows, half * f + col0,
-                                  epi_n, min(tm, m))
+                    _ladder_store(stage_smem.at[wg, half], dgu_gmem, wrow0, lo, hi - lo, half * f + col0,
+                                  epi_n, min(wm, m))
 
         pipeline.run(num_items=num_items, fetch=fetch, steps_of=steps_of, load=load,
-                     mma=mma, epilogue=epilogue, acc_shape=(tm, tn), stages=stages,
+                     mma=mma, epilogue=epilogue, acc_shape=(wm, tn), stages=stages,
                      loaded=loaded, consumed=consumed, delay_release=cfg.delay_release,
                      pingpong=pp, prologue=prologue)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the compute WGs' last stores

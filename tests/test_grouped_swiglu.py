@@ -126,14 +126,17 @@ def test_act_fc2_fused_dgrad_interpret_matches_reference(row_split, monkeypatch)
     check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
 
 
-def test_act_fc2_fused_dgrad_split_n_interpret_matches_reference(monkeypatch):
-    """The split-"n" form (both WGs on one item, each its own columns of F): two items' worth of
-    columns, so a WG's column offset inside the item and the item's offset both count."""
+@pytest.mark.parametrize("split", ["n", "m"])
+def test_act_fc2_fused_dgrad_split_interpret_matches_reference(split, monkeypatch):
+    """The split forms (both WGs on one item): "n", each WG its own columns of F, over two items' worth of
+    columns (a WG's column offset inside the item and the item's both count); "m", each WG its half of
+    128-row segments, with groups that start and end inside either half (and one WG without rows)."""
     import dataclasses
     from ops import gmm_pallas_dswiglu as K
-    monkeypatch.setattr(K, "INTERPRET_DSWIGLU_BWD",
-                        dataclasses.replace(K.INTERPRET_DSWIGLU_BWD, pingpong=False, split="n"))
-    check_act_fc2("pallas", 200, 256, 128, [70, 0, 100, 20], seed=5, interpret=True)
+    tile_m = 64 if split == "n" else 128
+    monkeypatch.setattr(K, "INTERPRET_DSWIGLU_BWD", dataclasses.replace(
+        K.INTERPRET_DSWIGLU_BWD, pingpong=False, split=split, tile_m=tile_m))
+    check_act_fc2("pallas", 200, 256 if split == "n" else 128, 128, [70, 0, 100, 20], seed=5, interpret=True)
 
 
 def test_act_fc2_unfused_matches_reference():
@@ -191,17 +194,19 @@ def test_act_fc2_backend_choice_and_errors():
         swiglu_grouped_matmul(gu, jnp.ones((2, 64, 128), jnp.bfloat16), jnp.array([32, 32]))
 
 
-def test_fused_dgrad_split_n_lowers_for_cuda(monkeypatch):
-    """The split-n GPU config lowers for CUDA at mixtral_small's F = 4096, and refuses F = 1408 (not a
-    multiple of its 256-column items) with the reason."""
+@pytest.mark.parametrize("split", ["n", "m"])
+def test_fused_dgrad_split_lowers_for_cuda(split, monkeypatch):
+    """The split GPU configs lower for CUDA: split n at mixtral_small's F = 4096 (it refuses F = 1408, not
+    a multiple of its 256-column items, with the reason), split m at deepseek_small's 1408."""
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
-    cfg = K.DSWIGLU_BWD_SPLIT_N
+    cfg, f_ = (K.DSWIGLU_BWD_SPLIT_N, 4096) if split == "n" else (K.DSWIGLU_BWD_SPLIT_M, 1408)
     dy, gs = jnp.ones((1000, 2048), jnp.bfloat16), jnp.array([300, 0, 500, 100], jnp.int32)
-    w2, gu = jnp.ones((4, 4096, 2048), jnp.bfloat16), jnp.ones((1000, 2 * 4096), jnp.bfloat16)
+    w2, gu = jnp.ones((4, f_, 2048), jnp.bfloat16), jnp.ones((1000, 2 * f_), jnp.bfloat16)
     f = lambda dy, w, gu: K.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg)  # noqa: E731
     assert "mosaic_gpu" in jax.jit(f).trace(dy, w2, gu).lower(lowering_platforms=("cuda",)).as_text()
-    assert "256-column" in K.check_shapes(1000, 2048, 1408, cfg)
+    if split == "n":
+        assert "256-column" in K.check_shapes(1000, 2048, 1408, cfg)
 
 
 @pytest.mark.parametrize("row_split", [1, 2])
@@ -232,8 +237,13 @@ def test_fused_dgrad_gpu(m, f, n, sizes, row_split, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_fused_dgrad_split_n_gpu(monkeypatch):
-    """The split-n form on the GPU: few groups (its intended use), an empty one, rows past the sum."""
+@pytest.mark.parametrize("split,m,f,n,sizes", [
+    ("n", 4096, 1024, 1024, [1000, 0, 1500, 1200, 300]),         # few groups, an empty one, sum < M
+    ("m", 6000, 1408, 2048, [30 * (i % 7) for i in range(64)]),   # deepseek's F, 64 small groups
+])
+def test_fused_dgrad_split_gpu(split, m, f, n, sizes, monkeypatch):
+    """The split forms on the GPU against the reference."""
     from ops import gmm_pallas_dswiglu as K
-    monkeypatch.setattr(K, "config_for", lambda num_groups: K.DSWIGLU_BWD_SPLIT_N)
-    check_act_fc2("pallas", 4096, 1024, 1024, [1000, 0, 1500, 1200, 300])
+    cfg = K.DSWIGLU_BWD_SPLIT_N if split == "n" else K.DSWIGLU_BWD_SPLIT_M
+    monkeypatch.setattr(K, "config_for", lambda num_groups: cfg)
+    check_act_fc2("pallas", m, f, n, sizes)
