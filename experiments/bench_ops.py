@@ -314,6 +314,8 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True),
                 "stages4_noprefetch": (dataclasses.replace(default, max_concurrent_steps=4), False),
                 "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True),
+                "minor_dim0": (dataclasses.replace(default, grid_minor_dim=0), True),
+                "width16": (dataclasses.replace(default, grid_tile_width=16), True),
                 # split n (both WGs on a 128 x 256 item; F % 256 == 0 only): as shipped, the fwd_t picks'
                 # grid order, and half-deep k-steps in twice the slots; split m (256 x 128 items; the E=64
                 # forward's pick, with its 16-wide grid band)
