@@ -359,13 +359,13 @@ PY
     # at FC2_SHAPES (mixtral deepseek), then each of FC2_PRESETS' bf16 step (mixtral_small deepseek_small;
     # FC2_STEP=0 skips) shipped and with the split forms (n for few groups, m for many), ours only
     if [ "${FC2_TESTS:-1}" != 0 ]; then
-      timeout -s KILL 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
+      timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
         tests/test_grouped_matmul.py -k "not kernel_configs" > "$OUT/fc2_tests.log" 2>&1
       echo "tests rc=$?"; tail -2 "$OUT/fc2_tests.log"
     fi
     for shape in ${FC2_SHAPES:-mixtral deepseek}; do
       res="experiments/results/ops_fc2_${shape}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json"
-      timeout -s KILL 150 python3 experiments/bench_ops.py --shape $shape --only fc2 --out "$res" > "$OUT/fc2_bench_$shape.log" 2>&1
+      timeout -s KILL 180 python3 experiments/bench_ops.py --shape $shape --only fc2 --out "$res" > "$OUT/fc2_bench_$shape.log" 2>&1
       echo "== bench $shape rc=$?"
       python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][-1]
 print(*[f'{k[:-3]} {v:.4f}' for k, v in r.items() if k.endswith('_ms')], sep='; ')
