@@ -60,7 +60,8 @@
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
 #   fc2    — fc2's fused dgrad, split forms against the shipped ping-pong: GPU tests, kernels alone (FC2_SHAPES),
-#            FC2_PRESETS' bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts)
+#            FC2_PRESETS' bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts; FC2_PRESETS=auto: the presets whose
+#            shape's split form beat the shipped one alone by 2 %)
 #   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
 #            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
 #            (--tune-ce; CE_TUNE=0 skips it)
@@ -372,7 +373,20 @@ print(*[f'{k[:-3]} {v:.4f}' for k, v in r.items() if k.endswith('_ms')], sep='; 
 print(*[f'{k}: {v[:80]}' for k, v in r.items() if k.endswith('_error')], sep='\\n')" "$res"
     done
     [ "${FC2_STEP:-1}" = 0 ] && { find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \; ; exit 0; }
-    for preset in ${FC2_PRESETS:-mixtral_small deepseek_small}; do
+    presets=${FC2_PRESETS:-mixtral_small deepseek_small}
+    if [ "$presets" = auto ]; then  # only the presets whose shape's split form beat the shipped one alone
+      presets=$(python3 - $(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG} ${FC2_SHAPES:-mixtral deepseek} <<'PY'
+import json, sys
+for shape in sys.argv[2:]:
+    r = json.load(open(f"experiments/results/ops_fc2_{shape}_{sys.argv[1]}.json"))["rows"][-1]
+    split = min((v for k, v in r.items() if k.startswith("ours_split_") and k.endswith("_ms")), default=1e9)
+    if split < 0.98 * min(r["ours_ms"], r.get("ours_default_again_ms", 1e9)):
+        print(f"{shape}_small")
+PY
+)
+      echo "presets whose split form won alone: ${presets:-none}"
+    fi
+    for preset in $presets; do
       FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_pingpong FAST_LINES=2 bash "$0" fast
       stem="experiments/results/profile_${preset}_$(date +%F)_${GPU}_bf16"
       timeout -s KILL 240 python3 - "$preset" "${stem}_split${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/profile_split_$preset.log" 2>&1 <<'PY'
