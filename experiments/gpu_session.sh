@@ -60,7 +60,7 @@
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
 #   fc2    — fc2's fused dgrad, split forms against the shipped ping-pong: GPU tests, kernels alone (FC2_SHAPES),
-#            FC2_PRESETS' bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts; FC2_PRESETS=auto: the presets whose
+#            FC2_PRESETS' bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts, FC2_TESTS_K picks tests; FC2_PRESETS=auto: the presets whose
 #            shape's split form beat the shipped one alone by 2 %)
 #   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
 #            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
@@ -361,7 +361,7 @@ PY
     # FC2_STEP=0 skips) shipped and with the split forms (n for few groups, m for many), ours only
     if [ "${FC2_TESTS:-1}" != 0 ]; then
       timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
-        tests/test_grouped_matmul.py -k "not kernel_configs" > "$OUT/fc2_tests.log" 2>&1
+        tests/test_grouped_matmul.py -k "${FC2_TESTS_K:-not kernel_configs}" > "$OUT/fc2_tests.log" 2>&1
       echo "tests rc=$?"; tail -2 "$OUT/fc2_tests.log"
     fi
     for shape in ${FC2_SHAPES:-mixtral deepseek}; do
