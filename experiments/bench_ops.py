@@ -307,28 +307,27 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
         dy, w, gs, True, BF16)).reshape(rows_, 2 * F))
     t = _kernel_ms(unfused, (dy, w2, gu), reps) / 1e3
     part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
+    plain = jax.jit(lambda dy, w: gmm_pallas.gmm_fwd(dy, w, gs, True, BF16))  # fc2's dgrad alone: no epilogue work
+    t = _kernel_ms(plain, (dy, w2), reps) / 1e3
+    part["plain_dgrad_ms"], part["plain_dgrad_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     default = dswiglu_ops.config_for(E)
-    variants = {"default": (default, True),
-                "noprefetch": (default, False),
-                "stages3": (dataclasses.replace(default, max_concurrent_steps=3), True),
-                "stages4": (dataclasses.replace(default, max_concurrent_steps=4), True),
-                "stages4_noprefetch": (dataclasses.replace(default, max_concurrent_steps=4), False),
-                "stages5": (dataclasses.replace(default, max_concurrent_steps=5), True),
-                "minor_dim0": (dataclasses.replace(default, grid_minor_dim=0), True),
-                "width16": (dataclasses.replace(default, grid_tile_width=16), True),
-                # split n (both WGs on a 128 x 256 item; F % 256 == 0 only): as shipped, the fwd_t picks'
-                # grid order, and half-deep k-steps in twice the slots; split m (256 x 128 items; the E=64
-                # forward's pick, with its 16-wide grid band)
-                "split_n": (dswiglu_ops.DSWIGLU_BWD_SPLIT_N, True),
-                "split_n_d0": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_SPLIT_N, grid_minor_dim=0), True),
-                "split_n_k32": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_SPLIT_N, tile_k=32,
-                                                    max_concurrent_steps=6), True),
-                "split_m": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, True),  # 256-row segments, each WG half
-                "split_m_w16": (dataclasses.replace(dswiglu_ops.DSWIGLU_BWD_SPLIT_M, grid_tile_width=16), True),
-                "default_again": (default, True)}
+    fast, s4 = {"FAST_SIGMOID": True}, dataclasses.replace(default, max_concurrent_steps=4)
+    # (config, module switches read at trace time); the split forms (both WGs on one item) lost 10-15 % to
+    # ping-pong at the mixtral shape on an H100 (stop 48), split m is kept for the E=64 shape
+    variants = {"default": (default, {}),
+                "noprefetch": (default, {"PREFETCH": False}),
+                "stages4_noprefetch": (s4, {"PREFETCH": False}),
+                "minor_dim0": (dataclasses.replace(default, grid_minor_dim=0), {}),
+                "fast_sigmoid": (default, fast),
+                "fast_sigmoid_stages4_noprefetch": (s4, {**fast, "PREFETCH": False}),
+                "split_m": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, {}),  # 256-row segments, each WG half
+                "split_m_fast_sigmoid": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, fast),
+                "default_again": (default, {})}
+    shipped = {name: getattr(dswiglu_ops, name) for name in ("PREFETCH", "FAST_SIGMOID")}
     try:
-        for name, (cfg, prefetch) in variants.items():
-            dswiglu_ops.PREFETCH = prefetch  # read when the kernel is traced (a new jit per variant)
+        for name, (cfg, switches) in variants.items():
+            for attr, value in {**shipped, **switches}.items():  # a new jit per variant traces them anew
+                setattr(dswiglu_ops, attr, value)
             fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
             key_ = "ours" if name == "default" else f"ours_{name}"
             try:
@@ -338,7 +337,8 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 continue
             part[f"{key_}_ms"], part[f"{key_}_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     finally:
-        dswiglu_ops.PREFETCH = True
+        for attr, value in shipped.items():
+            setattr(dswiglu_ops, attr, value)
     return [row, part]
 
 

@@ -59,9 +59,9 @@
 #            directory; the second run's "first step" line must say its program was read from the cache
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
-#   fc2    — fc2's fused dgrad, split forms against the shipped ping-pong: GPU tests, kernels alone (FC2_SHAPES),
-#            FC2_PRESETS' bf16 step with each (FC2_TESTS=0, FC2_STEP=0 skip parts, FC2_TESTS_K picks tests; FC2_PRESETS=auto: the presets whose
-#            shape's split form beat the shipped one alone by 2 %)
+#   fc2    — fc2's fused dgrad: GPU tests, its variants alone beside the plain dgrad (FC2_SHAPES), then FC2_PRESETS'
+#            bf16 step shipped and with FC2_VARIANT (fast_sigmoid | split_m); FC2_TESTS=0 / FC2_STEP=0 skip parts,
+#            FC2_TESTS_K picks tests, FC2_PRESETS=auto steps only where the variant won alone by 2 %
 #   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
 #            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
 #            (--tune-ce; CE_TUNE=0 skips it)
@@ -355,10 +355,12 @@ PY
       --out "experiments/results/probe_attention_causal_$(date +%F)_${GPU}.json" 2>&1 | grep -v "^[WI][0-9]" | tail -12 ;;
   gmm) timeout 560 python3 experiments/bench_grouped_matmul.py --torch --reps 20 --xla-reps 5 ;;
   fc2)
-    # fc2's fused dgrad in its split forms (ops.gmm_pallas_dswiglu.DSWIGLU_BWD_SPLIT_N / _M) against the shipped
-    # ping-pong: the GPU tests (FC2_TESTS=0 skips), the kernels alone (every variant of bench_ops.py --only fc2)
-    # at FC2_SHAPES (mixtral deepseek), then each of FC2_PRESETS' bf16 step (mixtral_small deepseek_small;
-    # FC2_STEP=0 skips) shipped and with the split forms (n for few groups, m for many), ours only
+    # fc2's fused dgrad (ops/gmm_pallas_dswiglu.py): the GPU tests (FC2_TESTS=0 skips; FC2_TESTS_K picks), the kernel
+    # alone in every variant of bench_ops.py --only fc2 beside the plain dgrad at FC2_SHAPES (mixtral deepseek), then
+    # FC2_PRESETS' bf16 step (mixtral_small deepseek_small; FC2_STEP=0 skips) shipped and with FC2_VARIANT put in
+    # through runpy (fast_sigmoid: FAST_SIGMOID=True; split_m: DSWIGLU_BWD = DSWIGLU_BWD_SPLIT_M), ours only;
+    # FC2_PRESETS=auto: only the presets whose shape's FC2_VARIANT beat the shipped kernel alone by 2 %
+    variant=${FC2_VARIANT:-fast_sigmoid}
     if [ "${FC2_TESTS:-1}" != 0 ]; then
       timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
         tests/test_grouped_matmul.py -k "${FC2_TESTS_K:-not kernel_configs}" > "$OUT/fc2_tests.log" 2>&1
@@ -374,36 +376,40 @@ print(*[f'{k}: {v[:80]}' for k, v in r.items() if k.endswith('_error')], sep='\\
     done
     [ "${FC2_STEP:-1}" = 0 ] && { find experiments/results -name '*.json' -newer "$stamp" -exec cp {} "$OUT/" \; ; exit 0; }
     presets=${FC2_PRESETS:-mixtral_small deepseek_small}
-    if [ "$presets" = auto ]; then  # only the presets whose shape's split form beat the shipped one alone
-      presets=$(python3 - $(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG} ${FC2_SHAPES:-mixtral deepseek} <<'PY'
+    if [ "$presets" = auto ]; then
+      presets=$(python3 - $(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG} $variant ${FC2_SHAPES:-mixtral deepseek} <<'PY'
 import json, sys
-for shape in sys.argv[2:]:
+for shape in sys.argv[3:]:
     r = json.load(open(f"experiments/results/ops_fc2_{shape}_{sys.argv[1]}.json"))["rows"][-1]
-    split = min((v for k, v in r.items() if k.startswith("ours_split_") and k.endswith("_ms")), default=1e9)
-    if split < 0.98 * min(r["ours_ms"], r.get("ours_default_again_ms", 1e9)):
+    if r.get(f"ours_{sys.argv[2]}_ms", 1e9) < 0.98 * min(r["ours_ms"], r.get("ours_default_again_ms", 1e9)):
         print(f"{shape}_small")
 PY
 )
-      echo "presets whose split form won alone: ${presets:-none}"
+      echo "presets whose $variant won alone: ${presets:-none}"
     fi
     for preset in $presets; do
-      FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_pingpong FAST_LINES=2 bash "$0" fast
+      FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_shipped FAST_LINES=2 bash "$0" fast
       stem="experiments/results/profile_${preset}_$(date +%F)_${GPU}_bf16"
-      timeout -s KILL 240 python3 - "$preset" "${stem}_split${RUN_TAG:+_$RUN_TAG}.json" > "$OUT/profile_split_$preset.log" 2>&1 <<'PY'
+      timeout -s KILL 240 python3 - "$preset" "${stem}_${variant}${RUN_TAG:+_$RUN_TAG}.json" "$variant" \
+        > "$OUT/profile_${variant}_$preset.log" 2>&1 <<'PY'
 import runpy, sys
 import ops.gmm_pallas_dswiglu as K
-# config_for reads these when the step is traced: split n for few groups, split m for many
-K.DSWIGLU_BWD_FEW_GROUPS, K.DSWIGLU_BWD = K.DSWIGLU_BWD_SPLIT_N, K.DSWIGLU_BWD_SPLIT_M
+if sys.argv[3] == "fast_sigmoid":  # read when the step's kernels are traced
+    K.FAST_SIGMOID = True
+elif sys.argv[3] == "split_m":
+    K.DSWIGLU_BWD = K.DSWIGLU_BWD_SPLIT_M
+else:
+    sys.exit(f"fc2: unknown FC2_VARIANT {sys.argv[3]}")
 sys.argv = ["profile_model.py", "--config", sys.argv[1], "model.param_dtype=bfloat16", "--out", sys.argv[2]]
 runpy.run_path("experiments/profile_model.py", run_name="__main__")
 PY
-      echo "== split $preset rc=$?"
-      python3 - ${stem}_{pingpong,split}${RUN_TAG:+_$RUN_TAG}.json <<'PY'
+      echo "== $variant $preset rc=$?"
+      python3 - ${stem}_{shipped,$variant}${RUN_TAG:+_$RUN_TAG}.json <<'PY'
 import json, sys
 for path in sys.argv[1:]:
     r = json.load(open(path))
     k = sum(t["ms_per_step"] for t in r["top_kernels"] if t["kernel"].startswith("gmm_dswiglu"))
-    print(f"{path.split('_bf16_')[1]:22s} wall {r['wall_ms']:.1f} ms busy {r['gpu_busy_ms']:.1f} grouped GEMM "
+    print(f"{path.split('_bf16_')[1]:26s} wall {r['wall_ms']:.1f} ms busy {r['gpu_busy_ms']:.1f} grouped GEMM "
           f"{r['categories']['grouped GEMM']['ms_per_step']:.2f} fused dgrad {k:.2f} ms/step peak {r['peak_memory_gib']:.2f}")
 PY
     done ;;

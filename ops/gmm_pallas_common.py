@@ -71,8 +71,10 @@ def num_sms(interpret):
     return 2 if interpret else grid_sms(jax.devices()[0].core_count)
 
 
-def compiler_params():
-    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+def compiler_params(approx_math: bool = False):
+    """Warpgroup semantics; approx_math: exp, rsqrt, ... as the single MUFU instructions (ex2.approx,
+    rsqrt.approx: ~2^-22 relative error) instead of their IEEE-exact expansions."""
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=approx_math)
 
 
 def interpret_params(interpret):

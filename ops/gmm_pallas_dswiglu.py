@@ -54,6 +54,11 @@ PREFETCH = True
 # pattern (column slices conflict on banks). H200, mixtral shape: spill requests 1.37 M -> 0.31 M, 1.290
 # -> 1.159 ms per call (deepseek's 1.307 -> 1.310); in the step ~1 % less kernel time (ops/NOTES_fused_ops.md).
 ROW_SPLIT = 2
+# The epilogue's sigmoid as 1 / (1 + e^-g) with an IEEE exp and division (False), or from the MUFU's
+# ex2.approx and rsqrt.approx (True): s = rsqrt(1 + 2^(-g log2 e))^2, two MUFU instructions and three
+# arithmetic ones in place of the exact exp's and division's longer sequences, at ~2^-21 relative error
+# (the gradients are rounded to bf16, 2^-9). Off: not yet timed (experiments/NOTES_speed.md, stop 48).
+FAST_SIGMOID = False
 # Split "n" / "m" (both WGs on one 128 x 256 / 256 x 128 item, as the plain dgrad's and the E=64 forward's
 # table picks): a WG tile's share of the L2 -> SMEM traffic is 3/4 of ping-pong's, but the two epilogues run
 # together, not under the other WG's main loop. SMEM: 3 slots of 48 KiB + the 64 KiB of staging. Split n
@@ -225,7 +230,7 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
                     gate = stage_smem[wg, 0, rs].astype(jnp.float32)
                     up = stage_smem[wg, 1, rs].astype(jnp.float32)
                     d = dh[rs, cols]
-                    s = 1.0 / (1.0 + jnp.exp(-gate))
+                    s = _sigmoid(gate)
                     stage_smem[wg, 0, rs] = (d * up * s * (1.0 + gate * (1.0 - s))).astype(out_dtype)
                     stage_smem[wg, 1, rs] = (d * gate * s).astype(out_dtype)
                 plgpu.commit_smem()
@@ -242,6 +247,16 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
     kernel = plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct((m, 2 * f), out_dtype),
         grid=(num_sms(interpret),), grid_names=("sm",), num_threads=3, thread_name="wg",
-        kernel_name="gmm_dswiglu", compiler_params=compiler_params(),
+        kernel_name="gmm_dswiglu", compiler_params=compiler_params(approx_math=FAST_SIGMOID),
         interpret=interpret_params(interpret))
     return kernel(table, count, dy, w2, gu)
+
+
+def _sigmoid(x):
+    """sigmoid(x) in float32, in the form FAST_SIGMOID picks (read when the kernel is traced)."""
+    if not FAST_SIGMOID:
+        return 1.0 / (1.0 + jnp.exp(-x))
+    # exp2, not exp: Mosaic's approximate exp scales then calls the exact exp2. 2^(-x log2 e) = inf for
+    # x < -88: rsqrt(inf) = 0, the sigmoid's limit
+    r = lax.rsqrt(1.0 + jnp.exp2(x * -1.4426950408889634))
+    return r * r

@@ -126,6 +126,26 @@ def test_act_fc2_fused_dgrad_interpret_matches_reference(row_split, monkeypatch)
     check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
 
 
+def test_act_fc2_fused_dgrad_fast_sigmoid_interpret_matches_reference(monkeypatch):
+    """FAST_SIGMOID's form of the epilogue's sigmoid, rsqrt(1 + e^-g)^2, against the reference."""
+    from ops import gmm_pallas_dswiglu as K
+    monkeypatch.setattr(K, "FAST_SIGMOID", True)
+    check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], seed=9, interpret=True)
+
+
+def test_fast_sigmoid_form_matches_sigmoid(monkeypatch):
+    """The form itself in float32, past both ends (exp(-g) overflows for g < -88) and through 0."""
+    from ops import gmm_pallas_dswiglu as K
+    monkeypatch.setattr(K, "FAST_SIGMOID", True)
+    g = jnp.concatenate([jnp.linspace(-120.0, 40.0, 4001), jnp.array([-jnp.inf, jnp.inf, 0.0])])
+    got, want = np.asarray(K._sigmoid(g)), np.asarray(jax.nn.sigmoid(g))
+    # 2^(g log2 e) carries the product's rounding, ~|g| 2^-24 relative: 4e-6 at g = -64, where s ~ 1e-28
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-37)
+    near = np.abs(np.asarray(g)) <= 16
+    np.testing.assert_allclose(got[near], want[near], rtol=2e-6)
+    assert float(got[-3]) == 0.0 and float(got[-2]) == 1.0
+
+
 @pytest.mark.parametrize("split", ["n", "m"])
 def test_act_fc2_fused_dgrad_split_interpret_matches_reference(split, monkeypatch):
     """The split forms (both WGs on one item): "n", each WG its own columns of F, over two items' worth of
@@ -209,19 +229,23 @@ def test_fused_dgrad_split_lowers_for_cuda(split, monkeypatch):
         assert "256-column" in K.check_shapes(1000, 2048, 1408, cfg)
 
 
-@pytest.mark.parametrize("row_split", [1, 2])
-def test_fused_dgrad_kernel_lowers_for_cuda(row_split, monkeypatch):
+@pytest.mark.parametrize("row_split,fast_sigmoid", [(1, False), (2, False), (2, True)])
+def test_fused_dgrad_kernel_lowers_for_cuda(row_split, fast_sigmoid, monkeypatch):
     """The fused dgrad's GPU config (transposed w2 operand, 128 x 128 tiles) lowers for CUDA here, at
-    deepseek_small's F = 1408 with an empty group and rows past the sum (both ROW_SPLIT forms)."""
+    deepseek_small's F = 1408 with an empty group and rows past the sum (both ROW_SPLIT forms, and the
+    approximate sigmoid's MUFU forms)."""
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "num_sms", lambda interpret: 132)
     monkeypatch.setattr(K, "ROW_SPLIT", row_split)
+    monkeypatch.setattr(K, "FAST_SIGMOID", fast_sigmoid)
     dy = jnp.ones((1000, 2048), jnp.bfloat16)
     w2 = jnp.ones((4, 1408, 2048), jnp.bfloat16)
     gu = jnp.ones((1000, 2 * 1408), jnp.bfloat16)
     gs = jnp.array([300, 0, 500, 100], jnp.int32)
     f = lambda dy, w, gu: K.gmm_dswiglu_kernel(dy, w, gu, gs)  # noqa: E731
-    assert "mosaic_gpu" in jax.jit(f).trace(dy, w2, gu).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(f).trace(dy, w2, gu).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert ("rsqrt.approx.f32" in text and "ex2.approx" in text) == fast_sigmoid
 
 
 @pytest.mark.gpu
@@ -234,6 +258,14 @@ def test_fused_dgrad_gpu(m, f, n, sizes, row_split, monkeypatch):
     from ops import gmm_pallas_dswiglu as K
     monkeypatch.setattr(K, "ROW_SPLIT", row_split)
     check_act_fc2("pallas", m, f, n, sizes)
+
+
+@pytest.mark.gpu
+def test_fused_dgrad_fast_sigmoid_gpu(monkeypatch):
+    """FAST_SIGMOID on the GPU (ex2.approx, rsqrt.approx) against the reference, at deepseek's F."""
+    from ops import gmm_pallas_dswiglu as K
+    monkeypatch.setattr(K, "FAST_SIGMOID", True)
+    check_act_fc2("pallas", 6000, 1408, 2048, [30 * (i % 7) for i in range(64)])
 
 
 @pytest.mark.gpu
