@@ -312,8 +312,9 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     part["plain_dgrad_ms"], part["plain_dgrad_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     default = dswiglu_ops.config_for(E)
     fast, s4 = {"FAST_SIGMOID": True}, dataclasses.replace(default, max_concurrent_steps=4)
-    # (config, module switches read at trace time); the split forms (both WGs on one item) lost 10-15 % to
-    # ping-pong at the mixtral shape on an H100 (stop 48), split m is kept for the E=64 shape
+    # (config, module switches read at trace time); the split forms (both WGs on one item, the epilogues
+    # exposed) lost 10-15 % to ping-pong at the mixtral shape on an H100 (stop 48): timed again with the
+    # cheaper sigmoid, and split m at the E=64 shape (split n needs F % 256 == 0: its row errors at deepseek's)
     variants = {"default": (default, {}),
                 "noprefetch": (default, {"PREFETCH": False}),
                 "stages4_noprefetch": (s4, {"PREFETCH": False}),
@@ -322,6 +323,7 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 "fast_sigmoid_stages4_noprefetch": (s4, {**fast, "PREFETCH": False}),
                 "split_m": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, {}),  # 256-row segments, each WG half
                 "split_m_fast_sigmoid": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, fast),
+                "split_n_fast_sigmoid": (dswiglu_ops.DSWIGLU_BWD_SPLIT_N, fast),
                 "default_again": (default, {})}
     shipped = {name: getattr(dswiglu_ops, name) for name in ("PREFETCH", "FAST_SIGMOID")}
     try:
