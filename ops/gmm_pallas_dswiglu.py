@@ -12,13 +12,12 @@ A work item is (row segment of tile_m rows, tile_n columns of F) in ping-pong (e
 whole items in turn on the shared ring, ops/gmm_pallas_pipeline.py). With cfg.pingpong False both WGs
 work on each item, as the plain dgrad does: split "n", items of 2 tile_n columns, the WGs share the dy
 tile and each takes tile_n columns; split "m", the WGs share the w2 tile and each takes half of the
-segment's tile_m rows. Then the two epilogues run together, not under the other WG's main loop. The
-epilogue works in column
-chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its staging buffer (the first
-chunk's loads start before the item's main loop, PREFETCH), computes
-both gradients in fp32 from the accumulator, a block of rows at a time (ROW_SPLIT), and writes them
-back over the staging buffer, then
-TMA-stores the segment's rows of them (the ladder of ops/gmm_pallas_fwd.py). The tail past
+segment's tile_m rows. Then the two epilogues run together, not under the other WG's main loop.
+
+The epilogue works in column chunks of epi_n: it TMA-loads the gate and up chunks of its rows into its
+staging buffer (the first chunk's loads start before the item's main loop, PREFETCH), computes both
+gradients in fp32 from the accumulator, a block of rows at a time (ROW_SPLIT), writes them back over the
+staging buffer, then TMA-stores the segment's rows of them (the ladder of ops/gmm_pallas_fwd.py). The tail past
 sum(group_sizes) is written as zeros without reading gu.
 """
 from __future__ import annotations
@@ -47,7 +46,7 @@ DSWIGLU_BWD = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=
 DSWIGLU_BWD_FEW_GROUPS = dataclasses.replace(DSWIGLU_BWD, max_concurrent_steps=5)
 # the first chunk's gate/up loads start before the item's main loop (its latency off the epilogue)
 PREFETCH = True
-# The epilogue's SwiGLU math on row blocks of tile_m // ROW_SPLIT rows of each column chunk (64-row
+# The epilogue's SwiGLU math on row blocks of a WG's rows // ROW_SPLIT of each column chunk (64-row
 # multiples: the WGMMA layout's tile). On whole chunks (1) the 128 x 128 float32 accumulator plus a
 # 64-column chunk's gate, up and gradients pass the 232 registers a compute thread has, and the kernel
 # spills. Row blocks are contiguous in the staging buffer, so their loads keep the whole chunk's access
@@ -63,6 +62,8 @@ FAST_SIGMOID = False
 # table picks): a WG tile's share of the L2 -> SMEM traffic is 3/4 of ping-pong's, but the two epilogues run
 # together, not under the other WG's main loop. SMEM: 3 slots of 48 KiB + the 64 KiB of staging. Split n
 # needs F % 256 == 0 (mixtral_small's 4096; not deepseek_small's 1408); split m takes 256-row segments.
+# Not used: 10-15 % slower than ping-pong at the mixtral shape (H100, experiments/NOTES_speed.md stop 48);
+# kept to be timed at E=64 (split m) and with FAST_SIGMOID.
 DSWIGLU_BWD_SPLIT_N = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=3, delay_release=1,
                                 epi_n=64, grid_tile_width=8, split="n", pingpong=False)
 DSWIGLU_BWD_SPLIT_M = dataclasses.replace(DSWIGLU_BWD_SPLIT_N, tile_m=256, split="m")
