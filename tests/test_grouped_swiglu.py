@@ -146,6 +146,7 @@ def test_fast_sigmoid_form_matches_sigmoid(monkeypatch):
     assert float(got[-3]) == 0.0 and float(got[-2]) == 1.0
 
 
+@pytest.mark.slow  # ~15 s each in interpret mode; the forms are not used by default (both lower in the suite)
 @pytest.mark.parametrize("split", ["n", "m"])
 def test_act_fc2_fused_dgrad_split_interpret_matches_reference(split, monkeypatch):
     """The split forms (both WGs on one item): "n", each WG its own columns of F, over two items' worth of
