@@ -72,8 +72,8 @@ def num_sms(interpret):
 
 
 def compiler_params(approx_math: bool = False):
-    """Warpgroup semantics; approx_math: exp, rsqrt, ... as the single MUFU instructions (ex2.approx,
-    rsqrt.approx: ~2^-22 relative error) instead of their IEEE-exact expansions."""
+    """Warpgroup semantics; approx_math: exp2, rsqrt, ... as the single MUFU instructions (ex2.approx,
+    rsqrt.approx: ~2^-22 relative error by the PTX ISA) instead of their IEEE-exact expansions."""
     return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=approx_math)
 
 

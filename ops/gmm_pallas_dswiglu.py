@@ -55,8 +55,10 @@ PREFETCH = True
 ROW_SPLIT = 2
 # The epilogue's sigmoid as 1 / (1 + e^-g) with an IEEE exp and division (False), or from the MUFU's
 # ex2.approx and rsqrt.approx (True): s = rsqrt(1 + 2^(-g log2 e))^2, two MUFU instructions and three
-# arithmetic ones in place of the exact exp's and division's longer sequences, at ~2^-21 relative error
-# (the gradients are rounded to bf16, 2^-9). Off: not yet timed (experiments/NOTES_speed.md, stop 48).
+# arithmetic ones in place of the exact exp's and division's longer sequences. The form with exact
+# operations is within 2e-6 of the sigmoid for |g| <= 16 (tests); the two instructions add ~2^-22 each by the
+# PTX ISA's bounds, not yet checked on a GPU (the gradients are rounded to bf16, 2^-9). Off: not yet timed
+# (experiments/NOTES_speed.md, stop 48).
 FAST_SIGMOID = False
 # Split "n" / "m" (both WGs on one 128 x 256 / 256 x 128 item, as the plain dgrad's and the E=64 forward's
 # table picks): a WG tile's share of the L2 -> SMEM traffic is 3/4 of ping-pong's, but the two epilogues run
@@ -109,9 +111,9 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
     if why:
         raise ValueError(f"gmm_dswiglu_kernel: {why}")
     pp = cfg.pingpong
-    split_m = not pp and cfg.split == "m"
     tm, tk = cfg.tile_m, cfg.tile_k
     wm, tn = _tiles(cfg)  # a WG's tile
+    split_m = wm < tm
     cn = _cta_cols(cfg)
     epi_n = min(cfg.epi_n, tn)
     if cfg.split not in ("m", "n") or wm % 64 or wm * tn > 128 * 128 or tn % epi_n:
