@@ -126,6 +126,8 @@ def test_act_fc2_fused_dgrad_interpret_matches_reference(row_split, monkeypatch)
     check_act_fc2("pallas", 200, 128, 128, [70, 0, 100, 20], interpret=True)
 
 
+# ~30 s in interpret mode, and FAST_SIGMOID is off by default; the suite checks its form and its lowering
+@pytest.mark.slow
 def test_act_fc2_fused_dgrad_fast_sigmoid_interpret_matches_reference(monkeypatch):
     """FAST_SIGMOID's form of the epilogue's sigmoid, rsqrt(1 + e^-g)^2, against the reference."""
     from ops import gmm_pallas_dswiglu as K

@@ -2,6 +2,7 @@
 the JAX_COORDINATOR_* variables train the same steps as one process with 8 devices."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -25,7 +26,9 @@ def _free_port() -> int:
 
 def test_two_processes_train_like_one(tmp_path):
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    # 4 devices a process; the suite's other XLA flags kept (conftest: its quick CPU compile)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
            "JAX_NUM_PROCESSES": "2", "PYTHONPATH": str(ROOT),
            # an empty cache: both processes need the embedded corpus at once (one builds, one waits)
