@@ -14,8 +14,9 @@ if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 # device compiles them.
 # A test whose work is running compiled code more than compiling it runs in a process without them
 # (tests/test_bench_scripts.py's bench_ops: 46 s with them off, 324 s on).
+CPU_QUICK_COMPILE_FLAGS = " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if os.environ.get("JAX_PLATFORMS") == "cpu" and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    os.environ["XLA_FLAGS"] += CPU_QUICK_COMPILE_FLAGS
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
