@@ -233,9 +233,9 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
                     gate = stage_smem[wg, 0, rs].astype(jnp.float32)
                     up = stage_smem[wg, 1, rs].astype(jnp.float32)
                     d = dh[rs, cols]
-                    s = _sigmoid(gate)
-                    stage_smem[wg, 0, rs] = (d * up * s * (1.0 + gate * (1.0 - s))).astype(out_dtype)
-                    stage_smem[wg, 1, rs] = (d * gate * s).astype(out_dtype)
+                    dgate, dup = _dswiglu(d, gate, up)
+                    stage_smem[wg, 0, rs] = dgate.astype(out_dtype)
+                    stage_smem[wg, 1, rs] = dup.astype(out_dtype)
                 plgpu.commit_smem()
                 for half in (0, 1):
                     _ladder_store(stage_smem.at[wg, half], dgu_gmem, wrow0, lo, hi - lo, half * f + col0,
@@ -253,6 +253,17 @@ def gmm_dswiglu_kernel(dy, w2, gu, group_sizes, *, cfg: FwdConfig = DSWIGLU_BWD,
         kernel_name="gmm_dswiglu", compiler_params=compiler_params(approx_math=FAST_SIGMOID),
         interpret=interpret_params(interpret))
     return kernel(table, count, dy, w2, gu)
+
+
+def _dswiglu(d, gate, up):
+    """SwiGLU's backward for the cotangent d in float32: (dgate, dup) = (d·u·s·(1 + g·(1 − s)), d·g·s).
+
+    As ds = d·s, dup = ds·g, a = ds·u, dgate = a + a·(g − g·s): five multiplies or FMAs per element
+    after the sigmoid, where the product form takes eight operations."""
+    s = _sigmoid(gate)
+    ds = d * s
+    a = ds * up
+    return a + a * (gate - gate * s), ds * gate
 
 
 def _sigmoid(x):
