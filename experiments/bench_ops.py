@@ -282,6 +282,12 @@ def fused_fc1_rows(shape: dict, reps: int) -> list[dict]:
     return out
 
 
+FC2_VARIANTS: list[str] = []  # the fused dgrad's variants fused_fc2_rows times (empty: all of them)
+FC2_VARIANT_NAMES = ("default", "fast_sigmoid", "split_m", "split_m_fast_sigmoid", "split_n_fast_sigmoid",
+                     "stages4_noprefetch", "fast_sigmoid_stages4_noprefetch", "noprefetch", "minor_dim0",
+                     "default_again")
+
+
 def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     """SwiGLU then fc2 of the routed experts (ops.swiglu_grouped_matmul), forward + backward: "pallas"
     (SwiGLU's backward in fc2's dgrad epilogue) against "unfused" (the SwiGLU op, then the grouped GEMM),
@@ -325,6 +331,9 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
                 "noprefetch": (default, {"PREFETCH": False}),
                 "minor_dim0": (dataclasses.replace(default, grid_minor_dim=0), {}),
                 "default_again": (default, {})}
+    assert tuple(variants) == FC2_VARIANT_NAMES
+    if FC2_VARIANTS:  # --fc2-variants: these beside the default, timed before and after them
+        variants = {k: v for k, v in variants.items() if k in ("default", "default_again", *FC2_VARIANTS)}
     shipped = {name: getattr(dswiglu_ops, name) for name in ("PREFETCH", "FAST_SIGMOID")}
     try:
         for name, (cfg, switches) in variants.items():
@@ -446,7 +455,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-norm", action="store_true", help="sweep ops.rms_norm.Launch instead")
     ap.add_argument("--tune-ce", action="store_true", help="sweep ops.softmax_ce.Launch instead")
     ap.add_argument("--tune-permute", action="store_true", help="sweep ops.permute_kernel.Launch instead")
+    ap.add_argument("--fc2-variants", default="",
+                    help="comma-separated: only these of fc2's fused dgrad variants, beside the default")
     args = ap.parse_args(argv)
+    FC2_VARIANTS[:] = [v for v in args.fc2_variants.split(",") if v]
+    if set(FC2_VARIANTS) - set(FC2_VARIANT_NAMES):
+        ap.error(f"--fc2-variants: unknown {sorted(set(FC2_VARIANTS) - set(FC2_VARIANT_NAMES))}; "
+                 f"known: {', '.join(FC2_VARIANT_NAMES)}")
     for flag, kind, module, sweep, key in ((args.tune_ce, "tune_ce", ce_ops, tune_ce, "ce_ms"),
                                            (args.tune_norm, "tune_norm", norm_ops, tune_norm, "norm_ms"),
                                            (args.tune_permute, "tune_permute", PK, tune_permute, "permute_ms")):

@@ -61,7 +61,8 @@
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
 #   fc2    — fc2's fused dgrad: GPU tests, its variants alone beside the plain dgrad (FC2_SHAPES), then FC2_PRESETS'
 #            bf16 step shipped and with FC2_VARIANT (fast_sigmoid | split_m); FC2_TESTS=0 / FC2_STEP=0 skip parts,
-#            FC2_TESTS_K picks tests, FC2_PRESETS=auto steps only where the variant won alone by 2 %
+#            FC2_TESTS_K picks tests, FC2_PRESETS=auto steps only where the variant won alone by 2 %,
+#            FC2_BENCH_VARIANTS (e.g. fast_sigmoid) times only those beside the default, FC2_TORCH=1 adds the reference
 #   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
 #            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
 #            (--tune-ce; CE_TUNE=0 skips it)
@@ -359,7 +360,9 @@ PY
     # alone in every variant of bench_ops.py --only fc2 beside the plain dgrad at FC2_SHAPES (mixtral deepseek), then
     # FC2_PRESETS' bf16 step (mixtral_small deepseek_small; FC2_STEP=0 skips) shipped and with FC2_VARIANT put in
     # through runpy (fast_sigmoid: FAST_SIGMOID=True; split_m: DSWIGLU_BWD = DSWIGLU_BWD_SPLIT_M), ours only;
-    # FC2_PRESETS=auto: only the presets whose shape's FC2_VARIANT beat the shipped kernel alone by 2 %
+    # FC2_PRESETS=auto: only the presets whose shape's FC2_VARIANT beat the shipped kernel alone by 2 %;
+    # FC2_BENCH_VARIANTS (comma list) times only those variants beside the default; FC2_TORCH=1 adds the
+    # PyTorch reference after the shipped step
     variant=${FC2_VARIANT:-fast_sigmoid}
     if [ "${FC2_TESTS:-1}" != 0 ]; then
       timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
@@ -368,7 +371,8 @@ PY
     fi
     for shape in ${FC2_SHAPES:-mixtral deepseek}; do
       res="experiments/results/ops_fc2_${shape}_$(date +%F)_${GPU}${RUN_TAG:+_$RUN_TAG}.json"
-      timeout -s KILL 180 python3 experiments/bench_ops.py --shape $shape --only fc2 --out "$res" > "$OUT/fc2_bench_$shape.log" 2>&1
+      timeout -s KILL 180 python3 experiments/bench_ops.py --shape $shape --only fc2 --out "$res" \
+        ${FC2_BENCH_VARIANTS:+--fc2-variants "$FC2_BENCH_VARIANTS"} > "$OUT/fc2_bench_$shape.log" 2>&1
       echo "== bench $shape rc=$?"
       [ -f "$res" ] || { tail -12 "$OUT/fc2_bench_$shape.log"; continue; }  # cut short: the variants it timed
       python3 -c "import json,sys; r=json.load(open(sys.argv[1]))['rows'][-1]
@@ -393,7 +397,7 @@ PY
       echo "presets whose $variant won alone: ${presets:-none}"
     fi
     for preset in $presets; do
-      FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=0 FAST_TAG=_shipped FAST_LINES=2 bash "$0" fast
+      FAST_PRESETS=$preset FAST_PARAMS=bf16 FAST_TORCH=${FC2_TORCH:-0} FAST_TAG=_shipped FAST_LINES=2 bash "$0" fast
       stem="experiments/results/profile_${preset}_$(date +%F)_${GPU}_bf16"
       timeout -s KILL 240 python3 - "$preset" "${stem}_${variant}${RUN_TAG:+_$RUN_TAG}.json" "$variant" \
         > "$OUT/profile_${variant}_$preset.log" 2>&1 <<'PY'
