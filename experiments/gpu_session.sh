@@ -60,9 +60,9 @@
 #   dswiglu — fc2's fused dgrad: its GPU tests, probe_dswiglu.py (the epilogue on whole chunks and on row blocks, beside
 #            the plain dgrad) at both shapes, then ncu on the row-block form at the mixtral shape (spills, pipes)
 #   fc2    — fc2's fused dgrad: GPU tests, its variants alone beside the plain dgrad (FC2_SHAPES), then FC2_PRESETS'
-#            bf16 step shipped and with FC2_VARIANT (fast_sigmoid | split_m); FC2_TESTS=0 / FC2_STEP=0 skip parts,
+#            bf16 step shipped and with FC2_VARIANT (exact_sigmoid | split_m); FC2_TESTS=0 / FC2_STEP=0 skip parts,
 #            FC2_TESTS_K picks tests, FC2_PRESETS=auto steps only where the variant won alone by 2 %,
-#            FC2_BENCH_VARIANTS (e.g. fast_sigmoid) times only those beside the default, FC2_TORCH=1 adds the reference
+#            FC2_BENCH_VARIANTS (e.g. exact_sigmoid) times only those beside the default, FC2_TORCH=1 adds the reference
 #   ce     — the cross-entropy's softmax-pass kernel (ops.softmax_ce): its GPU test, bench_ops.py --only cross
 #            (LM head + CE with the kernel and with XLA's softmax; the pass alone), then the Launch sweep
 #            (--tune-ce; CE_TUNE=0 skips it)
@@ -359,11 +359,11 @@ PY
     # fc2's fused dgrad (ops/gmm_pallas_dswiglu.py): the GPU tests (FC2_TESTS=0 skips; FC2_TESTS_K picks), the kernel
     # alone in every variant of bench_ops.py --only fc2 beside the plain dgrad at FC2_SHAPES (mixtral deepseek), then
     # FC2_PRESETS' bf16 step (mixtral_small deepseek_small; FC2_STEP=0 skips) shipped and with FC2_VARIANT put in
-    # through runpy (fast_sigmoid: FAST_SIGMOID=True; split_m: DSWIGLU_BWD = DSWIGLU_BWD_SPLIT_M), ours only;
+    # through runpy (exact_sigmoid: FAST_SIGMOID=False; split_m: DSWIGLU_BWD = DSWIGLU_BWD_SPLIT_M), ours only;
     # FC2_PRESETS=auto: only the presets whose shape's FC2_VARIANT beat the shipped kernel alone by 2 %;
     # FC2_BENCH_VARIANTS (comma list) times only those variants beside the default; FC2_TORCH=1 adds the
     # PyTorch reference after the shipped step
-    variant=${FC2_VARIANT:-fast_sigmoid}
+    variant=${FC2_VARIANT:-exact_sigmoid}
     if [ "${FC2_TESTS:-1}" != 0 ]; then
       timeout -s KILL 200 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_grouped_swiglu.py \
         tests/test_grouped_matmul.py -k "${FC2_TESTS_K:-not kernel_configs}" > "$OUT/fc2_tests.log" 2>&1
@@ -403,8 +403,8 @@ PY
         > "$OUT/profile_${variant}_$preset.log" 2>&1 <<'PY'
 import runpy, sys
 import ops.gmm_pallas_dswiglu as K
-if sys.argv[3] == "fast_sigmoid":  # read when the step's kernels are traced
-    K.FAST_SIGMOID = True
+if sys.argv[3] == "exact_sigmoid":  # read when the step's kernels are traced
+    K.FAST_SIGMOID = False
 elif sys.argv[3] == "split_m":
     K.DSWIGLU_BWD = K.DSWIGLU_BWD_SPLIT_M
 else:

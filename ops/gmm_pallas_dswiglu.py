@@ -53,19 +53,20 @@ PREFETCH = True
 # pattern (column slices conflict on banks). H200, mixtral shape: spill requests 1.37 M -> 0.31 M, 1.290
 # -> 1.159 ms per call (deepseek's 1.307 -> 1.310); in the step ~1 % less kernel time (ops/NOTES_fused_ops.md).
 ROW_SPLIT = 2
-# The epilogue's sigmoid as 1 / (1 + e^-g) with an IEEE exp and division (False), or from the MUFU's
-# ex2.approx and rsqrt.approx (True): s = rsqrt(1 + 2^(-g log2 e))^2, two MUFU instructions and three
-# arithmetic ones in place of the exact exp's and division's longer sequences. The form with exact
-# operations is within 2e-6 of the sigmoid for |g| <= 16 (tests); the two instructions add ~2^-22 each by the
-# PTX ISA's bounds, not yet checked on a GPU (the gradients are rounded to bf16, 2^-9). Off: not yet timed
-# (experiments/NOTES_speed.md, stop 48).
-FAST_SIGMOID = False
+# The epilogue's sigmoid from the MUFU's ex2.approx and rsqrt.approx (True): s = rsqrt(1 + 2^(-g log2 e))^2, two
+# MUFU instructions and three arithmetic ones in place of the exact exp's and division's longer sequences; or as
+# 1 / (1 + e^-g) with an IEEE exp and division (False). The form with exact operations is within 2e-6 of the
+# sigmoid for |g| <= 16 (tests); the two instructions add ~2^-22 each by the PTX ISA's bounds, and the gradients
+# are rounded to bf16 (2^-9); the GPU tests match the reference with either. H100, GPU time per call: 2-3 % less
+# (mixtral shape 0.983 -> 0.950 ms, deepseek 1.131 -> 1.108); in the step 0.3-0.6 ms a step less of this
+# kernel (experiments/NOTES_speed.md, stop 50).
+FAST_SIGMOID = True
 # Split "n" / "m" (both WGs on one 128 x 256 / 256 x 128 item, as the plain dgrad's and the E=64 forward's
 # table picks): a WG tile's share of the L2 -> SMEM traffic is 3/4 of ping-pong's, but the two epilogues run
 # together, not under the other WG's main loop. SMEM: 3 slots of 48 KiB + the 64 KiB of staging. Split n
 # needs F % 256 == 0 (mixtral_small's 4096; not deepseek_small's 1408); split m takes 256-row segments.
 # Not used: 10-15 % slower than ping-pong at the mixtral shape (H100, experiments/NOTES_speed.md stop 48);
-# kept to be timed at E=64 (split m) and with FAST_SIGMOID.
+# kept to be timed at E=64 (split m).
 DSWIGLU_BWD_SPLIT_N = FwdConfig(tile_m=128, tile_n=128, tile_k=64, max_concurrent_steps=3, delay_release=1,
                                 epi_n=64, grid_tile_width=8, split="n", pingpong=False)
 DSWIGLU_BWD_SPLIT_M = dataclasses.replace(DSWIGLU_BWD_SPLIT_N, tile_m=256, split="m")
