@@ -11,8 +11,9 @@ argmax rounds against `lax.top_k`), and gives the bytes the op must move at leas
 outputs written once) over the time, as a share of the device-to-device copy bandwidth measured in the
 same run (the ceiling).
 Shapes: one MoE layer of `mixtral_small` (T=16384 tokens, k=2, D=2048, F=4096, V=32000) or
-`deepseek_small` (k=6, F=1408). The fused grouped-GEMM rows (`--only fc1` / `fc2`), the routing sort, the
-top-k and the cross-entropy rows are GPU time from a profiler trace; the others host time (median of --reps).
+`deepseek_small` (k=6, F=1408). The fused grouped-GEMM rows (`--only fc1` / `fc2` / `wgrad`, from
+experiments/bench_fused_gemm.py), the routing sort, the top-k and the cross-entropy rows are GPU time from a
+profiler trace; the others host time (median of --reps).
 """
 from __future__ import annotations
 
@@ -32,15 +33,14 @@ from moe_jax.rope import rope_tables  # noqa: E402
 from ops import permute as P  # noqa: E402
 from ops import permute_kernel as PK  # noqa: E402
 from ops.cross_entropy import chunk_rows, linear_cross_entropy  # noqa: E402
-from ops import gmm_pallas  # noqa: E402
-from ops.gated_act import swiglu, swiglu_vjp  # noqa: E402
-from ops import gmm_pallas_dswiglu as dswiglu_ops  # noqa: E402
-from ops.grouped_swiglu import grouped_swiglu, swiglu_grouped_matmul  # noqa: E402
+from ops.gated_act import swiglu  # noqa: E402
 from ops import rms_norm as norm_ops  # noqa: E402
 from ops.rms_norm import add_rms_norm, rms_norm  # noqa: E402
 from ops.rope_kernel import rope  # noqa: E402
 from ops import softmax_ce as ce_ops  # noqa: E402
-from timing import device_ms, median_seconds, write_result  # noqa: E402
+from bench_fused_gemm import (FC2_VARIANT_NAMES, FC2_VARIANTS, fused_fc1_rows, fused_fc2_rows,  # noqa: E402
+                              wgrad_sumsq_rows)
+from timing import fwd_bwd, kernel_ms, median_seconds, write_result  # noqa: E402
 
 SHAPES = {"mixtral": dict(T=16384, k=2, E=8, D=2048, F=4096, V=32000),
           "deepseek": dict(T=16384, k=6, E=64, D=2048, F=1408, V=32000),
@@ -55,18 +55,6 @@ def _kw(backend: str) -> dict:
 
 def _nbytes(*arrays) -> int:
     return int(sum(a.size * a.dtype.itemsize for a in arrays))
-
-
-def fwd_bwd(f, *args):
-    """jit(fwd + vjp with a random cotangent) of f over its float args, and the bytes it must move."""
-    out = jax.eval_shape(f, *args)
-    ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(9), o.shape, jnp.float32).astype(o.dtype), out)
-
-    @jax.jit
-    def run(*a):
-        y, vjp = jax.vjp(f, *a)
-        return y, vjp(ct)
-    return run, ct
 
 
 def routing(key, T, k, E):
@@ -157,7 +145,7 @@ def rows(shape: dict, reps: int, only: str = ""):
             lambda x, w, backend=backend, chunk=chunk, kernels=kernels: linear_cross_entropy(
                 x, w, tg, backend=backend, chunk=chunk, kernels=kernels), argnums=(0, 1)))
         mem = g.lower(x, wv).compile().memory_analysis()
-        ce[f"{key_}_ms"] = _kernel_ms(g, (x, wv), reps)
+        ce[f"{key_}_ms"] = kernel_ms(g, (x, wv), reps)
         ce[f"{key_}_temp_gib"] = None if mem is None else mem.temp_size_in_bytes / 2**30
     ce["chunk_rows"] = default_chunk
     ce["tflops_ours"] = 6 * T * D * V / (ce["ours_ms"] * 1e-3) / 1e12
@@ -176,7 +164,7 @@ def sort_row(shape: dict, reps: int) -> dict:
     plain = jax.jit(lambda e: P.inverse(jnp.argsort(e, stable=True).astype(jnp.int32), T * k))
     row = {"op": f"routing sort [T*k] keys < E+1 (E={E})", "ours_backend": "counting sort",
            "ranks_equal": bool(jnp.array_equal(ours(keys), plain(keys)))}
-    row["ours_ms"], row["xla_plain_ms"] = _kernel_ms(ours, (keys,), reps), _kernel_ms(plain, (keys,), reps)
+    row["ours_ms"], row["xla_plain_ms"] = kernel_ms(ours, (keys,), reps), kernel_ms(plain, (keys,), reps)
     return row
 
 
@@ -196,7 +184,7 @@ def topk_row(shape: dict, reps: int) -> dict:
     ours, plain = run(routing_ops.top_k_indices), run(lax_select)
     row = {"op": f"router top-k [T,E] (E={E}, k={k}{', 8 groups' if E >= 64 else ''})",
            "ours_backend": "argmax rounds", "choices_equal": bool(jnp.array_equal(ours(sel), plain(sel)))}
-    row["ours_ms"], row["xla_plain_ms"] = _kernel_ms(ours, (sel,), reps), _kernel_ms(plain, (sel,), reps)
+    row["ours_ms"], row["xla_plain_ms"] = kernel_ms(ours, (sel,), reps), kernel_ms(plain, (sel,), reps)
     return row
 
 
@@ -214,14 +202,8 @@ def softmax_ce_row(c: int, v: int, reps: int) -> dict:
            "min_bytes": c * v * (4 + 2)}
     for key_, backend in (("ours", "pallas"), ("xla_plain", "reference")):
         f = jax.jit(lambda *a, backend=backend: ce_ops.softmax_cross_entropy_rows(*a, BF16, **_kw(backend)))
-        row[f"{key_}_ms"] = _kernel_ms(f, args, reps)
+        row[f"{key_}_ms"] = kernel_ms(f, args, reps)
     return row
-
-
-def _kernel_ms(f, args, reps: int) -> float:
-    """GPU time per call from a profiler trace (no dispatch in it: these passes take ~0.1-0.5 ms); host
-    time where there is no trace (CPU)."""
-    return device_ms(f, *args, calls=reps) or 1e3 * median_seconds(f, *args, iters=reps)
 
 
 def tune_ce(shape: dict, reps: int, on_row=print) -> list[dict]:
@@ -247,133 +229,13 @@ def tune_ce(shape: dict, reps: int, on_row=print) -> list[dict]:
                         if row["max_err"] > 1e-2:
                             row["error"] = f"outputs differ from the formula's by {row['max_err']:.3g}"
                         else:
-                            row["ce_ms"] = _kernel_ms(f, args, reps)
+                            row["ce_ms"] = kernel_ms(f, args, reps)
                     except Exception as e:  # noqa: BLE001 (a launch that does not compile: its error is the row)
                         row["error"] = str(e)[:200]
                     out.append(row)
                     on_row(out)
     finally:
         ce_ops.LAUNCH = default
-    return out
-
-
-def fused_fc1_rows(shape: dict, reps: int) -> list[dict]:
-    """fc1 of the routed experts with SwiGLU in the grouped GEMM's epilogue (ops.grouped_swiglu "pallas")
-    against the grouped GEMM then the SwiGLU op ("unfused"), forward alone and forward + backward, on a
-    random routing's group sizes. TFLOP/s counts fc1's GEMM FLOPs only (2·R·D·2F forward, 3× that with
-    the backward)."""
-    T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
-    key = jax.random.key(10)
-    rows_ = T * k
-    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
-    x = jax.random.normal(jax.random.fold_in(key, 1), (rows_, D), BF16)
-    w1 = (0.02 * jax.random.normal(jax.random.fold_in(key, 2), (E, D, 2 * F))).astype(BF16)
-    flops = 2 * rows_ * D * 2 * F
-    out = []
-    for what, mult in (("fwd", 1), ("fwd+bwd", 3)):
-        row = {"op": f"grouped fc1 + swiglu [R,D]x[E,D,2F] {what}", "ours_backend": "pallas (fused)"}
-        for backend, name in (("pallas", "ours"), ("unfused", "unfused")):
-            f = lambda x, w: grouped_swiglu(x, w, gs, backend=backend)  # noqa: E731
-            run = jax.jit(f) if what == "fwd" else fwd_bwd(f, x, w1)[0]
-            t = _kernel_ms(run, (x, w1), reps) / 1e3
-            row[f"{name}_ms"] = 1e3 * t
-            row[f"{name}_tflops"] = mult * flops / t / 1e12
-        out.append(row)
-    return out
-
-
-FC2_VARIANTS: list[str] = []  # the fused dgrad's variants fused_fc2_rows times (empty: all of them)
-FC2_VARIANT_NAMES = ("default", "exact_sigmoid", "split_m", "split_n", "stages4_noprefetch", "noprefetch",
-                     "minor_dim0", "default_again")
-
-
-def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
-    """SwiGLU then fc2 of the routed experts (ops.swiglu_grouped_matmul), forward + backward: "pallas"
-    (SwiGLU's backward in fc2's dgrad epilogue) against "unfused" (the SwiGLU op, then the grouped GEMM),
-    on a random routing's group sizes; then the backward's first half alone (dgu from dy) for a few
-    configs of the fused dgrad kernel. TFLOP/s counts fc2's GEMM FLOPs (2·R·F·D per GEMM)."""
-    T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
-    key = jax.random.key(11)
-    rows_ = T * k
-    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
-    gu = jax.random.normal(jax.random.fold_in(key, 1), (rows_, 2 * F), BF16)
-    w2 = (0.02 * jax.random.normal(jax.random.fold_in(key, 2), (E, F, D))).astype(BF16)
-    flops = 3 * 2 * rows_ * F * D
-    row = {"op": "swiglu + grouped fc2 [R,2F]x[E,F,D] fwd+bwd", "ours_backend": "pallas (dgrad epilogue)"}
-    for backend, name in (("pallas", "ours"), ("unfused", "unfused")):
-        f = lambda a, w: swiglu_grouped_matmul(a, w, gs, backend=backend)  # noqa: E731
-        t = _kernel_ms(fwd_bwd(f, gu, w2)[0], (gu, w2), reps) / 1e3
-        row[f"{name}_ms"], row[f"{name}_tflops"] = 1e3 * t, flops / t / 1e12
-    # the backward's first half alone: the fused kernel per config against fc2's dgrad then SwiGLU's
-    # backward kernel (what "unfused" runs)
-    dy = jax.random.normal(jax.random.fold_in(key, 3), (rows_, D), BF16)
-    part = {"op": "fc2 dgrad + swiglu bwd [R,D]x[E,F,D]^T", "ours_backend": "pallas (dgrad epilogue)"}
-    plain = jax.jit(lambda dy, w: gmm_pallas.gmm_fwd(dy, w, gs, True, BF16))  # fc2's dgrad alone: no epilogue work
-    unfused = jax.jit(lambda dy, w, gu: swiglu_vjp(gu.reshape(rows_, 2, F), plain(dy, w)).reshape(rows_, 2 * F))
-    t = _kernel_ms(unfused, (dy, w2, gu), reps) / 1e3
-    part["unfused_ms"], part["unfused_tflops"] = 1e3 * t, flops / 3 / t / 1e12
-    t = _kernel_ms(plain, (dy, w2), reps) / 1e3
-    part["plain_dgrad_ms"], part["plain_dgrad_tflops"] = 1e3 * t, flops / 3 / t / 1e12
-    default = dswiglu_ops.config_for(E)
-    s4 = dataclasses.replace(default, max_concurrent_steps=4)
-    # (config, module switches read at trace time); the split forms (both WGs on one item, the epilogues
-    # exposed) lost 10-15 % to ping-pong at the mixtral shape on an H100 (stop 48): timed again at the E=64
-    # shape (split m; split n needs F % 256 == 0: its row errors at deepseek's). The exact sigmoid is the
-    # epilogue before FAST_SIGMOID (on since stop 50). The open questions first: a run cut at its time limit
-    # keeps them in its log, one line per variant.
-    variants = {"default": (default, {}),
-                "exact_sigmoid": (default, {"FAST_SIGMOID": False}),
-                "split_m": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, {}),  # 256-row segments, each WG half
-                "split_n": (dswiglu_ops.DSWIGLU_BWD_SPLIT_N, {}),
-                "stages4_noprefetch": (s4, {"PREFETCH": False}),
-                "noprefetch": (default, {"PREFETCH": False}),
-                "minor_dim0": (dataclasses.replace(default, grid_minor_dim=0), {}),
-                "default_again": (default, {})}
-    assert tuple(variants) == FC2_VARIANT_NAMES
-    if FC2_VARIANTS:  # --fc2-variants: these beside the default, timed before and after them
-        variants = {k: v for k, v in variants.items() if k in ("default", "default_again", *FC2_VARIANTS)}
-    shipped = {name: getattr(dswiglu_ops, name) for name in ("PREFETCH", "FAST_SIGMOID")}
-    try:
-        for name, (cfg, switches) in variants.items():
-            for attr, value in {**shipped, **switches}.items():  # a new jit per variant traces them anew
-                setattr(dswiglu_ops, attr, value)
-            fused = jax.jit(lambda dy, w, gu, cfg=cfg: dswiglu_ops.gmm_dswiglu_kernel(dy, w, gu, gs, cfg=cfg))
-            key_ = "ours" if name == "default" else f"ours_{name}"
-            try:
-                t = _kernel_ms(fused, (dy, w2, gu), reps) / 1e3
-            except Exception as e:  # e.g. a config past the SMEM limit: say so, keep the others
-                part[f"{key_}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                print(f"  {key_}: {part[key_ + '_error']}", flush=True)
-                continue
-            part[f"{key_}_ms"], part[f"{key_}_tflops"] = 1e3 * t, flops / 3 / t / 1e12
-            print(f"  {key_}: {1e3 * t:.4f} ms (plain dgrad {part['plain_dgrad_ms']:.4f})", flush=True)
-    finally:
-        for attr, value in shipped.items():
-            setattr(dswiglu_ops, attr, value)
-    return [row, part]
-
-
-def wgrad_sumsq_rows(shape: dict, reps: int) -> list[dict]:
-    """The experts' weight gradients (fc1's [E,D,2F], fc2's [E,F,D]) with their sum of squares, which the
-    optimizer's clip needs: from the wgrad kernel's epilogue (`gmm_wgrad(..., sumsq=True)`, "ours") against
-    the kernel then XLA's reduction over its output ("xla_plain"), GPU time; `rel_err`: the two sums'."""
-    T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
-    key = jax.random.key(13)
-    rows_ = T * k
-    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
-    out = []
-    for name, (a_dim, b_dim) in (("fc1", (D, 2 * F)), ("fc2", (F, D))):
-        a = jax.random.normal(jax.random.fold_in(key, 1), (rows_, a_dim), BF16)
-        b = jax.random.normal(jax.random.fold_in(key, 2), (rows_, b_dim), BF16)
-        ours = jax.jit(lambda a, b: gmm_pallas.gmm_wgrad(a, b, gs, BF16, sumsq=True))
-        plain = jax.jit(lambda a, b: (lambda w: (w, jnp.sum(jnp.square(w.astype(jnp.float32)))))(
-            gmm_pallas.gmm_wgrad(a, b, gs, BF16)))
-        (w1, s1), (w2, s2) = ours(a, b), plain(a, b)
-        row = {"op": f"{name} wgrad + sum of squares [E,{a_dim},{b_dim}]", "ours_backend": "wgrad epilogue",
-               "rel_err": abs(float(s1) - float(s2)) / float(s2), "same_grad": bool(jnp.array_equal(w1, w2)),
-               "min_bytes": _nbytes(w1)}
-        row["ours_ms"], row["xla_plain_ms"] = _kernel_ms(ours, (a, b), reps), _kernel_ms(plain, (a, b), reps)
-        out.append(row)
     return out
 
 
@@ -414,7 +276,7 @@ def tune_permute(shape: dict, reps: int, on_row=print) -> list[dict]:
     y = jax.random.normal(jax.random.key(3), (T * k, D), BF16)
     xla_bwd = jax.jit(lambda y, dout: P._unpermute_bwd(("xla", "xla"), None, (y, dest, src, w), dout)[::3])
     dy_want, dw_want = xla_bwd(y, x)
-    xla_bwd_ms = _kernel_ms(xla_bwd, (y, x), reps)
+    xla_bwd_ms = kernel_ms(xla_bwd, (y, x), reps)
     out, default = [], PK.LAUNCH
     try:
         for block_elems in (4096, 8192, 16384, 32768):
@@ -426,7 +288,7 @@ def tune_permute(shape: dict, reps: int, on_row=print) -> list[dict]:
                     f = jax.jit(f)
                     arg = tok if form == "permute" else dest
                     row["equal" if form == "permute" else "scatter_equal"] = bool(jnp.array_equal(f(x, arg), want))
-                    row[f"{form}_ms"] = _kernel_ms(f, (x, arg), reps)
+                    row[f"{form}_ms"] = kernel_ms(f, (x, arg), reps)
                     # the least traffic of either form: the rows written, x read once
                     row["tb_per_s" if form == "permute" else "scatter_tb_per_s"] = (
                         (want.nbytes + x.nbytes) / (row[f"{form}_ms"] * 1e-3) / 1e12)
@@ -434,7 +296,7 @@ def tune_permute(shape: dict, reps: int, on_row=print) -> list[dict]:
                 dy, dw = dots(y, x)
                 row["dots_equal"] = bool(jnp.array_equal(dy, dy_want)) and bool(
                     jnp.allclose(dw, dw_want, rtol=1e-3, atol=1e-2))
-                row["dots_ms"], row["xla_unpermute_bwd_ms"] = _kernel_ms(dots, (y, x), reps), xla_bwd_ms
+                row["dots_ms"], row["xla_unpermute_bwd_ms"] = kernel_ms(dots, (y, x), reps), xla_bwd_ms
                 out.append(row)
                 on_row(out)
     finally:

@@ -52,6 +52,25 @@ def device_ms(fn: Callable, *args, calls: int = 5) -> float | None:
     return sum(d for _, _, d in ev) / calls / 1e6 if ev else None
 
 
+def kernel_ms(fn: Callable, args: tuple, reps: int) -> float:
+    """Milliseconds per call of `fn(*args)`: GPU time from a profiler trace (no dispatch in it, for passes of
+    ~0.1-0.5 ms), host time (median of `reps`) where there is no trace (CPU)."""
+    return device_ms(fn, *args, calls=reps) or 1e3 * median_seconds(fn, *args, iters=reps)
+
+
+def fwd_bwd(f: Callable, *args):
+    """(jit of f's forward and its VJP with a random cotangent, that cotangent): the op's forward +
+    backward as one program to time."""
+    out = jax.eval_shape(f, *args)
+    ct = jax.tree.map(lambda o: jax.random.normal(jax.random.key(9), o.shape, np.float32).astype(o.dtype), out)
+
+    @jax.jit
+    def run(*a):
+        y, vjp = jax.vjp(f, *a)
+        return y, vjp(ct)
+    return run, ct
+
+
 def gpu_events_with_stats(data, device: int = 0, *, stats: bool = True):
     """`gpu_events` with each event's stats: [(name, start ns, duration ns, {stat: value})] (stat
     names as the profiler writes them, e.g. hlo_op, hlo_module, kernel_details; bytes decoded;
