@@ -45,9 +45,26 @@ def fused_fc1_rows(shape: dict, reps: int) -> list[dict]:
     return out
 
 
+def fc2_variants(default) -> dict:
+    """fc2's fused dgrad variants: name -> (config, module switches read at trace time), beside `default`
+    (the shipped config for the shape's group count)."""
+    s4 = dataclasses.replace(default, max_concurrent_steps=4)
+    # The split forms (both WGs on one item, the epilogues exposed) lost 10-15 % to ping-pong at the mixtral
+    # shape on an H100 (stop 48): timed again at the E=64 shape (split m; split n needs F % 256 == 0: its row
+    # errors at deepseek's). The exact sigmoid is the epilogue before FAST_SIGMOID (on since stop 50). The
+    # open questions first: a run cut at its time limit keeps them in its log, one line per variant.
+    return {"default": (default, {}),
+            "exact_sigmoid": (default, {"FAST_SIGMOID": False}),
+            "split_m": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, {}),  # 256-row segments, each WG half
+            "split_n": (dswiglu_ops.DSWIGLU_BWD_SPLIT_N, {}),
+            "stages4_noprefetch": (s4, {"PREFETCH": False}),
+            "noprefetch": (default, {"PREFETCH": False}),
+            "minor_dim0": (dataclasses.replace(default, grid_minor_dim=0), {}),
+            "default_again": (default, {})}
+
+
+FC2_VARIANT_NAMES = tuple(fc2_variants(dswiglu_ops.DSWIGLU_BWD))
 FC2_VARIANTS: list[str] = []  # the fused dgrad's variants fused_fc2_rows times (empty: all of them)
-FC2_VARIANT_NAMES = ("default", "exact_sigmoid", "split_m", "split_n", "stages4_noprefetch", "noprefetch",
-                     "minor_dim0", "default_again")
 
 
 def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
@@ -78,21 +95,7 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     t = kernel_ms(plain, (dy, w2), reps) / 1e3
     part["plain_dgrad_ms"], part["plain_dgrad_tflops"] = 1e3 * t, flops / 3 / t / 1e12
     default = dswiglu_ops.config_for(E)
-    s4 = dataclasses.replace(default, max_concurrent_steps=4)
-    # (config, module switches read at trace time); the split forms (both WGs on one item, the epilogues
-    # exposed) lost 10-15 % to ping-pong at the mixtral shape on an H100 (stop 48): timed again at the E=64
-    # shape (split m; split n needs F % 256 == 0: its row errors at deepseek's). The exact sigmoid is the
-    # epilogue before FAST_SIGMOID (on since stop 50). The open questions first: a run cut at its time limit
-    # keeps them in its log, one line per variant.
-    variants = {"default": (default, {}),
-                "exact_sigmoid": (default, {"FAST_SIGMOID": False}),
-                "split_m": (dswiglu_ops.DSWIGLU_BWD_SPLIT_M, {}),  # 256-row segments, each WG half
-                "split_n": (dswiglu_ops.DSWIGLU_BWD_SPLIT_N, {}),
-                "stages4_noprefetch": (s4, {"PREFETCH": False}),
-                "noprefetch": (default, {"PREFETCH": False}),
-                "minor_dim0": (dataclasses.replace(default, grid_minor_dim=0), {}),
-                "default_again": (default, {})}
-    assert tuple(variants) == FC2_VARIANT_NAMES
+    variants = fc2_variants(default)
     if FC2_VARIANTS:  # --fc2-variants: these beside the default, timed before and after them
         variants = {k: v for k, v in variants.items() if k in ("default", "default_again", *FC2_VARIANTS)}
     shipped = {name: getattr(dswiglu_ops, name) for name in ("PREFETCH", "FAST_SIGMOID")}
