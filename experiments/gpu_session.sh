@@ -48,7 +48,7 @@
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   ab     — a variant against the defaults in one call: AB_TESTS (pytest args, run with -m gpu first), ours with the
 #            defaults, ours with AB_EXTRA (overrides; AB_NAME names it), then the reference; AB_PRESET (mixtral_small),
-#            AB_PARAMS (bf16); prints each step time, MFU and ratio (e.g. AB_EXTRA=model.norm_fanout=true AB_NAME=fanout
+#            AB_PARAMS (bf16); AB_XLA_FLAGS adds XLA flags to the variant only; prints each step time, MFU and ratio (e.g. AB_EXTRA=model.norm_fanout=true AB_NAME=fanout
 #            AB_TESTS=tests/test_rms_norm.py bash experiments/gpu_session.sh ab: ~5 device minutes)
 #   layers — the per-layer programs (`train.programs=layers`, bf16 parameters, LAYERS_PRESET: mixtral_small):
 #            bench_compile.py at LAYERS_DEPTHS (12,48; each depth a new process, no compile cache), then
@@ -181,14 +181,16 @@ case "${1:-}" in
     done ;;
   ab)
     # a variant (AB_EXTRA overrides) against the defaults, then the reference, in one call: the ratio that decides
-    [ -n "${AB_EXTRA:-}" ] || { echo "ab: set AB_EXTRA (the variant's overrides, e.g. model.norm_fanout=true)"; exit 2; }
+    [ -n "${AB_EXTRA:-}${AB_XLA_FLAGS:-}" ] || {
+      echo "ab: set AB_EXTRA (the variant's overrides, e.g. model.norm_fanout=true) or AB_XLA_FLAGS"; exit 2; }
     if [ -n "${AB_TESTS:-}" ]; then
       timeout -s KILL 150 python3 -m pytest -q -m gpu -p no:cacheprovider $AB_TESTS > "$OUT/ab_tests.log" 2>&1
       echo "tests rc=$?"; tail -2 "$OUT/ab_tests.log"
     fi
     pd=${AB_PARAMS:-bf16}; preset=${AB_PRESET:-mixtral_small}; name=${AB_NAME:-variant}
     FAST_PRESETS=$preset FAST_PARAMS=$pd FAST_TORCH=0 FAST_TAG=_base FAST_LINES=3 bash "$0" fast
-    FAST_PRESETS=$preset FAST_PARAMS=$pd FAST_EXTRA="$AB_EXTRA" FAST_TAG=_$name FAST_LINES=3 bash "$0" fast
+    XLA_FLAGS="${XLA_FLAGS:-}${AB_XLA_FLAGS:+ $AB_XLA_FLAGS}" \
+      FAST_PRESETS=$preset FAST_PARAMS=$pd FAST_EXTRA="${AB_EXTRA:-}" FAST_TAG=_$name FAST_LINES=3 bash "$0" fast
     python3 - "$preset" "$pd" "$name" "$GPU" "${RUN_TAG:+_$RUN_TAG}" <<'PY'
 import json, sys, time
 preset, pd, name, gpu, run_tag = sys.argv[1:]

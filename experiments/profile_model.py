@@ -24,6 +24,7 @@ import collections
 import datetime
 import gzip
 import json
+import os
 import re
 import statistics
 import sys
@@ -327,7 +328,7 @@ def main(argv=None) -> dict:
     tflops = tc.batch_size * tc.seq_len * flops_tok / (wall_ms / 1e3) / 1e12 / n_dev  # per device
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "device": device, "num_devices": n_dev,
-           "jax": jax.__version__, "command": "python " + " ".join(
+           "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "command": "python " + " ".join(
                [sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv))),
            "config": args.config, "overrides": list(args.overrides), "params": counts,
            "compile_s": compile_s, "wall_ms": wall_ms, "wall_ms_all": [1e3 * w for w in wall],
