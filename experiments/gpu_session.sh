@@ -2,7 +2,8 @@
 # One device call per part, each well inside the 10-minute limit; results land in experiments/results/
 # and are copied to $OUT so they come back. Usage (device tool): bash experiments/gpu_session.sh PART
 #   tests  — the @pytest.mark.gpu tests (Pallas kernels, MoE layer through Pallas); TESTS_ARGS (pytest
-#            arguments: files, -k) picks a part, TESTS_TIMEOUT (540 s) bounds it; the log keeps what ran
+#            arguments split on spaces: files, --deselect) and TESTS_K (one -k expression, e.g. "pallas_gpu and
+#            not kernel_configs") pick a part, TESTS_TIMEOUT (540 s) bounds it; the log keeps what ran
 #   model  — mixtral_small and deepseek_small train benchmarks (Pallas experts; remat off, then on
 #            if that fails; MODEL_EXTRA="model.remat=true" runs only that, MODEL_PRESETS picks presets)
 #   layer  — bench_moe.py: MoE layer fwd+bwd vs a dense MLP of the same FLOPs
@@ -85,8 +86,9 @@ case "${1:-}" in
   tests)
     # all of them take more than one call (an H100, stop 39: 68 of them in 380 s): TESTS_ARGS picks files
     # or -k expressions for one call, e.g. TESTS_ARGS="tests/test_grouped_matmul.py" then the rest with --deselect
+    # TESTS_ARGS is split on spaces, so a -k expression with spaces goes in TESTS_K (passed as one argument)
     timeout -s KILL ${TESTS_TIMEOUT:-540} python3 -m pytest -q -m gpu -p no:cacheprovider -rs --durations=15 \
-      ${TESTS_ARGS:-} > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?"; tail -40 "$OUT/gpu_tests.log" ;;
+      ${TESTS_ARGS:-} ${TESTS_K:+-k "$TESTS_K"} > "$OUT/gpu_tests.log" 2>&1; echo "tests rc=$?"; tail -40 "$OUT/gpu_tests.log" ;;
   model)
     for preset in ${MODEL_PRESETS:-mixtral_small deepseek_small}; do
       for extra in ${MODEL_EXTRA-"" "model.remat=true"}; do
