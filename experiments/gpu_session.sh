@@ -49,7 +49,8 @@
 #            Mosaic GPU example forward, PyTorch SDPA's flash and cuDNN backends), GPU time
 #   ab     — a variant against the defaults in one call: AB_TESTS (pytest args, run with -m gpu first), ours with the
 #            defaults, ours with AB_EXTRA (overrides; AB_NAME names it), then the reference; AB_PRESET (mixtral_small),
-#            AB_PARAMS (bf16); AB_XLA_FLAGS adds XLA flags to the variant only; prints each step time, MFU and ratio (e.g. AB_EXTRA=model.norm_fanout=true AB_NAME=fanout
+#            AB_PARAMS (bf16); AB_XLA_FLAGS adds XLA flags to the variant only (AB_EXTRA may then be empty);
+#            prints each step time, MFU and ratio (e.g. AB_EXTRA=model.norm_fanout=true AB_NAME=fanout
 #            AB_TESTS=tests/test_rms_norm.py bash experiments/gpu_session.sh ab: ~5 device minutes)
 #   layers — the per-layer programs (`train.programs=layers`, bf16 parameters, LAYERS_PRESET: mixtral_small):
 #            bench_compile.py at LAYERS_DEPTHS (12,48; each depth a new process, no compile cache), then
