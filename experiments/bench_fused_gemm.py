@@ -20,6 +20,11 @@ from timing import fwd_bwd, kernel_ms
 BF16 = jnp.bfloat16
 
 
+def routed_group_sizes(key, rows: int, E: int) -> jax.Array:
+    """Group sizes of `rows` routed rows, each sent to a uniformly random one of E experts (int32 [E])."""
+    return jnp.bincount(jax.random.randint(key, (rows,), 0, E), length=E).astype(jnp.int32)
+
+
 def fused_fc1_rows(shape: dict, reps: int) -> list[dict]:
     """fc1 of the routed experts with SwiGLU in the grouped GEMM's epilogue (ops.grouped_swiglu "pallas")
     against the grouped GEMM then the SwiGLU op ("unfused"), forward alone and forward + backward, on a
@@ -28,7 +33,7 @@ def fused_fc1_rows(shape: dict, reps: int) -> list[dict]:
     T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
     key = jax.random.key(10)
     rows_ = T * k
-    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
+    gs = routed_group_sizes(key, rows_, E)
     x = jax.random.normal(jax.random.fold_in(key, 1), (rows_, D), BF16)
     w1 = (0.02 * jax.random.normal(jax.random.fold_in(key, 2), (E, D, 2 * F))).astype(BF16)
     flops = 2 * rows_ * D * 2 * F
@@ -75,7 +80,7 @@ def fused_fc2_rows(shape: dict, reps: int) -> list[dict]:
     T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
     key = jax.random.key(11)
     rows_ = T * k
-    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
+    gs = routed_group_sizes(key, rows_, E)
     gu = jax.random.normal(jax.random.fold_in(key, 1), (rows_, 2 * F), BF16)
     w2 = (0.02 * jax.random.normal(jax.random.fold_in(key, 2), (E, F, D))).astype(BF16)
     flops = 3 * 2 * rows_ * F * D
@@ -126,7 +131,7 @@ def wgrad_sumsq_rows(shape: dict, reps: int) -> list[dict]:
     T, k, E, D, F = shape["T"], shape["k"], shape["E"], shape["D"], shape["F"]
     key = jax.random.key(13)
     rows_ = T * k
-    gs = jnp.bincount(jax.random.randint(key, (rows_,), 0, E), length=E).astype(jnp.int32)
+    gs = routed_group_sizes(key, rows_, E)
     out = []
     for name, (a_dim, b_dim) in (("fc1", (D, 2 * F)), ("fc2", (F, D))):
         a = jax.random.normal(jax.random.fold_in(key, 1), (rows_, a_dim), BF16)
